@@ -1,0 +1,44 @@
+"""What a routing policy sees of a request: its text, never a model forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.base import ChatMessage
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    """A request as policies and classifiers see it.
+
+    ``messages`` holds the conversation (a completion prompt is one user message);
+    ``max_tokens`` is the caller's output budget when it gave one.
+    """
+
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int | None = None
+    kind: str = "chat"  # "chat" | "completion"
+
+    @classmethod
+    def from_prompt(cls, prompt: str, max_tokens: int | None = None) -> RoutingRequest:
+        return cls((ChatMessage("user", prompt),), max_tokens, "completion")
+
+    @classmethod
+    def from_messages(cls, messages: list[dict[str, str]] | list[ChatMessage],
+                      max_tokens: int | None = None) -> RoutingRequest:
+        msgs = tuple(m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"])  # type: ignore[arg-type]
+                     for m in messages)
+        return cls(msgs, max_tokens, "chat")
+
+    @property
+    def text(self) -> str:
+        """All turns' text joined by blank lines."""
+        return "\n\n".join(m.content for m in self.messages)
+
+    @property
+    def last_user(self) -> str:
+        """The last user turn's text ('' when there is none)."""
+        for m in reversed(self.messages):
+            if m.role == "user":
+                return m.content
+        return ""

@@ -1,0 +1,24 @@
+"""``archroute bench NAME``: speed benchmarks that print their figures (never timed tests)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> ("module:function", help). function(args) -> int; each module also defines
+# ``add_arguments(parser)`` for its own options.
+BENCHES: dict[str, tuple[str, str]] = {
+    "router": ("evals.bench.router_overhead", "router overhead vs calling the upstream directly"),
+    "classifier": ("evals.bench.classifier_latency", "decision latency by prompt length"),
+    "backends": ("evals.bench.backends", "tokens/s and memory of the reference pair"),
+}
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="speed benchmarks that print their figures")
+    bsub = p.add_subparsers(dest="bench", metavar="NAME", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        bp = bsub.add_parser(name, help=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(bp)
+        bp.set_defaults(func=mod.run)

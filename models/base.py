@@ -1,0 +1,182 @@
+"""The one interface every serving or scoring backend implements.
+
+A backend is synchronous at heart (a forward pass blocks); the ``a*`` methods run it off
+the event loop so the router never blocks. Backends that talk HTTP override the ``a*``
+methods with native async clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+Architecture = Literal["transformer", "hybrid", "other"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn; ``content`` is plain text (multi-part content is flattened upstream)."""
+
+    role: Role
+    content: str
+
+
+Prompt = str | Sequence[ChatMessage]
+"""A raw completion prompt (str) or a chat conversation (messages)."""
+
+
+@dataclass
+class GenerationParams:
+    """Sampling settings, in OpenAI's vocabulary. ``temperature == 0`` means greedy."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass
+class GenerationResult:
+    """A whole generation. Token counts are in the backend's own tokenizer."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass
+class StreamChunk:
+    """One streamed piece of text; the last chunk carries ``finish_reason`` and counts."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass
+class ScoreResult:
+    """Per-token log-probabilities (nats, natural log) of a continuation given a prompt.
+
+    ``logprobs[i]`` is log p(tokens[i] | prompt, tokens[:i]). ``loss`` is the mean negative
+    log-probability over the continuation tokens (nats/token).
+    """
+
+    tokens: list[str]
+    logprobs: list[float]
+    token_ids: list[int] | None = None
+
+    @property
+    def loss(self) -> float:
+        if not self.logprobs:
+            return float("nan")
+        return -sum(self.logprobs) / len(self.logprobs)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Facts a backend states about itself (shown by /v1/models and used by the cost model)."""
+
+    name: str
+    architecture: Architecture
+    parameters: int | None = None
+    layer_types: tuple[str, ...] = ()
+    context_length: int | None = None
+    location: str = ""  # a local path or an upstream URL
+
+
+class BackendError(RuntimeError):
+    """A backend failed to serve a request (the router may fall back to the other one)."""
+
+
+class Backend(ABC):
+    """Serve and score text. Subclasses implement the sync methods; the async ones wrap them."""
+
+    can_stream: bool = True
+    can_score: bool = True
+
+    def __init__(self, name: str, max_concurrency: int = 1) -> None:
+        self.name = name
+        self.max_concurrency = max_concurrency
+        self._lock = threading.Semaphore(max_concurrency)
+
+    # --- facts ---------------------------------------------------------------------
+    @abstractmethod
+    def info(self) -> BackendInfo: ...
+
+    def cost_model(self):  # -> models.cost.CostModel | None
+        """The analytic cost model for this backend, or None when its config is unknown."""
+        return None
+
+    # --- sync primitives -----------------------------------------------------------
+    @abstractmethod
+    def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult: ...
+
+    def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
+        """Default: one chunk holding the whole generation."""
+        result = self.generate(prompt, params)
+        yield StreamChunk(result.text, result.finish_reason, result.prompt_tokens,
+                          result.completion_tokens)
+
+    @abstractmethod
+    def score(self, prompt: str, continuation: str) -> ScoreResult: ...
+
+    def score_batch(self, pairs: Sequence[tuple[str, str]]) -> list[ScoreResult]:
+        """Score many (prompt, continuation) pairs; backends batch where they can."""
+        return [self.score(p, c) for p, c in pairs]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (HTTP clients, model memory)."""
+
+    # --- async wrappers (never block the event loop) ------------------------------
+    async def agenerate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
+        return await asyncio.to_thread(self.generate, prompt, params)
+
+    async def ascore(self, prompt: str, continuation: str) -> ScoreResult:
+        return await asyncio.to_thread(self.score, prompt, continuation)
+
+    async def astream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        """Run :meth:`stream` in a worker thread and hand chunks to the loop via a queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for chunk in self.stream(prompt, params):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        task = loop.run_in_executor(None, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, StreamChunk)
+                yield item
+        finally:
+            await task

@@ -1,0 +1,429 @@
+"""Train the embedded reference pair: a tiny Olmo 3 (transformer) and a tiny Olmo Hybrid
+(Gated DeltaNet + attention, 3:1), same tokenizer, data, order and recipe.
+
+Reproduce the shipped pair (about an hour of 2 CPU cores for both, run side by side)::
+
+    python -m models.corpus --out data/corpus
+    python -m models.train_reference tokenizer --corpus data/corpus --out runs/ref
+    python -m models.train_reference train --run runs/ref --arch transformer --threads 1 &
+    python -m models.train_reference train --run runs/ref --arch hybrid --threads 1 &
+    wait
+    python -m models.train_reference export --run runs/ref --out models/reference
+
+Training checkpoints every ``--ckpt-every`` steps and resumes from the last checkpoint
+when rerun with the same arguments, so a stopped session loses minutes, not the run.
+Every ``--eval-every`` steps it logs held-out loss per domain and the copy probe.
+
+The copy signal (PILOT.md: without it neither tiny model learns to copy):
+- ``--copy-share`` of training windows carry a verbatim re-insertion of an earlier span of
+  the same window (16-256 tokens, 0-512 tokens later), as quoting/editing does in real text;
+- ``--synth-share`` of windows carry a span of random tokens that recurs verbatim later,
+  a pure induction signal.
+Both are applied to the data stream itself, so both models see identical windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("archroute.train")
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+@dataclass
+class TrainConfig:
+    """Every default of the recipe in one place (identical for both architectures)."""
+
+    seq_len: int = 1024
+    batch_size: int = 8
+    steps: int = 1200
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0
+    seed: int = 1234
+    copy_share: float = 0.5  # windows with a natural-text span re-inserted verbatim later
+    synth_share: float = 0.15  # windows with a random-token span that recurs verbatim
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 344
+    vocab: int = 4096
+    eval_every: int = 100
+    ckpt_every: int = 50
+    eval_windows: int = 12  # per domain
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError("hidden must be divisible by heads")
+        if self.layers % 4:
+            raise ValueError("layers must be a multiple of 4 (hybrid is [GDN, GDN, GDN, attn] x k)")
+        if not 0 <= self.copy_share + self.synth_share <= 1:
+            raise ValueError("copy_share + synth_share must be in [0, 1]")
+
+
+# ---------------------------------------------------------------------------------------
+# tokenizer and data
+# ---------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def train_tokenizer(corpus: Path, out: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=[EOS, PAD], show_progress=True,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    docs = read_jsonl(corpus / "train.jsonl")
+    tok.train_from_iterator((d["text"] for d in docs), trainer=trainer, length=len(docs))
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    log.info("tokenizer: %d tokens -> %s", tok.get_vocab_size(), out / "tokenizer.json")
+
+
+def load_hf_tokenizer(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path), eos_token=EOS, bos_token=EOS, pad_token=PAD,
+        unk_token=None, clean_up_tokenization_spaces=False,
+    )
+
+
+def tokenize_split(run: Path, corpus: Path, split: str) -> dict[str, np.ndarray]:
+    """Token ids per domain for one split, documents joined by EOS (cached as .npy)."""
+    cache = run / f"tokens_{split}.npz"
+    if cache.exists():
+        return dict(np.load(cache))
+    tok = load_hf_tokenizer(run / "tokenizer.json")
+    eos = tok.convert_tokens_to_ids(EOS)
+    docs = read_jsonl(corpus / f"{split}.jsonl")
+    by_domain: dict[str, list[int]] = {}
+    for d in docs:
+        ids = tok(d["text"], add_special_tokens=False)["input_ids"]
+        by_domain.setdefault(d["domain"], []).extend([*ids, eos])
+    arrays = {k: np.asarray(v, dtype=np.int32) for k, v in by_domain.items()}
+    np.savez(cache, **arrays)
+    return arrays
+
+
+class WindowSampler:
+    """Deterministic training windows: step -> (batch, seq_len) int64 token ids.
+
+    Window b of step s depends only on (seed, s, b), so both models see identical data in
+    identical order, and a resumed run continues exactly where it stopped.
+    """
+
+    def __init__(self, tokens: dict[str, np.ndarray], cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.stream = np.concatenate([tokens[k] for k in sorted(tokens)])
+        self.n = len(self.stream)
+        if self.n <= cfg.seq_len + 1:
+            raise ValueError(f"corpus too small: {self.n} tokens for windows of {cfg.seq_len}")
+
+    def window(self, step: int, b: int) -> np.ndarray:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step, b])
+        start = int(rng.integers(0, self.n - cfg.seq_len - 1))
+        w = self.stream[start:start + cfg.seq_len + 1].astype(np.int64).copy()
+        u = rng.random()
+        if u < cfg.copy_share:
+            insert_repeat(w, rng, synthetic=False, vocab=cfg.vocab)
+        elif u < cfg.copy_share + cfg.synth_share:
+            insert_repeat(w, rng, synthetic=True, vocab=cfg.vocab)
+        return w
+
+    def batch(self, step: int) -> np.ndarray:
+        return np.stack([self.window(step, b) for b in range(self.cfg.batch_size)])
+
+
+def insert_repeat(w: np.ndarray, rng: np.random.Generator, synthetic: bool, vocab: int) -> None:
+    """Copy a span of ``w`` (or a random-token span) to a later position, in place."""
+    n = len(w)
+    length = int(np.exp(rng.uniform(np.log(16), np.log(256))))
+    gap = int(rng.integers(0, 513))
+    if 2 * length + gap > n:
+        gap = max(0, n - 2 * length)
+        length = min(length, n // 2)
+    src = int(rng.integers(0, n - 2 * length - gap + 1))
+    if synthetic:
+        w[src:src + length] = rng.integers(2, vocab, size=length)  # 0/1 are EOS/PAD
+    dst = src + length + gap
+    w[dst:dst + length] = w[src:src + length]
+
+
+def copy_probe(val: dict[str, np.ndarray], seq_len: int, seed: int = 7,
+               per_cell: int = 16) -> list[dict]:
+    """Held-out copy probe: filler, passage P, filler of ``distance`` tokens, P again.
+
+    Loss is read on both occurrences of P; a model that copies drives the second one
+    toward zero. Returns items with ids and the spans of both occurrences.
+    """
+    rng = np.random.default_rng(seed)
+    items = []
+    groups = {"code": ["code"], "prose": ["rest", "dict", "markdown"]}
+    for group, domains in groups.items():
+        pool = np.concatenate([val[d] for d in domains if d in val])
+        for length in (16, 64, 256):
+            for distance in (64, 256):
+                for _ in range(per_cell):
+                    lead = int(rng.integers(16, 64))
+                    need = lead + 2 * length + distance
+                    if need > seq_len:
+                        continue
+                    a = int(rng.integers(0, len(pool) - need - 1))
+                    ids = pool[a:a + need].astype(np.int64).copy()
+                    p0 = lead
+                    p1 = lead + length + distance
+                    ids[p1:p1 + length] = ids[p0:p0 + length]
+                    items.append({"group": group, "length": length, "distance": distance,
+                                  "ids": ids, "first": (p0, p0 + length),
+                                  "second": (p1, p1 + length)})
+    return items
+
+
+# ---------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------
+def model_config(arch: str, cfg: TrainConfig, eos_id: int, pad_id: int):
+    common = dict(
+        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads, max_position_embeddings=cfg.seq_len * 4,
+        eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=pad_id,
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    if arch == "transformer":
+        from transformers import Olmo3Config
+
+        # Olmo 3 7B interleaves 3 sliding-window (4096) layers with 1 full layer. Our
+        # windows are 1024 tokens, inside a 4096 window, so every layer sees the whole
+        # context, exactly as the real model's sliding layers do on requests <= 4096 tokens.
+        return Olmo3Config(**common, sliding_window=4096,
+                           layer_types=["full_attention"] * cfg.layers)
+    if arch == "hybrid":
+        from transformers import OlmoHybridConfig
+
+        head = cfg.hidden // cfg.heads
+        return OlmoHybridConfig(
+            **common,
+            layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (cfg.layers // 4),
+            linear_num_key_heads=cfg.heads, linear_num_value_heads=cfg.heads,
+            linear_key_head_dim=head, linear_value_head_dim=2 * head,  # real model: 96 / 192
+            linear_conv_kernel_dim=4, linear_allow_neg_eigval=True,
+        )
+    raise ValueError(f"unknown arch {arch!r}: expected 'transformer' or 'hybrid'")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def token_losses(model, ids) -> np.ndarray:
+    """Per-token next-token loss (nats), shape (batch, seq_len - 1)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="none")
+    return loss.view(ids.shape[0], -1).numpy()
+
+
+def evaluate(model, val: dict[str, np.ndarray], probe: list[dict], cfg: TrainConfig) -> dict:
+    """Held-out loss per domain (fixed windows) and the copy probe (mean loss per cell)."""
+    import torch
+
+    model.eval()
+    out: dict = {"val": {}, "probe": {}}
+    for dom in sorted(val):
+        arr = val[dom]
+        if len(arr) <= cfg.seq_len + 1:
+            continue
+        starts = np.linspace(0, len(arr) - cfg.seq_len - 1, cfg.eval_windows).astype(int)
+        ids = torch.from_numpy(np.stack([arr[s:s + cfg.seq_len] for s in starts]).astype(np.int64))
+        losses = np.concatenate([token_losses(model, ids[i:i + 4]) for i in range(0, len(ids), 4)])
+        out["val"][dom] = float(losses.mean())
+    out["val_mean"] = float(np.mean(list(out["val"].values())))
+    cells: dict[str, list[tuple[float, float]]] = {}
+    for it in probe:
+        ids = torch.from_numpy(it["ids"][None])
+        tl = token_losses(model, ids)[0]  # tl[j] is the loss of token j+1
+        a0, a1 = it["first"]
+        b0, b1 = it["second"]
+        # skip each occurrence's first token: it cannot be predicted from the repeat
+        first = float(tl[a0:a1 - 1].mean())
+        second = float(tl[b0:b1 - 1].mean())
+        cells.setdefault(f"{it['group']}/L{it['length']}/D{it['distance']}", []).append((first, second))
+    for key, vals in sorted(cells.items()):
+        arr2 = np.asarray(vals)
+        out["probe"][key] = {"first": float(arr2[:, 0].mean()), "second": float(arr2[:, 1].mean())}
+    model.train()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------
+def cmd_tokenizer(a: argparse.Namespace) -> None:
+    a.out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(a.corpus, a.out, a.vocab)
+    (a.out / "corpus_path.txt").write_text(str(a.corpus.resolve()))
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    run: Path = a.run
+    corpus = Path((run / "corpus_path.txt").read_text().strip())
+    overrides = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    cfg = TrainConfig(**overrides)
+    tok = load_hf_tokenizer(run / "tokenizer.json")
+    eos_id, pad_id = tok.convert_tokens_to_ids(EOS), tok.convert_tokens_to_ids(PAD)
+    cfg.vocab = len(tok)
+    train_tokens = tokenize_split(run, corpus, "train")
+    val_tokens = tokenize_split(run, corpus, "val")
+    sampler = WindowSampler(train_tokens, cfg)
+    probe = copy_probe(val_tokens, cfg.seq_len)
+
+    out = run / a.arch
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    torch.manual_seed(cfg.seed)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(model_config(a.arch, cfg, eos_id, pad_id))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    step = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log.info("%s: resumed at step %d", a.arch, step)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("%s: %d parameters, %d steps of %d x %d tokens", a.arch, n_params, cfg.steps,
+             cfg.batch_size, cfg.seq_len)
+    metrics = open(out / "metrics.jsonl", "a")
+    model.train()
+    t0, tokens_done = time.time(), 0
+    while step < cfg.steps:
+        if step % cfg.eval_every == 0 and not (out / f"eval_{step}.done").exists():
+            ev = evaluate(model, val_tokens, probe, cfg)
+            metrics.write(json.dumps({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, **ev}) + "\n")
+            metrics.flush()
+            (out / f"eval_{step}.done").touch()
+            log.info("%s step %d: val %.3f probe %s", a.arch, step, ev["val_mean"],
+                     {k: round(v["second"], 2) for k, v in ev["probe"].items() if "L64" in k})
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        batch = torch.from_numpy(sampler.batch(step))
+        loss = model(input_ids=batch, labels=batch).loss  # labels are shifted inside
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        step += 1
+        tokens_done += batch.shape[0] * (batch.shape[1] - 1)
+        if step % 10 == 0:
+            tps = tokens_done / (time.time() - t0)
+            metrics.write(json.dumps({"step": step, "train_loss": float(loss), "lr": lr_at(step - 1, cfg),
+                                      "grad_norm": float(gnorm), "tok_per_s": tps}) + "\n")
+            metrics.flush()
+            log.info("%s step %d/%d loss %.3f %.0f tok/s", a.arch, step, cfg.steps, float(loss), tps)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+            os.replace(tmp, ckpt_path)
+            if step % cfg.eval_every == 0:
+                snap = out / f"step_{step}"
+                model.save_pretrained(snap)
+    if not (out / f"eval_{step}.done").exists():
+        ev = evaluate(model, val_tokens, probe, cfg)
+        metrics.write(json.dumps({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, **ev}) + "\n")
+        (out / f"eval_{step}.done").touch()
+    model.save_pretrained(out / "final")
+    log.info("%s: done, %d steps", a.arch, step)
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    """Copy tokenizer and final models to the shipped directory, plus training logs."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    out: Path = a.out
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_hf_tokenizer(a.run / "tokenizer.json")
+    for arch in ("transformer", "hybrid"):
+        model = AutoModelForCausalLM.from_pretrained(a.run / arch / (a.snapshot or "final"))
+        dest = out / arch
+        model.save_pretrained(dest, safe_serialization=True)
+        tok.save_pretrained(dest)
+        shutil.copy(a.run / arch / "metrics.jsonl", out / f"metrics_{arch}.jsonl")
+        shutil.copy(a.run / arch / "train_config.json", out / "train_config.json")
+    log.info("exported to %s", out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
+    t.add_argument("--corpus", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True, help="run directory")
+    t.add_argument("--vocab", type=int, default=TrainConfig.vocab)
+    t.set_defaults(func=cmd_tokenizer)
+    tr = sub.add_parser("train", help="train one architecture (resumes from its checkpoint)")
+    tr.add_argument("--run", type=Path, required=True)
+    tr.add_argument("--arch", choices=["transformer", "hybrid"], required=True)
+    tr.add_argument("--threads", type=int, default=2)
+    for f in ("seq_len", "batch_size", "steps", "warmup", "eval_every", "ckpt_every", "eval_windows",
+              "hidden", "layers", "heads", "intermediate", "seed"):
+        tr.add_argument("--" + f.replace("_", "-"), dest=f, type=int)
+    for f in ("lr", "min_lr", "copy_share", "synth_share"):
+        tr.add_argument("--" + f.replace("_", "-"), dest=f, type=float)
+    tr.set_defaults(func=cmd_train)
+    e = sub.add_parser("export", help="write the shipped model directories")
+    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--out", type=Path, default=Path("models/reference"))
+    e.add_argument("--snapshot", help="e.g. step_600 (default: final)")
+    e.set_defaults(func=cmd_export)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    a.func(a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""The one ``archroute`` command. Subcommands live in their own modules and are imported
+only when run, so ``archroute --help`` stays fast (no torch import)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> "module:attr"; attr is a function(subparsers) -> None that adds the subcommand
+# parser and sets ``func`` (a callable taking the parsed args, returning an exit code).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("router.commands:add_serve", "run the routing server (OpenAI-compatible)"),
+    "serve-model": ("router.commands:add_serve_model", "serve one backend as an OpenAI-compatible server"),
+    "generate": ("models.commands:add_generate", "generate text with one backend"),
+    "score": ("models.commands:add_score", "per-token log-probabilities of a continuation"),
+    "info": ("models.commands:add_info", "describe the embedded reference pair and cost models"),
+    "analyze": ("evals.analysis.cli:add_analyze", "token-level loss gap analysis of a backend pair"),
+    "label": ("classifiers.cli:add_label", "measure request labels on a backend pair"),
+    "train": ("classifiers.cli:add_train", "train the request classifier"),
+    "eval": ("evals.harness.cli:add_eval", "benchmark routing policies: quality vs cost"),
+    "bench": ("evals.bench.cli:add_bench", "speed benchmarks that print their figures"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="archroute",
+        description="ArchRoute: route each request to the transformer or the hybrid backend.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (target, help_text) in COMMANDS.items():
+        if len(sys.argv) > 1 and sys.argv[1] == name:
+            module, attr = target.split(":")
+            getattr(importlib.import_module(module), attr)(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.error(f"{args.command}: not available in this build")
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
