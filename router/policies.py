@@ -1,0 +1,307 @@
+"""Routing policies: each one only *scores* a request; one shared step decides.
+
+A policy maps a :class:`~classifiers.request.RoutingRequest` to a score in [0, 1], the
+probability that the transformer is the better backend for it. :func:`decide` turns a score
+and a threshold into a backend, the same way for every policy, so threshold sweeps and
+cost/quality profiles mean the same thing whichever policy is underneath.
+
+Registry keys are stable lowercase strings. Built-ins register with :func:`register`
+exactly as an outside module would; ``LAZY`` entries (``"module:attr"``) are imported only
+when asked for, so importing this module never imports numpy, torch or lightgbm.
+
+>>> p = get_policy("rules")
+>>> decide(p.score(RoutingRequest.from_prompt("Repeat this exactly: abc abc")), 0.5)
+'transformer'
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from classifiers.request import RoutingRequest
+
+log = logging.getLogger(__name__)
+
+Decision = Literal["transformer", "hybrid"]
+DEFAULT_THRESHOLD = 0.5
+
+
+def decide(score: float, threshold: float = DEFAULT_THRESHOLD) -> Decision:
+    """The one decision rule: the transformer when ``score >= threshold``, else the hybrid.
+
+    ``threshold = 0`` always picks the transformer, ``threshold > 1`` always the hybrid.
+    """
+    return "transformer" if score >= threshold else "hybrid"
+
+
+class Policy:
+    """Base class. Subclasses set ``name`` and implement :meth:`score`.
+
+    ``__init__`` takes explicit keyword arguments only and stores them; no I/O beyond
+    loading what the policy needs to score.
+    """
+
+    name: str = ""
+    description: str = ""
+
+    def score(self, req: RoutingRequest) -> float:
+        """P(transformer is the better backend for ``req``), in [0, 1]."""
+        raise NotImplementedError
+
+    def score_batch(self, reqs: Sequence[RoutingRequest]) -> list[float]:
+        """Scores for many requests (policies with a model override this to batch)."""
+        return [self.score(r) for r in reqs]
+
+    def params(self) -> dict[str, object]:
+        """The keyword arguments this policy was built with (for logs and provenance)."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+# --- registry ------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Policy] | Callable[..., Policy]] = {}
+# name -> "module:attr" imported on first use (e.g. the evals-only oracle)
+LAZY: dict[str, str] = {"oracle": "evals.harness.oracle:OraclePolicy"}
+
+_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+def register(name: str) -> Callable[[type[Policy]], type[Policy]]:
+    """Class decorator: ``@register("my-policy")`` makes it available to :func:`get_policy`."""
+    if not _KEY.match(name):
+        raise ValueError(f"policy name {name!r}: use lowercase letters, digits and '-'")
+
+    def wrap(cls: type[Policy]) -> type[Policy]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"policy {name!r} is already registered to {_REGISTRY[name]!r}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_policies() -> list[str]:
+    """All policy names, registered and lazy, sorted."""
+    return sorted(set(_REGISTRY) | set(LAZY))
+
+
+class UnknownPolicyError(KeyError, ValueError):
+    """Raised by :func:`get_policy` for a name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def get_policy(name: str, **kwargs: object) -> Policy:
+    """Build the policy registered as ``name`` with keyword arguments ``kwargs``."""
+    if name not in _REGISTRY and name in LAZY:
+        module, attr = LAZY[name].split(":")
+        cls = getattr(importlib.import_module(module), attr)
+        _REGISTRY.setdefault(name, cls)
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list_policies(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UnknownPolicyError(
+            f"unknown policy {name!r}{hint} (known: {', '.join(list_policies())})")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"policy {name!r}: bad arguments {kwargs}: {exc}") from exc
+
+
+# --- built-ins -----------------------------------------------------------------------
+
+
+@register("always-transformer")
+class AlwaysTransformerPolicy(Policy):
+    description = "every request to the transformer"
+
+    def score(self, req: RoutingRequest) -> float:
+        return 1.0
+
+
+@register("always-hybrid")
+class AlwaysHybridPolicy(Policy):
+    description = "every request to the hybrid"
+
+    def score(self, req: RoutingRequest) -> float:
+        return 0.0
+
+
+@register("random")
+class RandomPolicy(Policy):
+    """Seeded random routing; at threshold 0.5 a share ``p`` goes to the transformer.
+
+    The score is ``clip(u + p - 0.5)`` with ``u`` uniform in [0, 1) drawn from a hash of
+    (seed, request text), so the same request gets the same score whatever the order, and
+    sweeping the threshold moves the transformer share linearly.
+    """
+
+    description = "seeded coin flip with transformer share p"
+
+    def __init__(self, p: float = 0.5, seed: int = 0) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"random: p must be in [0, 1], got {p}")
+        self.p = p
+        self.seed = seed
+
+    def params(self) -> dict[str, object]:
+        return {"p": self.p, "seed": self.seed}
+
+    def score(self, req: RoutingRequest) -> float:
+        digest = hashlib.blake2b(f"{self.seed}\0{req.text}".encode(), digest_size=8).digest()
+        u = int.from_bytes(digest, "big") / 2**64
+        return min(1.0, max(0.0, u + self.p - 0.5))
+
+
+# The study's rules: the transformer wins on copying (repeated n-grams, explicit copy/quote/
+# extract requests) and on closing brackets (code, markup); the hybrid on meaning-bearing,
+# non-repeated text. Cheap text heuristics only, well under a millisecond per request.
+_COPY_CUES = re.compile(
+    r"\b(repeat|copy|quote|verbatim|word[- ]for[- ]word|exact(ly)?|extract|reproduce|"
+    r"transcribe|same (text|words)|as written|unchanged|echo)\b", re.IGNORECASE)
+_CODE_CUES = re.compile(
+    r"```|\bdef \w+\(|\bclass \w+[:(]|\bfunction\b|\breturn\b|=>|;\s*$|</?[a-zA-Z][\w-]*[^>]*>|"
+    r"\\begin\{|\{\s*\"", re.MULTILINE)
+_WORD = re.compile(r"\w+")
+_PAIRS = {")": "(", "]": "[", "}": "{"}
+
+
+def unclosed_brackets(text: str) -> int:
+    """Count of (, [, { left open at the end of ``text`` (closers without openers ignored)."""
+    stack: list[str] = []
+    for ch in text:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in _PAIRS and stack and stack[-1] == _PAIRS[ch]:
+            stack.pop()
+    return len(stack)
+
+
+def repeated_ngram_share(text: str, n: int = 4) -> float:
+    """Share of word n-grams in ``text`` that occur more than once (0 for short texts)."""
+    words = _WORD.findall(text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    counts: dict[tuple[str, ...], int] = {}
+    for g in grams:
+        counts[g] = counts.get(g, 0) + 1
+    return sum(c for c in counts.values() if c > 1) / len(grams)
+
+
+def bracket_share(text: str) -> float:
+    """Bracket and markup characters per character of ``text``."""
+    if not text:
+        return 0.0
+    return sum(text.count(c) for c in "()[]{}<>") / len(text)
+
+
+@register("rules")
+class RulesPolicy(Policy):
+    """The study's rules as additive evidence on a base score.
+
+    Starts at ``base`` (below 0.5: by default the hybrid serves meaning-bearing text) and adds
+    ``copy_weight`` for an explicit copy/quote/extract cue, ``repeat_weight`` scaled by the
+    share of repeated word 4-grams, ``code_weight`` for code or markup cues and
+    ``bracket_weight`` when brackets are left open (the answer must close them).
+    """
+
+    description = "study rules: copy/repetition and code/bracket cues -> transformer"
+
+    def __init__(self, base: float = 0.3, copy_weight: float = 0.35,
+                 repeat_weight: float = 0.5, code_weight: float = 0.25,
+                 bracket_weight: float = 0.2) -> None:
+        self.base = base
+        self.copy_weight = copy_weight
+        self.repeat_weight = repeat_weight
+        self.code_weight = code_weight
+        self.bracket_weight = bracket_weight
+
+    def params(self) -> dict[str, object]:
+        return {"base": self.base, "copy_weight": self.copy_weight,
+                "repeat_weight": self.repeat_weight, "code_weight": self.code_weight,
+                "bracket_weight": self.bracket_weight}
+
+    def features(self, req: RoutingRequest) -> dict[str, float]:
+        """The cues this policy reads, by name (logged in the decision log)."""
+        text = req.text
+        return {
+            "copy_cue": float(bool(_COPY_CUES.search(req.last_user or text))),
+            "repeated_4gram_share": repeated_ngram_share(text),
+            "code_cue": float(bool(_CODE_CUES.search(text)) or bracket_share(text) > 0.03),
+            "unclosed_brackets": float(unclosed_brackets(text)),
+        }
+
+    def score(self, req: RoutingRequest) -> float:
+        f = self.features(req)
+        s = (self.base + self.copy_weight * f["copy_cue"]
+             + self.repeat_weight * min(1.0, 2 * f["repeated_4gram_share"])
+             + self.code_weight * f["code_cue"]
+             + self.bracket_weight * min(1.0, f["unclosed_brackets"]))
+        return min(1.0, max(0.0, s))
+
+
+@register("classifier")
+class ClassifierPolicy(Policy):
+    """The trained request classifier (``classifiers.artifact.load_default()``).
+
+    ``cost_weight`` (>= 0) lowers the score of long prompts, where the transformer's KV cache
+    costs most: ``score = p - cost_weight * L / (L + 8000)`` with ``L`` the prompt length in
+    characters. When the artifact (or its module) is missing the policy falls back to
+    ``rules`` and says so once with a warning; ``fallback_`` is True then.
+    """
+
+    description = "trained classifier P(transformer better), optional cost weight"
+
+    def __init__(self, cost_weight: float = 0.0, artifact: str | None = None) -> None:
+        if cost_weight < 0:
+            raise ValueError(f"classifier: cost_weight must be >= 0, got {cost_weight}")
+        self.cost_weight = cost_weight
+        self.artifact = artifact
+        self.model_ = self._load(artifact)
+        self.fallback_ = self.model_ is None
+        self._rules = RulesPolicy()
+
+    @staticmethod
+    def _load(artifact: str | None) -> object | None:
+        try:
+            mod = importlib.import_module("classifiers.artifact")
+            return mod.load(artifact) if artifact else mod.load_default()
+        except (ImportError, FileNotFoundError, OSError) as exc:
+            log.warning("classifier artifact unavailable (%s); falling back to the rules policy",
+                        exc)
+            return None
+
+    def params(self) -> dict[str, object]:
+        return {"cost_weight": self.cost_weight, "artifact": self.artifact}
+
+    def _cost(self, req: RoutingRequest) -> float:
+        n = len(req.text)
+        return self.cost_weight * n / (n + 8000)
+
+    def score_batch(self, reqs: Sequence[RoutingRequest]) -> list[float]:
+        if not reqs:
+            return []
+        if self.model_ is None:
+            raw = self._rules.score_batch(reqs)
+        else:
+            proba = self.model_.predict_proba(list(reqs))  # type: ignore[attr-defined]
+            if getattr(proba, "ndim", 1) == 2:  # sklearn-style (n, 2): column 1 = transformer
+                proba = proba[:, -1]
+            raw = [float(p) for p in proba]
+        return [min(1.0, max(0.0, s - self._cost(r))) for s, r in zip(raw, reqs, strict=True)]
+
+    def score(self, req: RoutingRequest) -> float:
+        return self.score_batch([req])[0]
