@@ -49,6 +49,8 @@ class Policy:
 
     name: str = ""
     description: str = ""
+    blocking: bool = False  # True when score() can take over ~1 ms: the router then runs it
+    #                          in a worker thread instead of on its event loop
 
     def score(self, req: RoutingRequest) -> float:
         """P(transformer is the better backend for ``req``), in [0, 1]."""
@@ -272,6 +274,7 @@ class ClassifierPolicy(Policy):
         self.artifact = artifact
         self.model_ = self._load(artifact)
         self.fallback_ = self.model_ is None
+        self.blocking = not self.fallback_
         self._rules = RulesPolicy()
 
     @staticmethod
@@ -286,6 +289,10 @@ class ClassifierPolicy(Policy):
 
     def params(self) -> dict[str, object]:
         return {"cost_weight": self.cost_weight, "artifact": self.artifact}
+
+    def features(self, req: RoutingRequest) -> dict[str, float]:
+        """The rules' cheap cues (for the decision log), whichever model scores."""
+        return self._rules.features(req)
 
     def _cost(self, req: RoutingRequest) -> float:
         n = len(req.text)
