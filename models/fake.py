@@ -1,0 +1,117 @@
+"""A fake backend for tests and benchmarks: instant, deterministic, scriptable.
+
+Replies are taken from a queue you fill with :meth:`FakeBackend.enqueue`; when it is empty
+the reply is ``default_reply``. :meth:`FakeBackend.fail` makes the next calls raise, and
+``delay_s`` sleeps before answering (to test timeouts and concurrency limits).
+
+"Tokens" are whitespace-led words (``re.findall(r"\\s*\\S+|\\s+$")``), so joining a text's
+tokens gives it back exactly and character offsets are easy to check.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+
+from models.base import (
+    Architecture,
+    Backend,
+    BackendError,
+    BackendInfo,
+    GenerationParams,
+    GenerationResult,
+    Prompt,
+    ScoreResult,
+    StreamChunk,
+)
+
+_TOKEN = re.compile(r"\s*\S+|\s+$")
+
+
+def fake_tokens(text: str) -> list[str]:
+    """Split ``text`` into whitespace-led words; ``"".join(fake_tokens(t)) == t``."""
+    return _TOKEN.findall(text)
+
+
+def fake_logprob(token: str) -> float:
+    """A deterministic log-probability (nats) for a token: longer tokens are less likely."""
+    return -0.1 * len(token.strip()) - 0.05
+
+
+class FakeBackend(Backend):
+    """Answers from a queue of scripted replies, instantly unless ``delay_s`` is set."""
+
+    def __init__(self, name: str = "fake", architecture: Architecture = "other",
+                 default_reply: str = "Hello from the fake backend.", delay_s: float = 0.0,
+                 max_concurrency: int = 64) -> None:
+        super().__init__(name, max_concurrency)
+        self.architecture = architecture
+        self.default_reply = default_reply
+        self.delay_s = delay_s
+        self.calls: list[tuple[str, Prompt]] = []  # (method, prompt), for assertions
+        self._replies: deque[str] = deque()
+        self._failures = 0
+        self._mutex = threading.Lock()
+
+    def enqueue(self, *replies: str) -> FakeBackend:
+        """Queue replies for the next calls, in order."""
+        self._replies.extend(replies)
+        return self
+
+    def fail(self, times: int = 1) -> FakeBackend:
+        """Make the next ``times`` calls raise :class:`BackendError`."""
+        self._failures += times
+        return self
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, self.architecture, parameters=0, location="fake")
+
+    def _next(self, method: str, prompt: Prompt, take_reply: bool = True) -> str:
+        with self._mutex:
+            self.calls.append((method, prompt))
+            failing = self._failures > 0
+            if failing:
+                self._failures -= 1
+            reply = self.default_reply
+            if take_reply and self._replies:
+                reply = self._replies.popleft()
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if failing:
+            raise BackendError(f"{self.name}: scripted failure")
+        return reply
+
+    @staticmethod
+    def _prompt_tokens(prompt: Prompt) -> int:
+        text = prompt if isinstance(prompt, str) else "\n".join(m.content for m in prompt)
+        return len(fake_tokens(text))
+
+    @staticmethod
+    def _cut(reply: str, params: GenerationParams) -> tuple[list[str], str]:
+        """The reply's tokens after stop sequences and max_tokens, and the finish reason."""
+        for s in params.stop:
+            if s and s in reply:
+                return fake_tokens(reply[: reply.index(s)]), "stop"
+        toks = fake_tokens(reply)
+        if len(toks) > params.max_tokens:
+            return toks[: params.max_tokens], "length"
+        return toks, "stop"
+
+    def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
+        toks, finish = self._cut(self._next("generate", prompt), params)
+        return GenerationResult("".join(toks), self._prompt_tokens(prompt), len(toks),
+                                finish)  # type: ignore[arg-type]
+
+    def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
+        toks, finish = self._cut(self._next("stream", prompt), params)
+        for t in toks:
+            yield StreamChunk(t)
+        yield StreamChunk("", finish, self._prompt_tokens(prompt), len(toks))  # type: ignore[arg-type]
+
+    def score(self, prompt: str, continuation: str) -> ScoreResult:
+        self._next("score", prompt + continuation, take_reply=False)
+        toks = fake_tokens(continuation)
+        return ScoreResult(toks, [fake_logprob(t) for t in toks])

@@ -1,0 +1,316 @@
+"""A backend that is any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, or
+``archroute serve-model``), spoken to over HTTP with httpx.
+
+A completion prompt (``str``) goes to ``/completions``, a conversation to
+``/chat/completions``. ``score`` uses ``/completions`` with ``echo: true, logprobs: 1,
+max_tokens: 1``: the server returns the log-probability of every prompt token (vLLM does;
+the first token's is null), and the continuation's tokens are cut out by character offset.
+
+Every failure becomes a :class:`~models.base.BackendError` (timeouts an
+:class:`UpstreamTimeoutError`, HTTP errors an :class:`UpstreamStatusError`), so the router can
+fall back. The async methods are native (``httpx.AsyncClient``), never a thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+from models.base import (
+    Architecture,
+    Backend,
+    BackendError,
+    BackendInfo,
+    FinishReason,
+    GenerationParams,
+    GenerationResult,
+    Prompt,
+    ScoreResult,
+    StreamChunk,
+)
+
+
+class UpstreamTimeoutError(BackendError, TimeoutError):
+    """The upstream did not answer (or stopped streaming) within the timeout."""
+
+
+class UpstreamStatusError(BackendError):
+    """The upstream answered with an HTTP error; ``status_code`` is its status."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _finish(reason: object) -> FinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        err = resp.json().get("error")
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        if err:
+            return str(err)
+    except (ValueError, AttributeError):
+        pass
+    return resp.text[:300]
+
+
+def select_continuation(text: str, prompt_len: int, end: int, tokens: list[str],
+                        logprobs: list[float | None], offsets: list[int]) -> ScoreResult:
+    """Keep the echoed tokens that cover characters ``[prompt_len, end)`` of ``text``.
+
+    A token straddling the prompt/continuation boundary counts as continuation (it predicts
+    continuation characters). Raises :class:`BackendError` when a kept token has no
+    log-probability (the first token of the text: give a non-empty prompt).
+    """
+    del text  # offsets index into it; kept in the signature for clarity
+    keep_t: list[str] = []
+    keep_l: list[float] = []
+    for i, (tok, lp, off) in enumerate(zip(tokens, logprobs, offsets, strict=True)):
+        tok_end = offsets[i + 1] if i + 1 < len(offsets) else off + len(tok)
+        if off >= end or tok_end <= prompt_len:
+            continue
+        if lp is None:
+            raise BackendError("upstream gave no log-probability for the first continuation "
+                               "token (the text's first token); score with a non-empty prompt")
+        keep_t.append(tok)
+        keep_l.append(float(lp))
+    return ScoreResult(keep_t, keep_l)
+
+
+class SSEParser:
+    """Turns an OpenAI SSE stream, line by line, into :class:`StreamChunk` objects.
+
+    ``feed(line)`` returns the chunks that line yields; ``done`` is set by ``data: [DONE]``;
+    ``final()`` is the last chunk, with the finish reason and the usage counts if sent.
+    """
+
+    def __init__(self, name: str, chat: bool) -> None:
+        self.name = name
+        self.chat = chat
+        self.done = False
+        self.finish: FinishReason = "stop"
+        self.usage: dict = {}
+
+    def feed(self, line: str) -> list[StreamChunk]:
+        if self.done or not line.startswith("data:"):
+            return []
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            self.done = True
+            return []
+        data = json.loads(payload)
+        if "error" in data:
+            raise BackendError(f"{self.name}: upstream stream error: {data['error']}")
+        self.usage = data.get("usage") or self.usage
+        out = []
+        for choice in data.get("choices") or []:
+            piece = ((choice.get("delta") or {}).get("content") if self.chat
+                     else choice.get("text"))
+            if choice.get("finish_reason"):
+                self.finish = _finish(choice["finish_reason"])
+            if piece:
+                out.append(StreamChunk(piece))
+        return out
+
+    def final(self) -> StreamChunk:
+        return StreamChunk("", self.finish, self.usage.get("prompt_tokens"),
+                           self.usage.get("completion_tokens"))
+
+
+class OpenAIUpstreamBackend(Backend):
+    """An OpenAI-compatible server at ``base_url`` (including ``/v1``), serving ``model``.
+
+    ``timeout`` (s) bounds a whole non-streamed call and each gap between streamed chunks;
+    ``connect_timeout`` (s) bounds connecting. ``architecture`` is what the operator states
+    about the model (the server does not say).
+    """
+
+    def __init__(self, name: str, base_url: str, model: str, api_key: str | None = None,
+                 architecture: Architecture = "other", timeout: float = 60.0,
+                 connect_timeout: float = 5.0, max_concurrency: int = 64) -> None:
+        super().__init__(name, max_concurrency)
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.architecture = architecture
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._api_key = api_key
+        self._client: httpx.Client | None = None
+        self._aclient: httpx.AsyncClient | None = None
+
+    # --- plumbing ------------------------------------------------------------------
+    def _client_args(self) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        limits = httpx.Limits(max_connections=self.max_concurrency,
+                              max_keepalive_connections=self.max_concurrency)
+        return {"base_url": self.base_url, "headers": headers, "limits": limits,
+                "timeout": httpx.Timeout(self.timeout, connect=self.connect_timeout)}
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(**self._client_args())
+        return self._client
+
+    @property
+    def aclient(self) -> httpx.AsyncClient:
+        if self._aclient is None:
+            self._aclient = httpx.AsyncClient(**self._client_args())
+        return self._aclient
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._aclient is not None:
+            await self._aclient.aclose()
+            self._aclient = None
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, self.architecture, location=f"{self.base_url} ({self.model})")
+
+    def _body(self, prompt: Prompt, params: GenerationParams, stream: bool) -> tuple[str, dict]:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": params.max_tokens,
+                                "temperature": params.temperature, "top_p": params.top_p}
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        if isinstance(prompt, str):
+            body["prompt"] = prompt
+            return "/completions", body
+        body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
+        return "/chat/completions", body
+
+    def _wrap(self, exc: Exception) -> BackendError:
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamTimeoutError(f"{self.name}: upstream timed out ({type(exc).__name__})")
+        if isinstance(exc, httpx.HTTPError):
+            return BackendError(f"{self.name}: upstream unreachable: {type(exc).__name__}: {exc}")
+        return BackendError(f"{self.name}: bad upstream response: {exc}")
+
+    def _check(self, resp: httpx.Response) -> None:
+        if resp.status_code >= 400:
+            raise UpstreamStatusError(
+                f"{self.name}: upstream HTTP {resp.status_code}: {_error_text(resp)}",
+                resp.status_code)
+
+    @staticmethod
+    def _result(path: str, data: dict) -> GenerationResult:
+        choice = data["choices"][0]
+        text = choice["text"] if path == "/completions" else choice["message"].get("content")
+        usage = data.get("usage") or {}
+        return GenerationResult(text or "", int(usage.get("prompt_tokens", 0)),
+                                int(usage.get("completion_tokens", 0)),
+                                _finish(choice.get("finish_reason")))
+
+    def _score_body(self, prompt: str, continuation: str) -> dict:
+        if not continuation:
+            raise ValueError("score: continuation is empty")
+        return {"model": self.model, "prompt": prompt + continuation, "echo": True,
+                "logprobs": 1, "max_tokens": 1, "temperature": 0.0}
+
+    def _score_result(self, prompt: str, continuation: str, data: dict) -> ScoreResult:
+        lp = data["choices"][0].get("logprobs")
+        if not lp or "text_offset" not in lp:
+            raise BackendError(f"{self.name}: upstream returned no prompt logprobs "
+                               "(does it support echo + logprobs on /completions?)")
+        text = data["choices"][0].get("text", "")
+        return select_continuation(text, len(prompt), len(prompt) + len(continuation),
+                                   lp["tokens"], lp["token_logprobs"], lp["text_offset"])
+
+    # --- sync ----------------------------------------------------------------------
+    def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
+        path, body = self._body(prompt, params, stream=False)
+        try:
+            resp = self.client.post(path, json=body)
+            self._check(resp)
+            return self._result(path, resp.json())
+        except BackendError:
+            raise
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise self._wrap(exc) from exc
+
+    def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
+        path, body = self._body(prompt, params, stream=True)
+        try:
+            with self.client.stream("POST", path, json=body) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._check(resp)
+                parser = SSEParser(self.name, chat=path != "/completions")
+                for line in resp.iter_lines():
+                    yield from parser.feed(line)
+                    if parser.done:
+                        break
+                yield parser.final()
+        except BackendError:
+            raise
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise self._wrap(exc) from exc
+
+    def score(self, prompt: str, continuation: str) -> ScoreResult:
+        body = self._score_body(prompt, continuation)
+        try:
+            resp = self.client.post("/completions", json=body)
+            self._check(resp)
+            return self._score_result(prompt, continuation, resp.json())
+        except BackendError:
+            raise
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise self._wrap(exc) from exc
+
+    # --- async (native) --------------------------------------------------------------
+    async def agenerate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
+        path, body = self._body(prompt, params, stream=False)
+        try:
+            resp = await self.aclient.post(path, json=body)
+            self._check(resp)
+            return self._result(path, resp.json())
+        except BackendError:
+            raise
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise self._wrap(exc) from exc
+
+    async def astream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        path, body = self._body(prompt, params, stream=True)
+        try:
+            async with self.aclient.stream("POST", path, json=body) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    self._check(resp)
+                parser = SSEParser(self.name, chat=path != "/completions")
+                async for line in resp.aiter_lines():
+                    for chunk in parser.feed(line):
+                        yield chunk
+                    if parser.done:
+                        break
+                yield parser.final()
+        except BackendError:
+            raise
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise self._wrap(exc) from exc
+
+    async def ascore(self, prompt: str, continuation: str) -> ScoreResult:
+        body = self._score_body(prompt, continuation)
+        try:
+            resp = await self.aclient.post("/completions", json=body)
+            self._check(resp)
+            return self._score_result(prompt, continuation, resp.json())
+        except BackendError:
+            raise
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise self._wrap(exc) from exc

@@ -1,0 +1,196 @@
+"""HTTP wiring of the router: ``create_app(settings)`` builds a FastAPI app whose lifespan
+loads the backends and policies; all state lives in ``app.state``.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /health`` (liveness), ``GET /ready`` (a backend can serve), ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models.base import Backend
+from router import errors
+from router import protocol as P
+from router.decision_log import DecisionLog
+from router.metrics import RouterMetrics
+from router.policies import get_policy
+from router.pool import BackendSlot, SlotLimits
+from router.serving import RouterService, check_ready
+from router.settings import BackendSettings, Settings
+
+log = logging.getLogger(__name__)
+
+T0_KEY = "archroute.t0"
+
+
+def build_backend(bs: BackendSettings, role: str, torch_threads: int | None = None) -> Backend:
+    """One backend from its settings (loads model weights for kind ``hf``)."""
+    if bs.kind == "fake":
+        from models.fake import FakeBackend
+
+        return FakeBackend(bs.name, role, default_reply=bs.fake_reply,  # type: ignore[arg-type]
+                           delay_s=bs.fake_delay_s, max_concurrency=bs.concurrency)
+    if bs.kind == "upstream":
+        from models.upstream import OpenAIUpstreamBackend
+
+        key = bs.api_key.get_secret_value() if bs.api_key else None
+        return OpenAIUpstreamBackend(bs.name, bs.base_url or "", bs.model or "", api_key=key,
+                                     architecture=role, timeout=bs.timeout_s,  # type: ignore[arg-type]
+                                     max_concurrency=bs.concurrency)
+    assert bs.path is not None
+    kwargs = {"device": bs.device, "max_concurrency": bs.concurrency,
+              "torch_threads": torch_threads}
+    if bs.path.startswith("reference:"):
+        from models.reference import load_reference
+
+        return load_reference(bs.path.split(":", 1)[1], name=bs.name, **kwargs)
+    from models.hf import HFBackend
+
+    return HFBackend(bs.name, bs.path, architecture=role, **kwargs)
+
+
+def limits(settings: Settings, bs: BackendSettings) -> SlotLimits:
+    return SlotLimits(timeout_s=bs.timeout_s, max_concurrency=bs.concurrency,
+                      max_queue=bs.max_queue, queue_timeout_s=bs.queue_timeout_s,
+                      failure_threshold=settings.failure_threshold,
+                      cooldown_s=settings.cooldown_s)
+
+
+class GuardMiddleware:
+    """API keys on ``/v1/*`` (401) and the request body limit (413), before any parsing.
+    Also stamps the request's arrival time for the overhead measurement."""
+
+    def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope[T0_KEY] = time.perf_counter()
+        headers = dict(scope["headers"])
+        if self.keys and scope["path"].startswith("/v1/"):
+            auth = headers.get(b"authorization", b"")
+            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not any(hmac.compare_digest(token, k) for k in self.keys):
+                msg = "missing API key" if not token else "invalid API key"
+                return await errors.error_response(errors.AuthenticationError(msg))(
+                    scope, receive, send)
+        length = headers.get(b"content-length")
+        too_large = errors.RequestTooLargeError(
+            f"request body exceeds {self.max_body} bytes")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await errors.error_response(too_large)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:  # FastAPI passes HTTPException through body reading
+                    raise StarletteHTTPException(413, too_large.message)
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None) -> FastAPI:
+    """The router app. ``backends`` (role -> Backend) replaces building them from settings
+    (tests inject fakes this way)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("archroute settings: %s", json.dumps(settings.redacted()))
+        built = dict(backends) if backends is not None else {}
+        for role, bs in settings.backends.items():
+            if role not in built:
+                built[role] = await asyncio.to_thread(build_backend, bs, role,
+                                                      settings.torch_threads)
+                log.info("backend %s (%s): %s", bs.name, role, built[role].info())
+        slots = {role: BackendSlot(role, built[role], limits(settings, bs))
+                 for role, bs in settings.backends.items()}
+        policies = {}
+        for name, prof in settings.profiles.items():
+            policies[name] = await asyncio.to_thread(get_policy, prof.policy, **prof.policy_args)
+            log.info("profile %s: %r threshold %.3f", name, policies[name], prof.threshold)
+        dlog = (DecisionLog(settings.decision_log, settings.log_prompts)
+                if settings.decision_log else None)
+        app.state.service = RouterService(settings, slots, policies, RouterMetrics(), dlog)
+        try:
+            yield
+        finally:
+            for b in built.values():
+                aclose = getattr(b, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                else:
+                    b.close()
+            if dlog is not None:
+                dlog.close()
+
+    app = FastAPI(title="ArchRoute", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    errors.install(app)
+    app.add_middleware(GuardMiddleware,  # type: ignore[arg-type]
+                       api_keys=[k.get_secret_value() for k in settings.api_keys],
+                       max_body_bytes=settings.max_body_bytes)
+
+    def service(request: Request) -> RouterService:
+        return request.app.state.service
+
+    def t0(request: Request) -> float:
+        return request.scope.get(T0_KEY, time.perf_counter())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
+        return await service(request).handle(body, t0(request))
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: Request) -> Response:
+        return await service(request).handle(body, t0(request))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        return {"object": "list", "data": service(request).models()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict:
+        for card in service(request).models():
+            if card["id"] == model_id:
+                return card
+        raise errors.ModelNotFoundError(f"model {model_id!r} not found", param="model")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        ok, states = check_ready(service(request))
+        return JSONResponse({"ready": ok, "backends": states}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        svc = service(request)
+        for s in svc.slots.values():
+            svc.metrics.in_flight.labels(s.name).set(s.in_flight)
+            svc.metrics.breaker_open.labels(s.name).set(float(s.state == "open"))
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

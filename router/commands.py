@@ -1,0 +1,138 @@
+"""``archroute serve`` (the router) and ``archroute serve-model`` (one backend as a server).
+
+Flags override the config file and the environment (see :mod:`router.settings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def backend_from_spec(spec: str, role: str) -> dict[str, Any]:
+    """Backend settings from a short spec: ``reference:transformer`` | a model directory |
+    ``http://host:port/v1#model`` (an upstream) | ``fake`` (an instant test double)."""
+    if spec == "fake" or spec.startswith("fake:"):
+        return {"name": f"fake-{role}", "kind": "fake",
+                **({"fake_reply": spec[5:]} if spec.startswith("fake:") else {})}
+    if spec.startswith(("http://", "https://")):
+        url, _, model = spec.partition("#")
+        if not model:
+            raise SystemExit(f"--{role} {spec}: give the upstream model as URL#MODEL")
+        return {"name": model.replace("/", "-") if model else f"{role}-upstream",
+                "kind": "upstream", "base_url": url, "model": model}
+    name = f"reference-{spec.split(':', 1)[1]}" if spec.startswith("reference:") \
+        else Path(spec).name
+    return {"name": name, "kind": "hf", "path": spec}
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the routing server (OpenAI-compatible)",
+                       description="Route each request to the transformer or the hybrid backend. "
+                       "With no config: the embedded reference pair, in-process.")
+    p.add_argument("--config", "-c", help="YAML or TOML settings file (or $ARCHROUTE_CONFIG)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--transformer", metavar="SPEC", help="transformer backend: reference:transformer, "
+                   "a model dir, or http://host:port/v1#MODEL")
+    p.add_argument("--hybrid", metavar="SPEC", help="hybrid backend (same forms)")
+    p.add_argument("--profile", dest="default_profile", help="profile that model 'archroute' means")
+    p.add_argument("--api-key", dest="api_keys", action="append",
+                   help="accept this API key (repeatable); none: no auth")
+    p.add_argument("--decision-log", help="SQLite decision log path ('' to turn off)")
+    p.add_argument("--log-prompts", action="store_true", default=None,
+                   help="store prompt text in the decision log")
+    p.add_argument("--no-fallback", dest="fallback", action="store_false", default=None,
+                   help="never serve from the other backend when the chosen one fails")
+    p.add_argument("--torch-threads", type=int, help="torch threads for in-process models")
+    p.add_argument("--print-settings", action="store_true",
+                   help="print the resolved settings (secrets redacted) and exit")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from router.settings import SettingsError, load_settings
+
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in (
+        "host", "port", "default_profile", "api_keys", "log_prompts", "fallback",
+        "torch_threads")}
+    if args.decision_log is not None:
+        overrides["decision_log"] = args.decision_log or None
+    backends = {role: backend_from_spec(spec, role) for role in ("transformer", "hybrid")
+                if (spec := getattr(args, role))}
+    if backends:
+        overrides["backends"] = backends
+    try:
+        settings = load_settings(args.config, overrides)
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.print_settings:
+        print(json.dumps(settings.redacted(), indent=2))
+        return 0
+    import uvicorn
+
+    from router.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level="info", access_log=False)
+    return 0
+
+
+def add_serve_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-model", help="serve one backend as an OpenAI-compatible server",
+                       description="One model behind /v1/completions (echo + logprobs too) and "
+                       "/v1/chat/completions, the way vLLM serves it.")
+    p.add_argument("model", metavar="DIR_OR_SPEC",
+                   help="a model directory, reference:transformer, reference:hybrid, or fake")
+    p.add_argument("--name", help="model name clients send (default: from the spec)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--architecture", choices=["transformer", "hybrid", "other"],
+                   help="override the detected architecture")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests run at once (default: the backend's own)")
+    p.add_argument("--api-key", dest="api_keys", action="append", help="accept this key")
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--fake-reply", default="Hello from the fake backend.",
+                   help="reply of the 'fake' backend")
+    p.set_defaults(func=run_serve_model)
+
+
+def run_serve_model(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from router.model_server import create_model_app
+
+    spec: str = args.model
+    if spec == "fake":
+        from models.fake import FakeBackend
+
+        backend = FakeBackend(args.name or "fake", args.architecture or "other",
+                              default_reply=args.fake_reply)
+    else:
+        kwargs: dict[str, Any] = {"device": args.device, "torch_threads": args.torch_threads}
+        if args.max_concurrency:
+            kwargs["max_concurrency"] = args.max_concurrency
+        if spec.startswith("reference:"):
+            from models.reference import load_reference
+
+            backend = load_reference(spec.split(":", 1)[1], name=args.name, **kwargs)
+        else:
+            from models.hf import HFBackend
+
+            backend = HFBackend(args.name or Path(spec).name, spec,
+                                architecture=args.architecture, **kwargs)
+    log.info("serving %s as %r on %s:%d", backend.info(), args.name or backend.name,
+             args.host, args.port)
+    app = create_model_app(backend, args.name or backend.name, api_keys=args.api_keys,
+                           max_concurrency=args.max_concurrency)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
+    return 0

@@ -1,0 +1,39 @@
+"""Prometheus metrics of one router app (its own registry, so apps in tests don't clash)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class RouterMetrics:
+    """Requests, decisions per backend, fallbacks, latency and routing overhead (seconds)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("archroute_requests", "requests by endpoint, model and status",
+                                ["endpoint", "model", "status"], registry=r)
+        self.decisions = Counter("archroute_decisions", "routing decisions by chosen backend role",
+                                 ["policy", "backend"], registry=r)
+        self.served = Counter("archroute_served", "requests served, by backend name",
+                              ["backend"], registry=r)
+        self.fallbacks = Counter("archroute_fallbacks", "requests served by the other backend",
+                                 ["from_backend", "to_backend"], registry=r)
+        self.backend_failures = Counter("archroute_backend_failures", "failed backend calls",
+                                        ["backend"], registry=r)
+        self.latency = Histogram("archroute_request_latency_seconds",
+                                 "time from request to last byte", ["endpoint"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("archroute_overhead_seconds",
+                                  "router time outside the backend (parse, score, format)",
+                                  buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.breaker_open = Gauge("archroute_breaker_open", "1 while a backend is cooling down",
+                                  ["backend"], registry=r)
+        self.in_flight = Gauge("archroute_backend_in_flight", "calls running per backend",
+                               ["backend"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

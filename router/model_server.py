@@ -1,0 +1,172 @@
+"""``archroute serve-model``: one backend as an OpenAI-compatible server, the way vLLM is run.
+
+Routes: ``POST /v1/completions`` (with ``echo`` and ``logprobs``, so ``score`` works through
+it as through vLLM), ``POST /v1/chat/completions``, ``GET /v1/models``, ``/health``, ``/ready``.
+Streaming, errors and limits behave as in the router (shared modules).
+
+Log-probabilities: ``logprobs: k`` returns each token's own log-probability (nats);
+``top_logprobs`` holds only that token (no alternatives). With ``echo`` the prompt's tokens
+come first and the first token's log-probability is ``null``, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from models.base import Backend, GenerationParams, ScoreResult
+from router import errors
+from router import protocol as P
+from router.app import GuardMiddleware
+from router.pool import BackendSlot, SlotLimits
+from router.streaming import sse_events
+
+
+def token_offsets(backend: Backend, text: str, res: ScoreResult) -> tuple[list[str], list[int]]:
+    """Each scored token's text and character offset in ``text`` (the text it was scored on).
+
+    Works when the tokens spell the text, or from the tokenizer's offset mapping when the
+    backend has a (fast) tokenizer and gave token ids.
+    """
+    if "".join(res.tokens) == text:
+        offsets, pos = [], 0
+        for t in res.tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return list(res.tokens), offsets
+    tok = getattr(backend, "tokenizer", None)
+    if tok is not None and res.token_ids is not None:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == list(res.token_ids):
+            spans = enc["offset_mapping"]
+            return [text[s:e] for s, e in spans], [s for s, _ in spans]
+    raise errors.InvalidRequestError("logprobs: this backend cannot map tokens to text offsets",
+                                     param="logprobs")
+
+
+async def completion_logprobs(backend: Backend, prompt: str, generated: str,
+                              echo: bool) -> dict | None:
+    """OpenAI's legacy ``logprobs`` object for ``[prompt +] generated``."""
+    text = prompt + generated if echo else generated
+    if not text:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    res = await backend.ascore("", text) if echo else await backend.ascore(prompt, generated)
+    toks, offsets = token_offsets(backend, text, res)
+    lps: list[float | None] = list(res.logprobs)
+    if echo and lps:
+        lps[0] = None  # nothing precedes the first token (vLLM's convention)
+    base = 0 if echo else len(prompt)
+    return {"tokens": toks, "token_logprobs": lps,
+            "top_logprobs": [None if lp is None else {t: lp} for t, lp in zip(toks, lps, strict=True)],
+            "text_offset": [base + o for o in offsets]}
+
+
+def create_model_app(backend: Backend, name: str | None = None, api_keys: list[str] | None = None,
+                     max_concurrency: int | None = None, max_queue: int = 64,
+                     timeout_s: float = 600.0, max_body_bytes: int = 4_000_000,
+                     max_tokens_cap: int = 4096) -> FastAPI:
+    """A single-model server for ``backend``, which clients address as ``name``."""
+    model_name = name or backend.name
+    slot = BackendSlot("model", backend, SlotLimits(
+        timeout_s=timeout_s, max_concurrency=max_concurrency or backend.max_concurrency,
+        max_queue=max_queue, queue_timeout_s=timeout_s, failure_threshold=10**9,
+        cooldown_s=1.0))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.slot = slot
+        try:
+            yield
+        finally:
+            aclose = getattr(backend, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            else:
+                backend.close()
+
+    app = FastAPI(title=f"ArchRoute model server: {model_name}", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    errors.install(app)
+    app.add_middleware(GuardMiddleware, api_keys=api_keys or [],  # type: ignore[arg-type]
+                       max_body_bytes=max_body_bytes)
+
+    def check_model(model: str) -> None:
+        if model != model_name:
+            raise errors.ModelNotFoundError(
+                f"model {model!r} not found; this server serves {model_name!r}", param="model")
+
+    def params(body: P.ChatCompletionRequest | P.CompletionRequest) -> GenerationParams:
+        return GenerationParams(max_tokens=min(body.requested_max_tokens() or 256, max_tokens_cap),
+                                temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                stop=body.stop_list())
+
+    async def serve(body: P.ChatCompletionRequest | P.CompletionRequest) -> Response:
+        chat = isinstance(body, P.ChatCompletionRequest)
+        body.log_unknown(model_name)
+        check_model(body.model)
+        prompt = body.chat_messages() if isinstance(body, P.ChatCompletionRequest) \
+            else body.prompt_text()
+        echo = getattr(body, "echo", False)
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            if body.n > 1:
+                raise errors.InvalidRequestError("n > 1 is not supported with stream", param="n")
+            stream = await slot.open_stream(prompt, params(body))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = sse_events(stream, rid=rid, model=model_name, chat=chat,
+                                include_usage=include_usage,
+                                echo=prompt if echo and isinstance(prompt, str) else "")
+            return StreamingResponse(events, media_type="text/event-stream")
+        results = []
+        for i in range(body.n):
+            p = params(body)
+            if p.seed is not None:
+                p.seed += i
+            results.append(await slot.generate(prompt, p))
+        n_prompt = results[0].prompt_tokens
+        n_out = sum(r.completion_tokens for r in results)
+        choices = [(r.text, r.finish_reason) for r in results]
+        if chat:
+            return JSONResponse(P.chat_response(rid, model_name, choices, n_prompt, n_out))
+        assert isinstance(prompt, str)
+        logprobs = None
+        if getattr(body, "logprobs", None) is not None:
+            await slot.acquire()
+            try:
+                logprobs = [await completion_logprobs(backend, prompt, r.text, echo)
+                            for r in results]
+            finally:
+                slot.release()
+        if echo:
+            choices = [(prompt + t, f) for t, f in choices]
+        return JSONResponse(P.completion_response(rid, model_name, choices, n_prompt, n_out,
+                                                  logprobs=logprobs))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatCompletionRequest) -> Response:
+        return await serve(body)
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest) -> Response:
+        return await serve(body)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        info = backend.info()
+        card = P.model_card(model_name, "archroute", architecture=info.architecture,
+                            parameters=info.parameters, max_model_len=info.context_length)
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "time": time.time()}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> dict:
+        return {"ready": True, "in_flight": slot.in_flight, "waiting": slot.waiting}
+
+    return app

@@ -1,0 +1,203 @@
+"""One backend as the router runs it: a concurrency limit with a bounded queue, timeouts,
+and a cool-down circuit breaker.
+
+- At most ``max_concurrency`` calls run at once; up to ``max_queue`` more wait, at most
+  ``queue_timeout_s``. Past that a call is refused (429 when the queue is full, 503 when
+  the wait runs out): never an unbounded queue.
+- ``failure_threshold`` consecutive failures open the breaker for ``cooldown_s``; then one
+  request is let through as a probe: success closes the breaker, failure re-opens it.
+- In-process backends run their forward pass in a worker thread that cannot be stopped: on
+  a timeout the router answers at once, but the slot stays taken until the thread finishes,
+  so a stuck model cannot pile up threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from models.base import Backend, GenerationParams, GenerationResult, Prompt, StreamChunk
+from router.errors import OverloadedError, UnavailableError
+
+
+@dataclass
+class SlotLimits:
+    timeout_s: float = 60.0
+    max_concurrency: int = 1
+    max_queue: int = 8
+    queue_timeout_s: float = 30.0
+    failure_threshold: int = 3
+    cooldown_s: float = 30.0
+
+
+def _native_async(backend: Backend) -> bool:
+    """True when the backend overrides the thread-wrapping async methods (e.g. HTTP)."""
+    return type(backend).agenerate is not Backend.agenerate
+
+
+class BackendSlot:
+    """A backend plus its limits and breaker state. Use from one event loop."""
+
+    def __init__(self, role: str, backend: Backend, limits: SlotLimits) -> None:
+        self.role = role
+        self.backend = backend
+        self.name = backend.name
+        self.limits = limits
+        self._sem = asyncio.Semaphore(limits.max_concurrency)
+        self.in_flight = 0
+        self.waiting = 0
+        self.failures = 0  # consecutive
+        self.open_until = 0.0  # monotonic time the breaker stays open until
+        self.probing = False
+
+    # --- breaker -------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """'closed' (serving), 'open' (cooling down) or 'half-open' (ready for a probe)."""
+        if self.open_until == 0.0:
+            return "closed"
+        return "open" if time.monotonic() < self.open_until or self.probing else "half-open"
+
+    def available(self) -> bool:
+        return self.state != "open"
+
+    def record_success(self) -> None:
+        self.failures, self.open_until, self.probing = 0, 0.0, False
+
+    def record_failure(self) -> None:
+        self.failures += 1
+        if self.probing or self.failures >= self.limits.failure_threshold:
+            self.open_until = time.monotonic() + self.limits.cooldown_s
+        self.probing = False
+
+    # --- admission -------------------------------------------------------------------
+    async def acquire(self) -> None:
+        """Take a slot or raise :class:`UnavailableError` / :class:`OverloadedError`."""
+        state = self.state
+        if state == "open":
+            raise UnavailableError(f"backend {self.name} is cooling down after failures")
+        full = self.in_flight >= self.limits.max_concurrency
+        if full and self.waiting >= self.limits.max_queue:
+            raise OverloadedError(f"backend {self.name} is at capacity "
+                                  f"({self.in_flight} running, {self.waiting} waiting)")
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._sem.acquire(), self.limits.queue_timeout_s)
+        except TimeoutError:
+            raise UnavailableError(f"backend {self.name}: no free slot within "
+                                   f"{self.limits.queue_timeout_s:g} s") from None
+        finally:
+            self.waiting -= 1
+        self.in_flight += 1
+        if state == "half-open":
+            self.probing = True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._sem.release()
+
+    # --- calls -------------------------------------------------------------------------
+    async def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
+        """One whole generation within ``timeout_s``; updates the breaker."""
+        await self.acquire()
+        task = asyncio.ensure_future(self.backend.agenerate(prompt, params))
+        task.add_done_callback(lambda _t: self.release())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.limits.timeout_s)
+            if not done:
+                if _native_async(self.backend):
+                    task.cancel()
+                raise TimeoutError(f"{self.name} gave no answer within "
+                                   f"{self.limits.timeout_s:g} s")
+            result = task.result()
+        except asyncio.CancelledError:
+            if _native_async(self.backend):
+                task.cancel()
+            raise
+        except ValueError:  # the request's fault (e.g. too long): not a backend failure
+            raise
+        except Exception:
+            self.record_failure()
+            raise
+        self.record_success()
+        return result
+
+    async def open_stream(self, prompt: Prompt, params: GenerationParams) -> BackendStream:
+        """Start a stream and wait for its first chunk (within ``timeout_s``).
+
+        Raises before any byte is sent when the backend fails or times out, so the caller
+        can still fall back. The returned stream yields the first chunk, then the rest.
+        """
+        await self.acquire()
+        stream = BackendStream(self)
+        stream.start(prompt, params)
+        try:
+            first = await stream.next_chunk()
+        except ValueError:
+            await stream.aclose()
+            raise
+        except BaseException:
+            self.record_failure()
+            await stream.aclose()
+            raise
+        stream.first = first
+        return stream
+
+
+_DONE = object()
+
+
+class BackendStream:
+    """Chunks pumped from ``backend.astream`` by a task into a queue, so that waits time out
+    cleanly and an abandoned stream is cancelled without blocking the caller."""
+
+    def __init__(self, slot: BackendSlot) -> None:
+        self.slot = slot
+        self.first: StreamChunk | None = None
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    def start(self, prompt: Prompt, params: GenerationParams) -> None:
+        self._task = asyncio.ensure_future(self._pump(prompt, params))
+        self._task.add_done_callback(lambda _t: self.slot.release())
+
+    async def _pump(self, prompt: Prompt, params: GenerationParams) -> None:
+        try:
+            async for chunk in self.slot.backend.astream(prompt, params):
+                self._queue.put_nowait(chunk)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            self._queue.put_nowait(exc)
+        finally:
+            self._queue.put_nowait(_DONE)
+
+    async def next_chunk(self) -> StreamChunk | None:
+        """The next chunk, None at the end; raises the backend's error or TimeoutError."""
+        try:
+            item = await asyncio.wait_for(self._queue.get(), self.slot.limits.timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"{self.slot.name} sent nothing for "
+                               f"{self.slot.limits.timeout_s:g} s") from None
+        if item is _DONE:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, StreamChunk)
+        return item
+
+    async def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        if self.first is not None:
+            first, self.first = self.first, None
+            yield first
+        while (chunk := await self.next_chunk()) is not None:
+            yield chunk
+
+    async def aclose(self) -> None:
+        """Stop pumping (an in-process backend finishes its thread in the background)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            if _native_async(self.slot.backend):
+                with contextlib.suppress(BaseException):
+                    await self._task

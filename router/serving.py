@@ -1,0 +1,300 @@
+"""Serving logic of the router: resolve the model, score, decide, call, fall back, format.
+
+HTTP wiring lives in :mod:`router.app`, the protocol in :mod:`router.protocol`. State is held
+by one :class:`RouterService` built in the app's lifespan and kept in ``app.state``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from classifiers.request import RoutingRequest
+from models.base import GenerationParams, GenerationResult, Prompt
+from router import protocol as P
+from router.decision_log import DecisionLog, DecisionRow
+from router.errors import (
+    APIError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    UnavailableError,
+    to_api_error,
+)
+from router.metrics import RouterMetrics
+from router.policies import Policy, decide
+from router.pool import BackendSlot, BackendStream
+from router.settings import ProfileSettings, Settings
+from router.streaming import sse_events
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALIAS = "archroute"  # `model: "archroute"` means the default profile
+_INLINE_SCORE_CHARS = 20_000  # cheap policies score shorter texts on the loop itself
+
+
+@dataclass
+class Route:
+    """What the router decided for one request."""
+
+    model: str
+    profile: str | None = None
+    policy: str | None = None  # None: routing bypassed (a backend was named)
+    score: float | None = None
+    threshold: float | None = None
+    decision: str | None = None  # transformer | hybrid
+    order: list[str] = field(default_factory=list)  # roles to try, in order
+    features: dict[str, float] = field(default_factory=dict)
+    served_by: str | None = None  # backend name
+    fallback_from: str | None = None
+    fallback_reason: str | None = None
+
+    def headers(self, overhead_ms: float) -> dict[str, str]:
+        h = {"x-archroute-backend": self.served_by or "",
+             "x-archroute-policy": self.policy or "direct",
+             "x-archroute-overhead-ms": f"{overhead_ms:.3f}"}
+        if self.profile:
+            h["x-archroute-profile"] = self.profile
+        if self.score is not None:
+            h["x-archroute-score"] = f"{self.score:.4f}"
+        if self.fallback_from:
+            h["x-archroute-fallback"] = f"{self.fallback_from}; reason={self.fallback_reason}"
+        return h
+
+    def body(self, overhead_ms: float) -> dict:
+        return {"profile": self.profile, "policy": self.policy, "score": self.score,
+                "threshold": self.threshold, "decision": self.decision,
+                "backend": self.served_by, "fallback_from": self.fallback_from,
+                "overhead_ms": round(overhead_ms, 3)}
+
+
+class RouterService:
+    """Everything a request needs: settings, backend slots by role, policies by profile."""
+
+    def __init__(self, settings: Settings, slots: dict[str, BackendSlot],
+                 policies: dict[str, Policy], metrics: RouterMetrics,
+                 decision_log: DecisionLog | None) -> None:
+        self.settings = settings
+        self.slots = slots
+        self.policies = policies
+        self.metrics = metrics
+        self.decision_log = decision_log
+        self._by_name = {s.name: role for role, s in slots.items()}
+
+    # --- routing -------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        out = [P.model_card(name, "archroute", kind="profile", policy=p.policy,
+                            threshold=p.threshold, description=p.description)
+               for name, p in self.settings.profiles.items()]
+        for role, slot in self.slots.items():
+            info = slot.backend.info()
+            out.append(P.model_card(slot.name, "archroute", kind="backend", role=role,
+                                    architecture=info.architecture, parameters=info.parameters,
+                                    context_length=info.context_length))
+        return out
+
+    def _profile(self, model: str) -> tuple[str, ProfileSettings] | None:
+        name = self.settings.default_profile if model == DEFAULT_ALIAS else model
+        p = self.settings.profiles.get(name)
+        return (name, p) if p is not None else None
+
+    async def route(self, model: str, rreq: RoutingRequest,
+                    threshold: float | None) -> Route:
+        if model in self._by_name:
+            role = self._by_name[model]
+            return Route(model, decision=role, order=[role])
+        found = self._profile(model)
+        if found is None:
+            known = sorted([*self.settings.profiles, *self._by_name, DEFAULT_ALIAS])
+            raise ModelNotFoundError(f"model {model!r} not found; this router serves {known}",
+                                     param="model")
+        name, prof = found
+        policy = self.policies[name]
+        if getattr(policy, "blocking", False) or len(rreq.text) > _INLINE_SCORE_CHARS:
+            score = await asyncio.to_thread(policy.score, rreq)
+        else:
+            score = policy.score(rreq)
+        thr = prof.threshold if threshold is None else threshold
+        role = decide(score, thr)
+        other = "hybrid" if role == "transformer" else "transformer"
+        order = [role, other] if self.settings.fallback else [role]
+        route = Route(model, name, prof.policy, score, thr, role, order)
+        if self.decision_log is not None and hasattr(policy, "features"):
+            route.features = policy.features(rreq)
+        self.metrics.decisions.labels(prof.policy, role).inc()
+        return route
+
+    def params(self, body: P.ChatCompletionRequest | P.CompletionRequest,
+               i: int = 0) -> GenerationParams:
+        asked = body.requested_max_tokens()
+        max_tokens = min(asked or self.settings.default_max_tokens, self.settings.max_tokens_cap)
+        seed = None if body.seed is None else body.seed + i
+        return GenerationParams(max_tokens=max_tokens, temperature=body.temperature,
+                                top_p=body.top_p, seed=seed, stop=body.stop_list())
+
+    def _note_failure(self, route: Route, slot: BackendSlot, exc: BaseException,
+                      errors: list[BaseException]) -> None:
+        errors.append(exc)
+        self.metrics.backend_failures.labels(slot.name).inc()
+        self.metrics.breaker_open.labels(slot.name).set(float(slot.state == "open"))
+        if route.fallback_from is None and len(route.order) > 1:
+            route.fallback_from = slot.name
+            route.fallback_reason = to_api_error(exc).code or "error"
+        log.warning("backend %s failed (%s: %s)", slot.name, type(exc).__name__, exc)
+
+    @staticmethod
+    def _final_error(errors: list[BaseException]) -> BaseException:
+        """The most telling error once every backend failed (a cool-down says least)."""
+        for e in errors:
+            if not isinstance(e, UnavailableError):
+                return e
+        return errors[0]
+
+    def _served(self, route: Route, slot: BackendSlot) -> None:
+        route.served_by = slot.name
+        self.metrics.served.labels(slot.name).inc()
+        if route.fallback_from:
+            self.metrics.fallbacks.labels(route.fallback_from, slot.name).inc()
+        self.metrics.breaker_open.labels(slot.name).set(0.0)
+
+    # --- whole responses -------------------------------------------------------------
+    async def generate(self, route: Route, prompt: Prompt,
+                       body: P.ChatCompletionRequest | P.CompletionRequest,
+                       ) -> tuple[list[GenerationResult], float]:
+        """n generations from the first backend in ``route.order`` that serves them all;
+        returns them and the seconds spent in backend calls."""
+        errors: list[BaseException] = []
+        spent = 0.0
+        for role in route.order:
+            slot = self.slots[role]
+            t = time.perf_counter()
+            try:
+                results = [await slot.generate(prompt, self.params(body, i))
+                           for i in range(body.n)]
+            except (ValueError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - decide below: fall back or report
+                spent += time.perf_counter() - t
+                self._note_failure(route, slot, exc, errors)
+                continue
+            spent += time.perf_counter() - t
+            self._served(route, slot)
+            return results, spent
+        raise self._final_error(errors)
+
+    # --- streams ---------------------------------------------------------------------
+    async def open_stream(self, route: Route, prompt: Prompt,
+                          body: P.ChatCompletionRequest | P.CompletionRequest) -> BackendStream:
+        """The first backend in ``route.order`` that sends a first chunk."""
+        errors: list[BaseException] = []
+        for role in route.order:
+            slot = self.slots[role]
+            try:
+                stream = await slot.open_stream(prompt, self.params(body))
+            except (ValueError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._note_failure(route, slot, exc, errors)
+                continue
+            self._served(route, slot)
+            return stream
+        raise self._final_error(errors)
+
+    # --- the two endpoints -----------------------------------------------------------
+    async def handle(self, body: P.ChatCompletionRequest | P.CompletionRequest,
+                     t0: float) -> JSONResponse | StreamingResponse:
+        chat = isinstance(body, P.ChatCompletionRequest)
+        endpoint = "chat" if chat else "completion"
+        body.log_unknown(endpoint)
+        row = DecisionRow(P.new_id("chatcmpl" if chat else "cmpl"), endpoint, body.model,
+                          stream=body.stream)
+        try:
+            if isinstance(body, P.ChatCompletionRequest):
+                prompt: Prompt = body.chat_messages()
+                rreq = RoutingRequest(tuple(prompt), body.requested_max_tokens(), "chat")
+            else:
+                if body.logprobs is not None:
+                    raise InvalidRequestError("logprobs: not supported by the router (call a "
+                                              "backend's own server)", param="logprobs")
+                prompt = body.prompt_text()
+                rreq = RoutingRequest.from_prompt(prompt, body.requested_max_tokens())
+            if body.stream and body.n > 1:
+                raise InvalidRequestError("n > 1 is not supported with stream", param="n")
+            self.params(body)  # validate sampling values before routing
+            thr = body.archroute.threshold if body.archroute else None
+            route = await self.route(body.model, rreq, thr)
+            row.profile, row.policy, row.score = route.profile, route.policy, route.score
+            row.threshold, row.decision, row.features = route.threshold, route.decision, route.features
+            if self.decision_log is not None and self.decision_log.log_prompts:
+                row.prompt = rreq.text
+            if body.stream:
+                return await self._stream_response(route, prompt, body, row, t0)
+            results, spent = await self.generate(route, prompt, body)
+        except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
+            err = to_api_error(exc)
+            self._finish(row, t0, None, err.status, err.message)
+            raise err from exc
+        row.backend, row.fallback_from = route.served_by, route.fallback_from
+        row.prompt_tokens = results[0].prompt_tokens
+        row.completion_tokens = sum(r.completion_tokens for r in results)
+        total = time.perf_counter() - t0
+        overhead_ms = (total - spent) * 1000
+        extra = {"archroute": route.body(overhead_ms)} if self.settings.decision_in_body else None
+        echo = getattr(body, "echo", False)
+        choices = [((prompt if echo else "") + r.text, r.finish_reason) for r in results]
+        args = (row.request_id, body.model, choices, row.prompt_tokens, row.completion_tokens)
+        payload = (P.chat_response(*args, extra=extra) if chat
+                   else P.completion_response(*args, extra=extra))
+        self._finish(row, t0, overhead_ms, 200, None)
+        return JSONResponse(payload, headers=route.headers(overhead_ms))
+
+    async def _stream_response(self, route: Route, prompt: Prompt,
+                               body: P.ChatCompletionRequest | P.CompletionRequest,
+                               row: DecisionRow, t0: float) -> StreamingResponse:
+        stream = await self.open_stream(route, prompt, body)
+        overhead_ms = (time.perf_counter() - t0) * 1000  # before the first byte only
+        row.backend, row.fallback_from = route.served_by, route.fallback_from
+        chat = isinstance(body, P.ChatCompletionRequest)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        echo = getattr(body, "echo", False)
+        ext = route.body(overhead_ms) if self.settings.decision_in_body else None
+
+        def on_end(status: int, error: str | None, n_prompt: int | None,
+                   n_completion: int | None) -> None:
+            if error is not None and status == 200:
+                self.metrics.backend_failures.labels(stream.slot.name).inc()
+            row.prompt_tokens, row.completion_tokens = n_prompt, n_completion
+            self._finish(row, t0, overhead_ms, status, error)
+
+        events = sse_events(stream, rid=row.request_id, model=body.model, chat=chat,
+                            include_usage=include_usage,
+                            echo=prompt if echo and isinstance(prompt, str) else "",
+                            ext=ext, on_end=on_end)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers=route.headers(overhead_ms))
+
+    def _finish(self, row: DecisionRow, t0: float, overhead_ms: float | None, status: int,
+                error: str | None) -> None:
+        total = time.perf_counter() - t0
+        row.latency_ms, row.overhead_ms = total * 1000, overhead_ms
+        row.status, row.error = status, error
+        model = row.model if row.decision else "unknown"  # bound label cardinality
+        self.metrics.requests.labels(row.endpoint, model, str(status)).inc()
+        self.metrics.latency.labels(row.endpoint).observe(total)
+        if overhead_ms is not None:
+            self.metrics.overhead.observe(overhead_ms / 1000)
+        if self.decision_log is not None:
+            self.decision_log.write(row)
+
+
+def check_ready(service: RouterService) -> tuple[bool, dict]:
+    """Ready when at least one backend is loaded and not cooling down."""
+    states = {s.name: {"role": role, "state": s.state, "in_flight": s.in_flight,
+                       "waiting": s.waiting} for role, s in service.slots.items()}
+    return any(v["state"] != "open" for v in states.values()), states
+
+
+__all__ = ["APIError", "RouterService", "Route", "check_ready"]

@@ -1,0 +1,227 @@
+"""The router's one settings object: defaults, then a YAML/TOML file, then ``ARCHROUTE_*``
+environment variables, then command-line flags; unknown keys are rejected.
+
+Environment variables name a field path with ``__`` between levels, e.g.
+``ARCHROUTE_PORT=9000``, ``ARCHROUTE_BACKENDS__TRANSFORMER__BASE_URL=http://gpu:8001/v1``;
+list fields take comma-separated values (``ARCHROUTE_API_KEYS=k1,k2``). Values are parsed
+as YAML scalars (``true``, ``3``, ``0.5``).
+
+With no config at all the router serves the embedded reference pair (``reference:transformer``
+and ``reference:hybrid``) in-process. Secrets are ``SecretStr`` and print as ``**********``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from router.policies import list_policies
+
+Role = Literal["transformer", "hybrid"]
+
+
+class SettingsError(ValueError):
+    """The configuration is invalid; the message says which field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackendSettings(_Strict):
+    """One backend. ``kind``: ``hf`` (a local model dir, or ``reference:transformer`` /
+    ``reference:hybrid``), ``upstream`` (an OpenAI-compatible server) or ``fake`` (tests)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    kind: Literal["hf", "upstream", "fake"] = "hf"
+    # hf
+    path: str | None = None
+    device: str = "cpu"
+    # upstream
+    base_url: str | None = None
+    model: str | None = None
+    api_key: SecretStr | None = None
+    # all kinds
+    timeout_s: float = Field(60.0, gt=0)  # whole call, and each gap between streamed chunks
+    max_concurrency: int | None = Field(None, ge=1)  # in flight at once; None: hf 1, else 64
+    max_queue: int = Field(8, ge=0)  # requests waiting beyond that; more get 429
+    queue_timeout_s: float = Field(30.0, gt=0)  # longest wait for a slot; then 503
+    # fake: scripted reply and delay (tests, benchmarks)
+    fake_reply: str = "Hello from the fake backend."
+    fake_delay_s: float = Field(0.0, ge=0)
+
+    @property
+    def concurrency(self) -> int:
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        return 1 if self.kind == "hf" else 64
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> BackendSettings:
+        if self.kind == "hf" and not self.path:
+            raise ValueError(f"backend {self.name!r}: kind 'hf' needs 'path'")
+        if self.kind == "upstream" and not (self.base_url and self.model):
+            raise ValueError(f"backend {self.name!r}: kind 'upstream' needs 'base_url' and 'model'")
+        return self
+
+
+class ProfileSettings(_Strict):
+    """A routing profile, addressed by the request's ``model`` field."""
+
+    policy: str = "rules"
+    policy_args: dict[str, Any] = Field(default_factory=dict)
+    threshold: float = Field(0.5, ge=0.0, le=1.01)  # transformer when score >= threshold
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _known_policy(self) -> ProfileSettings:
+        if self.policy not in list_policies():
+            import difflib
+
+            close = difflib.get_close_matches(self.policy, list_policies(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown policy {self.policy!r}{hint}; known: {list_policies()}")
+        return self
+
+
+def _default_backends() -> dict[str, BackendSettings]:
+    return {
+        "transformer": BackendSettings(name="reference-transformer", path="reference:transformer"),
+        "hybrid": BackendSettings(name="reference-hybrid", path="reference:hybrid"),
+    }
+
+
+def _default_profiles() -> dict[str, ProfileSettings]:
+    return {
+        "archroute-auto": ProfileSettings(
+            policy="classifier", policy_args={"cost_weight": 0.1},
+            description="classifier with a light cost weight (the default)"),
+        "archroute-quality": ProfileSettings(
+            policy="classifier", description="classifier, quality only"),
+        "archroute-cost": ProfileSettings(
+            policy="classifier", policy_args={"cost_weight": 0.5},
+            description="classifier leaning to the cheaper backend on long prompts"),
+        "archroute-rules": ProfileSettings(policy="rules", description="the study's rules"),
+    }
+
+
+class Settings(_Strict):
+    """Everything the router reads. Defaults, commented, in one place."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    backends: dict[Role, BackendSettings] = Field(default_factory=_default_backends)
+    profiles: dict[str, ProfileSettings] = Field(default_factory=_default_profiles)
+    default_profile: str = "archroute-auto"  # what `model: "archroute"` means
+    fallback: bool = True  # serve from the other backend if the chosen one fails first
+    failure_threshold: int = Field(3, ge=1)  # consecutive failures that open the breaker
+    cooldown_s: float = Field(30.0, gt=0)  # breaker open this long, then one probe request
+    api_keys: list[SecretStr] = Field(default_factory=list)  # empty: no auth
+    max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies get 413
+    max_tokens_cap: int = Field(2048, ge=1)  # requested max_tokens above this are clamped
+    default_max_tokens: int = Field(256, ge=1)  # when the request gives none
+    decision_log: str | None = "archroute-decisions.sqlite"  # None: off
+    log_prompts: bool = False  # store prompt text in the decision log
+    decision_in_body: bool = True  # add the `archroute` object to response bodies
+    torch_threads: int | None = Field(None, ge=1)  # for in-process models; None: torch's default
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if set(self.backends) != {"transformer", "hybrid"}:
+            raise ValueError("backends: need exactly 'transformer' and 'hybrid'")
+        names = [b.name for b in self.backends.values()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"backends: names must differ, got {names}")
+        clash = set(names) & (set(self.profiles) | {"archroute"})
+        if clash:
+            raise ValueError(f"names used twice (profiles, backends, 'archroute'): {sorted(clash)}")
+        if self.default_profile not in self.profiles:
+            raise ValueError(f"default_profile {self.default_profile!r} is not a profile "
+                             f"({sorted(self.profiles)})")
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """A JSON-able dict with every secret shown as ``**********`` (for logs, results)."""
+        return self.model_dump(mode="json")
+
+
+# --- loading -------------------------------------------------------------------------
+
+ENV_PREFIX = "ARCHROUTE_"
+_LIST_FIELDS = {"api_keys"}
+
+
+def _read_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SettingsError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # noqa: BLE001 - any parse error is a config error
+        raise SettingsError(f"{p}: cannot parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"{p}: top level must be a mapping")
+    return data
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == "ARCHROUTE_CONFIG":
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        value: Any = ([v.strip() for v in raw.split(",") if v.strip()]
+                      if path[-1] in _LIST_FIELDS else yaml.safe_load(raw) if raw else raw)
+        if path[-1] in ("api_key", "base_url", "model", "path", "name"):
+            value = raw  # keep strings as given
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                  environ: dict[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from defaults < file < environment < ``overrides`` (CLI).
+
+    ``config`` defaults to ``$ARCHROUTE_CONFIG``. A file's ``backends`` (or ``profiles``)
+    replace the default ones as a whole; later layers merge into earlier ones key by key.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    config = config or environ.get("ARCHROUTE_CONFIG")
+    data: dict[str, Any] = _read_file(config) if config else {}
+    for key, factory in (("backends", _default_backends), ("profiles", _default_profiles)):
+        if key not in data:  # a file's mapping replaces the default one as a whole
+            data[key] = {k: v.model_dump(mode="json", exclude_defaults=True)
+                         for k, v in factory().items()}
+    data = _merge(data, _env_overrides(environ))
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cli_backends = over.pop("backends", {})
+    data = _merge(data, over)
+    for role, cfg in cli_backends.items():  # a backend given on the command line replaces
+        data.setdefault("backends", {})[role] = cfg
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
+                 for e in exc.errors()]
+        src = f" (from {config})" if config else ""
+        raise SettingsError("invalid settings" + src + ":\n" + "\n".join(lines)) from None

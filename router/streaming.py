@@ -1,0 +1,73 @@
+"""Server-sent events in OpenAI's shape, shared by the router and ``serve-model``.
+
+The stream always ends with ``data: [DONE]``; a backend failure after the first byte becomes
+one error event (OpenAI's envelope) before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from router import protocol as P
+from router.errors import sse_error
+from router.pool import BackendStream
+
+log = logging.getLogger(__name__)
+
+# on_end(status, error, prompt_tokens, completion_tokens), called once when the stream ends
+OnEnd = Callable[[int, str | None, int | None, int | None], None]
+
+
+def event(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
+                     include_usage: bool = False, echo: str = "", ext: dict | None = None,
+                     on_end: OnEnd | None = None) -> AsyncIterator[str]:
+    """Chunks of ``stream`` as SSE lines. ``echo`` is sent first (completions with echo);
+    ``ext`` (the ArchRoute decision) rides on the first event."""
+    created = int(time.time())
+
+    def piece(text: str, finish: str | None = None) -> dict:
+        if chat:
+            return P.chat_chunk(rid, model, created, {"content": text} if text else {}, finish)
+        return P.completion_chunk(rid, model, created, text, finish)
+
+    status, error = 200, None
+    n_prompt: int | None = None
+    n_completion: int | None = None
+    try:
+        first = (P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""})
+                 if chat else piece(echo))
+        if ext is not None:
+            first["archroute"] = ext
+        yield event(first)
+        finish = "stop"
+        async for chunk in stream:
+            if chunk.text:
+                yield event(piece(chunk.text))
+            if chunk.finish_reason:
+                finish = chunk.finish_reason
+                n_prompt, n_completion = chunk.prompt_tokens, chunk.completion_tokens
+        yield event(piece("", finish))
+        if include_usage:
+            yield event(P.usage_chunk(rid, model, created, chat, n_prompt or 0, n_completion or 0))
+        stream.slot.record_success()
+    except asyncio.CancelledError:  # the client went away
+        status, error = 499, "client disconnected"
+        raise
+    except Exception as exc:  # noqa: BLE001 - becomes an error event, then [DONE]
+        stream.slot.record_failure()
+        log.warning("stream from %s failed: %s: %s", stream.slot.name, type(exc).__name__, exc)
+        error = str(exc) or type(exc).__name__
+        yield sse_error(exc)
+    finally:
+        await stream.aclose()
+        if on_end is not None:
+            on_end(status, error, n_prompt, n_completion)
+    yield "data: [DONE]\n\n"
