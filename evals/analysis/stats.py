@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import numpy as np
 
 
@@ -24,7 +26,10 @@ class BootMeans:
 
     def ci(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         a = (1 - level) / 2 * 100
-        return (np.nanpercentile(self.boot, a, axis=0), np.nanpercentile(self.boot, 100 - a, axis=0))
+        with warnings.catch_warnings():  # all-NaN columns: groups with no tokens
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return (np.nanpercentile(self.boot, a, axis=0),
+                    np.nanpercentile(self.boot, 100 - a, axis=0))
 
     def diff(self, a: str, b: str, level: float = 0.95) -> tuple[float, float, float]:
         """Mean of group a minus mean of group b, with its bootstrap CI (same replicates)."""

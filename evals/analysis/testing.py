@@ -53,7 +53,7 @@ class ControlledBackend(Backend):
         super().__init__(name)
         self.loss_fn = loss_fn
         self.architecture = architecture
-        self._tok = tokenizer or WordTokenizer()
+        self.tokenizer = tokenizer or WordTokenizer()  # lets the generic path cut token windows
         self.score_calls = 0
 
     def info(self) -> BackendInfo:
@@ -66,7 +66,7 @@ class ControlledBackend(Backend):
         self.score_calls += 1
         toks = [m.group() for m in _TOKEN.finditer(continuation)]
         lps = [-float(self.loss_fn(t, i)) for i, t in enumerate(toks)]
-        return ScoreResult(toks, lps, self._tok(continuation)["input_ids"])
+        return ScoreResult(toks, lps, self.tokenizer(continuation)["input_ids"])
 
 
 class ControlledIdsBackend(ControlledBackend):
@@ -77,7 +77,6 @@ class ControlledIdsBackend(ControlledBackend):
     def __init__(self, name: str, loss_fn: LossFn, architecture: str = "other",
                  tokenizer: WordTokenizer | None = None) -> None:
         super().__init__(name, loss_fn, architecture, tokenizer)
-        self.tokenizer = self._tok
         self.ids_calls = 0
 
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
