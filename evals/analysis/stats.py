@@ -4,9 +4,8 @@ standard errors, in plain numpy."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
