@@ -1,0 +1,172 @@
+"""Render an :class:`EvalResult` to Markdown, HTML and PNG plots (a separate step from the
+run, so a saved ``results.json`` can be re-rendered)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from evals.harness.results import METRICS, EvalResult
+
+TABLE_METRICS = ("quality", "cost", "share_transformer", "gap_recovered", "accuracy", "auc",
+                 "apgr", "aiq_norm", "cost_to_50_rel", "cost_to_80_rel")
+_UNITS = {"flops": "FLOPs", "memory_bytes": "bytes", "wall_ms": "ms", "usd": "$"}
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:.3g}"
+    return f"{v:.{digits}f}"
+
+
+def _ci(m: list | None) -> str:
+    if not m:
+        return "n/a"
+    v, lo, hi = (m + [None, None])[:3]
+    if lo is None or hi is None:
+        return _fmt(v)
+    return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def tables(result: EvalResult) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """The report's tables as (header, rows) of strings, keyed by title."""
+    out = {}
+    unit = _UNITS.get(result.cost_axis, result.cost_axis)
+    s = result.singles
+    head = ["backend", "quality (-nats/token)", f"cost ({unit})", "share to transformer"]
+    out["Single backends and the oracle"] = (head, [
+        [k, _fmt(v["quality"], 4), _fmt(v.get(result.cost_axis)), _fmt(v["share_transformer"], 2)]
+        for k, v in s.items()])
+    rows = []
+    for p in sorted(result.policies, key=lambda p: -(p.metrics["gap_recovered"][0] or -1e9)):
+        name = p.name + (f" ({p.note})" if p.note and p.name != "oracle" else "")
+        rows.append([name] + [_ci(p.metrics.get(k)) for k in TABLE_METRICS])
+    out["Policies (threshold %.2f; 95%% bootstrap intervals)" % (
+        result.policies[0].threshold if result.policies else 0.5)] = (["policy", *TABLE_METRICS], rows)
+    doms = sorted(result.by_domain)
+    out["Share routed to the transformer, by domain"] = (
+        ["policy", *doms],
+        [["oracle (measured)"] + [_fmt(result.by_domain[d]["oracle_share_transformer"], 2) for d in doms]]
+        + [[p.name] + [_fmt(p.by_domain.get(d), 2) for d in doms] for p in result.policies
+           if p.name != "oracle"])
+    for title, groups in (("Gap by domain", result.by_domain), ("Gap by kind", result.by_kind)):
+        out[title + " (loss_transformer - loss_hybrid, nats/token; > 0: hybrid better)"] = (
+            ["group", "n", "quality T", "quality H", "gap", "oracle share T"],
+            [[g, str(v["n"]), _fmt(v["quality_transformer"]), _fmt(v["quality_hybrid"]),
+              _fmt(v["gap"], 4), _fmt(v["oracle_share_transformer"], 2)] for g, v in groups.items()])
+    return out
+
+
+def render_markdown(result: EvalResult, plots: list[str] | None = None) -> str:
+    pv = result.provenance
+    lines = ["# ArchRoute eval report", "",
+             f"- created {pv.created_at}, git {pv.git_commit[:10]}{' (dirty)' if pv.git_dirty else ''}, "
+             f"{pv.duration_s:.0f} s",
+             f"- cost axis: {result.cost_axis}; suites: "
+             + ", ".join(f"{s.name} ({s.n_scored}/{s.n}, {s.content_hash})" for s in result.suites),
+             "- backends: " + ", ".join(f"{b.role} = {b.name} ({b.parameters} params; "
+                                        f"{b.cached} cached, {b.computed} computed)"
+                                        for b in result.backends)]
+    if result.skipped:
+        lines.append("- skipped policies: " + "; ".join(f"{k}: {v}" for k, v in result.skipped.items()))
+    lines.append("")
+    for title, (head, rows) in tables(result).items():
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |",
+                  "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
+    lines += ["## Metrics", ""] + [f"- `{k}` ({'higher' if hib else 'lower'} is better): {d}"
+                                   for k, (hib, d) in METRICS.items()] + [""]
+    for p in plots or []:
+        lines += [f"![{Path(p).stem}]({Path(p).name})", ""]
+    return "\n".join(lines)
+
+
+def render_html(result: EvalResult, plots: list[str] | None = None) -> str:
+    e = html.escape
+    pv = result.provenance
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>ArchRoute eval</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:3px 6px;font-size:13px}th{background:#eee}</style></head><body>",
+             "<h1>ArchRoute eval report</h1>",
+             f"<p>created {e(pv.created_at)}, git {e(pv.git_commit[:10])}, {pv.duration_s:.0f} s; "
+             f"cost axis {e(result.cost_axis)}</p>"]
+    for title, (head, rows) in tables(result).items():
+        parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</table>")
+    for p in plots or []:
+        parts.append(f"<h2>{e(Path(p).stem)}</h2><img src='{e(Path(p).name)}' style='max-width:100%'>")
+    parts.append("<h2>Provenance</h2><pre>" + e(str(pv.config)) + "\n" + e(str(pv.versions)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def plot(result: EvalResult, out_dir: str | Path) -> list[str]:
+    """quality_vs_cost.png (every policy's sweep, its Pareto points, the singles and the
+    oracle) and domain_decisions.png (share routed to the transformer per domain)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out_dir = Path(out_dir)
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for p in result.policies:
+        c, q = np.array(p.curve["cost"]), np.array(p.curve["quality"])
+        line, = ax.plot(c, q, "-", lw=1.2, alpha=0.8, label=p.name)
+        if p.pareto:
+            ax.plot(c[p.pareto], q[p.pareto], ".", color=line.get_color(), ms=4)
+        qv, cv = p.metrics["quality"][0], p.metrics["cost"][0]
+        if qv is not None and cv is not None:
+            ax.plot([cv], [qv], "o", color=line.get_color(), ms=6, mec="k")
+    for name, mk in (("transformer", "s"), ("hybrid", "^"), ("oracle", "*")):
+        s = result.singles[name]
+        ax.plot([s[result.cost_axis]], [s["quality"]], mk, color="k", ms=10, label=name)
+    ax.set_xlabel(f"mean cost per request ({_UNITS.get(result.cost_axis, result.cost_axis)})")
+    ax.set_ylabel("quality (minus reference loss, nats/token)")
+    ax.set_title("Quality vs cost: threshold sweeps (circles: threshold %.2f)" % (
+        result.policies[0].threshold if result.policies else 0.5))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(str(out_dir / "quality_vs_cost.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    doms = sorted(result.by_domain)
+    names = ["oracle"] + [p.name for p in result.policies if p.name != "oracle"]
+    vals = {"oracle": [result.by_domain[d]["oracle_share_transformer"] for d in doms]}
+    vals.update({p.name: [p.by_domain.get(d, 0.0) for d in doms] for p in result.policies})
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(doms)), 4.5))
+    w = 0.8 / max(1, len(names))
+    x = np.arange(len(doms))
+    for i, n in enumerate(names):
+        ax.bar(x + i * w - 0.4 + w / 2, vals[n], w, label=n)
+    ax.set_xticks(x, doms)
+    ax.set_ylabel("share routed to the transformer")
+    ax.set_ylim(0, 1)
+    ax.set_title("Decisions by domain (threshold %.2f)" % (
+        result.policies[0].threshold if result.policies else 0.5))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(str(out_dir / "domain_decisions.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(result: EvalResult, out_dir: str | Path, with_plots: bool = True) -> dict[str, str]:
+    """report.md, report.html and the PNGs in ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot(result, out_dir) if with_plots else []
+    md, ht = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(render_markdown(result, plots), encoding="utf-8")
+    ht.write_text(render_html(result, plots), encoding="utf-8")
+    return {"markdown": str(md), "html": str(ht), **{Path(p).stem: p for p in plots}}
