@@ -388,6 +388,9 @@ def cmd_export(a: argparse.Namespace) -> None:
     tok = load_hf_tokenizer(a.run / "tokenizer.json")
     for arch in ("transformer", "hybrid"):
         model = AutoModelForCausalLM.from_pretrained(a.run / arch / (a.snapshot or "final"))
+        cfg = json.loads((a.run / arch / "train_config.json").read_text())
+        model.config.max_position_embeddings = cfg["seq_len"]  # the trained context
+        model.generation_config.pad_token_id = tok.pad_token_id
         dest = out / arch
         model.save_pretrained(dest, safe_serialization=True)
         tok.save_pretrained(dest)

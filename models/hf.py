@@ -1,0 +1,291 @@
+"""In-process Hugging Face backend: any local transformers causal-LM directory.
+
+Olmo3ForCausalLM, OlmoHybridForCausalLM, Llama-style models and others load the same way,
+offline (``local_files_only``). CPU by default in float32 (CPUs without bf16 instructions
+run bf16 matmuls hundreds of times slower); on CUDA the checkpoint's dtype (bf16) is used.
+
+Prompts: a chat conversation goes through the tokenizer's chat template when it has one;
+otherwise through the documented plain fallback (:func:`plain_chat_prompt`)::
+
+    System: ...
+
+    User: ...
+
+    Assistant:
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.base import (
+    Backend,
+    BackendError,
+    BackendInfo,
+    ChatMessage,
+    GenerationParams,
+    GenerationResult,
+    Prompt,
+    ScoreResult,
+    StreamChunk,
+)
+from models.cost import LINEAR, CostModel
+
+log = logging.getLogger(__name__)
+
+HYBRID_MODEL_TYPES = {"olmo_hybrid", "qwen3_next", "jamba", "zamba", "zamba2", "falcon_h1",
+                      "bamba", "granitemoehybrid", "nemotron_h", "mamba", "mamba2", "rwkv"}
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as asked (e.g. longer than the context): a 400, not a
+    backend failure, so the router does not fall back on it."""
+
+
+def plain_chat_prompt(messages: Sequence[ChatMessage]) -> str:
+    """The fallback chat rendering for tokenizers without a chat template."""
+    parts = [f"{m.role.capitalize()}: {m.content}" for m in messages]
+    return "\n\n".join(parts) + "\n\nAssistant:"
+
+
+def detect_architecture(config: Any) -> str:
+    """'hybrid' when the config has recurrent/linear layers, 'transformer' otherwise."""
+    types = getattr(config, "layer_types", None) or []
+    if config.model_type in HYBRID_MODEL_TYPES or LINEAR in types or "mamba" in types:
+        return "hybrid"
+    return "transformer"
+
+
+class HFBackend(Backend):
+    """A local transformers model served in-process. Thread-safe: forward passes are
+    serialised by a lock (``max_concurrency`` bounds waiting callers in the router)."""
+
+    def __init__(self, name: str, path: str | Path, architecture: str | None = None,
+                 device: str | None = None, max_concurrency: int = 1,
+                 torch_threads: int | None = None) -> None:
+        super().__init__(name, max_concurrency)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = Path(path)
+        if not (self.path / "config.json").exists():
+            raise FileNotFoundError(f"{self.path}: not a model directory (no config.json)")
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float32 if self.device == "cpu" else "auto"
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.path, local_files_only=True, dtype=dtype).to(self.device).eval()
+        self.config = self.model.config
+        self.architecture = architecture or detect_architecture(self.config)
+        self._forward_lock = threading.Lock()
+        eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if gen_eos is not None:
+            self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        bos = self.tokenizer.bos_token_id
+        self.prefix_id: int = bos if bos is not None else next(iter(self.eos_ids), 0)
+        self.context_length: int = int(getattr(self.config, "max_position_embeddings", 2048))
+        # transformers >= 5.x renamed ``past_key_values`` to ``cache``; accept both
+        import inspect
+
+        self._cache_kw = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
+                          else "past_key_values")
+
+    # ---- facts -----------------------------------------------------------------------
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            name=self.name, architecture=self.architecture,  # type: ignore[arg-type]
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            layer_types=tuple(getattr(self.config, "layer_types", None) or ()),
+            context_length=self.context_length, location=str(self.path),
+        )
+
+    def cost_model(self) -> CostModel | None:
+        try:
+            return CostModel.from_config(self.config, dtype_bytes=4 if self.device == "cpu" else 2)
+        except (AttributeError, ValueError) as exc:
+            log.warning("%s: no cost model (%s)", self.name, exc)
+            return None
+
+    # ---- prompts ---------------------------------------------------------------------
+    def render(self, prompt: Prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in prompt],
+                tokenize=False, add_generation_prompt=True)
+        return plain_chat_prompt(prompt)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- generation ------------------------------------------------------------------
+    def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
+        text, n_out, reason = "", 0, "length"
+        n_prompt = 0
+        for chunk in self.stream(prompt, params):
+            text += chunk.text
+            if chunk.finish_reason is not None:
+                reason = chunk.finish_reason
+                n_prompt = chunk.prompt_tokens or 0
+                n_out = chunk.completion_tokens or 0
+        return GenerationResult(text, n_prompt, n_out, reason)  # type: ignore[arg-type]
+
+    def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
+        """Token-by-token decoding with the model's cache; text is emitted as soon as it
+        decodes to whole characters, and held back while it could begin a stop sequence."""
+        import torch
+
+        ids = [self.prefix_id, *self.encode(self.render(prompt))]
+        if len(ids) + params.max_tokens > self.context_length:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length of {self.name} ({self.context_length} tokens)")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
+        out_ids: list[int] = []
+        emitted = 0
+        reason = "length"
+        with self._forward_lock, torch.no_grad():
+            try:
+                input_ids = torch.tensor([ids], device=self.device)
+                past = None
+                for _ in range(params.max_tokens):
+                    res = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kw: past})
+                    past = getattr(res, "cache", None) or res.past_key_values
+                    nxt = sample_next(res.logits[0, -1].float().cpu(), params.temperature,
+                                      params.top_p, gen)
+                    if nxt in self.eos_ids:
+                        reason = "stop"
+                        break
+                    out_ids.append(nxt)
+                    text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                    if _find_stop(text, params.stop) is not None:
+                        reason = "stop"
+                        break
+                    safe = len(text) - _holdback(text, params.stop)
+                    if text.endswith("\ufffd"):
+                        safe = min(safe, len(text) - 1)
+                    if safe > emitted:
+                        yield StreamChunk(text[emitted:safe])
+                        emitted = safe
+                    input_ids = torch.tensor([[nxt]], device=self.device)
+            except InvalidRequestError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - surfaced as a backend failure
+                raise BackendError(f"{self.name}: generation failed: {exc}") from exc
+        final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        cut = _find_stop(final, params.stop)
+        if cut is not None:
+            final = final[:cut]
+        if len(final) > emitted:
+            yield StreamChunk(final[emitted:])
+        yield StreamChunk("", reason, len(ids) - 1, len(out_ids))  # type: ignore[arg-type]
+
+    # ---- scoring ---------------------------------------------------------------------
+    def score(self, prompt: str, continuation: str) -> ScoreResult:
+        return self.score_batch([(prompt, continuation)])[0]
+
+    def score_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int = 8) -> list[ScoreResult]:
+        """Teacher-forced log-probabilities of each continuation given its prompt.
+
+        Prompt and continuation are tokenized separately and joined (so the continuation's
+        tokens do not depend on the prompt's last characters), after one start token. When
+        the whole exceeds the context, the prompt is cut from the left.
+        """
+        seqs: list[list[int]] = []
+        starts: list[int] = []
+        for prompt, cont in pairs:
+            p, c = self.encode(prompt), self.encode(cont)
+            if not c:
+                raise InvalidRequestError("continuation is empty")
+            room = self.context_length - 1 - len(c)
+            if room < 0:
+                raise InvalidRequestError(
+                    f"continuation ({len(c)} tokens) exceeds the context ({self.context_length})")
+            p = p[-room:] if room else []
+            seqs.append([self.prefix_id, *p, *c])
+            starts.append(1 + len(p))
+        logps = self.score_ids(seqs, batch_size=batch_size)
+        results = []
+        for seq, start, lp in zip(seqs, starts, logps, strict=True):
+            cont_ids = seq[start:]
+            results.append(ScoreResult(
+                tokens=self.tokenizer.convert_ids_to_tokens(cont_ids),
+                logprobs=[float(x) for x in lp[start - 1:]],
+                token_ids=cont_ids,
+            ))
+        return results
+
+    def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
+        """log p(seq[i] | seq[:i]) for i = 1..n-1 of each sequence (nats), float32 arrays.
+
+        Sequences are sorted by length and right-padded in batches (causal models: padding
+        on the right never changes earlier positions).
+        """
+        import torch
+
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prefix_id
+        with self._forward_lock, torch.no_grad():
+            for b in range(0, len(order), batch_size):
+                idx = order[b:b + batch_size]
+                width = max(len(seqs[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[r, :len(seqs[i])] = 1
+                try:
+                    logits = self.model(input_ids=ids.to(self.device),
+                                        attention_mask=mask.to(self.device)).logits.float()
+                except Exception as exc:  # noqa: BLE001
+                    raise BackendError(f"{self.name}: scoring failed: {exc}") from exc
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                tgt = ids[:, 1:].to(self.device).unsqueeze(-1)
+                tok_lp = logp.gather(-1, tgt).squeeze(-1).cpu().numpy()
+                for r, i in enumerate(idx):
+                    out[i] = tok_lp[r, :len(seqs[i]) - 1].astype(np.float32)
+        return [x for x in out if x is not None]
+
+
+def sample_next(logits, temperature: float, top_p: float, gen) -> int:
+    """Greedy when temperature == 0; else temperature + nucleus (top_p) sampling."""
+    import torch
+
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < top_p
+        sp = sp * keep
+        probs = torch.zeros_like(probs).scatter_(0, si, sp)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of ``text`` that could be the start of a stop sequence."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best
