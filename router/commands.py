@@ -103,6 +103,8 @@ def add_serve_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--fake-reply", default="Hello from the fake backend.",
                    help="reply of the 'fake' backend")
+    p.add_argument("--fake-delay-s", type=float, default=0.0,
+                   help="seconds the 'fake' backend waits before answering")
     p.set_defaults(func=run_serve_model)
 
 
@@ -116,7 +118,7 @@ def run_serve_model(args: argparse.Namespace) -> int:
         from models.fake import FakeBackend
 
         backend = FakeBackend(args.name or "fake", args.architecture or "other",
-                              default_reply=args.fake_reply)
+                              default_reply=args.fake_reply, delay_s=args.fake_delay_s)
     else:
         kwargs: dict[str, Any] = {"device": args.device, "torch_threads": args.torch_threads}
         if args.max_concurrency:

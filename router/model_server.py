@@ -50,19 +50,27 @@ def token_offsets(backend: Backend, text: str, res: ScoreResult) -> tuple[list[s
 
 async def completion_logprobs(backend: Backend, prompt: str, generated: str,
                               echo: bool) -> dict | None:
-    """OpenAI's legacy ``logprobs`` object for ``[prompt +] generated``."""
-    text = prompt + generated if echo else generated
-    if not text:
-        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    res = await backend.ascore("", text) if echo else await backend.ascore(prompt, generated)
-    toks, offsets = token_offsets(backend, text, res)
-    lps: list[float | None] = list(res.logprobs)
-    if echo and lps:
-        lps[0] = None  # nothing precedes the first token (vLLM's convention)
-    base = 0 if echo else len(prompt)
+    """OpenAI's legacy ``logprobs`` object for ``[prompt +] generated``.
+
+    The prompt is scored on its own (as the engine saw it) and the generated text given the
+    prompt, so no token spans the boundary.
+    """
+    toks: list[str] = []
+    lps: list[float | None] = []
+    offsets: list[int] = []
+    if echo and prompt:
+        res = await backend.ascore("", prompt)
+        t, o = token_offsets(backend, prompt, res)
+        toks, offsets, lps = t, o, [None, *res.logprobs[1:]]  # nothing precedes token 0
+    if generated:
+        res = await backend.ascore(prompt, generated)
+        t, o = token_offsets(backend, generated, res)
+        toks += t
+        offsets += [len(prompt) + x for x in o]
+        lps += list(res.logprobs)
     return {"tokens": toks, "token_logprobs": lps,
             "top_logprobs": [None if lp is None else {t: lp} for t, lp in zip(toks, lps, strict=True)],
-            "text_offset": [base + o for o in offsets]}
+            "text_offset": offsets}
 
 
 def create_model_app(backend: Backend, name: str | None = None, api_keys: list[str] | None = None,

@@ -261,8 +261,9 @@ class ClassifierPolicy(Policy):
 
     ``cost_weight`` (>= 0) lowers the score of long prompts, where the transformer's KV cache
     costs most: ``score = p - cost_weight * L / (L + 8000)`` with ``L`` the prompt length in
-    characters. When the artifact (or its module) is missing the policy falls back to
-    ``rules`` and says so once with a warning; ``fallback_`` is True then.
+    characters. When the default artifact (or its module) is missing or unusable the policy
+    falls back to ``rules`` with a logged warning; ``fallback_`` is True then. An explicit
+    ``artifact`` path that fails to load raises.
     """
 
     description = "trained classifier P(transformer better), optional cost weight"
@@ -279,12 +280,13 @@ class ClassifierPolicy(Policy):
 
     @staticmethod
     def _load(artifact: str | None) -> object | None:
+        if artifact:  # asked for by path: a failure to load is an error
+            return importlib.import_module("classifiers.artifact").load(artifact)
         try:
-            mod = importlib.import_module("classifiers.artifact")
-            return mod.load(artifact) if artifact else mod.load_default()
-        except (ImportError, FileNotFoundError, OSError) as exc:
-            log.warning("classifier artifact unavailable (%s); falling back to the rules policy",
-                        exc)
+            return importlib.import_module("classifiers.artifact").load_default()
+        except Exception as exc:  # noqa: BLE001 - absent or unusable: the router still starts
+            log.warning("classifier artifact unavailable (%s: %s); falling back to the rules "
+                        "policy", type(exc).__name__, exc)
             return None
 
     def params(self) -> dict[str, object]:

@@ -19,7 +19,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from models.base import Backend, GenerationParams, GenerationResult, Prompt, StreamChunk
+from models.base import (
+    Backend,
+    BackendError,
+    GenerationParams,
+    GenerationResult,
+    Prompt,
+    StreamChunk,
+)
 from router.errors import OverloadedError, UnavailableError
 
 
@@ -31,6 +38,16 @@ class SlotLimits:
     queue_timeout_s: float = 30.0
     failure_threshold: int = 3
     cooldown_s: float = 30.0
+
+
+def as_backend_error(name: str, exc: BaseException) -> BaseException:
+    """Errors a backend raises, with surprises (a bug, a CUDA error) turned into a
+    :class:`BackendError` so they count as backend failures (502), not router bugs (500)."""
+    if isinstance(exc, (BackendError, ValueError, TimeoutError, asyncio.CancelledError)):
+        return exc
+    err = BackendError(f"{name}: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 def _native_async(backend: Backend) -> bool:
@@ -112,7 +129,10 @@ class BackendSlot:
                     task.cancel()
                 raise TimeoutError(f"{self.name} gave no answer within "
                                    f"{self.limits.timeout_s:g} s")
-            result = task.result()
+            try:
+                result = task.result()
+            except Exception as exc:  # noqa: BLE001
+                raise as_backend_error(self.name, exc) from exc
         except asyncio.CancelledError:
             if _native_async(self.backend):
                 task.cancel()
@@ -169,7 +189,7 @@ class BackendStream:
             async for chunk in self.slot.backend.astream(prompt, params):
                 self._queue.put_nowait(chunk)
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            self._queue.put_nowait(exc)
+            self._queue.put_nowait(as_backend_error(self.slot.name, exc))
         finally:
             self._queue.put_nowait(_DONE)
 

@@ -1,0 +1,226 @@
+"""The router app in-process on fake backends: protocol, errors, routing, fallback, limits."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.router.conftest import Fakes
+
+COPY = [{"role": "user", "content": "Repeat this exactly: the cat sat on the mat."}]
+PROSE = [{"role": "user", "content": "Write a short poem about the sea at dusk."}]
+
+
+def chat(client: TestClient, messages=PROSE, model: str = "archroute-rules", **kw):
+    return client.post("/v1/chat/completions", json={"model": model, "messages": messages, **kw},
+                       headers=kw.pop("headers", None))
+
+
+def assert_envelope(r, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert err["code"] == code
+    return err
+
+
+def test_routes_by_policy_and_says_so(fakes) -> None:
+    f, client = fakes
+    r = chat(client, COPY)
+    assert r.status_code == 200
+    assert r.headers["x-archroute-backend"] == "t-fake"
+    assert r.headers["x-archroute-policy"] == "rules"
+    assert float(r.headers["x-archroute-score"]) >= 0.5
+    assert float(r.headers["x-archroute-overhead-ms"]) >= 0
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "from transformer"
+    assert body["archroute"]["decision"] == "transformer"
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 2
+    r = chat(client, PROSE)
+    assert r.headers["x-archroute-backend"] == "h-fake"
+    assert r.json()["choices"][0]["message"]["content"] == "from hybrid"
+
+
+def test_backend_by_name_bypasses_routing(fakes) -> None:
+    _, client = fakes
+    r = chat(client, COPY, model="h-fake")
+    assert r.headers["x-archroute-backend"] == "h-fake"
+    assert r.headers["x-archroute-policy"] == "direct"
+    assert "x-archroute-score" not in r.headers
+
+
+def test_request_threshold_extension(fakes) -> None:
+    _, client = fakes
+    r = chat(client, PROSE, archroute={"threshold": 0.0})
+    assert r.headers["x-archroute-backend"] == "t-fake"
+
+
+def test_completions_n_stop_echo_and_max_tokens(fakes) -> None:
+    f, client = fakes
+    f.hybrid.enqueue("one two three four", "one two three four")
+    r = client.post("/v1/completions", json={"model": "archroute-rules", "prompt": "Say:",
+                                             "n": 2, "stop": [" three"], "echo": True})
+    choices = r.json()["choices"]
+    assert [c["text"] for c in choices] == ["Say:one two", "Say:one two"]
+    r = client.post("/v1/completions", json={"model": "archroute-rules", "prompt": "x",
+                                             "max_tokens": 1})
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_models_and_health(fakes) -> None:
+    _, client = fakes
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert {"archroute-auto", "archroute-rules", "t-fake", "h-fake"} <= set(ids)
+    assert client.get("/v1/models/t-fake").json()["architecture"] == "transformer"
+    assert_envelope(client.get("/v1/models/nope"), 404, "model_not_found")
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["ready"] is True
+
+
+@pytest.mark.parametrize("body,param", [
+    (b"{not json", None),
+    (json.dumps({"model": 3, "messages": PROSE}).encode(), "model"),
+    (json.dumps({"model": "archroute", "messages": "hi"}).encode(), "messages"),
+    (json.dumps({"model": "archroute", "messages": PROSE, "temperature": 9}).encode(),
+     "temperature"),
+    (json.dumps({"model": "archroute", "messages": []}).encode(), "messages"),
+])
+def test_invalid_requests_are_400(fakes, body: bytes, param: str | None) -> None:
+    _, client = fakes
+    r = client.post("/v1/chat/completions", content=body,
+                    headers={"content-type": "application/json"})
+    err = assert_envelope(r, 400)
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+
+
+def test_unknown_model_404_and_unknown_fields_ignored(fakes) -> None:
+    _, client = fakes
+    assert_envelope(chat(client, model="gpt-4o"), 404, "model_not_found")
+    assert chat(client, some_future_field={"x": 1}).status_code == 200
+
+
+def test_oversize_body_413(tmp_path: Path) -> None:
+    f = Fakes(tmp_path, max_body_bytes=2048)
+    with TestClient(f.app) as client:
+        big = [{"role": "user", "content": "x" * 5000}]
+        assert_envelope(chat(client, big), 413, "request_too_large")
+
+        def chunks():  # no content-length: counted while reading
+            yield json.dumps({"model": "archroute", "messages": big}).encode()
+
+        r = client.post("/v1/chat/completions", content=chunks(),
+                        headers={"content-type": "application/json"})
+        assert_envelope(r, 413, "request_too_large")
+
+
+def test_api_keys_401(tmp_path: Path) -> None:
+    f = Fakes(tmp_path, api_keys=["sekret"])
+    with TestClient(f.app) as client:
+        assert_envelope(chat(client), 401, "invalid_api_key")
+        assert_envelope(chat(client, headers={"Authorization": "Bearer nope"}), 401)
+        assert chat(client, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert client.get("/health").status_code == 200  # probes need no key
+
+
+def test_fallback_before_first_byte(fakes) -> None:
+    f, client = fakes
+    f.transformer.fail(1)
+    r = chat(client, COPY)
+    assert r.status_code == 200
+    assert r.headers["x-archroute-backend"] == "h-fake"
+    assert r.headers["x-archroute-fallback"].startswith("t-fake")
+    assert r.json()["archroute"]["fallback_from"] == "t-fake"
+    f.transformer.fail(1)
+    r = chat(client, COPY, stream=True)
+    assert r.status_code == 200 and r.headers["x-archroute-backend"] == "h-fake"
+    assert "from hybrid" in "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        for line in r.text.splitlines() if line.startswith("data: {") and '"choices": [{' in line)
+    metrics = client.get("/metrics").text
+    assert 'archroute_fallbacks_total{from_backend="t-fake",to_backend="h-fake"} 2.0' in metrics
+
+
+def test_both_fail_502_and_direct_has_no_fallback(fakes) -> None:
+    f, client = fakes
+    f.transformer.fail(1)
+    f.hybrid.fail(1)
+    assert_envelope(chat(client, COPY), 502, "backend_failed")
+    f.hybrid.fail(1)
+    assert_envelope(chat(client, model="h-fake"), 502)
+
+
+def test_breaker_cools_down_and_probes(tmp_path: Path) -> None:
+    f = Fakes(tmp_path, failure_threshold=2, cooldown_s=0.3)
+    with TestClient(f.app) as client:
+        f.transformer.fail(2)
+        chat(client, COPY)
+        chat(client, COPY)
+        n_calls = len(f.transformer.calls)
+        r = chat(client, COPY)  # breaker open: goes straight to the hybrid
+        assert r.headers["x-archroute-backend"] == "h-fake"
+        assert "backend_unavailable" in r.headers["x-archroute-fallback"]
+        assert len(f.transformer.calls) == n_calls
+        ready = client.get("/ready").json()
+        assert ready["ready"] and ready["backends"]["t-fake"]["state"] == "open"
+        time.sleep(0.35)
+        r = chat(client, COPY)  # probe succeeds: closed again
+        assert r.headers["x-archroute-backend"] == "t-fake"
+        assert client.get("/ready").json()["backends"]["t-fake"]["state"] == "closed"
+
+
+def test_timeout_504_and_overload_429(tmp_path: Path) -> None:
+    f = Fakes(tmp_path, fallback=False, backends={
+        "transformer": {"name": "t-fake", "kind": "fake", "timeout_s": 0.2},
+        "hybrid": {"name": "h-fake", "kind": "fake", "max_concurrency": 1, "max_queue": 0}})
+    with TestClient(f.app) as client:
+        f.transformer.delay_s = 0.5
+        assert_envelope(chat(client, COPY), 504, "backend_timeout")
+        slot = f.app.state.service.slots["hybrid"]
+        slot.in_flight = 1  # pretend the only slot is taken
+        assert_envelope(chat(client, PROSE), 429, "backend_overloaded")
+        slot.in_flight = 0
+
+
+def test_stream_events_and_mid_stream_error(fakes) -> None:
+    f, client = fakes
+    r = chat(client, PROSE, stream=True, stream_options={"include_usage": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    objs = [json.loads(e) for e in events[:-1]]
+    assert objs[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert objs[0]["archroute"]["backend"] == "h-fake"
+    assert objs[-1]["usage"]["completion_tokens"] == 2  # "from", " hybrid"
+    assert objs[-2]["choices"][0]["finish_reason"] == "stop"
+
+    def broken(prompt, params):
+        yield from f.hybrid.__class__.stream(f.hybrid, prompt, params)
+        raise RuntimeError("died mid-stream")
+
+    f.hybrid.stream = broken  # type: ignore[method-assign]
+    r = chat(client, PROSE, stream=True)
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "died mid-stream" in json.loads(events[-2])["error"]["message"]
+
+
+def test_decision_log_rows(tmp_path: Path) -> None:
+    f = Fakes(tmp_path)
+    with TestClient(f.app) as client:
+        chat(client, COPY)
+        chat(client, model="nope")
+    rows = sqlite3.connect(tmp_path / "decisions.sqlite").execute(
+        "SELECT model, policy, decision, backend, status, features, prompt FROM decisions"
+        " ORDER BY id").fetchall()
+    assert rows[0][:5] == ("archroute-rules", "rules", "transformer", "t-fake", 200)
+    assert json.loads(rows[0][5])["copy_cue"] == 1.0
+    assert rows[0][6] is None  # no prompt text unless enabled
+    assert rows[1][4] == 404
+    mode = sqlite3.connect(tmp_path / "decisions.sqlite").execute("PRAGMA journal_mode").fetchone()
+    assert mode == ("wal",)
