@@ -19,13 +19,15 @@
   ========== ================ ==========================================================
 
 Prompts are plain text (the reference models are not chat-tuned); prompt + reference stay
-under about 2,000 characters (~700 tokens of the reference tokenizer; the context is 1024).
+under about 2,000 characters and, when the reference tokenizer is present, under
+``MAX_TOKENS`` of it (the reference models were trained on 1024-token windows).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ KIND_GROUP = {"continue": "semantic", "explain": "semantic", "repeat": "copy",
 PROMPT_CHARS = 1400  # passage length for continue / extract / close
 REF_CHARS = 420  # reference cap
 REPEAT_CHARS = 520  # passage length for repeat (the reference is the passage itself)
+MAX_TOKENS = 900  # prompt + reference, in the reference tokenizer (when it is available)
 SEED = 20260601  # the corpus suite's sampling seed (part of its content, hence its hash)
 
 _EXPLAIN = ("\n\nExplain the text above.\n\n", "\n\nSummarize the text above.\n\n")
@@ -49,12 +52,23 @@ _TAG = re.compile(r"<(/?)([a-zA-Z][\w-]*)[^<>]*?(/?)>")
 _TEX_ENV = re.compile(r"\\(begin|end)\{([^{}]*)\}")
 
 
+def reference_token_counter() -> Callable[[str], int] | None:
+    """Token counts in the embedded pair's tokenizer (None when it is not there)."""
+    path = Path(__file__).resolve().parents[2] / "models" / "reference" / "transformer" / "tokenizer.json"
+    if not path.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+
+
 def load_builtin(name: str, corpus: str | Path = "data/corpus/val.jsonl", per_domain: int = 48,
                  humaneval_n: int | None = None) -> Suite:
     if name == "humaneval":
         return humaneval_suite(humaneval_n)
     if name == "corpus":
-        return corpus_suite(corpus, per_domain)
+        return corpus_suite(corpus, per_domain, reference_token_counter())
     raise SuiteError(f"unknown built-in suite {name!r} (built-ins: {', '.join(BUILTINS)})")
 
 
@@ -190,9 +204,11 @@ def _make(kind: str, doc: dict, rng: np.random.Generator, pairs_cache: dict) -> 
     raise ValueError(kind)
 
 
-def corpus_suite(path: str | Path = "data/corpus/val.jsonl", per_domain: int = 48) -> Suite:
+def corpus_suite(path: str | Path = "data/corpus/val.jsonl", per_domain: int = 48,
+                 count_tokens: Callable[[str], int] | None = None) -> Suite:
     """``per_domain`` requests per domain of the held-out corpus, spread evenly over KINDS,
-    windows drawn from documents in proportion to their length."""
+    windows drawn from documents in proportion to their length. With ``count_tokens``,
+    draws whose prompt + reference exceed ``MAX_TOKENS`` are redrawn."""
     path = Path(path)
     if not path.exists():
         raise SuiteError(f"{path}: the held-out corpus is missing (build it with "
@@ -218,6 +234,8 @@ def corpus_suite(path: str | Path = "data/corpus/val.jsonl", per_domain: int = 4
                 doc = docs[int(rng.choice(len(docs), p=weights))]
                 made = _make(kind, doc, rng, pairs_cache)
                 if made is None or not _ok(made[1]) or (made in seen):
+                    continue
+                if count_tokens and count_tokens(made[0]) + count_tokens(made[1]) > MAX_TOKENS:
                     continue
                 seen.add(made)
                 reqs.append(EvalRequest(id=f"{domain}-{kind}-{got:03d}", prompt=made[0],

@@ -29,8 +29,8 @@ class EvalConfig:
     limit: int | None = None  # first N requests of each suite
     # built-in suites
     corpus: str = "data/corpus/val.jsonl"  # the held-out reference corpus
-    corpus_per_domain: int = 48  # requests per domain (spread over the kinds)
-    humaneval_n: int = 80  # HumanEval problems (of 164)
+    corpus_per_domain: int = 80  # requests per domain (spread over the kinds)
+    humaneval_n: int | None = None  # first N HumanEval problems (None = all 164)
     # scoring
     batch_size: int = 1  # score_batch size (1 = wall time measured per request)
     torch_threads: int | None = None  # None = leave torch's setting

@@ -84,12 +84,9 @@ def pareto_front(cost: np.ndarray, quality: np.ndarray) -> np.ndarray:
     """Indices of the non-dominated points (no other point is cheaper-or-equal and better),
     sorted by cost."""
     order = np.lexsort((-quality, cost))
-    keep, best = [], -np.inf
-    for i in order:
-        if quality[i] > best:
-            keep.append(i)
-            best = quality[i]
-    return np.array(keep, dtype=int)
+    qs = quality[order]
+    prev_best = np.r_[-np.inf, np.maximum.accumulate(qs)[:-1]]
+    return order[qs > prev_best].astype(int)
 
 
 def upper_hull(cost: np.ndarray, quality: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +114,9 @@ def aiq(curve: Curve, singles: tuple[tuple[float, float], tuple[float, float]]) 
     """Mean of the non-decreasing hull over [c_lo, c_hi], the single backends' mean costs.
     ``singles`` = ((Q_T, C_T), (Q_H, C_H))."""
     (qt, ct), (qh, ch) = singles
-    hx, hy = upper_hull(np.r_[curve.cost, ct, ch], np.r_[curve.quality, qt, qh])
+    cost, quality = np.r_[curve.cost, ct, ch], np.r_[curve.quality, qt, qh]
+    front = pareto_front(cost, quality)  # dominated points never raise the hull
+    hx, hy = upper_hull(cost[front], quality[front])
     lo, hi = min(ct, ch), max(ct, ch)
     if hi - lo <= 0:
         return float(np.interp(lo, hx, hy))

@@ -33,11 +33,14 @@ def _ci(m: list | None) -> str:
 def tables(result: EvalResult) -> dict[str, tuple[list[str], list[list[str]]]]:
     """The report's tables as (header, rows) of strings, keyed by title."""
     out = {}
-    unit = _UNITS.get(result.cost_axis, result.cost_axis)
     s = result.singles
-    head = ["backend", "quality (-nats/token)", f"cost ({unit})", "share to transformer"]
-    out["Single backends and the oracle"] = (head, [
-        [k, _fmt(v["quality"], 4), _fmt(v.get(result.cost_axis)), _fmt(v["share_transformer"], 2)]
+    axes = [a for a in _UNITS if a in s["transformer"]]
+    extra = [k for k in s["transformer"] if k not in axes and k not in ("quality", "share_transformer")]
+    head = ["backend", "quality (-nats/token)", "share to transformer",
+            *[f"{a} ({_UNITS[a]})" + (" *" if a == result.cost_axis else "") for a in axes], *extra]
+    out["Single backends and the oracle (* the cost axis; means per request)"] = (head, [
+        [k, _fmt(v["quality"], 4), _fmt(v["share_transformer"], 2),
+         *[_fmt(v.get(a)) for a in axes], *[_fmt(v.get(e)) for e in extra]]
         for k, v in s.items()])
     rows = []
     for p in sorted(result.policies, key=lambda p: -(p.metrics["gap_recovered"][0] or -1e9)):
