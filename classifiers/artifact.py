@@ -1,0 +1,141 @@
+"""The saved request classifier: one directory, no pickles.
+
+    classifier.txt   LightGBM booster (text) of the class model: raw score -> Platt -> P
+    regressor.txt    LightGBM booster (text) of the gap model (nats/token), optional
+    meta.json        feature names, calibration, margin, versions, training-data hash,
+                     held-out metrics, and a self-check (prompts with the predictions made
+                     at training time)
+
+The default artifact ships in ``classifiers/default/`` and is rebuilt by ``archroute train``.
+The router's classifier policy calls :func:`load_default` once and then
+:meth:`RequestClassifier.predict_proba` per request.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from classifiers.features import FEATURE_NAMES, extract, extract_batch
+from classifiers.request import RoutingRequest
+
+FORMAT_VERSION = 1
+DEFAULT_DIR = Path(__file__).resolve().parent / "default"
+SELF_CHECK_PROMPTS = (
+    "",
+    "Once upon a time there was a quiet village by the sea, and everyone in it knew why.",
+    "Quote the passage above verbatim:\n",
+    "def parse(items):\n    out = {}\n    for k, v in items:\n        out[k] = (v, [k,\n",
+    "<div class=\"note\"><p>Read the <a href=\"x.html\">guide</a> first.\n",
+    "\\begin{itemize}\n\\item one\n\\item two\n",
+)
+
+
+class ArtifactError(RuntimeError):
+    """The artifact is missing, incomplete, or built for different features."""
+
+
+@dataclass
+class RequestClassifier:
+    """P(transformer serves better) and the expected gap from request text alone."""
+
+    classifier: object  # lightgbm.Booster
+    calibration: tuple[float, float]
+    regressor: object | None = None  # lightgbm.Booster
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(self.meta.get("feature_names", FEATURE_NAMES))
+
+    @property
+    def margin(self) -> float:
+        return float(self.meta.get("margin", 0.05))
+
+    def proba_from_features(self, X: np.ndarray) -> np.ndarray:
+        """P(transformer better), shape (n,), from a feature matrix (n, n_features)."""
+        a, b = self.calibration
+        raw = self.classifier.predict(X, raw_score=True, num_threads=1)
+        return 1.0 / (1.0 + np.exp(-np.clip(a * raw + b, -50, 50)))
+
+    def gap_from_features(self, X: np.ndarray) -> np.ndarray:
+        """Expected gap (nats/token, positive = hybrid better), shape (n,)."""
+        if self.regressor is None:
+            raise ArtifactError("this artifact has no gap regressor")
+        return self.regressor.predict(X, num_threads=1)
+
+    def predict_proba(self, requests: list[RoutingRequest]) -> np.ndarray:
+        """P(the transformer serves the request better), shape (len(requests),)."""
+        X = (extract(requests[0])[None, :] if len(requests) == 1
+             else extract_batch(list(requests)))
+        return self.proba_from_features(X) if len(X) else np.zeros(0)
+
+    def predict_gap(self, requests: list[RoutingRequest]) -> np.ndarray:
+        """Expected gap loss_transformer - loss_hybrid (nats/token), shape (len(requests),)."""
+        X = extract_batch(list(requests))
+        return self.gap_from_features(X) if len(X) else np.zeros(0)
+
+
+def versions() -> dict[str, str]:
+    import lightgbm
+    import sklearn
+
+    return {"python": platform.python_version(), "numpy": np.__version__,
+            "lightgbm": lightgbm.__version__, "scikit-learn": sklearn.__version__}
+
+
+def save(path: str | Path, router, regressor=None, meta: dict | None = None) -> Path:
+    """Write a fitted :class:`~classifiers.estimators.LightGBMRouter` (and optionally a
+    :class:`~classifiers.estimators.LightGBMGapRegressor`) with ``meta`` to ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "classifier.txt").write_text(router.booster_.model_to_string())
+    if regressor is not None:
+        (path / "regressor.txt").write_text(regressor.booster_.model_to_string())
+    elif (path / "regressor.txt").exists():
+        (path / "regressor.txt").unlink()
+    clf = RequestClassifier(router.booster_, tuple(router.calibration_),
+                            regressor.booster_ if regressor is not None else None)
+    reqs = [RoutingRequest.from_prompt(p) for p in SELF_CHECK_PROMPTS]
+    X = extract_batch(reqs)
+    check = [{"prompt": p, "p_transformer": float(pt)}
+             for p, pt in zip(SELF_CHECK_PROMPTS, clf.proba_from_features(X), strict=True)]
+    if regressor is not None:
+        for row, g in zip(check, clf.gap_from_features(X), strict=True):
+            row["gap"] = float(g)
+    full = {"format_version": FORMAT_VERSION, "feature_names": list(FEATURE_NAMES),
+            "calibration": list(router.calibration_), "versions": versions(),
+            **(meta or {}), "self_check": check}
+    (path / "meta.json").write_text(json.dumps(full, indent=2) + "\n")
+    return path
+
+
+def load(path: str | Path) -> RequestClassifier:
+    """Load an artifact directory; raises :class:`ArtifactError` when it does not fit this
+    build's features."""
+    import lightgbm as lgb
+
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.exists() or not (path / "classifier.txt").exists():
+        raise ArtifactError(f"no classifier artifact at {path} (run `archroute train`)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    if tuple(meta.get("feature_names", ())) != FEATURE_NAMES:
+        raise ArtifactError(f"{path} was trained on different features than this build "
+                            "computes; rebuild it with `archroute train`")
+    clf = lgb.Booster(model_str=(path / "classifier.txt").read_text())
+    reg_file = path / "regressor.txt"
+    reg = lgb.Booster(model_str=reg_file.read_text()) if reg_file.exists() else None
+    a, b = meta["calibration"]
+    return RequestClassifier(clf, (float(a), float(b)), reg, meta)
+
+
+def load_default() -> RequestClassifier:
+    """The shipped classifier (``classifiers/default/``)."""
+    return load(DEFAULT_DIR)

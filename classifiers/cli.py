@@ -1,0 +1,204 @@
+"""``archroute label`` and ``archroute train``.
+
+    archroute label --n 2000 --out data/labels/reference.jsonl   # score answers on the pair
+    archroute train --labels data/labels/reference.jsonl          # fit, evaluate, ship
+
+``label`` builds the request mix from the corpus (:mod:`classifiers.requests`) and measures
+each request's gap on a backend pair (:mod:`classifiers.labels`, cached and resumable).
+``train`` fits every model on the training documents, evaluates on the held-out documents
+(AUC, accuracy, Brier, regret vs the oracle), prints the results table, writes it as JSON
+and Markdown, and saves the LightGBM router as the artifact (default: the shipped one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LABELS = "data/labels/reference.jsonl"
+MODELS = ("lightgbm", "logistic", "rules", "embedding")
+
+
+def add_label(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("label", help="measure request labels on a backend pair")
+    p.add_argument("--corpus", default="data/corpus", help="corpus dir (train.jsonl) or file")
+    p.add_argument("--n", type=int, default=2000, help="requests in the mix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=DEFAULT_LABELS, help="label cache (JSONL, appended)")
+    p.add_argument("--transformer", default="reference:transformer",
+                   help="backend spec: reference:NAME | model dir | http(s)://host/v1#model")
+    p.add_argument("--hybrid", default="reference:hybrid", help="backend spec, as --transformer")
+    p.add_argument("--margin", type=float, default=None, help="tie margin, nats/token (0.05)")
+    p.add_argument("--chunk-size", type=int, default=32, help="requests per scoring call")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_label)
+
+
+def run_label(args: argparse.Namespace) -> int:
+    from classifiers.labels import MARGIN, label_requests, summarize
+    from classifiers.requests import build_mix, load_documents
+    from models.reference import resolve_backend_spec
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    margin = MARGIN if args.margin is None else args.margin
+    mix = build_mix(load_documents(args.corpus), args.n, seed=args.seed)
+    transformer = resolve_backend_spec(args.transformer)
+    hybrid = resolve_backend_spec(args.hybrid)
+    t0 = time.perf_counter()
+    rows = label_requests(mix, transformer, hybrid, cache=args.out, margin=margin,
+                          chunk_size=args.chunk_size, progress=not args.no_progress)
+    s = summarize(rows, margin)
+    print(f"{s['n']} requests labelled in {time.perf_counter() - t0:.0f} s -> {args.out}")
+    print(f"gap mean {s['gap_mean']:+.4f} std {s['gap_std']:.4f} nats/token; "
+          f"hybrid wins {s['hybrid_wins']:.1%}, transformer wins {s['transformer_wins']:.1%} "
+          f"beyond ±{margin}")
+    return 0
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from classifiers.artifact import DEFAULT_DIR
+
+    p = sub.add_parser("train", help="train the request classifier")
+    p.add_argument("--labels", default=DEFAULT_LABELS, help="label file from `archroute label`")
+    p.add_argument("--out", default=str(DEFAULT_DIR), help="artifact directory to write")
+    p.add_argument("--results", default="data/labels/results.json",
+                   help="results JSON (a Markdown table is written beside it)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+    p.add_argument("--margin", type=float, default=None, help="tie margin, nats/token (0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_train)
+
+
+def _data_hash(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in sorted(rows, key=lambda r: r["key"]):
+        h.update(f"{r['key']}\t{r['gap']!r}\n".encode())
+    return h.hexdigest()
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        return "unknown"
+
+
+def results_table(results: dict) -> str:
+    """Markdown table of the held-out results (one row per model and reference policy)."""
+    lines = ["| model | AUC | accuracy | Brier | regret (nats/token) | routed to transformer |",
+             "| --- | --- | --- | --- | --- | --- |"]
+
+    def f(v, fmt):
+        return "–" if v is None or v != v else format(v, fmt)
+
+    for name, m in results["models"].items():
+        lines.append(f"| {name} | {f(m.get('auc'), '.3f')} | {f(m.get('accuracy'), '.3f')} | "
+                     f"{f(m.get('brier'), '.3f')} | {f(m.get('regret'), '.4f')} | "
+                     f"{f(m.get('routed_transformer'), '.1%')} |")
+    return "\n".join(lines)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from classifiers import artifact
+    from classifiers.estimators import (
+        EmbeddingRouter,
+        LightGBMGapRegressor,
+        LightGBMRouter,
+        LogisticRouter,
+        RulesRouter,
+    )
+    from classifiers.features import extract
+    from classifiers.labels import MARGIN, read_labels, summarize
+    from classifiers.metrics import reference_rows, router_metrics
+    from classifiers.request import RoutingRequest
+
+    margin = MARGIN if args.margin is None else args.margin
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise SystemExit(f"unknown models {sorted(unknown)}; choose from {MODELS}")
+    rows = [r for r in read_labels(args.labels) if r["gap"] == r["gap"]]
+    if not rows:
+        raise SystemExit(f"no labels in {args.labels} (run `archroute label` first)")
+    reqs = [RoutingRequest.from_prompt(r["prompt"]) for r in rows]
+    X = np.stack([extract(q) for q in tqdm(reqs, desc="features", unit="req")])
+    gap = np.array([r["gap"] for r in rows])
+    test = np.array([r["split"] == "test" for r in rows])
+    decisive = np.abs(gap) > margin
+    fit_mask = ~test & decisive
+    y = (gap < 0).astype(int)  # 1 = the transformer serves it better
+    log.info("train %d (%d decisive), test %d", (~test).sum(), fit_mask.sum(), test.sum())
+
+    results: dict = {"labels": str(args.labels), "margin": margin, "n_train": int((~test).sum()),
+                     "n_test": int(test.sum()), "label_summary": summarize(rows, margin),
+                     "test_summary": summarize([r for r, t in zip(rows, test, strict=True) if t], margin),
+                     "models": {}}
+    router = regressor = None
+    for name in tqdm(models, desc="models", unit="model"):
+        t0 = time.perf_counter()
+        if name == "lightgbm":
+            router = LightGBMRouter(random_state=args.seed).fit(X[fit_mask], y[fit_mask])
+            regressor = LightGBMGapRegressor(random_state=args.seed).fit(X[~test], gap[~test])
+            p = router.predict_proba(X[test])[:, 1]
+            m = router_metrics(p, gap[test], margin)
+            # the regressor as a router: transformer when the expected gap is negative
+            g = regressor.predict(X[test])
+            results["models"]["lightgbm-gap-regressor"] = {
+                **router_metrics((g < 0).astype(float), gap[test], margin),
+                "auc": router_metrics(-g, gap[test], margin)["auc"],
+                "brier": None, "gap_mae": float(np.abs(g - gap[test]).mean())}
+        elif name == "logistic":
+            p = LogisticRouter().fit(X[fit_mask], y[fit_mask]).predict_proba(X[test])[:, 1]
+            m = router_metrics(p, gap[test], margin)
+        elif name == "rules":
+            p = RulesRouter().fit(X[fit_mask], y[fit_mask]).predict_proba(X[test])[:, 1]
+            m = router_metrics(p, gap[test], margin)
+        else:
+            try:
+                emb = EmbeddingRouter()
+                E = emb.embed(reqs)
+            except ImportError as exc:
+                log.warning("skipping the embedding baseline: %s", exc)
+                continue
+            p = emb.fit(None, y[fit_mask], embeddings=E[fit_mask]).predict_proba(
+                None, embeddings=E[test])[:, 1]
+            m = router_metrics(p, gap[test], margin)
+        m["fit_s"] = time.perf_counter() - t0
+        results["models"][name if name != "lightgbm" else "lightgbm (shipped)"] = m
+        if name == "lightgbm":  # keep the regressor row right after the main model
+            results["models"]["lightgbm-gap-regressor"] = results["models"].pop(
+                "lightgbm-gap-regressor")
+    results["models"].update(reference_rows(gap[test]))
+
+    table = results_table(results)
+    print(table)
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table + "\n")
+    if router is not None:
+        meta = {"margin": margin, "git_commit": _git_commit(),
+                "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "training_data": {"labels": Path(args.labels).name, "sha256": _data_hash(rows),
+                                  "pair": rows[0].get("pair"), "n_train": int(fit_mask.sum()),
+                                  "n_test": int(test.sum())},
+                "params": router.get_params(), "metrics": results["models"]["lightgbm (shipped)"],
+                "label_summary": results["label_summary"]}
+        artifact.save(args.out, router, regressor, meta)
+        print(f"artifact -> {args.out}; results -> {out} and {out.with_suffix('.md')}")
+    return 0

@@ -1,0 +1,357 @@
+"""Prompt-only request features: named, documented and computed in one place.
+
+:data:`FEATURES` is the single list of features (name, group, meaning, why the study
+suggests it matters); :func:`extract` and :func:`extract_batch` return values in exactly
+that order. No model forward pass: byte histograms, ``bytes.count``, rolling hashes in
+numpy, zlib and a bounded tree-sitter parse (:mod:`classifiers.structure`).
+
+Cost: linear in prompt length, and the expensive parts are capped (hashing and compression
+see the last ``REP_MAX_BYTES``, word statistics the last ``SEM_MAX_BYTES``, tree-sitter
+``structure.TS_MAX_BYTES``), so a 2k-token prompt takes a few hundred microseconds.
+
+Garbage in (empty, binary, a megabyte of one character, broken code) gives finite values;
+:func:`extract` never raises on text.
+
+Multi-turn requests: features are computed on the last user turn and on the rest of the
+conversation and mixed ``LAST_USER_WEIGHT : 1 - LAST_USER_WEIGHT``; length and turn
+features describe the whole conversation.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from classifiers import structure
+from classifiers.request import RoutingRequest
+
+REP_MAX_BYTES = 65536  # repetition features see the last 64 KiB
+ZLIB_BYTES = 4096  # compression ratio of the last 4 KiB
+SEM_MAX_BYTES = 4096  # word statistics see the last 4 KiB (~700 words)
+CUE_BYTES = 600  # instruction cues are looked for in the first and last 600 characters
+LAST_USER_WEIGHT = 0.7  # weight of the last user turn in multi-turn requests
+REP_SHARES = (16, 64)  # span lengths (bytes) whose repeated share is a feature
+REP_LADDER = (8, 16, 32, 64, 128, 256, 512)  # span lengths searched for the longest repeat
+TAIL_LADDER = (4, 8, 16, 32, 64, 128, 256)  # prompt-suffix lengths (bytes) for tail reuse
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    group: str  # length | repetition | structure | semantics | cue
+    meaning: str
+    why: str
+
+
+_COPY = "study: transformers copy verbatim runs; the hybrid's lead shrinks as a repeated run grows"
+_BRK = "study: closing brackets favour the transformer in prose, code and markup"
+_SEM = "study: meaning-bearing, context-dependent tokens favour the hybrid"
+
+FEATURES: tuple[Feature, ...] = (
+    # --- length -----------------------------------------------------------------------
+    Feature("chars_log", "length", "log(1 + characters in the conversation)",
+            "the gap moves with context length (long-range recall vs fixed state)"),
+    Feature("approx_tokens_log", "length",
+            "log(1 + whitespace and punctuation characters), a tokenizer-free token count",
+            "code and markup have more tokens per character than prose"),
+    Feature("max_tokens_log", "length", "log(1 + max_tokens), 0 when the request gives none",
+            "longer answers average the gap over more tokens"),
+    Feature("has_max_tokens", "length", "1 when the request states max_tokens", "pairs with max_tokens_log"),
+    Feature("turns", "length", "number of messages", "multi-turn chats carry more context to track"),
+    Feature("last_user_share", "length", "share of characters in the last user turn",
+            "how much of the context the current instruction is"),
+    Feature("lines_log", "length", "log(1 + lines)", "line structure: code, lists, markup"),
+    Feature("mean_line_len", "length", "characters per line / 100", "code and markup have short lines"),
+    # --- repetition ---------------------------------------------------------------------
+    *(Feature(f"rep_share_{k}", "repetition",
+              f"share of word-start {k}-byte spans that occur more than once", _COPY)
+      for k in REP_SHARES),
+    Feature("longest_repeat_log", "repetition",
+            "log2 of the longest repeated span (bytes, on the 8..512 ladder), 0 when none", _COPY),
+    Feature("tail_repeat_log", "repetition",
+            "log2 of the longest prompt suffix (4..256 bytes) that occurs earlier: the answer "
+            "may be mid-copy", _COPY),
+    Feature("tail_repeat_dist_log", "repetition",
+            "log(1 + bytes back to that earlier occurrence), 0 when none",
+            "fixed-state recall decays with distance; attention does not"),
+    Feature("compress_ratio", "repetition", "zlib-compressed size / raw size (last 4 KiB)",
+            "low ratio = redundant, repetitive text"),
+    # --- structure ----------------------------------------------------------------------
+    Feature("fenced_blocks", "structure", "number of ``` fenced blocks", "code to copy or edit"),
+    Feature("indented_line_share", "structure", "share of lines starting with 4 spaces or a tab",
+            "code and nested markup"),
+    *(Feature(f"lang_{lang}", "structure",
+              f"{lang} markers per 1k bytes (see structure.MARKERS)",
+              "domain: the checked 7B pair differs most between code and books")
+      for lang in structure.MARKERS),
+    *(Feature(f"block_{lang}", "structure", f"1 when the parsed block is {lang}",
+              "language of the code/markup block") for lang in structure.PARSED_LANGUAGES),
+    Feature("ts_parsed", "structure", "1 when tree-sitter parsed a block", "code or markup present"),
+    Feature("ts_nodes_per_byte", "structure", "syntax nodes per byte of the parsed window",
+            "dense syntax: brackets, operators, delimiters"),
+    Feature("ts_error_nodes", "structure", "ERROR nodes in the parsed window", "broken or cut-off code"),
+    Feature("ts_missing_nodes", "structure", "MISSING nodes (e.g. a bracket the parser had to insert)", _BRK),
+    Feature("ts_end_depth", "structure", "syntax-tree depth at the last byte", _BRK),
+    Feature("open_bracket_density", "structure", "( [ { per byte", _BRK),
+    Feature("close_bracket_density", "structure", ") ] } per byte", _BRK),
+    Feature("bracket_max_depth", "structure", "deepest ( [ { nesting (capped at 64)", _BRK),
+    Feature("bracket_end_depth", "structure", "brackets still open at the end (>= 0)",
+            "the answer must close them: " + _BRK),
+    Feature("bracket_unmatched_close", "structure", "closers with no opener (deepest negative dip)",
+            "broken or partial code"),
+    Feature("tags_unclosed", "structure", "HTML/XML tags opened minus closed (>= 0, capped)", _BRK),
+    Feature("latex_env_unclosed", "structure", "\\begin{ minus \\end{ (>= 0, capped)", _BRK),
+    Feature("angle_density", "structure", "< > per byte", "markup"),
+    Feature("symbol_density", "structure", "ASCII punctuation per byte", "code, markup, data"),
+    Feature("quote_density", "structure", "quote characters per byte", "strings, JSON, quotations"),
+    Feature("digit_density", "structure", "digits per byte", "data, tables, numbers to copy"),
+    Feature("upper_density", "structure", "uppercase letters per byte", "names, entities, constants"),
+    Feature("nonascii_density", "structure", "non-ASCII bytes per byte", "other scripts, binary"),
+    Feature("ends_mid_line", "structure", "1 when the prompt does not end with a newline",
+            "a continuation picks up mid-line"),
+    # --- semantics ----------------------------------------------------------------------
+    Feature("alpha_word_share", "semantics", "share of whitespace tokens that are plain words",
+            "prose vs code/data"),
+    Feature("content_word_share", "semantics", "share of words not in the function-word list", _SEM),
+    Feature("function_word_share", "semantics", "share of function words",
+            "study: function words favour the hybrid less than content words"),
+    Feature("pronoun_share", "semantics", "share of pronouns",
+            "study: the hybrid's lead grows with pronoun resolution and entity tracking"),
+    Feature("adverb_share", "semantics", "words ending in '-ly ' per word",
+            "study: adverbs are especially hybrid-favoured"),
+    Feature("there_share", "semantics", "share of 'there'", "study: existential 'there' favours the hybrid"),
+    Feature("type_token_ratio", "semantics", "distinct / total words over the last 400 words",
+            "lexical variety vs repetition"),
+    Feature("mean_word_len", "semantics", "letters per word / 10", "technical vs plain prose"),
+    Feature("sentence_len", "semantics", "words per sentence / 100", "narrative vs list/code"),
+    Feature("question_share", "semantics", "question words and '?' per word", "open questions ask for meaning"),
+    # --- instruction cues (head and tail of the last user turn) --------------------------
+    Feature("copy_cue", "cue", "copy cues: quote, repeat, verbatim, extract, copy, exactly, ...",
+            "the answer is a copy: " + _COPY),
+    Feature("edit_cue", "cue", "edit cues: fix this code, rewrite, translate, convert, refactor, ...",
+            "the answer re-emits most of the input with changes"),
+    Feature("complete_cue", "cue", "completion cues: complete, finish, close the, continue, ...",
+            "structure-closing answers: " + _BRK),
+    Feature("explain_cue", "cue", "explain cues: explain, summarize, describe, why, meaning, ...",
+            "new, meaning-bearing text: " + _SEM),
+)
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+
+# --- word lists (lowercase) -------------------------------------------------------------
+PRONOUNS = frozenset(
+    b"i me my mine we us our ours you your yours he him his she her hers it its they them "
+    b"their theirs this that these those who whom whose which himself herself itself "
+    b"themselves".split())
+FUNCTION_WORDS = PRONOUNS | frozenset(
+    b"a an the and or but nor so yet for of in on at by to from with about as into onto "
+    b"over under than then there here is are was were be been being am do does did done "
+    b"have has had having will would shall should can could may might must not no if "
+    b"else when where while what why how all any each every some such both either neither "
+    b"very too also just only own same other another more most much many few less least "
+    b"up down out off again further once because until after before above below between "
+    b"through during without within upon".split())
+QUESTION_WORDS = frozenset(b"what why how who whom whose which when where".split())
+COPY_CUES = ("quote", "repeat", "verbatim", "extract", "copy", "exactly", "word for word",
+             "reproduce", "same text", "duplicate", "restate")
+EDIT_CUES = ("fix this", "fix the", "rewrite", "translate", "convert", "refactor", "reformat",
+             "edit", "rename", "correct the")
+COMPLETE_CUES = ("complete", "finish", "close the", "close all", "continue", "fill in",
+                 "implement")
+EXPLAIN_CUES = ("explain", "summar", "describe", "why", "meaning", "overview", "paraphrase",
+                "in your own words", "what does", "discuss", "tell me about")
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """``base**i mod 2**64`` for i < n (uint64 arithmetic wraps), by doubling."""
+    out = np.ones(n, np.uint64)
+    m = 1
+    with np.errstate(over="ignore"):
+        while m < n:
+            end = min(2 * m, n)
+            out[m:end] = out[:end - m] * np.uint64(pow(base, m, 2**64))
+            m = end
+    return out
+
+
+@cache
+def _tables() -> dict[str, np.ndarray | bytes]:
+    """Byte lookup tables and rolling-hash powers (built once, on first use)."""
+    cls = np.zeros(256, np.int8)
+    for c in b"([{":
+        cls[c] = 1
+    for c in b")]}":
+        cls[c] = -1
+    space = np.zeros(256, bool)
+    space[list(b" \t\n\r\f\v")] = True
+    punct = np.zeros(256, bool)
+    punct[list(b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")] = True
+    boundary = space | punct
+    base, inv = 1_000_003, pow(1_000_003, -1, 2**64)  # odd base: invertible mod 2**64
+    p, q = _powers(base, REP_MAX_BYTES + 1), _powers(inv, REP_MAX_BYTES + 1)
+    words = bytes(c + 32 if 65 <= c <= 90 else (32 if punct[c] or 48 <= c <= 57 else c)
+                  for c in range(256))
+    return {"brk": cls, "space": space, "boundary": boundary, "pow": p, "ipow": q,
+            "words": words}
+
+
+def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
+    """rep_share_k, longest_repeat_log, tail_repeat_log, tail_repeat_dist_log, compress_ratio.
+
+    Spans start at word starts (a byte after whitespace or punctuation). One rolling-hash
+    matrix (starts x span lengths) sorted once per column gives, for every span length on
+    :data:`REP_LADDER`, which spans occur more than once.
+    """
+    t = _tables()
+    n = len(arr)
+    shares = dict.fromkeys(REP_SHARES, 0.0)
+    longest = 0
+    if n >= 2 * REP_LADDER[0]:
+        boundary = t["boundary"][arr]
+        starts = np.flatnonzero(~boundary[1:] & boundary[:-1]) + 1
+        if not boundary[0]:
+            starts = np.concatenate(([0], starts))
+        prefix = np.zeros(n + 1, np.uint64)
+        ks = np.asarray(REP_LADDER)
+        ends = starts[None, :] + ks[:, None]  # (span lengths, starts)
+        valid = ends <= n
+        with np.errstate(over="ignore"):
+            np.cumsum(arr.astype(np.uint64) * t["pow"][:n], out=prefix[1:])
+            h = (prefix[np.minimum(ends, n)] - prefix[starts]) * t["ipow"][starts]
+            # spans running past the end get distinct values that cannot pair up
+            h[~valid] = np.uint64(0x9E3779B97F4A7C15) * np.arange(1, (~valid).sum() + 1,
+                                                                   dtype=np.uint64)
+        h.sort(axis=1)
+        eq = h[:, 1:] == h[:, :-1]
+        has = eq.any(axis=1)
+        if has.any():
+            longest = int(ks[np.flatnonzero(has)[-1]])
+            for k in REP_SHARES:
+                j = REP_LADDER.index(k)
+                if has[j]:
+                    dup = np.zeros(h.shape[1], bool)
+                    dup[1:] |= eq[j]
+                    dup[:-1] |= eq[j]
+                    shares[k] = float(dup.sum() / max(valid[j].sum(), 1))
+    tail = tail_dist = 0
+    for k in TAIL_LADDER:
+        if 2 * k > n:
+            break
+        pos = data.rfind(data[-k:], 0, n - 1)
+        if pos < 0:
+            break
+        tail, tail_dist = k, n - (pos + k)
+    ratio = len(zlib.compress(data[-ZLIB_BYTES:], 1)) / min(n, ZLIB_BYTES) if n else 1.0
+    return [*shares.values(), math.log2(longest) if longest else 0.0,
+            math.log2(tail) if tail else 0.0, math.log1p(tail_dist), min(ratio, 2.0)]
+
+
+def _cues(text: str) -> list[float]:
+    s = (text[:CUE_BYTES] + "\n" + text[-CUE_BYTES:] if len(text) > 2 * CUE_BYTES
+         else text).lower()
+    return [float(sum(map(s.__contains__, cues))) for cues in
+            (COPY_CUES, EDIT_CUES, COMPLETE_CUES, EXPLAIN_CUES)]
+
+
+def _semantics(data: bytes) -> list[float]:
+    """alpha_word_share ... question_share, over the last :data:`SEM_MAX_BYTES`."""
+    t = _tables()
+    data = data[-SEM_MAX_BYTES:]
+    tokens = data.split()
+    alpha = data.translate(t["words"]).split()  # lowercase letter runs (digits, punctuation dropped)
+    nw = len(alpha)
+    if not nw:
+        return [0.0] * 10
+    counts = Counter(alpha)
+    get = counts.get
+    keys = counts.keys()
+    func = sum(map(counts.__getitem__, keys & FUNCTION_WORDS))
+    pron = sum(map(counts.__getitem__, keys & PRONOUNS))
+    ques = sum(map(counts.__getitem__, keys & QUESTION_WORDS)) + data.count(b"?")
+    recent = alpha[-400:]
+    sentences = data.count(b". ") + data.count(b".\n") + data.count(b"? ") + data.count(b"! ") + 1
+    return [sum(map(bytes.isalpha, tokens)) / max(len(tokens), 1), (nw - func) / nw, func / nw,
+            pron / nw, data.count(b"ly ") / nw, get(b"there", 0) / nw,
+            len(set(recent)) / len(recent), sum(map(len, recent)) / len(recent) / 10,
+            min(nw / sentences / 100, 5.0), ques / nw]
+
+
+def _text_features(text: str) -> tuple[float, list[float]]:
+    """(approximate token count, features from ``lines_log`` on) for one text.
+
+    Structure counts see the last :data:`REP_MAX_BYTES`; approximate tokens are whitespace
+    plus punctuation characters, scaled to the whole text.
+    """
+    t = _tables()
+    data = text.encode("utf-8", "replace")
+    n = len(data)
+    rep_data = data[-REP_MAX_BYTES:]
+    arr = np.frombuffer(rep_data, np.uint8)
+    hist = np.bincount(arr, minlength=256).astype(np.float64)
+    m = max(len(arr), 1)
+    lines = hist[10] + 1
+    scores = structure.marker_scores(rep_data)
+    block, n_fenced = structure.pick_block(text[-REP_MAX_BYTES:], rep_data, scores)
+    ps = structure.parse_stats(block)
+    depth = np.cumsum(t["brk"][arr], dtype=np.int32) if len(arr) else np.zeros(1, np.int32)
+    opens = hist[40] + hist[91] + hist[123]
+    closes = hist[41] + hist[93] + hist[125]
+    close_tags = rep_data.count(b"</")
+    tags = hist[60] - 2 * close_tags - rep_data.count(b"<!") - rep_data.count(b"/>")
+    latex = rep_data.count(b"\\begin{") - rep_data.count(b"\\end{")
+    punct = hist[33:48].sum() + hist[58:65].sum() + hist[91:97].sum() + hist[123:127].sum()
+    approx_tokens = (hist[32] + hist[10] + hist[9] + punct) * n / m
+    block_lang = block.language if block is not None else ""
+    return approx_tokens, [
+        math.log1p(lines), min(m / lines / 100, 50.0),
+        *_repetition(arr, rep_data),
+        float(n_fenced),
+        (rep_data.count(b"\n    ") + rep_data.count(b"\n\t")) / lines,
+        *(min(v, 1000.0) for v in scores.values()),
+        *(float(block_lang == lang) for lang in structure.PARSED_LANGUAGES),
+        ps.parsed, min(ps.nodes_per_byte, 10.0), ps.error_nodes, ps.missing_nodes, ps.end_depth,
+        opens / m, closes / m, float(min(depth.max(), 64)),
+        float(min(max(depth[-1], 0), 64)), float(min(max(-depth.min(), 0), 64)),
+        float(min(max(tags, 0), 64)), float(min(max(latex, 0), 64)),
+        (hist[60] + hist[62]) / m, punct / m, (hist[34] + hist[39] + hist[96]) / m,
+        hist[48:58].sum() / m, hist[65:91].sum() / m, hist[128:].sum() / m,
+        float(not data.endswith(b"\n")),
+        *_semantics(data),
+        *_cues(text),
+    ]
+
+
+def extract(request: RoutingRequest) -> np.ndarray:
+    """Feature vector (float64, shape ``(len(FEATURES),)``) for one request; always finite."""
+    msgs = request.messages
+    full = request.text
+    last = request.last_user
+    i_last = max((i for i, m in enumerate(msgs) if m.role == "user"), default=-1)
+    if len(msgs) > 1 and i_last >= 0 and last and len(last) < len(full):
+        rest = "\n\n".join(m.content for i, m in enumerate(msgs) if i != i_last)
+        tok_last, f_last = _text_features(last)
+        tok_rest, f_rest = _text_features(rest)
+        tokens = tok_last + tok_rest
+        f = LAST_USER_WEIGHT * np.asarray(f_last) + (1 - LAST_USER_WEIGHT) * np.asarray(f_rest)
+    else:
+        tokens, f = _text_features(full)
+    head = [
+        math.log1p(len(full)), math.log1p(tokens),
+        math.log1p(request.max_tokens or 0), float(request.max_tokens is not None),
+        float(len(msgs)), len(last) / max(len(full), 1),
+    ]
+    out = np.concatenate((head, f))
+    if not np.isfinite(out).all():
+        out = np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
+    return out
+
+
+def extract_batch(requests: list[RoutingRequest]) -> np.ndarray:
+    """Feature matrix, shape ``(len(requests), len(FEATURES))``."""
+    if not requests:
+        return np.zeros((0, len(FEATURES)))
+    return np.stack([extract(r) for r in requests])

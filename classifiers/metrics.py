@@ -1,0 +1,52 @@
+"""Held-out metrics of a router: AUC, accuracy, Brier score and regret against the oracle.
+
+``p`` is P(transformer serves better) per request; ``gap`` the measured label
+(loss_transformer - loss_hybrid, nats/token). AUC, accuracy and Brier are over the
+requests beyond the margin (ties have no right answer); regret is over all requests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from classifiers.labels import MARGIN
+
+
+def regret(route_transformer: np.ndarray, gap: np.ndarray) -> float:
+    """Mean nats/token lost against the oracle: the gap when the hybrid was better and the
+    transformer was chosen, and -gap in the opposite case."""
+    chosen_t = np.asarray(route_transformer, bool)
+    lost = np.where(chosen_t, np.maximum(gap, 0.0), np.maximum(-gap, 0.0))
+    return float(lost.mean()) if len(lost) else float("nan")
+
+
+def router_metrics(p: np.ndarray, gap: np.ndarray, margin: float = MARGIN,
+                   threshold: float = 0.5) -> dict[str, float]:
+    """auc, accuracy, brier (beyond-margin requests), regret, routed_transformer (all)."""
+    from sklearn.metrics import roc_auc_score
+
+    p, gap = np.asarray(p, float), np.asarray(gap, float)
+    keep = np.abs(gap) > margin
+    y = (gap[keep] < 0).astype(int)  # 1 = transformer better
+    pk = p[keep]
+    auc = float(roc_auc_score(y, pk)) if 0 < y.sum() < len(y) else float("nan")
+    return {
+        "auc": auc,
+        "accuracy": float(((pk > threshold) == y).mean()) if len(y) else float("nan"),
+        "brier": float(((pk - y) ** 2).mean()) if len(y) else float("nan"),
+        "regret": regret(p > threshold, gap),
+        "routed_transformer": float((p > threshold).mean()),
+        "n": int(len(gap)),
+        "n_decisive": int(keep.sum()),
+    }
+
+
+def reference_rows(gap: np.ndarray) -> dict[str, dict[str, float]]:
+    """Regret of the fixed policies and the oracle (for the results table)."""
+    gap = np.asarray(gap, float)
+    n = len(gap)
+    return {
+        "always-transformer": {"regret": regret(np.ones(n, bool), gap), "routed_transformer": 1.0},
+        "always-hybrid": {"regret": regret(np.zeros(n, bool), gap), "routed_transformer": 0.0},
+        "oracle": {"regret": 0.0, "routed_transformer": float((gap < 0).mean()) if n else 0.0},
+    }
