@@ -170,3 +170,30 @@ def test_config_sources(tmp_path: Path) -> None:
 def test_unknown_policy_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="did you mean"):
         run_eval(_cfg(tmp_path, policies=["rulez"]), backends=planted_pair(), progress=False)
+
+
+def test_generate_applies_task_metrics(tmp_path: Path) -> None:
+    suite = load_jsonl(FIX / "suite.jsonl")
+    metric = Suite("metric", tuple(r for r in suite.requests if r.metric))  # r2, n1, c1
+    path = tmp_path / "metric.jsonl"
+    from evals.harness.suites import write_jsonl
+
+    write_jsonl(metric, path)
+    t, h = planted_pair()
+    t.enqueue(" a b c d", "42 it is", "    return a + b\n")
+    h.enqueue(" a b", "41", "    return a - b\n")
+    res = run_eval(_cfg(tmp_path, suites=[str(path)], generate=True), backends=(t, h), progress=False)
+    assert res.singles["transformer"]["task_score"] == pytest.approx(1.0)
+    assert res.singles["hybrid"]["task_score"] == pytest.approx(0.0)
+
+
+def test_oracle_policy_from_the_registry() -> None:
+    from classifiers.request import RoutingRequest
+    from evals.harness.oracle import request_key
+    from router.policies import decide, get_policy
+
+    a, b = RoutingRequest.from_prompt("copy me"), RoutingRequest.from_prompt("explain me")
+    pol = get_policy("oracle", gaps={request_key(a): -0.3, request_key(b): 0.2})
+    assert decide(pol.score(a)) == "transformer" and decide(pol.score(b)) == "hybrid"
+    with pytest.raises(KeyError, match="no measured gap"):
+        pol.score(RoutingRequest.from_prompt("unseen"))
