@@ -222,7 +222,7 @@ class LogisticRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
 
 # The study's rules: "the transformer wins when the answer copies or closes structure".
 RULE_FEATURES: tuple[str, ...] = (
-    "longest_repeat_log", "tail_repeat_log", "rep_share_16", "copy_cue",  # copying
+    "longest_repeat_log", "tail_repeat_log", "rep_share_32", "copy_cue",  # copying
     "bracket_end_depth", "tags_unclosed", "latex_env_unclosed", "close_bracket_density",
 )
 

@@ -30,13 +30,14 @@ import numpy as np
 from classifiers import structure
 from classifiers.request import RoutingRequest
 
-REP_MAX_BYTES = 65536  # repetition features see the last 64 KiB
+REP_MAX_BYTES = 65536  # structure counts and the tail-repeat search see the last 64 KiB
+HASH_MAX_BYTES = 16384  # repeated-span statistics see the last 16 KiB
 ZLIB_BYTES = 4096  # compression ratio of the last 4 KiB
 SEM_MAX_BYTES = 4096  # word statistics see the last 4 KiB (~700 words)
 CUE_BYTES = 600  # instruction cues are looked for in the first and last 600 characters
 LAST_USER_WEIGHT = 0.7  # weight of the last user turn in multi-turn requests
-REP_SHARES = (16, 64)  # span lengths (bytes) whose repeated share is a feature
-REP_LADDER = (8, 16, 32, 64, 128, 256, 512)  # span lengths searched for the longest repeat
+REP_SHARES = (8, 32)  # span lengths (bytes) whose repeated share is a feature
+REP_LADDER = (8, 32, 128, 512)  # span lengths searched for the longest repeat
 TAIL_LADDER = (4, 8, 16, 32, 64, 128, 256)  # prompt-suffix lengths (bytes) for tail reuse
 
 
@@ -72,7 +73,7 @@ FEATURES: tuple[Feature, ...] = (
               f"share of word-start {k}-byte spans that occur more than once", _COPY)
       for k in REP_SHARES),
     Feature("longest_repeat_log", "repetition",
-            "log2 of the longest repeated span (bytes, on the 8..512 ladder), 0 when none", _COPY),
+            "log2 of the longest repeated span (bytes, on the 8/32/128/512 ladder), 0 when none", _COPY),
     Feature("tail_repeat_log", "repetition",
             "log2 of the longest prompt suffix (4..256 bytes) that occurs earlier: the answer "
             "may be mid-copy", _COPY),
@@ -202,6 +203,8 @@ def _tables() -> dict[str, np.ndarray | bytes]:
 def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
     """rep_share_k, longest_repeat_log, tail_repeat_log, tail_repeat_dist_log, compress_ratio.
 
+    ``arr`` is the window for span statistics, ``data`` the (longer) one for the tail search.
+
     Spans start at word starts (a byte after whitespace or punctuation). One rolling-hash
     matrix (starts x span lengths) sorted once per column gives, for every span length on
     :data:`REP_LADDER`, which spans occur more than once.
@@ -238,14 +241,15 @@ def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
                     dup[:-1] |= eq[j]
                     shares[k] = float(dup.sum() / max(valid[j].sum(), 1))
     tail = tail_dist = 0
+    nd = len(data)
     for k in TAIL_LADDER:
-        if 2 * k > n:
+        if 2 * k > nd:
             break
-        pos = data.rfind(data[-k:], 0, n - 1)
+        pos = data.rfind(data[-k:], 0, nd - 1)
         if pos < 0:
             break
-        tail, tail_dist = k, n - (pos + k)
-    ratio = len(zlib.compress(data[-ZLIB_BYTES:], 1)) / min(n, ZLIB_BYTES) if n else 1.0
+        tail, tail_dist = k, nd - (pos + k)
+    ratio = len(zlib.compress(data[-ZLIB_BYTES:], 1)) / min(nd, ZLIB_BYTES) if nd else 1.0
     return [*shares.values(), math.log2(longest) if longest else 0.0,
             math.log2(tail) if tail else 0.0, math.log1p(tail_dist), min(ratio, 2.0)]
 
@@ -308,7 +312,7 @@ def _text_features(text: str) -> tuple[float, list[float]]:
     block_lang = block.language if block is not None else ""
     return approx_tokens, [
         math.log1p(lines), min(m / lines / 100, 50.0),
-        *_repetition(arr, rep_data),
+        *_repetition(arr[-HASH_MAX_BYTES:], rep_data),
         float(n_fenced),
         (rep_data.count(b"\n    ") + rep_data.count(b"\n\t")) / lines,
         *(min(v, 1000.0) for v in scores.values()),

@@ -69,16 +69,40 @@ def read_labels(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _score_chunk(idx: list[int], requests: Sequence[MixRequest], transformer: Backend,
+                 hybrid: Backend) -> tuple[list[int], list[ScoreResult], list[ScoreResult]]:
+    """Score a chunk on both backends; when the batch fails, score one by one and drop the
+    requests a backend refuses (logged)."""
+    pairs = [(requests[i].prompt, requests[i].answer) for i in idx]
+    try:
+        return idx, transformer.score_batch(pairs), hybrid.score_batch(pairs)
+    except Exception as exc:  # noqa: BLE001 - isolate the failing request below
+        log.warning("chunk failed (%s); scoring its requests one by one", exc)
+    kept, st, sh = [], [], []
+    for i, pair in zip(idx, pairs, strict=True):
+        try:
+            t, h = transformer.score_batch([pair])[0], hybrid.score_batch([pair])[0]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("skipping %s: %s", requests[i].id, exc)
+            continue
+        kept.append(i)
+        st.append(t)
+        sh.append(h)
+    return kept, st, sh
+
+
 def label_requests(requests: Sequence[MixRequest], transformer: Backend, hybrid: Backend,
                    cache: str | Path | None = None, margin: float = MARGIN,
                    chunk_size: int = 32, progress: bool = True) -> list[dict]:
     """Score every request's answer under both backends; returns one row per request (in
-    order). Rows already in ``cache`` (same request text and pair) are reused; new rows are
-    appended to it after each chunk."""
+    order; requests a backend refuses are skipped and logged). Rows already in ``cache``
+    (same request text and pair) are reused; new rows are appended to it after each chunk."""
     pair = f"{transformer.name}|{hybrid.name}"
     cached = {r["key"]: r for r in read_labels(cache)} if cache else {}
     keys = [request_key(r, pair) for r in requests]
     todo = [i for i, k in enumerate(keys) if k not in cached]
+    # similar lengths share a chunk, so padded batches waste little compute
+    todo.sort(key=lambda i: len(requests[i].prompt) + len(requests[i].answer))
     log.info("labelling %d requests on %s (%d cached)", len(todo), pair, len(requests) - len(todo))
     out_file = None
     if cache and todo:
@@ -92,9 +116,7 @@ def label_requests(requests: Sequence[MixRequest], transformer: Backend, hybrid:
     try:
         for c in range(0, len(todo), chunk_size):
             idx = todo[c:c + chunk_size]
-            pairs = [(requests[i].prompt, requests[i].answer) for i in idx]
-            st = transformer.score_batch(pairs)
-            sh = hybrid.score_batch(pairs)
+            idx, st, sh = _score_chunk(idx, requests, transformer, hybrid)
             for i, t, h in zip(idx, st, sh, strict=True):
                 gap = gap_of(t, h)
                 row = {**requests[i].to_json(), "key": keys[i], "pair": pair, "gap": gap,
@@ -112,7 +134,7 @@ def label_requests(requests: Sequence[MixRequest], transformer: Backend, hybrid:
             bar.close()
         if out_file:
             out_file.close()
-    return [cached[k] for k in keys]
+    return [cached[k] for k in keys if k in cached]
 
 
 def summarize(rows: Sequence[dict], margin: float = MARGIN) -> dict[str, float]:

@@ -16,7 +16,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-TS_MAX_BYTES = 512  # tree-sitter input cap (bytes): bounds parse cost per request
+TS_MAX_BYTES = 384  # tree-sitter input cap (bytes): bounds parse cost per request
 PARSED_LANGUAGES = ("python", "javascript", "c", "html", "json")
 LANGUAGES = (*PARSED_LANGUAGES, "latex", "markdown", "rest", "prose")
 
@@ -33,6 +33,7 @@ MARKERS: dict[str, tuple[bytes, ...]] = {
 }
 MARKER_BYTES = 2048  # markers are counted over the last 2 KiB (the part nearest the answer)
 MIN_MARKER_SCORE = 2.0  # markers per 1k bytes below which the text counts as prose
+RAW_PARSE_RATIO = 2.0  # unfenced text is parsed only when its language leads 2:1
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _FENCE_ALIASES = {
@@ -85,7 +86,12 @@ def pick_block(text: str, data: bytes, scores: dict[str, float]) -> tuple[Block 
             lang = guess_language(marker_scores(body_b[-4 * TS_MAX_BYTES:]))
         return Block(lang, body_b, True), len(blocks)
     lang = guess_language(scores)
-    return (Block(lang, data, False) if lang != "prose" else None), 0
+    if lang == "prose":
+        return None, 0
+    ranked = sorted(scores.values(), reverse=True)
+    if lang in PARSED_LANGUAGES and ranked[0] < RAW_PARSE_RATIO * ranked[1]:
+        lang = "mixed"  # unfenced and ambiguous: not worth a parse that fails slowly
+    return Block(lang, data, False), 0
 
 
 _local = threading.local()

@@ -48,7 +48,7 @@ def test_quote_this_request():
     assert f["copy_cue"] >= 2  # "quote", "verbatim"
     assert f["explain_cue"] == 0
     assert f["longest_repeat_log"] >= math.log2(64)
-    assert f["rep_share_16"] > 0.5
+    assert f["rep_share_32"] > 0.5
 
 
 def test_narrative():

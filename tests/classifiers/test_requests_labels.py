@@ -68,3 +68,18 @@ def test_labels_follow_the_pair_and_are_cached(mix, tmp_path):
     again = label_requests(mix[:80], Boom("fake-transformer", -0.3, -2.2),
                            Boom("fake-hybrid", -0.9, -1.9), cache=cache, progress=False)
     assert [r["gap"] for r in again] == [r["gap"] for r in rows]
+
+
+def test_a_refused_request_is_skipped_not_fatal(mix):
+    t, h = fake_pair()
+
+    class Picky(type(h)):
+        def score_batch(self, pairs):
+            if any("Quote" in p for p, _ in pairs):
+                raise ValueError("refused")
+            return super().score_batch(pairs)
+
+    picky = Picky("picky-hybrid", -0.9, -1.9)
+    rows = label_requests(mix[:60], t, picky, progress=False, chunk_size=8)
+    n_quote = sum("Quote" in r.prompt for r in mix[:60])
+    assert n_quote and len(rows) == 60 - n_quote
