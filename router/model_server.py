@@ -113,6 +113,12 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
                                 stop=body.stop_list())
 
     async def serve(body: P.ChatCompletionRequest | P.CompletionRequest) -> Response:
+        try:
+            return await _serve(body)
+        except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
+            raise errors.to_api_error(exc) from exc
+
+    async def _serve(body: P.ChatCompletionRequest | P.CompletionRequest) -> Response:
         chat = isinstance(body, P.ChatCompletionRequest)
         body.log_unknown(model_name)
         check_model(body.model)

@@ -1,0 +1,83 @@
+"""One settings object: defaults < file < environment < CLI, validated, secrets redacted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from router.commands import backend_from_spec
+from router.settings import SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_embedded_pair() -> None:
+    s = load_settings(environ={})
+    assert s.backends["transformer"].path == "reference:transformer"
+    assert s.backends["hybrid"].path == "reference:hybrid"
+    assert s.backends["hybrid"].concurrency == 1
+    assert s.default_profile in s.profiles
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("router-*.yaml")))
+def test_example_configs_validate(path: Path) -> None:
+    s = load_settings(path, environ={})
+    assert set(s.backends) == {"transformer", "hybrid"}
+
+
+def test_layers_in_order(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port: 9000\nmax_tokens_cap: 100\n")
+    env = {"ARCHROUTE_PORT": "9001", "ARCHROUTE_API_KEYS": "a,b",
+           "ARCHROUTE_BACKENDS__HYBRID__TIMEOUT_S": "5"}
+    s = load_settings(cfg, {"port": 9002, "host": None}, environ=env)
+    assert (s.port, s.max_tokens_cap, s.host) == (9002, 100, "127.0.0.1")
+    assert [k.get_secret_value() for k in s.api_keys] == ["a", "b"]
+    assert s.backends["hybrid"].timeout_s == 5 and s.backends["hybrid"].name == "reference-hybrid"
+    s = load_settings(environ={"ARCHROUTE_CONFIG": str(cfg)})
+    assert s.port == 9000
+
+
+def test_secrets_redacted() -> None:
+    s = load_settings(overrides={"api_keys": ["topsecret"], "backends": {
+        "transformer": {"name": "t", "kind": "upstream", "base_url": "http://x/v1", "model": "m",
+                        "api_key": "upstreamsecret"},
+        "hybrid": {"name": "h", "kind": "fake"}}}, environ={})
+    text = json.dumps(s.redacted())
+    assert "topsecret" not in text and "upstreamsecret" not in text and "**********" in text
+    assert "upstreamsecret" not in repr(s)
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"bogus": 1}, "bogus"),
+    ({"port": "x"}, "port"),
+    ({"profiles": {"p": {"policy": "rulez"}}, "default_profile": "p"}, "did you mean 'rules'"),
+    ({"default_profile": "nope"}, "default_profile"),
+    ({"backends": {"transformer": {"name": "a", "kind": "upstream"},
+                   "hybrid": {"name": "b", "kind": "fake"}}}, "needs 'base_url'"),
+    ({"backends": {"transformer": {"name": "a", "kind": "fake"},
+                   "hybrid": {"name": "a", "kind": "fake"}}}, "names must differ"),
+    ({"backends": {"transformer": {"name": "a", "kind": "fake"}}}, "exactly"),
+])
+def test_invalid_settings_say_why(tmp_path: Path, data: dict, needle: str) -> None:
+    import yaml
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    with pytest.raises(SettingsError, match=needle.replace("(", r"\(")) as info:
+        load_settings(cfg, environ={})
+    assert str(cfg) in str(info.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings("/nonexistent.yaml", environ={})
+
+
+def test_backend_specs() -> None:
+    assert backend_from_spec("reference:hybrid", "hybrid")["name"] == "reference-hybrid"
+    up = backend_from_spec("http://127.0.0.1:8001/v1#allenai/Olmo-3-7B-Instruct", "transformer")
+    assert up["kind"] == "upstream" and up["model"] == "allenai/Olmo-3-7B-Instruct"
+    assert backend_from_spec("fake", "hybrid")["kind"] == "fake"
