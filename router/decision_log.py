@@ -120,7 +120,13 @@ class DecisionLog:
                     conn.executemany(sql, rows)
             except sqlite3.Error as exc:
                 log.error("decision log: dropped %d rows: %s", len(rows), exc)
+            for _ in batch:
+                self._queue.task_done()
         conn.close()
+
+    def flush(self) -> None:
+        """Block until every row written so far is committed (tests, shutdown)."""
+        self._queue.join()
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush queued rows and stop the writer."""

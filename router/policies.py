@@ -74,6 +74,7 @@ class Policy:
 _REGISTRY: dict[str, type[Policy] | Callable[..., Policy]] = {}
 # name -> "module:attr" imported on first use (e.g. the evals-only oracle)
 LAZY: dict[str, str] = {"oracle": "evals.harness.oracle:OraclePolicy"}
+EVAL_ONLY = frozenset({"oracle"})  # policies a serving profile may not use
 
 _KEY = re.compile(r"^[a-z][a-z0-9-]*$")
 

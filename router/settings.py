@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from router.policies import list_policies
+from router.policies import EVAL_ONLY, list_policies
 
 Role = Literal["transformer", "hybrid"]
 
@@ -85,6 +85,8 @@ class ProfileSettings(_Strict):
             close = difflib.get_close_matches(self.policy, list_policies(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown policy {self.policy!r}{hint}; known: {list_policies()}")
+        if self.policy in EVAL_ONLY:
+            raise ValueError(f"policy {self.policy!r} is for evals only (it needs measured gaps)")
         return self
 
 

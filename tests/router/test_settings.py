@@ -81,3 +81,9 @@ def test_backend_specs() -> None:
     up = backend_from_spec("http://127.0.0.1:8001/v1#allenai/Olmo-3-7B-Instruct", "transformer")
     assert up["kind"] == "upstream" and up["model"] == "allenai/Olmo-3-7B-Instruct"
     assert backend_from_spec("fake", "hybrid")["kind"] == "fake"
+
+
+def test_eval_only_policy_refused() -> None:
+    with pytest.raises(SettingsError, match="evals only"):
+        load_settings(overrides={"profiles": {"o": {"policy": "oracle"}}, "default_profile": "o"},
+                      environ={})
