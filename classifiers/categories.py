@@ -292,8 +292,9 @@ def char_categories(text: str, lang: str) -> CharCategories:
 # ---------------------------------------------------------------------------------------
 # words and tokens
 # ---------------------------------------------------------------------------------------
-# TeX control words | words and identifiers (letters, digits, _, inner apostrophes) | numbers
-_WORD = re.compile(r"\\[A-Za-z@]+|[^\W\d]\w*(?:'[^\W\d_]+)*|\d+(?:[.,]\d+)*")
+# words and identifiers (letters, digits, _, inner apostrophes) | numbers; TeX adds \controlwords
+_WORD = re.compile(r"[^\W\d]\w*(?:'[^\W\d_]+)*|\d+(?:[.,]\d+)*")
+_TEX_WORD = re.compile(r"\\[A-Za-z@]+|" + _WORD.pattern)
 
 
 @dataclass
@@ -311,7 +312,7 @@ def _word_classes(text: str, cc: CharCategories, lang: str) -> tuple[np.ndarray,
     wid = np.full(len(text), -1, np.int64)
     classes: list[str] = []
     kws = KEYWORDS.get(lang, frozenset())
-    for k, m in enumerate(_WORD.finditer(text)):
+    for k, m in enumerate((_TEX_WORD if lang == "tex" else _WORD).finditer(text)):
         s, e = m.span()
         w = m.group()
         wid[s:e] = k

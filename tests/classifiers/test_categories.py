@@ -185,3 +185,13 @@ def test_html_words_are_markup_inside_tags():
     assert by_text["the"] == "function" and by_text["box"] == "content"
     br = {text[s:e]: b for (s, e), b in zip(toks, tc.bracket, strict=True)}
     assert br["</"] == "close"
+
+
+def test_backslash_words_are_markup_only_in_tex():
+    py = 's = "a\\nb"\n'
+    tc = token_categories(py, spans(py, r"\\|\w+|[^\w\s]|\s+"), "python")
+    assert "markup" not in tc.word_class.tolist()
+    tex = "\\section{Intro} the"
+    toks = [(0, 8), (8, 9), (9, 14), (14, 15), (15, 19)]
+    tc = token_categories(tex, toks, "tex")
+    assert tc.word_class.tolist() == ["markup", "punct", "content", "punct", "function"]
