@@ -43,7 +43,7 @@ def add_label(sub: argparse._SubParsersAction) -> None:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from classifiers.labels import MARGIN, label_requests, summarize
+    from classifiers.labels import MARGIN, group_table, label_requests, summarize
     from classifiers.requests import build_mix, load_documents
     from models.reference import resolve_backend_spec
 
@@ -63,6 +63,8 @@ def run_label(args: argparse.Namespace) -> int:
     print(f"gap mean {s['gap_mean']:+.4f} std {s['gap_std']:.4f} nats/token; "
           f"hybrid wins {s['hybrid_wins']:.1%}, transformer wins {s['transformer_wins']:.1%} "
           f"beyond ±{margin}")
+    print(group_table(rows, "kind", margin))
+    print(group_table(rows, "domain", margin))
     return 0
 
 
@@ -76,6 +78,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="results JSON (a Markdown table is written beside it)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
     p.add_argument("--margin", type=float, default=None, help="tie margin, nats/token (0.05)")
+    p.add_argument("--center", default="0",
+                   help="class boundary on the gap: a number (nats/token; 0 = which backend "
+                        "is better) or 'median' (relatively transformer-favoured requests, for a "
+                        "pair where one backend wins almost everything)")
+    p.add_argument("--min-class", type=int, default=20,
+                   help="fewest training requests per class before training refuses")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train)
 
@@ -123,7 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
         RulesRouter,
     )
     from classifiers.features import extract
-    from classifiers.labels import MARGIN, read_labels, summarize
+    from classifiers.labels import MARGIN, by_group, read_labels, summarize
     from classifiers.metrics import reference_rows, router_metrics
     from classifiers.request import RoutingRequest
 
@@ -139,14 +147,27 @@ def run_train(args: argparse.Namespace) -> int:
     X = np.stack([extract(q) for q in tqdm(reqs, desc="features", unit="req")])
     gap = np.array([r["gap"] for r in rows])
     test = np.array([r["split"] == "test" for r in rows])
-    decisive = np.abs(gap) > margin
+    center = float(np.median(gap[~test])) if args.center == "median" else float(args.center)
+    decisive = np.abs(gap - center) > margin
     fit_mask = ~test & decisive
-    y = (gap < 0).astype(int)  # 1 = the transformer serves it better
+    y = (gap < center).astype(int)  # 1 = the transformer serves it better (than `center`)
     log.info("train %d (%d decisive), test %d", (~test).sum(), fit_mask.sum(), test.sum())
+    counts = np.bincount(y[fit_mask], minlength=2)
+    if counts.min() < args.min_class:
+        s = summarize(rows, margin)
+        raise SystemExit(
+            f"degenerate labels: {counts[1]} transformer-better and {counts[0]} hybrid-better "
+            f"training requests beyond ±{margin} of {center:+.3f} (gap mean "
+            f"{s['gap_mean']:+.3f}, std {s['gap_std']:.3f}). This pair has too little contrast "
+            "to learn who wins; `--center median` learns which requests favour the "
+            "transformer relatively.")
 
-    results: dict = {"labels": str(args.labels), "margin": margin, "n_train": int((~test).sum()),
+    results: dict = {"labels": str(args.labels), "margin": margin, "center": center,
+                     "n_train": int((~test).sum()),
                      "n_test": int(test.sum()), "label_summary": summarize(rows, margin),
                      "test_summary": summarize([r for r, t in zip(rows, test, strict=True) if t], margin),
+                     "by_kind": by_group(rows, "kind", margin),
+                     "by_domain": by_group(rows, "domain", margin),
                      "models": {}}
     router = regressor = None
     for name in tqdm(models, desc="models", unit="model"):
@@ -155,19 +176,19 @@ def run_train(args: argparse.Namespace) -> int:
             router = LightGBMRouter(random_state=args.seed).fit(X[fit_mask], y[fit_mask])
             regressor = LightGBMGapRegressor(random_state=args.seed).fit(X[~test], gap[~test])
             p = router.predict_proba(X[test])[:, 1]
-            m = router_metrics(p, gap[test], margin)
-            # the regressor as a router: transformer when the expected gap is negative
+            m = router_metrics(p, gap[test], margin, center)
+            # the regressor as a router: transformer when the expected gap is below center
             g = regressor.predict(X[test])
             results["models"]["lightgbm-gap-regressor"] = {
-                **router_metrics((g < 0).astype(float), gap[test], margin),
-                "auc": router_metrics(-g, gap[test], margin)["auc"],
+                **router_metrics((g < center).astype(float), gap[test], margin, center),
+                "auc": router_metrics(center - g, gap[test], margin, center)["auc"],
                 "brier": None, "gap_mae": float(np.abs(g - gap[test]).mean())}
         elif name == "logistic":
             p = LogisticRouter().fit(X[fit_mask], y[fit_mask]).predict_proba(X[test])[:, 1]
-            m = router_metrics(p, gap[test], margin)
+            m = router_metrics(p, gap[test], margin, center)
         elif name == "rules":
             p = RulesRouter().fit(X[fit_mask], y[fit_mask]).predict_proba(X[test])[:, 1]
-            m = router_metrics(p, gap[test], margin)
+            m = router_metrics(p, gap[test], margin, center)
         else:
             try:
                 emb = EmbeddingRouter()
@@ -177,7 +198,7 @@ def run_train(args: argparse.Namespace) -> int:
                 continue
             p = emb.fit(None, y[fit_mask], embeddings=E[fit_mask]).predict_proba(
                 None, embeddings=E[test])[:, 1]
-            m = router_metrics(p, gap[test], margin)
+            m = router_metrics(p, gap[test], margin, center)
         m["fit_s"] = time.perf_counter() - t0
         results["models"][name if name != "lightgbm" else "lightgbm (shipped)"] = m
         if name == "lightgbm":  # keep the regressor row right after the main model
@@ -192,7 +213,7 @@ def run_train(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(table + "\n")
     if router is not None:
-        meta = {"margin": margin, "git_commit": _git_commit(),
+        meta = {"margin": margin, "center": center, "git_commit": _git_commit(),
                 "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "training_data": {"labels": Path(args.labels).name, "sha256": _data_hash(rows),
                                   "pair": rows[0].get("pair"), "n_train": int(fit_mask.sum()),

@@ -359,3 +359,11 @@ def extract_batch(requests: list[RoutingRequest]) -> np.ndarray:
     if not requests:
         return np.zeros((0, len(FEATURES)))
     return np.stack([extract(r) for r in requests])
+
+
+def markdown_table() -> str:
+    """The feature list as a Markdown table (docs/classifier.md is generated from it)."""
+    rows = ["| feature | group | meaning | why it matters |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{f.name}` | {f.group} | {f.meaning.replace('|', '/')} | {f.why} |"
+             for f in FEATURES]
+    return "\n".join(rows)

@@ -149,3 +149,22 @@ def summarize(rows: Sequence[dict], margin: float = MARGIN) -> dict[str, float]:
     return {"n": int(len(g)), "gap_mean": float(g.mean()), "gap_std": float(g.std()),
             "hybrid_wins": float((g > margin).mean()),
             "transformer_wins": float((g < -margin).mean()), "margin": margin}
+
+
+def by_group(rows: Sequence[dict], key: str, margin: float = MARGIN) -> dict[str, dict[str, float]]:
+    """:func:`summarize` per value of ``key`` (e.g. 'kind' or 'domain')."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(key)), []).append(r)
+    return {g: summarize(rs, margin) for g, rs in sorted(groups.items())}
+
+
+def group_table(rows: Sequence[dict], key: str, margin: float = MARGIN) -> str:
+    """Markdown table of the gap distribution per ``key``."""
+    lines = [f"| {key} | n | gap mean | gap std | hybrid wins | transformer wins |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for g, s in {**by_group(rows, key, margin), "all": summarize(rows, margin)}.items():
+        if s.get("n"):
+            lines.append(f"| {g} | {s['n']} | {s['gap_mean']:+.3f} | {s['gap_std']:.3f} | "
+                         f"{s['hybrid_wins']:.1%} | {s['transformer_wins']:.1%} |")
+    return "\n".join(lines)

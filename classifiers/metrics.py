@@ -21,13 +21,14 @@ def regret(route_transformer: np.ndarray, gap: np.ndarray) -> float:
 
 
 def router_metrics(p: np.ndarray, gap: np.ndarray, margin: float = MARGIN,
-                   threshold: float = 0.5) -> dict[str, float]:
-    """auc, accuracy, brier (beyond-margin requests), regret, routed_transformer (all)."""
+                   center: float = 0.0, threshold: float = 0.5) -> dict[str, float]:
+    """auc, accuracy, brier (requests beyond ``margin`` of ``center``), regret and
+    routed_transformer (all requests; regret always against the true oracle, gap sign)."""
     from sklearn.metrics import roc_auc_score
 
     p, gap = np.asarray(p, float), np.asarray(gap, float)
-    keep = np.abs(gap) > margin
-    y = (gap[keep] < 0).astype(int)  # 1 = transformer better
+    keep = np.abs(gap - center) > margin
+    y = (gap[keep] < center).astype(int)  # 1 = transformer better (than center)
     pk = p[keep]
     auc = float(roc_auc_score(y, pk)) if 0 < y.sum() < len(y) else float("nan")
     return {

@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
                    progress=False)
     args = argparse.Namespace(labels=str(labels), out=str(tmp / "artifact"),
                               results=str(tmp / "results.json"), models="lightgbm,logistic,rules",
-                              margin=None, seed=0)
+                              margin=None, seed=0, center="0", min_class=20)
     assert run_train(args) == 0
     return tmp
 
@@ -84,3 +84,19 @@ def test_shipped_default_loads_offline_and_reproduces_training():
     check_self(clf)
     size = sum(f.stat().st_size for f in artifact.DEFAULT_DIR.iterdir())
     assert size < 5_000_000
+
+
+def test_degenerate_labels_are_refused_with_advice(trained, tmp_path):
+    rows = [json.loads(line) for line in (trained / "labels.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["gap"] = 0.5 + 0.001 * i  # the hybrid wins everything
+    labels = tmp_path / "one_sided.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = argparse.Namespace(labels=str(labels), out=str(tmp_path / "a"),
+                              results=str(tmp_path / "r.json"), models="lightgbm", margin=None,
+                              seed=0, center="0", min_class=20)
+    with pytest.raises(SystemExit, match="degenerate labels"):
+        run_train(args)
+    args.center = "median"
+    assert run_train(args) == 0
+    assert artifact.load(tmp_path / "a").meta["center"] > 0.5
