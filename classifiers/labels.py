@@ -101,8 +101,11 @@ def label_requests(requests: Sequence[MixRequest], transformer: Backend, hybrid:
     cached = {r["key"]: r for r in read_labels(cache)} if cache else {}
     keys = [request_key(r, pair) for r in requests]
     todo = [i for i, k in enumerate(keys) if k not in cached]
-    # similar lengths share a chunk, so padded batches waste little compute
-    todo.sort(key=lambda i: len(requests[i].prompt) + len(requests[i].answer))
+    # similar lengths share a chunk (less padding), sorted within blocks of 8 chunks only, so
+    # a run stopped early has labelled a representative part of the mix, not the short end
+    block = 8 * chunk_size
+    todo = [i for b in range(0, len(todo), block) for i in
+            sorted(todo[b:b + block], key=lambda i: len(requests[i].prompt) + len(requests[i].answer))]
     log.info("labelling %d requests on %s (%d cached)", len(todo), pair, len(requests) - len(todo))
     out_file = None
     if cache and todo:
