@@ -256,6 +256,9 @@ class RulesPolicy(Policy):
         return min(1.0, max(0.0, s))
 
 
+_DEFAULT_MODEL: list[object] = []  # the default artifact, once loaded
+
+
 @register("classifier")
 class ClassifierPolicy(Policy):
     """The trained request classifier (``classifiers.artifact.load_default()``).
@@ -284,7 +287,9 @@ class ClassifierPolicy(Policy):
         if artifact:  # asked for by path: a failure to load is an error
             return importlib.import_module("classifiers.artifact").load(artifact)
         try:
-            return importlib.import_module("classifiers.artifact").load_default()
+            if not _DEFAULT_MODEL:  # one load shared by every profile that uses it
+                _DEFAULT_MODEL.append(importlib.import_module("classifiers.artifact").load_default())
+            return _DEFAULT_MODEL[0]
         except Exception as exc:  # noqa: BLE001 - absent or unusable: the router still starts
             log.warning("classifier artifact unavailable (%s: %s); falling back to the rules "
                         "policy", type(exc).__name__, exc)

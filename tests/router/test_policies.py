@@ -14,6 +14,14 @@ from router.policies import (
     register,
 )
 
+
+@pytest.fixture(autouse=True)
+def _fresh_classifier_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.policies
+
+    monkeypatch.setattr(router.policies, "_DEFAULT_MODEL", [])
+
+
 SEMANTIC = RoutingRequest.from_prompt("Write a short poem about the sea and how it feels at dusk.")
 COPY = RoutingRequest.from_prompt("Repeat this sentence exactly: the cat sat on the mat.")
 CODE = RoutingRequest.from_messages([{"role": "user", "content": "def f(x):\n    return [x, (1"}])
