@@ -26,6 +26,7 @@ from functools import cache
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from classifiers.features import FEATURE_NAMES, extract_batch
@@ -55,6 +56,19 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         return np.asarray(FEATURE_NAMES, dtype=object)
+
+
+def _binary_classes(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes_, y as 0/1); only binary targets are accepted."""
+    check_classification_targets(y)
+    y_type = type_of_target(y, input_name="y", raise_unknown=True)
+    if y_type != "binary":
+        raise ValueError("Only binary classification is supported. The type of the target "
+                         f"is {y_type}.")
+    classes, yi = np.unique(y, return_inverse=True)
+    if len(classes) != 2:
+        raise ValueError(f"need two classes in y, got {len(classes)} class")
+    return classes, yi
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -117,13 +131,17 @@ class LightGBMRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
         return lgb.train(params, lgb.Dataset(X, y, free_raw_data=True),
                          num_boost_round=self.n_estimators)
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True  # LightGBM routes missing values itself
+        tags.classifier_tags.multi_class = False
+        return tags
+
     def fit(self, X, y) -> LightGBMRouter:
         from sklearn.model_selection import StratifiedKFold
 
         X, y = validate_data(self, X, y, ensure_all_finite=False)
-        self.classes_, yi = np.unique(y, return_inverse=True)
-        if len(self.classes_) != 2:
-            raise ValueError(f"need exactly two classes, got {len(self.classes_)}")
+        self.classes_, yi = _binary_classes(y)
         oof = np.zeros(len(yi))
         folds = min(self.cv, int(np.bincount(yi).min()))
         if folds >= 2:
@@ -138,18 +156,19 @@ class LightGBMRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
         return self
 
     def decision_function(self, X) -> np.ndarray:
+        """Calibrated log-odds of class 1, shape (n,)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, ensure_all_finite=False)
-        return self.booster_.predict(X, raw_score=True, num_threads=self.n_jobs)
+        a, b = self.calibration_
+        return a * self.booster_.predict(X, raw_score=True, num_threads=self.n_jobs) + b
 
     def predict_proba(self, X) -> np.ndarray:
-        a, b = self.calibration_
-        p = _sigmoid(a * self.decision_function(X) + b)
+        p = _sigmoid(self.decision_function(X))
         return np.column_stack((1 - p, p))
 
     def predict(self, X) -> np.ndarray:
-        check_is_fitted(self)
-        return self.classes_[(self.predict_proba(X)[:, 1] > 0.5).astype(int)]
+        d = self.decision_function(X)
+        return self.classes_[(d > 0).astype(int)]
 
 
 class LightGBMGapRegressor(_NamedFeatures, RegressorMixin, BaseEstimator):
@@ -170,6 +189,11 @@ class LightGBMGapRegressor(_NamedFeatures, RegressorMixin, BaseEstimator):
         self.huber_delta = huber_delta
         self.random_state = random_state
         self.n_jobs = n_jobs
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True
+        return tags
 
     def fit(self, X, y) -> LightGBMGapRegressor:
         import lightgbm as lgb
@@ -208,6 +232,7 @@ class LogisticRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
         self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(
             self.scaler_.transform(Z), y)
         self.classes_ = self.model_.classes_
+        self.n_iter_ = self.model_.n_iter_
         return self
 
     def predict_proba(self, X) -> np.ndarray:
@@ -238,9 +263,14 @@ class RulesRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
         self.rule_features = rule_features
         self.feature_names = feature_names
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        return tags
+
     def fit(self, X, y) -> RulesRouter:
         X, y = validate_data(self, X, y)
-        self.classes_, yi = np.unique(y, return_inverse=True)
+        self.classes_, yi = _binary_classes(y)
         names = list(self.feature_names)
         base = yi.mean()
         self.rules_: list[tuple[int, float]] = []

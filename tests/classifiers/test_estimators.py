@@ -7,6 +7,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from classifiers.estimators import (
     EmbeddingRouter,
@@ -94,3 +95,18 @@ def test_embedding_router(data):
     emb = EmbeddingRouter().fit(sub, ys)
     p = emb.predict_proba(sub[:5])
     assert p.shape == (5, 2) and emb.get_feature_names_out().shape == (384,)
+
+
+# scikit-learn's estimator checks as a conformance test. Expected failures: LightGBM cannot
+# fit one sample, and the regressor's defaults (min 20 samples per leaf) underfit the
+# check's tiny regression sets.
+_EXPECTED = {"check_regressors_train": "min_child_samples=20 underfits 30-sample sets",
+             "check_fit2d_1sample": "LightGBM cannot fit a single sample"}
+
+
+@pytest.mark.slow
+@parametrize_with_checks(
+    [LogisticRouter(), LightGBMRouter(n_estimators=10), LightGBMGapRegressor(n_estimators=10)],
+    expected_failed_checks=lambda est: _EXPECTED if isinstance(est, LightGBMGapRegressor) else {})
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
