@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -50,7 +51,7 @@ def build_backend(bs: BackendSettings, role: str, torch_threads: int | None = No
                                      architecture=role, timeout=bs.timeout_s,  # type: ignore[arg-type]
                                      max_concurrency=bs.concurrency)
     assert bs.path is not None
-    kwargs = {"device": bs.device, "max_concurrency": bs.concurrency,
+    kwargs: dict[str, Any] = {"device": bs.device, "max_concurrency": bs.concurrency,
               "torch_threads": torch_threads}
     if bs.path.startswith("reference:"):
         from models.reference import load_reference
@@ -121,7 +122,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                 built[role] = await asyncio.to_thread(build_backend, bs, role,
                                                       settings.torch_threads)
                 log.info("backend %s (%s): %s", bs.name, role, built[role].info())
-        slots = {role: BackendSlot(role, built[role], limits(settings, bs))
+        slots: dict[str, BackendSlot] = {role: BackendSlot(role, built[role], limits(settings, bs))
                  for role, bs in settings.backends.items()}
         policies = {}
         for name, prof in settings.profiles.items():

@@ -111,9 +111,11 @@ def add_serve_model(sub: argparse._SubParsersAction) -> None:
 def run_serve_model(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from models.base import Backend
     from router.model_server import create_model_app
 
     spec: str = args.model
+    backend: Backend
     if spec == "fake":
         from models.fake import FakeBackend
 

@@ -143,7 +143,7 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
             results.append(await slot.generate(prompt, p))
         n_prompt = results[0].prompt_tokens
         n_out = sum(r.completion_tokens for r in results)
-        choices = [(r.text, r.finish_reason) for r in results]
+        choices = [(r.text, str(r.finish_reason)) for r in results]
         if chat:
             return JSONResponse(P.chat_response(rid, model_name, choices, n_prompt, n_out))
         assert isinstance(prompt, str)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -145,7 +146,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
+def chat_response(rid: str, model: str, choices: Sequence[tuple[str, str]], prompt_tokens: int,
                   completion_tokens: int, extra: dict[str, Any] | None = None) -> dict:
     """``choices``: (text, finish_reason) per choice."""
     out = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -156,7 +157,7 @@ def chat_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_t
     return out | (extra or {})
 
 
-def completion_response(rid: str, model: str, choices: list[tuple[str, str]],
+def completion_response(rid: str, model: str, choices: Sequence[tuple[str, str]],
                         prompt_tokens: int, completion_tokens: int,
                         logprobs: list[dict | None] | None = None,
                         extra: dict[str, Any] | None = None) -> dict:

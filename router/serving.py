@@ -120,7 +120,7 @@ class RouterService:
         thr = prof.threshold if threshold is None else threshold
         role = decide(score, thr)
         other = "hybrid" if role == "transformer" else "transformer"
-        order = [role, other] if self.settings.fallback else [role]
+        order: list[str] = [role, other] if self.settings.fallback else [role]
         route = Route(model, name, prof.policy, score, thr, role, order)
         if self.decision_log is not None and hasattr(policy, "features"):
             route.features = policy.features(rreq)
@@ -212,9 +212,11 @@ class RouterService:
         row = DecisionRow(P.new_id("chatcmpl" if chat else "cmpl"), endpoint, body.model,
                           stream=body.stream)
         try:
+            prompt: Prompt
             if isinstance(body, P.ChatCompletionRequest):
-                prompt: Prompt = body.chat_messages()
-                rreq = RoutingRequest(tuple(prompt), body.requested_max_tokens(), "chat")
+                messages = body.chat_messages()
+                prompt = messages
+                rreq = RoutingRequest(tuple(messages), body.requested_max_tokens(), "chat")
             else:
                 if body.logprobs is not None:
                     raise InvalidRequestError("logprobs: not supported by the router (call a "
@@ -243,8 +245,8 @@ class RouterService:
         total = time.perf_counter() - t0
         overhead_ms = (total - spent) * 1000
         extra = {"archroute": route.body(overhead_ms)} if self.settings.decision_in_body else None
-        echo = getattr(body, "echo", False)
-        choices = [((prompt if echo else "") + r.text, r.finish_reason) for r in results]
+        echo = prompt if getattr(body, "echo", False) and isinstance(prompt, str) else ""
+        choices = [(echo + r.text, str(r.finish_reason)) for r in results]
         args = (row.request_id, body.model, choices, row.prompt_tokens, row.completion_tokens)
         payload = (P.chat_response(*args, extra=extra) if chat
                    else P.completion_response(*args, extra=extra))

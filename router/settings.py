@@ -90,7 +90,7 @@ class ProfileSettings(_Strict):
         return self
 
 
-def _default_backends() -> dict[str, BackendSettings]:
+def _default_backends() -> dict[Role, BackendSettings]:
     return {
         "transformer": BackendSettings(name="reference-transformer", path="reference:transformer"),
         "hybrid": BackendSettings(name="reference-hybrid", path="reference:hybrid"),

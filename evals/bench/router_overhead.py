@@ -59,7 +59,7 @@ def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.args}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.args!r}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
