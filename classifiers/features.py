@@ -32,6 +32,7 @@ from classifiers.request import RoutingRequest
 
 REP_MAX_BYTES = 65536  # structure counts and the tail-repeat search see the last 64 KiB
 HASH_MAX_BYTES = 16384  # repeated-span statistics see the last 16 KiB
+MAX_STARTS = 1024  # span starts hashed at most (a content-defined sample beyond that)
 ZLIB_BYTES = 4096  # compression ratio of the last 4 KiB
 SEM_MAX_BYTES = 4096  # word statistics see the last 4 KiB (~700 words)
 CUE_BYTES = 600  # instruction cues are looked for in the first and last 600 characters
@@ -168,13 +169,13 @@ EXPLAIN_CUES = ("explain", "summar", "describe", "why", "meaning", "overview", "
 
 
 def _powers(base: int, n: int) -> np.ndarray:
-    """``base**i mod 2**64`` for i < n (uint64 arithmetic wraps), by doubling."""
-    out = np.ones(n, np.uint64)
+    """``base**i mod 2**32`` for i < n (uint32 arithmetic wraps), by doubling."""
+    out = np.ones(n, np.uint32)
     m = 1
     with np.errstate(over="ignore"):
         while m < n:
             end = min(2 * m, n)
-            out[m:end] = out[:end - m] * np.uint64(pow(base, m, 2**64))
+            out[m:end] = out[:end - m] * np.uint32(pow(base, m, 2**32))
             m = end
     return out
 
@@ -192,8 +193,10 @@ def _tables() -> dict[str, np.ndarray | bytes]:
     punct = np.zeros(256, bool)
     punct[list(b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")] = True
     boundary = space | punct
-    base, inv = 1_000_003, pow(1_000_003, -1, 2**64)  # odd base: invertible mod 2**64
-    p, q = _powers(base, REP_MAX_BYTES + 1), _powers(inv, REP_MAX_BYTES + 1)
+    # 32-bit rolling hashes (small tables and temporaries: cache-friendly); with ~1000 spans
+    # per length a false repeat has probability ~1e-4
+    base, inv = 1_000_003, pow(1_000_003, -1, 2**32)  # odd base: invertible mod 2**32
+    p, q = _powers(base, HASH_MAX_BYTES + 1), _powers(inv, HASH_MAX_BYTES + 1)
     words = bytes(c + 32 if 65 <= c <= 90 else (32 if punct[c] or 48 <= c <= 57 else c)
                   for c in range(256))
     return {"brk": cls, "space": space, "boundary": boundary, "pow": p, "ipow": q,
@@ -205,7 +208,9 @@ def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
 
     ``arr`` is the window for span statistics, ``data`` the (longer) one for the tail search.
 
-    Spans start at word starts (a byte after whitespace or punctuation). One rolling-hash
+    Spans start at word starts (a byte after whitespace or punctuation), sampled by content
+    down to about :data:`MAX_STARTS` (the same two leading bytes are always kept or always
+    dropped, so both copies of a repeat stay comparable). One rolling-hash
     matrix (starts x span lengths) sorted once per column gives, for every span length on
     :data:`REP_LADDER`, which spans occur more than once.
     """
@@ -218,16 +223,20 @@ def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
         starts = np.flatnonzero(~boundary[1:] & boundary[:-1]) + 1
         if not boundary[0]:
             starts = np.concatenate(([0], starts))
-        prefix = np.zeros(n + 1, np.uint64)
+        if len(starts) > MAX_STARTS:  # content-defined sample: both copies of a span agree
+            m = -(-len(starts) // MAX_STARTS)
+            s1 = np.minimum(starts + 1, n - 1)
+            starts = starts[(arr[starts].astype(np.int64) * 31 + arr[s1]) % m == 0]
+        prefix = np.zeros(n + 1, np.uint32)
         ks = np.asarray(REP_LADDER)
         ends = starts[None, :] + ks[:, None]  # (span lengths, starts)
         valid = ends <= n
         with np.errstate(over="ignore"):
-            np.cumsum(arr.astype(np.uint64) * t["pow"][:n], out=prefix[1:])
+            np.cumsum(arr * t["pow"][:n], out=prefix[1:], dtype=np.uint32)
             h = (prefix[np.minimum(ends, n)] - prefix[starts]) * t["ipow"][starts]
             # spans running past the end get distinct values that cannot pair up
-            h[~valid] = np.uint64(0x9E3779B97F4A7C15) * np.arange(1, (~valid).sum() + 1,
-                                                                   dtype=np.uint64)
+            h[~valid] = np.uint32(0x9E3779B9) * np.arange(1, (~valid).sum() + 1,
+                                                           dtype=np.uint32)
         h.sort(axis=1)
         eq = h[:, 1:] == h[:, :-1]
         has = eq.any(axis=1)
