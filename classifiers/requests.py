@@ -44,6 +44,29 @@ PROMPT_CHARS = (300, 2000)
 ANSWER_CHARS = (200, 400)
 TEST_SHARE = 0.2
 MARKUP_DOMAINS = ("html", "tex", "markdown", "rest")
+# Several phrasings per instruction, so a model learns the request, not one template.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "quote": ("{passage}\n\nQuote the passage above verbatim:\n",
+              "Repeat the following text exactly.\n\n{passage}\n\nRepeated text:\n",
+              "{passage}\n\nCopy the text above word for word:\n",
+              "Reproduce this passage without changes:\n\n{passage}\n\n"),
+    "extract": ("{passage}\n\nCopy the text that begins with \"{cue}\":\n",
+                "{passage}\n\nExtract the part starting at \"{cue}\", verbatim:\n",
+                "From the text below, quote the section that starts with \"{cue}\".\n\n"
+                "{passage}\n\n"),
+    "complete_function": ("Complete this function:\n\n{passage}",
+                          "Finish the implementation below.\n\n{passage}",
+                          "{passage}"),
+    "close_markup": ("Close the open markup:\n\n{passage}",
+                     "Continue this document and close every open element.\n\n{passage}",
+                     "{passage}"),
+    "summarize": ("{passage}\n\nSummary of the passage above:\n",
+                  "Summarize the following text.\n\n{passage}\n\nSummary:\n",
+                  "{passage}\n\nIn short, the passage says:\n"),
+    "explain": ("Explain the following.\n\n{passage}\n\nExplanation:\n",
+                "{passage}\n\nExplain what the text above means:\n",
+                "What does this describe, and why?\n\n{passage}\n\n"),
+}
 _CLOSERS = re.compile(r"</|\\end\{|\n```|\}\n|\)\n")
 _DEF = re.compile(r"^[ \t]*(?:async\s+)?def \w+\(", re.M)
 
@@ -130,10 +153,7 @@ def make_request(doc: dict, kind: str, rng: random.Random, idx: int) -> MixReque
         if p:
             passage = text[p[0]:p[1]]
             answer = _span(passage, 0, rng)
-            if rng.random() < 0.5:
-                prompt = f"{passage}\n\nQuote the passage above verbatim:\n"
-            else:
-                prompt = f"Repeat the following text exactly.\n\n{passage}\n\nRepeated text:\n"
+            prompt = rng.choice(TEMPLATES["quote"]).format(passage=passage)
     elif kind == "extract":
         p = _passage(text, rng, 0)
         if p:
@@ -143,7 +163,7 @@ def make_request(doc: dict, kind: str, rng: random.Random, idx: int) -> MixReque
                 s = rng.choice(starts)
                 answer = _span(passage, s, rng)
                 cue = " ".join(answer.split()[:6])
-                prompt = f"{passage}\n\nCopy the text that begins with \"{cue}\":\n"
+                prompt = rng.choice(TEMPLATES["extract"]).format(passage=passage, cue=cue)
     elif kind == "complete_function":
         defs = [m.start() for m in _DEF.finditer(text)]
         if domain == "code" and defs:
@@ -151,7 +171,7 @@ def make_request(doc: dict, kind: str, rng: random.Random, idx: int) -> MixReque
             cut = _snap(text, d + rng.randint(40, 240), forward=True)
             begin = _snap(text, max(0, cut - rng.randint(*PROMPT_CHARS)), forward=False)
             if cut < len(text) - ANSWER_CHARS[0]:
-                prompt = "Complete this function:\n\n" + text[begin:cut]
+                prompt = rng.choice(TEMPLATES[kind]).format(passage=text[begin:cut])
                 answer = _span(text, cut, rng)
     elif kind == "close_markup":
         closers = [m.start() for m in _CLOSERS.finditer(text)
@@ -159,7 +179,7 @@ def make_request(doc: dict, kind: str, rng: random.Random, idx: int) -> MixReque
         if domain in MARKUP_DOMAINS and closers:
             cut = rng.choice(closers)
             begin = _snap(text, max(0, cut - rng.randint(*PROMPT_CHARS)), forward=False)
-            prompt = "Close the open markup:\n\n" + text[begin:cut]
+            prompt = rng.choice(TEMPLATES[kind]).format(passage=text[begin:cut])
             answer = _span(text, cut, rng)
     elif kind in ("summarize", "explain"):
         gap = rng.randint(0, 1500)
@@ -168,8 +188,7 @@ def make_request(doc: dict, kind: str, rng: random.Random, idx: int) -> MixReque
             passage = text[p[0]:p[1]]
             later = _snap(text, p[1] + gap, forward=True)
             answer = _span(text, later, rng)
-            prompt = (f"{passage}\n\nSummary of the passage above:\n" if kind == "summarize"
-                      else f"Explain the following.\n\n{passage}\n\nExplanation:\n")
+            prompt = rng.choice(TEMPLATES[kind]).format(passage=passage)
     else:
         raise ValueError(f"unknown request kind {kind!r}; expected one of {list(KIND_SHARES)}")
     if not prompt or not answer or not answer.strip():
