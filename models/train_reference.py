@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,12 @@ class TrainConfig:
     eval_every: int = 100
     ckpt_every: int = 50
     eval_windows: int = 12  # per domain
+    # Optional curriculum (a JSON list, ``--phases FILE``): each phase applies from its
+    # ``start`` step, to both models alike, and may set copy_share, synth_share,
+    # synth_repeats [lo, hi] (copies of each random span), synth_max_len, and its learning
+    # rate: {"kind": "cosine_total", "total": N} (the default cosine as if the run had N
+    # steps) or {"kind": "interp", "from": a, "to": b, "until": step} (cosine from a to b).
+    phases: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -148,20 +154,51 @@ class WindowSampler:
         start = int(rng.integers(0, self.n - cfg.seq_len - 1))
         w = self.stream[start:start + cfg.seq_len + 1].astype(np.int64).copy()
         u = rng.random()
-        if u < cfg.copy_share:
+        ph = phase_at(step, cfg)
+        copy = ph.get("copy_share", cfg.copy_share)
+        synth = ph.get("synth_share", cfg.synth_share)
+        if u < copy:
             insert_repeat(w, rng, synthetic=False, vocab=cfg.vocab)
-        elif u < cfg.copy_share + cfg.synth_share:
-            insert_repeat(w, rng, synthetic=True, vocab=cfg.vocab)
+        elif u < copy + synth:
+            lo, hi = ph.get("synth_repeats", [1, 1])
+            insert_repeat(w, rng, synthetic=True, vocab=cfg.vocab,
+                          repeats=int(rng.integers(lo, hi + 1)),
+                          max_len=ph.get("synth_max_len", 256))
         return w
 
     def batch(self, step: int) -> np.ndarray:
         return np.stack([self.window(step, b) for b in range(self.cfg.batch_size)])
 
 
-def insert_repeat(w: np.ndarray, rng: np.random.Generator, synthetic: bool, vocab: int) -> None:
-    """Copy a span of ``w`` (or a random-token span) to a later position, in place."""
+def phase_at(step: int, cfg: TrainConfig) -> dict:
+    """The curriculum phase in force at ``step`` ({} without a curriculum)."""
+    current: dict = {}
+    for ph in cfg.phases:
+        if ph["start"] <= step:
+            current = ph
+    return current
+
+
+def insert_repeat(w: np.ndarray, rng: np.random.Generator, synthetic: bool, vocab: int,
+                  repeats: int = 1, max_len: int = 256) -> None:
+    """Copy a span of ``w`` (or a random-token span) to later positions, in place.
+
+    With ``repeats`` > 1 (synthetic spans only) the span recurs that many more times, each
+    copy 0-128 tokens after the previous one, as far as the window allows.
+    """
     n = len(w)
-    length = int(np.exp(rng.uniform(np.log(16), np.log(256))))
+    if repeats > 1:
+        length = int(np.exp(rng.uniform(np.log(16), np.log(max_len))))
+        length = min(length, n // (repeats + 1))
+        pos = int(rng.integers(0, 64))
+        span = rng.integers(2, vocab, size=length)
+        for _ in range(repeats + 1):
+            if pos + length > n:
+                break
+            w[pos:pos + length] = span
+            pos += length + int(rng.integers(0, 129))
+        return
+    length = int(np.exp(rng.uniform(np.log(16), np.log(max_len))))
     gap = int(rng.integers(0, 513))
     if 2 * length + gap > n:
         gap = max(0, n - 2 * length)
@@ -237,9 +274,16 @@ def model_config(arch: str, cfg: TrainConfig, eos_id: int, pad_id: int):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine from lr to min_lr over the run's steps."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    sched = phase_at(step, cfg).get("lr", {"kind": "cosine_total", "total": cfg.steps})
+    if sched["kind"] == "interp":
+        start = phase_at(step, cfg)["start"]
+        t = (step - start) / max(1, sched["until"] - start)
+        return sched["to"] + 0.5 * (sched["from"] - sched["to"]) * (1 + math.cos(math.pi * min(1.0, t)))
+    total = sched["total"]
+    t = (step - cfg.warmup) / max(1, total - cfg.warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
@@ -302,7 +346,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     run: Path = a.run
     corpus = Path((run / "corpus_path.txt").read_text().strip())
-    overrides = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    overrides = {k: v for k, v in vars(a).items()
+                 if k in TrainConfig.__dataclass_fields__ and v is not None and k != "phases"}
+    if a.phases:
+        overrides["phases"] = json.loads(Path(a.phases).read_text())
     cfg = TrainConfig(**overrides)
     tok = load_hf_tokenizer(run / "tokenizer.json")
     eos_id, pad_id = tok.convert_tokens_to_ids(EOS), tok.convert_tokens_to_ids(PAD)
@@ -416,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         tr.add_argument("--" + f.replace("_", "-"), dest=f, type=int)
     for f in ("lr", "min_lr", "copy_share", "synth_share"):
         tr.add_argument("--" + f.replace("_", "-"), dest=f, type=float)
+    tr.add_argument("--phases", type=Path, help="curriculum JSON (see TrainConfig.phases)")
     tr.set_defaults(func=cmd_train)
     e = sub.add_parser("export", help="write the shipped model directories")
     e.add_argument("--run", type=Path, required=True)
