@@ -311,7 +311,7 @@ class RulesRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
         return self.classes_[(self.predict_proba(X)[:, 1] > 0.5).astype(int)]
 
 
-EMBED_CHARS = 1500  # the embedding sees the last 1500 characters (MiniLM keeps 256 tokens)
+EMBED_CHARS = 800  # the embedding sees the last 800 characters of the last user turn
 
 
 @cache
@@ -328,17 +328,21 @@ def load_minilm():
 
 class EmbeddingRouter(ClassifierMixin, BaseEstimator):
     """Sentence embedding (all-MiniLM-L6-v2, 384-d, normalised) of the last
-    :data:`EMBED_CHARS` of the last user turn + logistic regression (baseline).
-    ``X`` is a sequence of requests or strings, not a feature matrix."""
+    :data:`EMBED_CHARS` of the last user turn, truncated to ``max_seq_length`` word pieces,
+    + logistic regression (baseline). ``X`` is a sequence of requests or strings, not a
+    feature matrix. 128 word pieces halves the CPU cost of the model's 256 at a small loss."""
 
-    def __init__(self, C: float = 1.0, batch_size: int = 32) -> None:
+    def __init__(self, C: float = 1.0, batch_size: int = 32, max_seq_length: int = 128) -> None:
         self.C = C
         self.batch_size = batch_size
+        self.max_seq_length = max_seq_length
 
     def embed(self, X: Sequence) -> np.ndarray:
         texts = [as_request(x).last_user[-EMBED_CHARS:] for x in X]
-        return load_minilm().encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=False)
+        model = load_minilm()
+        model.max_seq_length = self.max_seq_length
+        return model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                            convert_to_numpy=True, show_progress_bar=False)
 
     def fit(self, X: Sequence, y, embeddings: np.ndarray | None = None) -> EmbeddingRouter:
         from sklearn.linear_model import LogisticRegression
