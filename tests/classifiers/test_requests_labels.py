@@ -83,3 +83,14 @@ def test_a_refused_request_is_skipped_not_fatal(mix):
     rows = label_requests(mix[:60], t, picky, progress=False, chunk_size=8)
     n_quote = sum("Quote" in r.prompt for r in mix[:60])
     assert n_quote and len(rows) == 60 - n_quote
+
+
+@pytest.mark.slow
+def test_labels_on_the_reference_pair(reference_pair, mix):
+    """The real pair scores the mix's answers: finite gaps over the answer tokens."""
+    t, h = reference_pair
+    rows = label_requests(mix[:4], t, h, progress=False)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["n_tokens"] > 0 and r["gap"] == r["gap"]
+        assert r["gap"] == pytest.approx(r["loss_transformer"] - r["loss_hybrid"], abs=1e-5)
