@@ -45,6 +45,11 @@ class UpstreamStatusError(BackendError):
         self.status_code = status_code
 
 
+class UpstreamRequestError(UpstreamStatusError, ValueError):
+    """The upstream refused the request itself (HTTP 400/413/422, e.g. longer than its
+    context): the request's fault, so the router answers 400 and does not fall back."""
+
+
 def _finish(reason: object) -> FinishReason:
     return "length" if reason == "length" else "stop"
 
@@ -204,7 +209,8 @@ class OpenAIUpstreamBackend(Backend):
 
     def _check(self, resp: httpx.Response) -> None:
         if resp.status_code >= 400:
-            raise UpstreamStatusError(
+            cls = UpstreamRequestError if resp.status_code in (400, 413, 422) else UpstreamStatusError
+            raise cls(
                 f"{self.name}: upstream HTTP {resp.status_code}: {_error_text(resp)}",
                 resp.status_code)
 

@@ -78,10 +78,10 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, TimeoutError):  # incl. UpstreamTimeoutError, asyncio timeouts
         return UpstreamTimeout(f"backend timed out: {exc}" if str(exc) else "backend timed out")
+    if isinstance(exc, ValueError):  # GenerationParams checks, too long for the model...
+        return InvalidRequestError(str(exc))
     if isinstance(exc, BackendError):
         return UpstreamError(f"backend failed: {exc}")
-    if isinstance(exc, ValueError):  # e.g. GenerationParams checks
-        return InvalidRequestError(str(exc))
     log.exception("unexpected error", exc_info=exc)
     return APIError("internal error", status=500, code="internal_error")
 

@@ -157,3 +157,13 @@ def test_score_matches_in_process_reference(reference_pair) -> None:
         assert isinstance(text, str)
     finally:
         srv.stop()
+
+
+def test_request_errors_are_value_errors(fake_server: Server) -> None:
+    """An upstream 400 is the request's fault: a ValueError, so the router does not fall back."""
+    from models.upstream import UpstreamRequestError
+
+    b = OpenAIUpstreamBackend("up", fake_server.url + "/v1", "up-fake")
+    with pytest.raises(UpstreamRequestError) as info:
+        b.generate("x", GenerationParams(max_tokens=5, stop=["a", "b", "c", "d", "e"]))
+    assert info.value.status_code == 400 and isinstance(info.value, ValueError)

@@ -224,3 +224,16 @@ def test_decision_log_rows(tmp_path: Path) -> None:
     assert rows[1][4] == 404
     mode = sqlite3.connect(tmp_path / "decisions.sqlite").execute("PRAGMA journal_mode").fetchone()
     assert mode == ("wal",)
+
+
+def test_request_errors_do_not_fall_back(fakes) -> None:
+    f, client = fakes
+
+    def too_long(prompt, params):
+        raise ValueError("prompt + max_tokens exceeds the context length")
+
+    f.transformer.generate = too_long  # type: ignore[method-assign]
+    err = assert_envelope(chat(client, COPY), 400)
+    assert "context length" in err["message"]
+    assert f.hybrid.calls == []
+    assert f.app.state.service.slots["transformer"].failures == 0
