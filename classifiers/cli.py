@@ -140,7 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
     unknown = set(models) - set(MODELS)
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {MODELS}")
-    rows = [r for r in read_labels(args.labels) if r["gap"] == r["gap"]]
+    rows = [r for r in read_labels(args.labels, latest_only=True) if r["gap"] == r["gap"]]
     if not rows:
         raise SystemExit(f"no labels in {args.labels} (run `archroute label` first)")
     reqs = [RoutingRequest.from_prompt(r["prompt"]) for r in rows]

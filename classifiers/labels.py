@@ -54,19 +54,45 @@ def label_class(gap: float, margin: float = MARGIN) -> str:
     return "hybrid" if gap > 0 else "transformer"
 
 
+def backend_fingerprint(backend: Backend) -> str:
+    """Name, location and parameter count, plus size and mtime of local weight files, so a
+    cache never serves labels measured on other weights under the same name."""
+    try:
+        info = backend.info()
+    except Exception:  # noqa: BLE001 - a backend that cannot describe itself: name only
+        return backend.name
+    parts = [info.name, info.location, str(info.parameters)]
+    loc = Path(info.location) if info.location else None
+    if loc is not None and loc.is_dir():
+        for f in sorted(loc.glob("*.safetensors")) + sorted(loc.glob("*.bin")):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
 def request_key(req: MixRequest, pair: str) -> str:
-    """Cache key: the request id, its text and the backend pair."""
+    """Cache key: the request id, its text and the backend pair's fingerprint."""
     h = hashlib.sha256(f"{pair}\0{req.prompt}\0{req.answer}".encode()).hexdigest()[:16]
     return f"{req.id}:{h}"
 
 
-def read_labels(path: str | Path) -> list[dict]:
-    """Rows of a label file (request fields + key, pair, gap, losses, n_tokens, label)."""
+def read_labels(path: str | Path, latest_only: bool = False) -> list[dict]:
+    """Rows of a label file (request fields + key, pair, fp (pair fingerprint), gap, losses,
+    n_tokens, label). ``latest_only`` keeps the rows measured on the same weights as the
+    last row (a cache appended across retrainings holds several)."""
     path = Path(path)
     if not path.exists():
         return []
     with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    if latest_only and rows:
+        fp = rows[-1].get("fp")
+        kept = [r for r in rows if r.get("fp") == fp]
+        if len(kept) < len(rows):
+            log.warning("%s: using the %d rows of the latest pair weights, ignoring %d older",
+                        path, len(kept), len(rows) - len(kept))
+        rows = kept
+    return rows
 
 
 def _score_chunk(idx: list[int], requests: Sequence[MixRequest], transformer: Backend,
@@ -98,8 +124,10 @@ def label_requests(requests: Sequence[MixRequest], transformer: Backend, hybrid:
     order; requests a backend refuses are skipped and logged). Rows already in ``cache``
     (same request text and pair) are reused; new rows are appended to it after each chunk."""
     pair = f"{transformer.name}|{hybrid.name}"
+    fingerprint = f"{backend_fingerprint(transformer)}\0{backend_fingerprint(hybrid)}"
+    fp = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
     cached = {r["key"]: r for r in read_labels(cache)} if cache else {}
-    keys = [request_key(r, pair) for r in requests]
+    keys = [request_key(r, fingerprint) for r in requests]
     todo = [i for i, k in enumerate(keys) if k not in cached]
     # similar lengths share a chunk (less padding), sorted within blocks of 8 chunks only, so
     # a run stopped early has labelled a representative part of the mix, not the short end
@@ -122,7 +150,7 @@ def label_requests(requests: Sequence[MixRequest], transformer: Backend, hybrid:
             idx, st, sh = _score_chunk(idx, requests, transformer, hybrid)
             for i, t, h in zip(idx, st, sh, strict=True):
                 gap = gap_of(t, h)
-                row = {**requests[i].to_json(), "key": keys[i], "pair": pair, "gap": gap,
+                row = {**requests[i].to_json(), "key": keys[i], "pair": pair, "fp": fp, "gap": gap,
                        "loss_transformer": t.loss, "loss_hybrid": h.loss,
                        "n_tokens": len(t.logprobs), "label": label_class(gap, margin)}
                 cached[keys[i]] = row
