@@ -14,6 +14,7 @@ The router's classifier policy calls :func:`load_default` once and then
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 
 from classifiers.features import FEATURE_NAMES, extract, extract_batch
 from classifiers.request import RoutingRequest
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
@@ -114,9 +117,10 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None) -> 
     return path
 
 
-def load(path: str | Path) -> RequestClassifier:
+def load(path: str | Path, verify: bool = True) -> RequestClassifier:
     """Load an artifact directory; raises :class:`ArtifactError` when it does not fit this
-    build's features."""
+    build's features. ``verify`` replays the self-check (which also warms the feature
+    tables and parsers) and logs a warning when predictions moved since training."""
     import lightgbm as lgb
 
     path = Path(path)
@@ -133,7 +137,15 @@ def load(path: str | Path) -> RequestClassifier:
     reg_file = path / "regressor.txt"
     reg = lgb.Booster(model_str=reg_file.read_text()) if reg_file.exists() else None
     a, b = meta["calibration"]
-    return RequestClassifier(clf, (float(a), float(b)), reg, meta)
+    out = RequestClassifier(clf, (float(a), float(b)), reg, meta)
+    if verify and meta.get("self_check"):
+        reqs = [RoutingRequest.from_prompt(c["prompt"]) for c in meta["self_check"]]
+        p = out.predict_proba(reqs)
+        drift = float(np.max(np.abs(p - [c["p_transformer"] for c in meta["self_check"]])))
+        if drift > 1e-6:
+            log.warning("%s: predictions differ from training by up to %.3g (versions: %s "
+                        "now %s)", path, drift, meta.get("versions"), versions())
+    return out
 
 
 def load_default() -> RequestClassifier:
