@@ -32,9 +32,9 @@ from classifiers.request import RoutingRequest
 
 REP_MAX_BYTES = 65536  # structure counts and the tail-repeat search see the last 64 KiB
 HASH_MAX_BYTES = 16384  # repeated-span statistics see the last 16 KiB
-MAX_STARTS = 1024  # span starts hashed at most (a content-defined sample beyond that)
-ZLIB_BYTES = 4096  # compression ratio of the last 4 KiB
-SEM_MAX_BYTES = 4096  # word statistics see the last 4 KiB (~700 words)
+MAX_STARTS = 512  # span starts hashed at most (a content-defined sample beyond that)
+ZLIB_BYTES = 2048  # compression ratio of the last 2 KiB
+SEM_MAX_BYTES = 2048  # word statistics see the last 2 KiB (~350 words)
 CUE_BYTES = 600  # instruction cues are looked for in the first and last 600 characters
 LAST_USER_WEIGHT = 0.7  # weight of the last user turn in multi-turn requests
 REP_SHARES = (8, 32)  # span lengths (bytes) whose repeated share is a feature
@@ -81,7 +81,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("tail_repeat_dist_log", "repetition",
             "log(1 + bytes back to that earlier occurrence), 0 when none",
             "fixed-state recall decays with distance; attention does not"),
-    Feature("compress_ratio", "repetition", "zlib-compressed size / raw size (last 4 KiB)",
+    Feature("compress_ratio", "repetition", "zlib-compressed size / raw size (last 2 KiB)",
             "low ratio = redundant, repetitive text"),
     # --- structure ----------------------------------------------------------------------
     Feature("fenced_blocks", "structure", "number of ``` fenced blocks", "code to copy or edit"),
@@ -127,7 +127,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("adverb_share", "semantics", "words ending in '-ly ' per word",
             "study: adverbs are especially hybrid-favoured"),
     Feature("there_share", "semantics", "share of 'there'", "study: existential 'there' favours the hybrid"),
-    Feature("type_token_ratio", "semantics", "distinct / total words over the last 400 words",
+    Feature("type_token_ratio", "semantics", "distinct / total words over the last 2 KiB",
             "lexical variety vs repetition"),
     Feature("mean_word_len", "semantics", "letters per word / 10", "technical vs plain prose"),
     Feature("sentence_len", "semantics", "words per sentence / 100", "narrative vs list/code"),
@@ -285,7 +285,7 @@ def _semantics(data: bytes) -> list[float]:
     func = sum(map(counts.__getitem__, keys & FUNCTION_WORDS))
     pron = sum(map(counts.__getitem__, keys & PRONOUNS))
     ques = sum(map(counts.__getitem__, keys & QUESTION_WORDS)) + data.count(b"?")
-    recent = alpha[-400:]
+    recent = alpha
     sentences = data.count(b". ") + data.count(b".\n") + data.count(b"? ") + data.count(b"! ") + 1
     return [sum(map(bytes.isalpha, tokens)) / max(len(tokens), 1), (nw - func) / nw, func / nw,
             pron / nw, data.count(b"ly ") / nw, get(b"there", 0) / nw,

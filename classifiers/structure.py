@@ -31,7 +31,7 @@ MARKERS: dict[str, tuple[bytes, ...]] = {
     "markdown": (b"\n## ", b"](", b"```", b"\n* "),
     "rest": (b"\n.. ", b"::\n", b":`", b"``"),
 }
-MARKER_BYTES = 2048  # markers are counted over the last 2 KiB (the part nearest the answer)
+MARKER_BYTES = 1024  # markers are counted over the last 1 KiB (the part nearest the answer)
 MIN_MARKER_SCORE = 2.0  # markers per 1k bytes below which the text counts as prose
 RAW_PARSE_RATIO = 2.0  # unfenced text is parsed only when its language leads 2:1
 
