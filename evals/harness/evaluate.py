@@ -125,7 +125,7 @@ def evaluate_policies(table: PairTable, policies: dict, cfg: EvalConfig, progres
     q, c = table.quality, table.costs[cfg.cost]
     reqs = [r.routing_request() for r in table.requests]
     suites = np.array(table.suite)
-    domains = np.array(table.domain)
+    domains, kinds = np.array(table.domain), np.array(table.kind)
     results, all_scores = [], {}
     bar = _bar(len(policies), "policies", progress)
     for name, pol in policies.items():
@@ -152,10 +152,11 @@ def evaluate_policies(table: PairTable, policies: dict, cfg: EvalConfig, progres
             m = suites == s
             by_suite[s] = {k: finite(v) for k, v in _point_metrics(scores[m], route[m], q[m], c[m]).items()}
         by_domain = {d: float(route[domains == d].mean()) for d in sorted(set(domains))}
+        by_kind = {k: float(route[kinds == k].mean()) for k in sorted(set(kinds))}
         results.append(PolicyResult(
             name=name, params={k: v for k, v in params.items() if isinstance(v, int | float | str | bool | None)},
             note=note, threshold=cfg.threshold, metrics=mets, by_suite=by_suite,
-            by_domain=by_domain,
+            by_domain=by_domain, by_kind=by_kind,
             curve={"thresholds": [finite(t) for t in curve.thresholds], "share_t": curve.share_t.tolist(),
                    "quality": curve.quality.tolist(), "cost": curve.cost.tolist()},
             pareto=M.pareto_front(curve.cost, curve.quality).tolist(), score_ms=score_ms))

@@ -54,6 +54,12 @@ def tables(result: EvalResult) -> dict[str, tuple[list[str], list[list[str]]]]:
         [["oracle (measured)"] + [_fmt(result.by_domain[d]["oracle_share_transformer"], 2) for d in doms]]
         + [[p.name] + [_fmt(p.by_domain.get(d), 2) for d in doms] for p in result.policies
            if p.name != "oracle"])
+    kinds = sorted(result.by_kind)
+    out["Share routed to the transformer, by kind"] = (
+        ["policy", *kinds],
+        [["oracle (measured)"] + [_fmt(result.by_kind[k]["oracle_share_transformer"], 2) for k in kinds]]
+        + [[p.name] + [_fmt(p.by_kind.get(k), 2) for k in kinds] for p in result.policies
+           if p.name != "oracle"])
     for title, groups in (("Gap by domain", result.by_domain), ("Gap by kind", result.by_kind)):
         out[title + " (loss_transformer - loss_hybrid, nats/token; > 0: hybrid better)"] = (
             ["group", "n", "quality T", "quality H", "gap", "oracle share T"],
@@ -142,21 +148,27 @@ def plot(result: EvalResult, out_dir: str | Path) -> list[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    doms = sorted(result.by_domain)
     names = ["oracle"] + [p.name for p in result.policies if p.name != "oracle"]
-    vals = {"oracle": [result.by_domain[d]["oracle_share_transformer"] for d in doms]}
-    vals.update({p.name: [p.by_domain.get(d, 0.0) for d in doms] for p in result.policies})
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(doms)), 4.5))
+    panels = [("domain", result.by_domain, {p.name: p.by_domain for p in result.policies}),
+              ("kind", result.by_kind, {p.name: p.by_kind for p in result.policies})]
+    n_groups = sum(len(g) for _, g, _ in panels)
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.9 * n_groups + 3), 4.5), sharey=True,
+                             gridspec_kw={"width_ratios": [max(1, len(g)) for _, g, _ in panels]})
     w = 0.8 / max(1, len(names))
-    x = np.arange(len(doms))
-    for i, n in enumerate(names):
-        ax.bar(x + i * w - 0.4 + w / 2, vals[n], w, label=n)
-    ax.set_xticks(x, doms)
-    ax.set_ylabel("share routed to the transformer")
-    ax.set_ylim(0, 1)
-    ax.set_title("Decisions by domain (threshold %.2f)" % (
+    for ax, (label, groups, by_policy) in zip(axes, panels, strict=True):
+        keys = sorted(groups)
+        x = np.arange(len(keys))
+        for i, n in enumerate(names):
+            vals = ([groups[k]["oracle_share_transformer"] for k in keys] if n == "oracle"
+                    else [by_policy[n].get(k, 0.0) for k in keys])
+            ax.bar(x + i * w - 0.4 + w / 2, vals, w, label=n)
+        ax.set_xticks(x, keys, rotation=30)
+        ax.set_title(f"by {label}")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("share routed to the transformer")
+    axes[-1].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.suptitle("Decisions at threshold %.2f (oracle: where the transformer is better)" % (
         result.policies[0].threshold if result.policies else 0.5))
-    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(str(out_dir / "domain_decisions.png"))
     fig.savefig(paths[-1], dpi=110)

@@ -80,6 +80,7 @@ class PolicyResult:
     metrics: dict[str, list[float | None]]  # overall, with CIs
     by_suite: dict[str, dict[str, float | None]]  # point estimates per suite
     by_domain: dict[str, float]  # share routed to the transformer per domain
+    by_kind: dict[str, float]  # ... and per kind
     curve: dict[str, list[float]]  # thresholds, share_t, quality, cost
     pareto: list[int]  # indices into the curve
     score_ms: float = 0.0  # mean scoring time per request (policy overhead)

@@ -100,6 +100,7 @@ def test_run_eval_planted_oracle(tmp_path: Path) -> None:
     orc = res.policy("oracle")
     assert orc.metrics["accuracy"][0] == 1.0
     assert orc.by_domain == {"code": 0.0, "math": 1.0, "prose": 1.0, "science": 0.0}
+    assert orc.by_kind == {"explain": 0.0, "repeat": 1.0}
     assert res.by_domain["science"]["gap"] == pytest.approx(1.0)  # the hybrid wins explain
     assert res.backends[0].computed == 6 and res.suites[0].n_scored == 6
     rows = [json.loads(x) for x in (tmp_path / "requests.jsonl").read_text().splitlines()]
