@@ -78,6 +78,11 @@ def render_markdown(result: EvalResult, plots: list[str] | None = None) -> str:
              "- backends: " + ", ".join(f"{b.role} = {b.name} ({b.parameters} params; "
                                         f"{b.cached} cached, {b.computed} computed)"
                                         for b in result.backends)]
+    s = result.singles
+    best = max(("transformer", "hybrid"), key=lambda k: s[k]["quality"])
+    lines.append(f"- best single backend: {best}; oracle headroom over it "
+                 f"{s['oracle']['quality'] - s[best]['quality']:+.4f} (quality units), the oracle "
+                 f"sends {s['oracle']['share_transformer']:.1%} of requests to the transformer")
     if result.skipped:
         lines.append("- skipped policies: " + "; ".join(f"{k}: {v}" for k, v in result.skipped.items()))
     lines.append("")
