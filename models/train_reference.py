@@ -70,7 +70,9 @@ class TrainConfig:
     # ``start`` step, to both models alike, and may set copy_share, synth_share,
     # synth_repeats [lo, hi] (copies of each random span), synth_max_len, and its learning
     # rate: {"kind": "cosine_total", "total": N} (the default cosine as if the run had N
-    # steps) or {"kind": "interp", "from": a, "to": b, "until": step} (cosine from a to b).
+    # steps) or {"kind": "interp", "from": a, "to": b, "until": step, "warmup": k} (cosine
+    # from a to b); and one-time interventions at its first step: "qk_gain" (scale the
+    # attention q/k norm gains) and "reset_optimizer" (fresh AdamW state).
     phases: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -169,6 +171,21 @@ class WindowSampler:
     def batch(self, step: int) -> np.ndarray:
         return np.stack([self.window(step, b) for b in range(self.cfg.batch_size)])
 
+    def copy_batch(self, step: int) -> np.ndarray | None:
+        """The phase's short synthetic copy batch, if it has one: ``size`` sequences of
+        ``len`` tokens, each a random span (``span`` = [lo, hi] tokens) repeated to the end.
+        Short sequences keep attention undiluted, so exact copying is learned fast."""
+        spec = phase_at(step, self.cfg).get("copy_batch")
+        if not spec:
+            return None
+        rng = np.random.default_rng([self.cfg.seed, step, 10_000])
+        rows = []
+        for _ in range(spec["size"]):
+            length = int(rng.integers(spec["span"][0], spec["span"][1] + 1))
+            span = rng.integers(2, self.cfg.vocab, size=length)
+            rows.append(np.resize(span, spec["len"]))
+        return np.stack(rows).astype(np.int64)
+
 
 def phase_at(step: int, cfg: TrainConfig) -> dict:
     """The curriculum phase in force at ``step`` ({} without a curriculum)."""
@@ -221,13 +238,16 @@ def copy_probe(val: dict[str, np.ndarray], seq_len: int, seed: int = 7,
     items = []
     groups = {"code": ["code"], "prose": ["rest", "dict", "markdown"]}
     for group, domains in groups.items():
-        pool = np.concatenate([val[d] for d in domains if d in val])
+        parts = [val[d] for d in domains if d in val]
+        if not parts:
+            continue
+        pool = np.concatenate(parts)
         for length in (16, 64, 256):
             for distance in (64, 256):
                 for _ in range(per_cell):
                     lead = int(rng.integers(16, 64))
                     need = lead + 2 * length + distance
-                    if need > seq_len:
+                    if need > seq_len or need >= len(pool) - 1:
                         continue
                     a = int(rng.integers(0, len(pool) - need - 1))
                     ids = pool[a:a + need].astype(np.int64).copy()
@@ -273,6 +293,17 @@ def model_config(arch: str, cfg: TrainConfig, eos_id: int, pad_id: int):
     raise ValueError(f"unknown arch {arch!r}: expected 'transformer' or 'hybrid'")
 
 
+def scale_qk_gains(model, gain: float) -> None:
+    """Multiply every attention q/k RMSNorm gain by ``gain`` (raises the cap on attention
+    logits, which QK-norm ties to sqrt(head_dim) x gain_q x gain_k)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+                p.mul_(gain)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine from lr to min_lr over the run's steps."""
     if step < cfg.warmup:
@@ -280,6 +311,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     sched = phase_at(step, cfg).get("lr", {"kind": "cosine_total", "total": cfg.steps})
     if sched["kind"] == "interp":
         start = phase_at(step, cfg)["start"]
+        if step - start < sched.get("warmup", 0):  # e.g. after an optimizer reset
+            return sched["from"] * (step - start + 1) / sched["warmup"]
         t = (step - start) / max(1, sched["until"] - start)
         return sched["to"] + 0.5 * (sched["from"] - sched["to"]) * (1 + math.cos(math.pi * min(1.0, t)))
     total = sched["total"]
@@ -366,12 +399,30 @@ def cmd_train(a: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(model_config(a.arch, cfg, eos_id, pad_id))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+    def new_optimizer():
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+    opt = new_optimizer()
     step = 0
+    if a.init_from and not ckpt_path.exists():
+        # Restart from a snapshot's weights with a fresh optimizer at step --start-step,
+        # optionally scaling the attention q/k RMSNorm gains (see the model card).
+        from safetensors.torch import load_file
+
+        sd = load_file(str(Path(a.init_from) / "model.safetensors"))
+        if "lm_head.weight" not in sd:
+            raise ValueError("snapshot has no lm_head.weight")
+        model.load_state_dict(sd, strict=False)
+        if a.qk_gain != 1.0:
+            scale_qk_gains(model, a.qk_gain)
+        step = a.start_step
+        log.info("%s: initialised from %s at step %d (q/k norm gain x%.3f, fresh optimizer)",
+                 a.arch, a.init_from, step, a.qk_gain)
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -393,10 +444,23 @@ def cmd_train(a: argparse.Namespace) -> None:
             (out / f"eval_{step}.done").touch()
             log.info("%s step %d: val %.3f probe %s", a.arch, step, ev["val_mean"],
                      {k: round(v["second"], 2) for k, v in ev["probe"].items() if "L64" in k})
+        ph = phase_at(step, cfg)
+        if ph.get("start") == step and (ph.get("reset_optimizer") or ph.get("qk_gain")):
+            # one-time interventions at a phase's first step (identical for both models)
+            if ph.get("qk_gain"):
+                scale_qk_gains(model, ph["qk_gain"])
+            if ph.get("reset_optimizer"):
+                opt = new_optimizer()
+            log.info("%s step %d: phase start (qk_gain %s, reset_optimizer %s)", a.arch, step,
+                     ph.get("qk_gain"), ph.get("reset_optimizer"))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         batch = torch.from_numpy(sampler.batch(step))
         loss = model(input_ids=batch, labels=batch).loss  # labels are shifted inside
+        cb = sampler.copy_batch(step)
+        if cb is not None:
+            cbt = torch.from_numpy(cb)
+            loss = loss + model(input_ids=cbt, labels=cbt).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -464,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("lr", "min_lr", "copy_share", "synth_share"):
         tr.add_argument("--" + f.replace("_", "-"), dest=f, type=float)
     tr.add_argument("--phases", type=Path, help="curriculum JSON (see TrainConfig.phases)")
+    tr.add_argument("--init-from", type=Path, help="start from this snapshot's weights (fresh optimizer)")
+    tr.add_argument("--start-step", type=int, default=0, help="step number of --init-from")
+    tr.add_argument("--qk-gain", type=float, default=1.0,
+                    help="multiply attention q/k norm gains of --init-from by this")
     tr.set_defaults(func=cmd_train)
     e = sub.add_parser("export", help="write the shipped model directories")
     e.add_argument("--run", type=Path, required=True)
