@@ -47,7 +47,8 @@ def plot(d: Path) -> None:
     plt.close(fig)
 
     keys = sorted({k for _, ev in logs.values() for r in ev for k in r["probe"]})
-    groups = sorted({k.rsplit("/", 1)[0] for k in keys})  # e.g. code/L64
+    groups = sorted({k.rsplit("/", 1)[0] for k in keys},
+                    key=lambda g: (g.split("/")[0], int(g.split("/L")[1])))  # e.g. code/L64
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
     for i, g in enumerate(groups):
         x = axes.flat[i]
