@@ -71,11 +71,33 @@ class RequestClassifier:
             raise ArtifactError("this artifact has no gap regressor")
         return self.regressor.predict(X, num_threads=1)
 
+    @property
+    def center(self) -> float:
+        """The gap the classifier's classes were split at (0 unless trained centred)."""
+        return float(self.meta.get("center", 0.0))
+
+    def p_transformer_from_features(self, X: np.ndarray) -> np.ndarray:
+        """P(transformer better), i.e. P(gap < 0), shape (n,).
+
+        Trained at center 0 this is the calibrated classifier. Trained centred (labels too
+        one-sided for a sign classifier, ``archroute train --center median``), the classifier
+        only ranks requests, so the probability comes from the gap regressor instead:
+        Phi(-gap / sigma), sigma the labels' spread (``label_summary.gap_std``), which keeps
+        the ranking and tells the router the truth about who wins.
+        """
+        if self.center == 0.0 or self.regressor is None:
+            return self.proba_from_features(X)
+        from math import erf, sqrt
+
+        sigma = float(self.meta.get("label_summary", {}).get("gap_std") or 0.2)
+        z = -self.gap_from_features(X) / (sigma * sqrt(2.0))
+        return np.asarray([0.5 * (1.0 + erf(v)) for v in z])
+
     def predict_proba(self, requests: list[RoutingRequest]) -> np.ndarray:
         """P(the transformer serves the request better), shape (len(requests),)."""
         X = (extract(requests[0])[None, :] if len(requests) == 1
              else extract_batch(list(requests)))
-        return self.proba_from_features(X) if len(X) else np.zeros(0)
+        return self.p_transformer_from_features(X) if len(X) else np.zeros(0)
 
     def predict_gap(self, requests: list[RoutingRequest]) -> np.ndarray:
         """Expected gap loss_transformer - loss_hybrid (nats/token), shape (len(requests),)."""
@@ -102,11 +124,11 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None) -> 
     elif (path / "regressor.txt").exists():
         (path / "regressor.txt").unlink()
     clf = RequestClassifier(router.booster_, tuple(router.calibration_),
-                            regressor.booster_ if regressor is not None else None)
+                            regressor.booster_ if regressor is not None else None, dict(meta or {}))
     reqs = [RoutingRequest.from_prompt(p) for p in SELF_CHECK_PROMPTS]
     X = extract_batch(reqs)
     check = [{"prompt": p, "p_transformer": float(pt)}
-             for p, pt in zip(SELF_CHECK_PROMPTS, clf.proba_from_features(X), strict=True)]
+             for p, pt in zip(SELF_CHECK_PROMPTS, clf.p_transformer_from_features(X), strict=True)]
     if regressor is not None:
         for row, g in zip(check, clf.gap_from_features(X), strict=True):
             row["gap"] = float(g)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
@@ -100,3 +101,11 @@ def test_degenerate_labels_are_refused_with_advice(trained, tmp_path):
     args.center = "median"
     assert run_train(args) == 0
     assert artifact.load(tmp_path / "a").meta["center"] > 0.5
+    # centred: the classifier only ranks, so P(transformer better) comes from the expected
+    # gap, and on labels where the hybrid always wins it must say so
+    clf = artifact.load(tmp_path / "a")
+    reqs = [RoutingRequest.from_prompt(p) for p in ("Quote this verbatim: a b c", "Once upon a time")]
+    sigma = clf.meta["label_summary"]["gap_std"]
+    expected = [0.5 * (1 + math.erf(-g / (sigma * math.sqrt(2)))) for g in clf.predict_gap(reqs)]
+    np.testing.assert_allclose(clf.predict_proba(reqs), expected, rtol=1e-9)
+    assert (clf.predict_proba(reqs) < 0.5).all()
