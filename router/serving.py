@@ -121,7 +121,9 @@ class RouterService:
         role = decide(score, thr)
         other = "hybrid" if role == "transformer" else "transformer"
         order: list[str] = [role, other] if self.settings.fallback else [role]
-        route = Route(model, name, prof.policy, score, thr, role, order)
+        # a classifier profile without its artifact scores with the rules: say so
+        label = f"{prof.policy}+rules-fallback" if getattr(policy, "fallback_", False) else prof.policy
+        route = Route(model, name, label, score, thr, role, order)
         if self.decision_log is not None and hasattr(policy, "features"):
             route.features = policy.features(rreq)
         self.metrics.decisions.labels(prof.policy, role).inc()
