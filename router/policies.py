@@ -60,6 +60,11 @@ class Policy:
         """Scores for many requests (policies with a model override this to batch)."""
         return [self.score(r) for r in reqs]
 
+    def explain(self, req: RoutingRequest) -> tuple[float, dict[str, float]]:
+        """The score and the named features it was computed from (for the decision log),
+        in one pass. Policies that read features override this; the default has none."""
+        return self.score(req), {}
+
     def params(self) -> dict[str, object]:
         """The keyword arguments this policy was built with (for logs and provenance)."""
         return {}
@@ -247,8 +252,14 @@ class RulesPolicy(Policy):
             "unclosed_brackets": float(unclosed_brackets(text)),
         }
 
-    def score(self, req: RoutingRequest) -> float:
+    def explain(self, req: RoutingRequest) -> tuple[float, dict[str, float]]:
         f = self.features(req)
+        return self._combine(f), f
+
+    def score(self, req: RoutingRequest) -> float:
+        return self._combine(self.features(req))
+
+    def _combine(self, f: dict[str, float]) -> float:
         s = (self.base + self.copy_weight * f["copy_cue"]
              + self.repeat_weight * min(1.0, 2 * f["repeated_4gram_share"])
              + self.code_weight * f["code_cue"]
@@ -298,9 +309,16 @@ class ClassifierPolicy(Policy):
     def params(self) -> dict[str, object]:
         return {"cost_weight": self.cost_weight, "artifact": self.artifact}
 
-    def features(self, req: RoutingRequest) -> dict[str, float]:
-        """The rules' cheap cues (for the decision log), whichever model scores."""
-        return self._rules.features(req)
+    def explain(self, req: RoutingRequest) -> tuple[float, dict[str, float]]:
+        """Score and the classifier's own features (one extraction, shared by both)."""
+        if self.model_ is None:
+            score, feats = self._rules.explain(req)
+        else:
+            X = importlib.import_module("classifiers.features").extract(req)[None, :]
+            score = float(self.model_.p_transformer_from_features(X)[0])  # type: ignore[attr-defined]
+            names = self.model_.feature_names  # type: ignore[attr-defined]
+            feats = {n: float(v) for n, v in zip(names, X[0], strict=True)}
+        return min(1.0, max(0.0, score - self._cost(req))), feats
 
     def _cost(self, req: RoutingRequest) -> float:
         n = len(req.text)

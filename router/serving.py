@@ -113,10 +113,13 @@ class RouterService:
                                      param="model")
         name, prof = found
         policy = self.policies[name]
+        # one pass computes the score and the features the decision log records
+        explain = policy.explain if self.decision_log is not None else (
+            lambda r: (policy.score(r), {}))
         if getattr(policy, "blocking", False) or len(rreq.text) > _INLINE_SCORE_CHARS:
-            score = await asyncio.to_thread(policy.score, rreq)
+            score, feats = await asyncio.to_thread(explain, rreq)
         else:
-            score = policy.score(rreq)
+            score, feats = explain(rreq)
         thr = prof.threshold if threshold is None else threshold
         role = decide(score, thr)
         other = "hybrid" if role == "transformer" else "transformer"
@@ -124,8 +127,7 @@ class RouterService:
         # a classifier profile without its artifact scores with the rules: say so
         label = f"{prof.policy}+rules-fallback" if getattr(policy, "fallback_", False) else prof.policy
         route = Route(model, name, label, score, thr, role, order)
-        if self.decision_log is not None and hasattr(policy, "features"):
-            route.features = policy.features(rreq)
+        route.features = feats
         self.metrics.decisions.labels(prof.policy, role).inc()
         return route
 

@@ -118,3 +118,13 @@ def test_register_like_a_plugin() -> None:
     assert get_policy("test-const").score(SEMANTIC) == 0.7
     with pytest.raises(ValueError):
         register("Bad Name")
+
+
+@pytest.mark.parametrize("name", ["rules", "classifier", "always-hybrid"])
+def test_explain_gives_the_score_and_its_features_in_one_pass(name):
+    policy = get_policy(name)
+    req = RoutingRequest.from_prompt("Quote verbatim:\n\ndef f(x):\n    return [x, (x + 1)\n")
+    score, feats = policy.explain(req)
+    assert score == pytest.approx(policy.score(req))
+    assert bool(feats) == (name != "always-hybrid")
+    assert all(isinstance(v, float) for v in feats.values())
