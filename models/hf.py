@@ -154,8 +154,11 @@ class HFBackend(Backend):
         gen = torch.Generator(device="cpu")
         gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
         out_ids: list[int] = []
+        detok = _IncrementalDetokenizer(self.tokenizer)
+        text = ""  # the decoded generation so far (whole characters only)
         emitted = 0
         reason = "length"
+        longest_stop = max((len(s) for s in params.stop), default=0)
         with self._forward_lock, torch.no_grad():
             try:
                 input_ids = torch.tensor([ids], device=self.device)
@@ -169,13 +172,14 @@ class HFBackend(Backend):
                         reason = "stop"
                         break
                     out_ids.append(nxt)
-                    text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                    if _find_stop(text, params.stop) is not None:
+                    piece = detok.push(nxt)
+                    text += piece
+                    # a stop sequence can only end in the new piece: search just the tail
+                    tail = max(0, len(text) - len(piece) - longest_stop)
+                    if _find_stop(text, params.stop, tail) is not None:
                         reason = "stop"
                         break
                     safe = len(text) - _holdback(text, params.stop)
-                    if text.endswith("\ufffd"):
-                        safe = min(safe, len(text) - 1)
                     if safe > emitted:
                         yield StreamChunk(text[emitted:safe])
                         emitted = safe
@@ -184,7 +188,7 @@ class HFBackend(Backend):
                 raise
             except Exception as exc:  # noqa: BLE001 - surfaced as a backend failure
                 raise BackendError(f"{self.name}: generation failed: {exc}") from exc
-        final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        final = text + detok.flush()
         cut = _find_stop(final, params.stop)
         if cut is not None:
             final = final[:cut]
@@ -275,9 +279,40 @@ def sample_next(logits, temperature: float, top_p: float, gen) -> int:
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
+def _find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Index of the earliest stop sequence in ``text[start:]`` (None: none)."""
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+class _IncrementalDetokenizer:
+    """Decode a growing token list in O(1) tokens per step: only the tokens since the last
+    complete character are decoded again (byte-level BPE can split a character across
+    tokens; a partial one decodes to U+FFFD and is held back until it completes)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the tokens decoded for context
+        self.read = 0  # tokens up to here have been returned as text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the new whole characters it completes ('' if none yet)."""
+        self.ids.append(token_id)
+        done = self._decode(self.ids[self.prefix:self.read])
+        full = self._decode(self.ids[self.prefix:])
+        if len(full) > len(done) and not full.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return full[len(done):]
+        return ""
+
+    def flush(self) -> str:
+        """What is left undecoded at the end (may hold U+FFFD for an unfinished character)."""
+        done = self._decode(self.ids[self.prefix:self.read])
+        return self._decode(self.ids[self.prefix:])[len(done):]
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:

@@ -121,3 +121,17 @@ def test_any_local_causal_lm_directory(tmp_path, reference_pair):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         HFBackend("nope", tmp_path)
+
+
+def test_incremental_detokenizer_matches_full_decode(reference_pair):
+    """Byte-level BPE splits multi-byte characters across tokens: pieces hold them back
+    until whole, and the pieces concatenate to the full decode."""
+    from models.hf import _IncrementalDetokenizer
+
+    tok = reference_pair[0].tokenizer
+    text = "naïve café — 数据 🙂 done(x)"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    d = _IncrementalDetokenizer(tok)
+    pieces = [d.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + d.flush() == tok.decode(ids) == text
