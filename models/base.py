@@ -8,7 +8,6 @@ methods with native async clients.
 from __future__ import annotations
 
 import asyncio
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -115,8 +114,8 @@ class Backend(ABC):
 
     def __init__(self, name: str, max_concurrency: int = 1) -> None:
         self.name = name
+        # requests in flight at once; enforced by the router's pool (router/pool.py)
         self.max_concurrency = max_concurrency
-        self._lock = threading.Semaphore(max_concurrency)
 
     # --- facts ---------------------------------------------------------------------
     @abstractmethod
