@@ -72,7 +72,11 @@ class TrainConfig:
     # rate: {"kind": "cosine_total", "total": N} (the default cosine as if the run had N
     # steps) or {"kind": "interp", "from": a, "to": b, "until": step, "warmup": k} (cosine
     # from a to b); and one-time interventions at its first step: "qk_gain" (scale the
-    # attention q/k norm gains) and "reset_optimizer" (fresh AdamW state).
+    # attention q/k norm gains) and "reset_optimizer" (fresh AdamW state). A phase may
+    # also set "batch_size" (natural windows per step; 0 = none) and "copy_batch" (see
+    # WindowSampler.copy_batch), whose optional "alphabet" draws the random spans from a
+    # fixed subset of that many token ids: the copy circuit forms far sooner over a small
+    # alphabet, and later phases widen it to the whole vocabulary.
     phases: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -168,21 +172,29 @@ class WindowSampler:
                           max_len=ph.get("synth_max_len", 256))
         return w
 
-    def batch(self, step: int) -> np.ndarray:
-        return np.stack([self.window(step, b) for b in range(self.cfg.batch_size)])
+    def batch(self, step: int) -> np.ndarray | None:
+        rows = phase_at(step, self.cfg).get("batch_size", self.cfg.batch_size)
+        if rows == 0:
+            return None
+        return np.stack([self.window(step, b) for b in range(rows)])
 
     def copy_batch(self, step: int) -> np.ndarray | None:
         """The phase's short synthetic copy batch, if it has one: ``size`` sequences of
         ``len`` tokens, each a random span (``span`` = [lo, hi] tokens) repeated to the end.
-        Short sequences keep attention undiluted, so exact copying is learned fast."""
+        Short sequences keep attention undiluted, so exact copying is learned fast. With
+        ``alphabet`` = k the span tokens come from one fixed set of k ids (seeded)."""
         spec = phase_at(step, self.cfg).get("copy_batch")
         if not spec:
             return None
+        symbols = np.arange(2, self.cfg.vocab)  # 0/1 are EOS/PAD
+        if spec.get("alphabet"):
+            symbols = np.sort(np.random.default_rng([self.cfg.seed, 20_000]).choice(
+                symbols, size=min(spec["alphabet"], len(symbols)), replace=False))
         rng = np.random.default_rng([self.cfg.seed, step, 10_000])
         rows = []
         for _ in range(spec["size"]):
             length = int(rng.integers(spec["span"][0], spec["span"][1] + 1))
-            span = rng.integers(2, self.cfg.vocab, size=length)
+            span = symbols[rng.integers(0, len(symbols), size=length)]
             rows.append(np.resize(span, spec["len"]))
         return np.stack(rows).astype(np.int64)
 
@@ -455,24 +467,35 @@ def cmd_train(a: argparse.Namespace) -> None:
                      ph.get("qk_gain"), ph.get("reset_optimizer"))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = torch.from_numpy(sampler.batch(step))
-        loss = model(input_ids=batch, labels=batch).loss  # labels are shifted inside
-        cb = sampler.copy_batch(step)
+        nat, cb = sampler.batch(step), sampler.copy_batch(step)
+        if nat is None and cb is None:
+            raise ValueError(f"step {step}: the phase has neither natural windows nor a copy batch")
+        loss = torch.zeros(())
+        copy_loss = None
+        if nat is not None:
+            batch = torch.from_numpy(nat)
+            loss = loss + model(input_ids=batch, labels=batch).loss  # labels are shifted inside
+            tokens_done += batch.shape[0] * (batch.shape[1] - 1)
         if cb is not None:
             cbt = torch.from_numpy(cb)
-            loss = loss + model(input_ids=cbt, labels=cbt).loss
+            copy_loss = model(input_ids=cbt, labels=cbt).loss
+            loss = loss + copy_loss
+            tokens_done += cbt.shape[0] * (cbt.shape[1] - 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         step += 1
-        tokens_done += batch.shape[0] * (batch.shape[1] - 1)
         if step % 10 == 0:
             tps = tokens_done / (time.time() - t0)
-            metrics.write(json.dumps({"step": step, "train_loss": float(loss), "lr": lr_at(step - 1, cfg),
-                                      "grad_norm": float(gnorm), "tok_per_s": tps}) + "\n")
+            rec = {"step": step, "train_loss": loss.item(), "lr": lr_at(step - 1, cfg),
+                   "grad_norm": float(gnorm), "tok_per_s": tps}
+            if copy_loss is not None:
+                rec["copy_loss"] = copy_loss.item()
+            metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
-            log.info("%s step %d/%d loss %.3f %.0f tok/s", a.arch, step, cfg.steps, float(loss), tps)
+            log.info("%s step %d/%d loss %.3f copy %s %.0f tok/s", a.arch, step, cfg.steps, loss.item(),
+                     "-" if copy_loss is None else f"{copy_loss.item():.3f}", tps)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
