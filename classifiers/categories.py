@@ -34,6 +34,8 @@ from functools import cache
 
 import numpy as np
 
+from classifiers import grammars
+
 # Closed-class English words: determiners, pronouns, prepositions, conjunctions,
 # auxiliaries and modals, particles, wh-words, existential "there", and common
 # contractions' parts. Open classes (nouns, verbs, adjectives, adverbs) are "content".
@@ -97,26 +99,13 @@ def language_for(domain: str) -> str:
 
 @cache
 def _parser(lang: str):
-    """A tree-sitter parser for ``lang`` (imported lazily; None when the grammar is missing)."""
-    try:
-        from tree_sitter import Language, Parser
-        if lang == "python":
-            import tree_sitter_python as mod
-        elif lang == "javascript":
-            import tree_sitter_javascript as mod
-        elif lang == "html":
-            import tree_sitter_html as mod
-        elif lang == "json":
-            import tree_sitter_json as mod
-        elif lang == "c":
-            import tree_sitter_c as mod
-        elif lang == "markdown":
-            import tree_sitter_markdown as mod
-        else:
-            return None
-    except ImportError:
+    """A tree-sitter parser for ``lang`` (None when there is no grammar for it)."""
+    grammar = grammars.language(lang)
+    if grammar is None:
         return None
-    return Parser(Language(mod.language()))
+    from tree_sitter import Parser
+
+    return Parser(grammar)
 
 
 # ---------------------------------------------------------------------------------------

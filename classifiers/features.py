@@ -20,6 +20,7 @@ features describe the whole conversation.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from functools import cache
 
 import numpy as np
 
-from classifiers import structure
+from classifiers import categories, structure
 from classifiers.request import RoutingRequest
 
 REP_MAX_BYTES = 65536  # structure counts and the tail-repeat search see the last 64 KiB
@@ -149,23 +150,28 @@ PRONOUNS = frozenset(
     b"i me my mine we us our ours you your yours he him his she her hers it its they them "
     b"their theirs this that these those who whom whose which himself herself itself "
     b"themselves".split())
-FUNCTION_WORDS = PRONOUNS | frozenset(
-    b"a an the and or but nor so yet for of in on at by to from with about as into onto "
-    b"over under than then there here is are was were be been being am do does did done "
-    b"have has had having will would shall should can could may might must not no if "
-    b"else when where while what why how all any each every some such both either neither "
-    b"very too also just only own same other another more most much many few less least "
-    b"up down out off again further once because until after before above below between "
-    b"through during without within upon".split())
+# the analysis's closed-class list (categories.py), as the letter runs this module counts
+FUNCTION_WORDS = PRONOUNS | frozenset(w.encode() for w in categories.FUNCTION_WORDS if w.isalpha())
 QUESTION_WORDS = frozenset(b"what why how who whom whose which when where".split())
-COPY_CUES = ("quote", "repeat", "verbatim", "extract", "copy", "exactly", "word for word",
-             "reproduce", "same text", "duplicate", "restate")
+COPY_CUES = ("quote", "repeat", "verbatim", "extract", "copy", "copies", "exactly",
+             "word for word", "reproduce", "same text", "duplicate", "restate")
 EDIT_CUES = ("fix this", "fix the", "rewrite", "translate", "convert", "refactor", "reformat",
              "edit", "rename", "correct the")
 COMPLETE_CUES = ("complete", "finish", "close the", "close all", "continue", "fill in",
                  "implement")
-EXPLAIN_CUES = ("explain", "summar", "describe", "why", "meaning", "overview", "paraphrase",
-                "in your own words", "what does", "discuss", "tell me about")
+EXPLAIN_CUES = ("explain", "summary", "summaries", "summarize", "summarise", "describe", "why",
+                "meaning", "overview", "paraphrase", "in your own words", "what does", "discuss",
+                "tell me about")
+
+
+def _cue_pattern(cues: tuple[str, ...]) -> re.Pattern[str]:
+    """Whole-word matches of any cue, allowing an inflection ("quoted", "repeats"), so
+    "edit" does not fire on "edition" nor "copy" on "copyright"."""
+    alts = "|".join(re.escape(c) for c in sorted(cues, key=len, reverse=True))
+    return re.compile(rf"\b({alts})(?:s|es|d|ed|ing)?\b")
+
+
+CUE_PATTERNS = tuple(_cue_pattern(c) for c in (COPY_CUES, EDIT_CUES, COMPLETE_CUES, EXPLAIN_CUES))
 
 
 def _powers(base: int, n: int) -> np.ndarray:
@@ -266,8 +272,7 @@ def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
 def _cues(text: str) -> list[float]:
     s = (text[:CUE_BYTES] + "\n" + text[-CUE_BYTES:] if len(text) > 2 * CUE_BYTES
          else text).lower()
-    return [float(sum(map(s.__contains__, cues))) for cues in
-            (COPY_CUES, EDIT_CUES, COMPLETE_CUES, EXPLAIN_CUES)]
+    return [float(len(set(pat.findall(s)))) for pat in CUE_PATTERNS]  # distinct cues present
 
 
 def _semantics(data: bytes) -> list[float]:

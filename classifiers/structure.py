@@ -16,6 +16,8 @@ import re
 import threading
 from dataclasses import dataclass
 
+from classifiers import grammars
+
 TS_MAX_BYTES = 384  # tree-sitter input cap (bytes): bounds parse cost per request
 PARSED_LANGUAGES = ("python", "javascript", "c", "html", "json")
 LANGUAGES = (*PARSED_LANGUAGES, "latex", "markdown", "rest", "prose")
@@ -103,19 +105,10 @@ def _parser(language: str):
     if language not in parsers:
         import tree_sitter as ts
 
-        if language == "python":
-            import tree_sitter_python as mod
-        elif language == "javascript":
-            import tree_sitter_javascript as mod
-        elif language == "c":
-            import tree_sitter_c as mod
-        elif language == "html":
-            import tree_sitter_html as mod
-        elif language == "json":
-            import tree_sitter_json as mod
-        else:
+        grammar = grammars.language(language)
+        if grammar is None:
             raise ValueError(f"no tree-sitter grammar for {language!r}")
-        parsers[language] = ts.Parser(ts.Language(mod.language()))
+        parsers[language] = ts.Parser(grammar)
     return parsers[language]
 
 

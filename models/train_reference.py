@@ -186,6 +186,8 @@ class WindowSampler:
         spec = phase_at(step, self.cfg).get("copy_batch")
         if not spec:
             return None
+        if spec.get("natural"):
+            return self._natural_copy_batch(step, spec)
         symbols = np.arange(2, self.cfg.vocab)  # 0/1 are EOS/PAD
         if spec.get("alphabet"):
             symbols = np.sort(np.random.default_rng([self.cfg.seed, 20_000]).choice(
@@ -197,6 +199,29 @@ class WindowSampler:
             span = symbols[rng.integers(0, len(symbols), size=length)]
             rows.append(np.resize(span, spec["len"]))
         return np.stack(rows).astype(np.int64)
+
+    def _natural_copy_batch(self, step: int, spec: dict) -> np.ndarray:
+        """``natural`` copy batch: training-text windows of ``len`` tokens in which a passage
+        of the window (``span`` = [lo, hi] tokens, log-uniform) recurs verbatim, again and
+        again, each copy 0-``gap`` tokens of the window's own text after the previous one:
+        quoting at many distances, in real tokens rather than random symbols."""
+        rng = np.random.default_rng([self.cfg.seed, step, 30_000])
+        n, gap_max = spec["len"], spec.get("gap", 256)
+        rows = []
+        for _ in range(spec["size"]):
+            start = int(rng.integers(0, self.n - n - 1))
+            w = self.stream[start:start + n].astype(np.int64).copy()
+            length = int(np.exp(rng.uniform(np.log(spec["span"][0]), np.log(spec["span"][1]))))
+            length = min(length, n // 2)
+            pos = int(rng.integers(0, 32))
+            passage = w[pos:pos + length].copy()
+            pos += length + int(rng.integers(0, gap_max + 1))
+            while pos < n:
+                end = min(n, pos + length)
+                w[pos:end] = passage[:end - pos]
+                pos = end + int(rng.integers(0, gap_max + 1))
+            rows.append(w)
+        return np.stack(rows)
 
 
 def phase_at(step: int, cfg: TrainConfig) -> dict:
