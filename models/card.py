@@ -68,11 +68,22 @@ def plot(d: Path) -> None:
     plt.close(fig)
 
 
+def _tokens_seen(d: Path, step: int) -> dict[str, int]:
+    """Tokens per model through ``step``, from the exported recipe (train_config.json)."""
+    from models.train_reference import TrainConfig, tokens_seen
+
+    cfg = json.loads((d / "train_config.json").read_text())
+    return tokens_seen(step, TrainConfig(**cfg))
+
+
 def tables(d: Path) -> str:
     logs = {a: load(d / f"metrics_{a}.jsonl") for a in ARCHS}
     last = {a: logs[a][1][-1] for a in ARCHS}
-    lines = [f"Final evaluation at step {last['transformer']['step']} "
-             f"({last['transformer']['tokens']:,} training tokens per model).", "",
+    step = last["transformer"]["step"]
+    seen = _tokens_seen(d, step)
+    lines = [f"Final evaluation at step {step} ({seen['total']:,} training tokens per model: "
+             f"{seen['natural']:,} in natural windows, {seen['copy']:,} in short copy "
+             "sequences).", "",
              "| domain | transformer | hybrid | gap (T - H) |", "|---|---:|---:|---:|"]
     for dom in sorted(last["transformer"]["val"]):
         t, h = last["transformer"]["val"][dom], last["hybrid"]["val"][dom]

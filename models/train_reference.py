@@ -330,6 +330,18 @@ def model_config(arch: str, cfg: TrainConfig, eos_id: int, pad_id: int):
     raise ValueError(f"unknown arch {arch!r}: expected 'transformer' or 'hybrid'")
 
 
+def tokens_seen(step: int, cfg: TrainConfig) -> dict[str, int]:
+    """Training tokens (input positions) one model has seen after ``step`` steps, by kind:
+    ``natural`` windows (with their inserted repeats) and short ``copy`` batches."""
+    natural = copy = 0
+    for s in range(step):
+        ph = phase_at(s, cfg)
+        natural += ph.get("batch_size", cfg.batch_size) * cfg.seq_len
+        if ph.get("copy_batch"):
+            copy += ph["copy_batch"]["size"] * ph["copy_batch"]["len"]
+    return {"natural": natural, "copy": copy, "total": natural + copy}
+
+
 def scale_qk_gains(model, gain: float) -> None:
     """Multiply every attention q/k RMSNorm gain by ``gain`` (raises the cap on attention
     logits, which QK-norm ties to sqrt(head_dim) x gain_q x gain_k)."""
@@ -476,7 +488,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     while step < cfg.steps:
         if step % cfg.eval_every == 0 and not (out / f"eval_{step}.done").exists():
             ev = evaluate(model, val_tokens, probe, cfg)
-            metrics.write(json.dumps({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, **ev}) + "\n")
+            metrics.write(json.dumps({"step": step, "tokens": tokens_seen(step, cfg)["total"], **ev}) + "\n")
             metrics.flush()
             (out / f"eval_{step}.done").touch()
             log.info("%s step %d: val %.3f probe %s", a.arch, step, ev["val_mean"],
@@ -530,7 +542,7 @@ def cmd_train(a: argparse.Namespace) -> None:
                 model.save_pretrained(snap)
     if not (out / f"eval_{step}.done").exists():
         ev = evaluate(model, val_tokens, probe, cfg)
-        metrics.write(json.dumps({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, **ev}) + "\n")
+        metrics.write(json.dumps({"step": step, "tokens": tokens_seen(step, cfg)["total"], **ev}) + "\n")
         (out / f"eval_{step}.done").touch()
     model.save_pretrained(out / "final")
     log.info("%s: done, %d steps", a.arch, step)
