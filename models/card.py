@@ -35,12 +35,20 @@ def plot(d: Path) -> None:
     logs = {a: load(d / f"metrics_{a}.jsonl") for a in ARCHS}
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for a, (tr, ev) in logs.items():
-        ax[0].plot([r["step"] for r in tr], [r["train_loss"] for r in tr], color=COLORS[a], alpha=0.8, label=a)
+        # the logged loss is natural windows + copy batch; plot the parts apart
+        ax[0].plot([r["step"] for r in tr], [r["train_loss"] - r.get("copy_loss", 0.0) for r in tr],
+                   color=COLORS[a], alpha=0.8, label=f"{a}: natural windows")
+        cp = [r for r in tr if "copy_loss" in r]
+        ax[0].plot([r["step"] for r in cp], [r["copy_loss"] for r in cp], ":", color=COLORS[a],
+                   alpha=0.8, label=f"{a}: copy batch")
         ax[1].plot([r["step"] for r in ev], [r["val_mean"] for r in ev], "o-", color=COLORS[a], label=a)
-    ax[0].set(title="training loss (nats/token)", xlabel="step", ylim=(None, 7))
+    ax[0].set(title="training loss (nats/token)", xlabel="step", ylim=(0, 9))
     ax[1].set(title="held-out loss, mean over domains", xlabel="step")
+    starts = _phase_starts(d)
     for x in ax:
-        x.legend()
+        for st in starts:
+            x.axvline(st, color="grey", lw=0.6, alpha=0.5)
+        x.legend(fontsize=7)
         x.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(d / "loss_curves.png", dpi=110)
@@ -59,13 +67,22 @@ def plot(d: Path) -> None:
                        color=COLORS[a], label=f"{a} 2nd copy, gap {dist[1:]}")
             x.plot([r["step"] for r in ev], [r["probe"][f"{g}/D64"]["first"] for r in ev], ":",
                    color=COLORS[a], alpha=0.6, label=f"{a} 1st occurrence")
+        for st in starts:
+            x.axvline(st, color="grey", lw=0.6, alpha=0.5)
         x.set(title=g.replace("/L", ": passage of ") + " tokens", xlabel="step", ylabel="loss (nats)")
         x.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Copy probe: loss on the second occurrence of a held-out passage")
+    fig.suptitle("Copy probe: loss on the second occurrence of a held-out passage "
+                 "(grey lines: curriculum phase starts)")
     fig.tight_layout()
     fig.savefig(d / "copy_probe.png", dpi=110)
     plt.close(fig)
+
+
+def _phase_starts(d: Path) -> list[int]:
+    """Curriculum phase starts after step 0, from the exported recipe."""
+    cfg = json.loads((d / "train_config.json").read_text())
+    return [ph["start"] for ph in cfg.get("phases", []) if ph["start"] > 0]
 
 
 def _tokens_seen(d: Path, step: int) -> dict[str, int]:
