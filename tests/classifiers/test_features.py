@@ -135,3 +135,10 @@ def test_extract_batch():
     X = F.extract_batch([RoutingRequest.from_prompt(p) for p in ["a", "b c", "def f():"]])
     assert X.shape == (3, len(F.FEATURES))
     assert F.extract_batch([]).shape == (0, len(F.FEATURES))
+
+
+def test_cues_match_whole_words_with_inflections():
+    f = feats("The first edition carries a copyright notice.")
+    assert f["copy_cue"] == 0 and f["edit_cue"] == 0
+    f = feats("He quoted it and repeats it; then I edited it.")
+    assert f["copy_cue"] == 2 and f["edit_cue"] == 1
