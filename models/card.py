@@ -3,7 +3,8 @@
     python -m models.card --dir models/reference
 
 Reads ``metrics_{transformer,hybrid}.jsonl`` (copied there by ``train_reference export``)
-and writes ``loss_curves.png``, ``copy_probe.png`` and ``card_tables.md``.
+and writes ``loss_curves.png``, ``copy_probe.png`` and ``card_tables.md``; with
+``--labels FILE`` (an ``archroute label`` output) also ``request_gaps.png``.
 """
 
 from __future__ import annotations
@@ -119,10 +120,44 @@ def tables(d: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_request_gaps(labels: Path, out: Path, margin: float = 0.05) -> None:
+    """Histogram of per-request gaps (``archroute label`` output), copy requests (quote,
+    extract) apart from the rest, with the tie margin shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [json.loads(line) for line in labels.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit(f"{labels}: no labelled requests")
+    gap = np.asarray([r["gap"] for r in rows])
+    copy = np.asarray([r["kind"] in ("quote", "extract") for r in rows])
+    bins = np.linspace(np.percentile(gap, 0.5), np.percentile(gap, 99.5), 60)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.hist(gap[~copy], bins=bins, alpha=0.7, label=f"continue / complete / close / summarize / explain ({(~copy).sum():,})")
+    ax.hist(gap[copy], bins=bins, alpha=0.7, label=f"quote / extract ({copy.sum():,})")
+    ax.axvspan(-margin, margin, color="grey", alpha=0.25, label=f"tie (±{margin})")
+    t_win, h_win = (gap < -margin).mean(), (gap > margin).mean()
+    ax.set(xlabel="gap = loss_T - loss_H over the answer (nats/token); < 0: the transformer is better",
+           ylabel="requests",
+           title=f"Request mix: transformer better on {t_win:.1%}, hybrid on {h_win:.1%}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("models/reference"))
+    p.add_argument("--labels", type=Path, help="also plot request_gaps.png from this "
+                   "`archroute label` file (e.g. data/labels/reference.jsonl)")
     a = p.parse_args(argv)
+    if a.labels:
+        plot_request_gaps(a.labels, a.dir / "request_gaps.png")
     plot(a.dir)
     (a.dir / "card_tables.md").write_text(tables(a.dir))
     print((a.dir / "card_tables.md").read_text())
