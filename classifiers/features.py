@@ -153,7 +153,7 @@ PRONOUNS = frozenset(
 # the analysis's closed-class list (categories.py), as the letter runs this module counts
 FUNCTION_WORDS = PRONOUNS | frozenset(w.encode() for w in categories.FUNCTION_WORDS if w.isalpha())
 QUESTION_WORDS = frozenset(b"what why how who whom whose which when where".split())
-COPY_CUES = ("quote", "repeat", "verbatim", "extract", "copy", "copies", "exactly",
+COPY_CUES = ("quote", "repeat", "verbatim", "extract", "copy", "copies", "copied", "exactly",
              "word for word", "reproduce", "same text", "duplicate", "restate")
 EDIT_CUES = ("fix this", "fix the", "rewrite", "translate", "convert", "refactor", "reformat",
              "edit", "rename", "correct the")
@@ -164,14 +164,24 @@ EXPLAIN_CUES = ("explain", "summary", "summaries", "summarize", "summarise", "de
                 "tell me about")
 
 
-def _cue_pattern(cues: tuple[str, ...]) -> re.Pattern[str]:
-    """Whole-word matches of any cue, allowing an inflection ("quoted", "repeats"), so
-    "edit" does not fire on "edition" nor "copy" on "copyright"."""
-    alts = "|".join(re.escape(c) for c in sorted(cues, key=len, reverse=True))
-    return re.compile(rf"\b({alts})(?:s|es|d|ed|ing)?\b")
+def _cue_index(groups: tuple[tuple[str, ...], ...]):
+    """Lookup tables for the cue features: one-word cues and their inflected forms
+    ("quoted", "repeats") -> (group, cue); multi-word cues as space-padded phrases."""
+    single: dict[str, tuple[int, str]] = {}
+    multi: list[tuple[int, str]] = []
+    for g, cues in enumerate(groups):
+        for c in cues:
+            if " " in c:
+                multi.append((g, f" {c} "))
+            else:
+                for suffix in ("", "s", "es", "d", "ed", "ing"):
+                    single.setdefault(c + suffix, (g, c))
+    return single, tuple(multi)
 
 
-CUE_PATTERNS = tuple(_cue_pattern(c) for c in (COPY_CUES, EDIT_CUES, COMPLETE_CUES, EXPLAIN_CUES))
+CUE_GROUPS = (COPY_CUES, EDIT_CUES, COMPLETE_CUES, EXPLAIN_CUES)
+CUE_SINGLE, CUE_MULTI = _cue_index(CUE_GROUPS)
+_LETTERS = re.compile(r"[a-z]+")
 
 
 def _powers(base: int, n: int) -> np.ndarray:
@@ -272,7 +282,19 @@ def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
 def _cues(text: str) -> list[float]:
     s = (text[:CUE_BYTES] + "\n" + text[-CUE_BYTES:] if len(text) > 2 * CUE_BYTES
          else text).lower()
-    return [float(len(set(pat.findall(s)))) for pat in CUE_PATTERNS]  # distinct cues present
+    # distinct cues present as whole words, so "edit" does not fire on "edition" nor "copy"
+    # on "copyright": one pass over the words, then the few multi-word phrases
+    words = _LETTERS.findall(s)
+    found: list[set[str]] = [set() for _ in CUE_GROUPS]
+    for w in words:
+        hit = CUE_SINGLE.get(w)
+        if hit is not None:
+            found[hit[0]].add(hit[1])
+    joined = " " + " ".join(words) + " "
+    for g, phrase in CUE_MULTI:
+        if phrase in joined:
+            found[g].add(phrase)
+    return [float(len(f)) for f in found]
 
 
 def _semantics(data: bytes) -> list[float]:
