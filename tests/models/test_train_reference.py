@@ -25,6 +25,9 @@ def test_reproduce_pipeline_smoke(tmp_path):
         {"start": 2, "copy_batch": {"size": 2, "len": 32, "span": [4, 8]},
          "qk_gain": 1.41421356, "reset_optimizer": True,
          "lr": {"kind": "interp", "from": 1e-3, "to": 1e-4, "until": 4}},
+        {"start": 3, "batch_size": 1, "copy_batch": {"size": 2, "len": 64, "span": [4, 16],
+                                                     "gap": 8, "natural": True},
+         "lr": {"kind": "interp", "from": 1e-3, "to": 1e-4, "until": 4}},
     ]))
     common = ["--run", str(run), "--threads", "1", "--steps", "4", "--seq-len", "128",
               "--batch-size", "2", "--hidden", "32", "--heads", "2", "--intermediate", "64",
@@ -34,6 +37,7 @@ def test_reproduce_pipeline_smoke(tmp_path):
         assert train_reference.main(["train", "--arch", arch, *common]) == 0
         rows = [json.loads(x) for x in (run / arch / "metrics.jsonl").read_text().splitlines()]
         assert {r["step"] for r in rows if "val" in r} >= {0, 2, 4}
+        assert all(r["tokens"] > 0 for r in rows if "val" in r and r["step"] > 0)
     # resuming a finished run does nothing new and keeps the checkpoint
     assert train_reference.main(["train", "--arch", "hybrid", *common]) == 0
     assert train_reference.main(["export", "--run", str(run), "--out", str(out)]) == 0
