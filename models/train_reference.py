@@ -1,20 +1,25 @@
-"""Train the embedded reference pair: a tiny Olmo 3 (transformer) and a tiny Olmo Hybrid
+r"""Train the embedded reference pair: a tiny Olmo 3 (transformer) and a tiny Olmo Hybrid
 (Gated DeltaNet + attention, 3:1), same tokenizer, data, order and recipe.
 
-Reproduce the shipped pair (about an hour of 2 CPU cores for both, run side by side)::
+Reproduce the shipped pair (about 1 h 45 min of 2 CPU cores, both run side by side; the
+model card, models/reference/README.md, has the whole pipeline)::
 
     python -m models.corpus --out data/corpus
-    python -m models.train_reference tokenizer --corpus data/corpus --out runs/ref
-    python -m models.train_reference train --run runs/ref --arch transformer --threads 1 &
-    python -m models.train_reference train --run runs/ref --arch hybrid --threads 1 &
-    wait
+    python -m models.train_reference tokenizer --corpus data/corpus --out runs/ref \
+        --reuse models/reference/transformer/tokenizer.json
+    for a in transformer hybrid; do
+      python -m models.train_reference train --run runs/ref --arch $a --threads 1 \
+          --steps 1100 --eval-every 50 --phases models/reference/phases.json &
+    done; wait
     python -m models.train_reference export --run runs/ref --out models/reference
 
 Training checkpoints every ``--ckpt-every`` steps and resumes from the last checkpoint
 when rerun with the same arguments, so a stopped session loses minutes, not the run.
 Every ``--eval-every`` steps it logs held-out loss per domain and the copy probe.
 
-The copy signal (PILOT.md: without it neither tiny model learns to copy):
+The copy signal (PILOT.md: without it neither tiny model learns to copy; with these two
+alone, 580 steps, neither did either: the curriculum's short copy batches, over a small
+alphabet first, are what broke the induction plateau):
 - ``--copy-share`` of training windows carry a verbatim re-insertion of an earlier span of
   the same window (16-256 tokens, 0-512 tokens later), as quoting/editing does in real text;
 - ``--synth-share`` of windows carry a span of random tokens that recurs verbatim later,
