@@ -45,7 +45,7 @@ def plot(d: Path) -> None:
         ax[1].plot([r["step"] for r in ev], [r["val_mean"] for r in ev], "o-", color=COLORS[a], label=a)
     ax[0].set(title="training loss (nats/token)", xlabel="step", ylim=(0, 9))
     ax[1].set(title="held-out loss, mean over domains", xlabel="step")
-    starts = _phase_starts(d)
+    starts = [ph["start"] for ph in _recipe(d).phases if ph["start"] > 0]  # phase lines
     for x in ax:
         for st in starts:
             x.axvline(st, color="grey", lw=0.6, alpha=0.5)
@@ -80,25 +80,20 @@ def plot(d: Path) -> None:
     plt.close(fig)
 
 
-def _phase_starts(d: Path) -> list[int]:
-    """Curriculum phase starts after step 0, from the exported recipe."""
-    cfg = json.loads((d / "train_config.json").read_text())
-    return [ph["start"] for ph in cfg.get("phases", []) if ph["start"] > 0]
+def _recipe(d: Path):
+    """The exported training recipe (``train_config.json``) as a TrainConfig."""
+    from models.train_reference import TrainConfig
 
-
-def _tokens_seen(d: Path, step: int) -> dict[str, int]:
-    """Tokens per model through ``step``, from the exported recipe (train_config.json)."""
-    from models.train_reference import TrainConfig, tokens_seen
-
-    cfg = json.loads((d / "train_config.json").read_text())
-    return tokens_seen(step, TrainConfig(**cfg))
+    return TrainConfig(**json.loads((d / "train_config.json").read_text()))
 
 
 def tables(d: Path) -> str:
     logs = {a: load(d / f"metrics_{a}.jsonl") for a in ARCHS}
     last = {a: logs[a][1][-1] for a in ARCHS}
     step = last["transformer"]["step"]
-    seen = _tokens_seen(d, step)
+    from models.train_reference import tokens_seen
+
+    seen = tokens_seen(step, _recipe(d))
     lines = [f"Final evaluation at step {step} ({seen['total']:,} training tokens per model: "
              f"{seen['natural']:,} in natural windows, {seen['copy']:,} in short copy "
              "sequences).", "",

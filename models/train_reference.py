@@ -81,7 +81,8 @@ class TrainConfig:
     # also set "batch_size" (natural windows per step; 0 = none) and "copy_batch" (see
     # WindowSampler.copy_batch), whose optional "alphabet" draws the random spans from a
     # fixed subset of that many token ids: the copy circuit forms far sooner over a small
-    # alphabet, and later phases widen it to the whole vocabulary.
+    # alphabet, and later phases widen it to the whole vocabulary; "natural" makes its rows
+    # training text in which a passage recurs (copying real tokens at real distances).
     phases: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -187,7 +188,9 @@ class WindowSampler:
         """The phase's short synthetic copy batch, if it has one: ``size`` sequences of
         ``len`` tokens, each a random span (``span`` = [lo, hi] tokens) repeated to the end.
         Short sequences keep attention undiluted, so exact copying is learned fast. With
-        ``alphabet`` = k the span tokens come from one fixed set of k ids (seeded)."""
+        ``alphabet`` = k the span tokens come from one fixed set of k ids (seeded). With
+        ``natural`` the rows are training text instead, a passage of it recurring every
+        0-``gap`` tokens (:meth:`_natural_copy_batch`)."""
         spec = phase_at(step, self.cfg).get("copy_batch")
         if not spec:
             return None
