@@ -14,9 +14,21 @@ Backends with the same tokenizer score the same tokens, so the gap is the mean o
 per-token gaps. With different tokenizers each loss is over its own tokens; the gap is then
 the difference of total nats divided by the mean token count of the two.
 
+Requests are either the synthetic mix (:class:`~classifiers.requests.MixRequest`, a plain
+prompt) or real requests (:class:`~classifiers.realdata.RealRequest`, a conversation): a
+conversation is rendered the way each backend renders it for generation
+(``Backend.render``: the chat template, or the plain fallback), and the reference is scored
+after it.
+
+Context: when prompt + reference exceed a backend's context, the reference is cut to fit
+(at least :data:`MIN_ANSWER_TOKENS` of it are kept; the prompt is then cut from the left by
+the backend) and the row is flagged: ``ref_cut`` (the reference was shortened;
+``ref_tokens_full`` is its full length) and ``prompt_cut`` (the prompt was too). Nothing is
+dropped silently: a request a backend refuses is logged and counted.
+
 Works with any pair of backends, so a user relabels on their own pair. Labels are cached
 on disk as JSONL (the request and its label on one line), appended chunk by chunk, so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped (a line cut by a crash is ignored on reading).
 """
 
 from __future__ import annotations
@@ -28,13 +40,42 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from classifiers.realdata import RealRequest
 from classifiers.requests import MixRequest
 from models.base import Backend, ScoreResult
+from models.hf import plain_chat_prompt
 
 log = logging.getLogger(__name__)
 
 MARGIN = 0.05  # nats/token; |gap| at or below it is a tie
+MIN_ANSWER_TOKENS = 128  # a reference cut to fit the context keeps at least this many tokens
 CLASSES = ("hybrid", "transformer")  # class 1 = the transformer serves the request better
+LabelRequest = MixRequest | RealRequest
+
+
+def _size(req: LabelRequest) -> int:
+    if isinstance(req, MixRequest):
+        return len(req.prompt) + len(req.answer)
+    return sum(len(m.content) for m in req.messages) + len(req.reference)
+
+
+def copy_share(answer_ids, prompt: str, backend: Backend, n: int = 4) -> float | None:
+    """Share of answer tokens that complete a token ``n``-gram already seen earlier (in the
+    prompt or the answer so far): how much of the answer is a verbatim repeat, the quantity
+    that drives the gap on real requests. None when the tokens are unknown."""
+    enc = getattr(backend, "encode", None)
+    if not answer_ids or not callable(enc):
+        return None
+    seq = [*enc(prompt), *answer_ids]
+    start = len(seq) - len(answer_ids)
+    seen = {tuple(seq[j:j + n]) for j in range(0, max(0, start - n + 1))}
+    hits = 0
+    for i in range(start, len(seq)):
+        if i - n + 1 >= 0:
+            g = tuple(seq[i - n + 1:i + 1])
+            hits += g in seen
+            seen.add(g)
+    return hits / len(answer_ids)
 
 
 def gap_of(t: ScoreResult, h: ScoreResult) -> float:
@@ -70,21 +111,67 @@ def backend_fingerprint(backend: Backend) -> str:
     return "|".join(parts)
 
 
-def request_key(req: MixRequest, pair: str) -> str:
+def request_key(req: LabelRequest, pair: str) -> str:
     """Cache key: the request id, its text and the backend pair's fingerprint."""
-    h = hashlib.sha256(f"{pair}\0{req.prompt}\0{req.answer}".encode()).hexdigest()[:16]
+    text = req.prompt if isinstance(req, MixRequest) else json.dumps(req.to_json()["messages"])
+    answer = req.answer if isinstance(req, MixRequest) else req.reference
+    h = hashlib.sha256(f"{pair}\0{text}\0{answer}".encode()).hexdigest()[:16]
     return f"{req.id}:{h}"
+
+
+def prompt_for(req: LabelRequest, backend: Backend) -> tuple[str, str]:
+    """(prompt text, reference) as ``backend`` scores them: a plain prompt as is, a
+    conversation rendered the way the backend renders it for generation."""
+    if isinstance(req, MixRequest):
+        return req.prompt, req.answer
+    render = getattr(backend, "render", None)
+    msgs = list(req.messages)
+    prompt = render(msgs) if callable(render) else plain_chat_prompt(msgs)
+    return prompt, req.reference
+
+
+def fit_to_context(backend: Backend, prompt: str, answer: str,
+                   min_answer: int = MIN_ANSWER_TOKENS) -> tuple[str, dict]:
+    """``answer`` cut (at a token boundary) so that prompt + answer fit the backend's
+    context, and the flags: ref_cut, ref_tokens_full, prompt_cut. A backend that does not
+    expose its tokenizer and context is trusted to fit (flags say nothing was checked)."""
+    enc = getattr(backend, "encode", None)
+    ctx = getattr(backend, "context_length", None)
+    tok = getattr(backend, "tokenizer", None)
+    if not callable(enc) or not isinstance(ctx, int) or tok is None:
+        return answer, {"ref_cut": False, "prompt_cut": False, "ref_tokens_full": None}
+    p, a = len(enc(prompt)), enc(answer)
+    room = ctx - 1  # one start token
+    keep = len(a) if p + len(a) <= room else max(min(min_answer, len(a)), room - p)
+    keep = min(keep, room)
+    cut = answer
+    if keep < len(a):
+        cut = tok.decode(a[:keep])
+        while cut and len(enc(cut)) > keep:  # re-tokenizing may merge differently
+            cut = cut[:-1]
+    return cut, {"ref_cut": keep < len(a), "prompt_cut": p + min(keep, len(a)) > room,
+                 "ref_tokens_full": len(a)}
 
 
 def read_labels(path: str | Path, latest_only: bool = False) -> list[dict]:
     """Rows of a label file (request fields + key, pair, fp (pair fingerprint), gap, losses,
     n_tokens, label). ``latest_only`` keeps the rows measured on the same weights as the
-    last row (a cache appended across retrainings holds several)."""
+    last row (a cache appended across retrainings holds several). A last line cut short by
+    a crash is skipped with a warning; a bad line anywhere else is an error."""
     path = Path(path)
     if not path.exists():
         return []
     with path.open() as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if n == len(lines):
+                log.warning("%s: ignoring a truncated last line (%s)", path, exc.msg)
+                continue
+            raise ValueError(f"{path}:{n}: not a label row ({exc.msg})") from None
     if latest_only and rows:
         fp = rows[-1].get("fp")
         kept = [r for r in rows if r.get("fp") == fp]
@@ -95,29 +182,49 @@ def read_labels(path: str | Path, latest_only: bool = False) -> list[dict]:
     return rows
 
 
-def _score_chunk(idx: list[int], requests: Sequence[MixRequest], transformer: Backend,
-                 hybrid: Backend) -> tuple[list[int], list[ScoreResult], list[ScoreResult]]:
+def _pairs(requests: Sequence[LabelRequest], idx: list[int], transformer: Backend,
+           hybrid: Backend) -> tuple[list, list, list[dict]]:
+    """(transformer pairs, hybrid pairs, flags) for a chunk. The reference is cut to fit
+    both backends' contexts (the shorter cut is scored by both, so a shared tokenizer still
+    scores the same tokens)."""
+    pt, ph, flags = [], [], []
+    for i in idx:
+        (p1, a), (p2, _) = prompt_for(requests[i], transformer), prompt_for(requests[i], hybrid)
+        a1, f1 = fit_to_context(transformer, p1, a)
+        a2, f2 = fit_to_context(hybrid, p2, a)
+        cut = a1 if len(a1) <= len(a2) else a2
+        pt.append((p1, cut))
+        ph.append((p2, cut))
+        full = [f["ref_tokens_full"] for f in (f1, f2) if f["ref_tokens_full"] is not None]
+        flags.append({"ref_cut": len(cut) < len(a), "prompt_cut": f1["prompt_cut"] or f2["prompt_cut"],
+                      "ref_chars_scored": len(cut), "ref_tokens_full": full[0] if full else None})
+    return pt, ph, flags
+
+
+def _score_chunk(idx: list[int], requests: Sequence[LabelRequest], transformer: Backend,
+                 hybrid: Backend) -> tuple[list[int], list[ScoreResult], list[ScoreResult], list[dict]]:
     """Score a chunk on both backends; when the batch fails, score one by one and drop the
     requests a backend refuses (logged)."""
-    pairs = [(requests[i].prompt, requests[i].answer) for i in idx]
+    pt, ph, flags = _pairs(requests, idx, transformer, hybrid)
     try:
-        return idx, transformer.score_batch(pairs), hybrid.score_batch(pairs)
+        return idx, transformer.score_batch(pt), hybrid.score_batch(ph), flags
     except Exception as exc:  # noqa: BLE001 - isolate the failing request below
         log.warning("chunk failed (%s); scoring its requests one by one", exc)
-    kept, st, sh = [], [], []
-    for i, pair in zip(idx, pairs, strict=True):
+    kept, st, sh, kf = [], [], [], []
+    for i, a, b, fl in zip(idx, pt, ph, flags, strict=True):
         try:
-            t, h = transformer.score_batch([pair])[0], hybrid.score_batch([pair])[0]
+            t, h = transformer.score_batch([a])[0], hybrid.score_batch([b])[0]
         except Exception as exc:  # noqa: BLE001
             log.warning("skipping %s: %s", requests[i].id, exc)
             continue
         kept.append(i)
         st.append(t)
         sh.append(h)
-    return kept, st, sh
+        kf.append(fl)
+    return kept, st, sh, kf
 
 
-def label_requests(requests: Sequence[MixRequest], transformer: Backend, hybrid: Backend,
+def label_requests(requests: Sequence[LabelRequest], transformer: Backend, hybrid: Backend,
                    cache: str | Path | None = None, margin: float = MARGIN,
                    chunk_size: int = 32, progress: bool = True) -> list[dict]:
     """Score every request's answer under both backends; returns one row per request (in
@@ -133,7 +240,7 @@ def label_requests(requests: Sequence[MixRequest], transformer: Backend, hybrid:
     # a run stopped early has labelled a representative part of the mix, not the short end
     block = 8 * chunk_size
     todo = [i for b in range(0, len(todo), block) for i in
-            sorted(todo[b:b + block], key=lambda i: len(requests[i].prompt) + len(requests[i].answer))]
+            sorted(todo[b:b + block], key=lambda i: _size(requests[i]))]
     log.info("labelling %d requests on %s (%d cached)", len(todo), pair, len(requests) - len(todo))
     out_file = None
     if cache and todo:
@@ -147,16 +254,20 @@ def label_requests(requests: Sequence[MixRequest], transformer: Backend, hybrid:
     try:
         for c in range(0, len(todo), chunk_size):
             idx = todo[c:c + chunk_size]
-            idx, st, sh = _score_chunk(idx, requests, transformer, hybrid)
-            for i, t, h in zip(idx, st, sh, strict=True):
+            idx, st, sh, flags = _score_chunk(idx, requests, transformer, hybrid)
+            lines = []
+            for i, t, h, fl in zip(idx, st, sh, flags, strict=True):
                 gap = gap_of(t, h)
                 row = {**requests[i].to_json(), "key": keys[i], "pair": pair, "fp": fp, "gap": gap,
                        "loss_transformer": t.loss, "loss_hybrid": h.loss,
-                       "n_tokens": len(t.logprobs), "label": label_class(gap, margin)}
+                       "n_tokens": len(t.logprobs), "label": label_class(gap, margin), **fl}
+                if isinstance(requests[i], RealRequest):
+                    row["copy4_share"] = copy_share(t.token_ids, prompt_for(requests[i], transformer)[0],
+                                                    transformer)
                 cached[keys[i]] = row
-                if out_file:
-                    out_file.write(json.dumps(row) + "\n")
-            if out_file:
+                lines.append(json.dumps(row) + "\n")
+            if out_file and lines:
+                out_file.write("".join(lines))  # one write per chunk: whole rows or none
                 out_file.flush()
             if bar:
                 bar.update(len(idx))
