@@ -162,13 +162,13 @@ def read_labels(path: str | Path, latest_only: bool = False) -> list[dict]:
     if not path.exists():
         return []
     with path.open() as f:
-        lines = [line for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     rows = []
-    for n, line in enumerate(lines, 1):
+    for k, (n, line) in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            if n == len(lines):
+            if k == len(lines):
                 log.warning("%s: ignoring a truncated last line (%s)", path, exc.msg)
                 continue
             raise ValueError(f"{path}:{n}: not a label row ({exc.msg})") from None
@@ -180,6 +180,21 @@ def read_labels(path: str | Path, latest_only: bool = False) -> list[dict]:
                         path, len(kept), len(rows) - len(kept))
         rows = kept
     return rows
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a row left without its newline by a crash, so appending starts on a new line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: dropping a partial last row (%d bytes) before appending", path,
+                    len(data) - keep)
+        f.truncate(keep)
 
 
 def _pairs(requests: Sequence[LabelRequest], idx: list[int], transformer: Backend,
@@ -245,6 +260,7 @@ def label_requests(requests: Sequence[LabelRequest], transformer: Backend, hybri
     out_file = None
     if cache and todo:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_line(Path(cache))
         out_file = Path(cache).open("a")
     bar = None
     if progress and todo:

@@ -61,13 +61,17 @@ def test_labels_follow_the_pair_and_are_cached(mix, tmp_path):
     s = summarize(rows)
     assert s["n"] == 80 and 0 <= s["hybrid_wins"] <= 1
 
-    class Boom(type(t)):
+    calls = []
+
+    class Boom(type(t)):  # label_requests isolates failures, so count calls instead
         def score_batch(self, pairs):
+            calls.append(len(pairs))
             raise AssertionError("cached rows must not be rescored")
 
     again = label_requests(mix[:80], Boom("fake-transformer", -0.3, -2.2),
                            Boom("fake-hybrid", -0.9, -1.9), cache=cache, progress=False)
     assert [r["gap"] for r in again] == [r["gap"] for r in rows]
+    assert calls == []
 
 
 def test_a_refused_request_is_skipped_not_fatal(mix):
