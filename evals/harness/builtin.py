@@ -21,11 +21,21 @@
 Prompts are plain text (the reference models are not chat-tuned); prompt + reference stay
 under about 2,000 characters and, when the reference tokenizer is present, under
 ``MAX_TOKENS`` of it (the reference models were trained on 1024-token windows).
+
+- ``real``: real public requests with reference answers, the shared request folder
+  (:data:`classifiers.realdata.DEFAULT_DIR`, or the folder or file named by the
+  ``ARCHROUTE_REQUESTS`` environment variable): ``REAL_PER_SOURCE`` requests of every file
+  (the evaluation-only one included), a fixed-seed sample, so its content hash changes only
+  when the files do. Each request keeps its file's id, conversation (``messages``) and
+  reference; ``domain`` is the file stem (the source group) and ``kind`` the row's kind. The
+  files' sha256 and licences are in the suite's ``meta["files"]`` (and the eval results'
+  provenance). Not a default suite: it needs data that is not part of the repository.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +44,7 @@ import numpy as np
 
 from evals.harness.suites import EvalRequest, Suite, SuiteError
 
-BUILTINS = ("humaneval", "corpus")
+BUILTINS = ("humaneval", "corpus", "real")
 KINDS = ("continue", "explain", "repeat", "extract", "close")
 KIND_GROUP = {"continue": "semantic", "explain": "semantic", "repeat": "copy",
               "extract": "copy", "close": "copy"}
@@ -43,6 +53,9 @@ REF_CHARS = 420  # reference cap
 REPEAT_CHARS = 520  # passage length for repeat (the reference is the passage itself)
 MAX_TOKENS = 900  # prompt + reference, in the reference tokenizer (when it is available)
 SEED = 20260601  # the corpus suite's sampling seed (part of its content, hence its hash)
+REAL_PER_SOURCE = 40  # requests per request file in the real suite
+REAL_SEED = 20260611  # the real suite's sampling seed (part of its content, hence its hash)
+REQUESTS_ENV = "ARCHROUTE_REQUESTS"  # a request folder or file that replaces the default
 
 _EXPLAIN = ("\n\nExplain the text above.\n\n", "\n\nSummarize the text above.\n\n")
 _REPEAT = "\n\nRepeat the text above exactly:\n\n"
@@ -68,11 +81,13 @@ def reference_token_counter() -> Callable[[str], int] | None:
 
 
 def load_builtin(name: str, corpus: str | Path = "data/corpus/val.jsonl", per_domain: int = 48,
-                 humaneval_n: int | None = None) -> Suite:
+                 humaneval_n: int | None = None, real_per_source: int = REAL_PER_SOURCE) -> Suite:
     if name == "humaneval":
         return humaneval_suite(humaneval_n)
     if name == "corpus":
         return corpus_suite(corpus, per_domain, reference_token_counter())
+    if name == "real":
+        return real_suite(per_source=real_per_source)
     raise SuiteError(f"unknown built-in suite {name!r} (built-ins: {', '.join(BUILTINS)})")
 
 
@@ -247,3 +262,51 @@ def corpus_suite(path: str | Path = "data/corpus/val.jsonl", per_domain: int = 4
                 got += 1
     return Suite("corpus", tuple(reqs), f"builtin:corpus ({path})",
                  meta={"kind_group": KIND_GROUP})
+
+
+# ---- real suite ----------------------------------------------------------------------------
+
+def requests_path() -> Path:
+    """The request folder (or file) the real suite reads: ``$ARCHROUTE_REQUESTS`` when set,
+    else :data:`classifiers.realdata.DEFAULT_DIR`."""
+    env = os.environ.get(REQUESTS_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    from classifiers.realdata import DEFAULT_DIR
+
+    return DEFAULT_DIR
+
+
+def real_suite(path: str | Path | None = None, per_source: int = REAL_PER_SOURCE,
+               seed: int = REAL_SEED) -> Suite:
+    """``per_source`` requests of every request file under ``path`` (default
+    :func:`requests_path`), a fixed-seed sample in file order; every file, the
+    evaluation-only one included. Raises :class:`SuiteError` when the data is missing or a
+    file is malformed (nothing is read from a broken file)."""
+    from classifiers.realdata import (
+        EVAL_ONLY,
+        RequestFileError,
+        file_provenance,
+        read_requests,
+        request_files,
+    )
+
+    if per_source < 1:
+        raise SuiteError(f"real suite: per_source must be >= 1, got {per_source}")
+    where = Path(path) if path is not None else requests_path()
+    hint = (f"point ${REQUESTS_ENV} at a folder of request *.jsonl files (or one file); "
+            "the format is in classifiers/realdata.py")
+    if not where.exists():
+        raise SuiteError(f"{where}: the real request data is missing (no such folder or file); {hint}")
+    try:
+        files = request_files([where])
+        reqs = read_requests(files, per_group=per_source, seed=seed, include_eval_only=True)
+        prov = file_provenance(files)
+    except RequestFileError as exc:
+        raise SuiteError(f"real suite: {exc}" + (f" ({hint})" if "no *.jsonl" in str(exc) else "")) from exc
+    out = tuple(EvalRequest(id=r.id, messages=r.messages, reference=r.reference,
+                            domain=r.group, kind=r.kind) for r in reqs)
+    groups = sorted({f.stem for f in files})
+    return Suite("real", out, f"builtin:real ({where})",
+                 meta={"files": prov, "per_source": per_source, "seed": seed,
+                       "eval_only": sorted(set(groups) & EVAL_ONLY)})

@@ -3,6 +3,7 @@
     archroute eval                                   # built-in suites, all policies, reference pair
     archroute eval --suites corpus my.jsonl --policies rules classifier oracle --out eval-out
     archroute eval --suites routerbench:table.pkl --cost usd
+    archroute eval --suites real --real-per-source 5  # real requests ($ARCHROUTE_REQUESTS)
     archroute eval --report-only eval-out            # re-render a saved results.json
 
 Writes ``results.json`` (typed, with provenance), ``requests.jsonl`` (per-request table),
@@ -24,8 +25,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="benchmark routing policies: quality vs cost",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="settings file (JSON or YAML); the CLI overrides it")
-    p.add_argument("--suites", nargs="+", help="built-in names (humaneval, corpus), .jsonl suites, "
-                   "or routerbench:TABLE (default: humaneval corpus)")
+    p.add_argument("--suites", nargs="+", help="built-in names (humaneval, corpus, real), .jsonl "
+                   "suites, or routerbench:TABLE (default: humaneval corpus)")
     p.add_argument("--policies", nargs="+", help="policy names (default: every registered one + oracle)")
     p.add_argument("--out", help="output directory (default: eval-out)")
     p.add_argument("--transformer", help="transformer backend spec (default: reference:transformer)")
@@ -33,8 +34,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cost", choices=["flops", "memory_bytes", "wall_ms", "usd"], help="cost axis")
     p.add_argument("--price", action="append", default=[], metavar="ROLE=USD_PER_1M",
                    help="price per 1M tokens, e.g. --price transformer=0.2 --price hybrid=0.1")
-    p.add_argument("--threshold", type=float, help="operating threshold (default 0.5)")
+    p.add_argument("--threshold", type=float, help="operating threshold for every policy "
+                   "(default: each policy's own default threshold; 0.5 for most, the classifier's "
+                   "is the one its artifact chose on validation data)")
     p.add_argument("--limit", type=int, help="first N requests of each suite")
+    p.add_argument("--real-per-source", type=int, help="requests per request file in the real "
+                   "suite (default 40; the folder: $ARCHROUTE_REQUESTS or the shared data folder)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 1000; 0 = none)")
     p.add_argument("--seed", type=int)
     p.add_argument("--generate", action="store_true", default=None,
@@ -76,19 +81,24 @@ def run(a: argparse.Namespace) -> int:
         cfg = EvalConfig.from_sources(
             a.config, suites=a.suites, policies=a.policies, out=a.out, transformer=a.transformer,
             hybrid=a.hybrid, cost=a.cost, prices=_prices(a.price), threshold=a.threshold,
-            limit=a.limit, bootstrap=a.bootstrap, seed=a.seed, generate=a.generate,
-            cache_dir=a.cache_dir, use_cache=a.use_cache, torch_threads=a.torch_threads)
+            limit=a.limit, real_per_source=a.real_per_source, bootstrap=a.bootstrap, seed=a.seed,
+            generate=a.generate, cache_dir=a.cache_dir, use_cache=a.use_cache,
+            torch_threads=a.torch_threads)
     except (ValueError, OSError) as exc:
         print(f"archroute eval: {exc}", file=sys.stderr)
         return 2
     log.info("eval settings: %s", json.dumps(cfg.to_dict(), sort_keys=True))
     if a.write_suites:
         from evals.harness.evaluate import load_suite
-        from evals.harness.suites import write_jsonl
+        from evals.harness.suites import SuiteError, write_jsonl
 
         Path(a.write_suites).mkdir(parents=True, exist_ok=True)
         for spec in cfg.suites:
-            suite, _ = load_suite(spec, cfg)
+            try:
+                suite, _ = load_suite(spec, cfg)
+            except SuiteError as exc:
+                print(f"archroute eval: {exc}", file=sys.stderr)
+                return 2
             write_jsonl(suite, Path(a.write_suites) / f"{suite.name}.jsonl")
             print(f"{suite.name}: {len(suite)} requests, hash {suite.content_hash}")
         return 0
@@ -112,7 +122,7 @@ def run(a: argparse.Namespace) -> int:
           f"  oracle {s['oracle']['quality']:.4f}")
     for p in result.policies:
         g = p.metrics["gap_recovered"]
-        print(f"  {p.name:<22} gap recovered {g[0] if g[0] is not None else float('nan'):7.3f}"
+        print(f"  {p.name:<22} threshold {p.threshold:.3f}  gap recovered {g[0] if g[0] is not None else float('nan'):7.3f}"
               f"  share T {p.metrics['share_transformer'][0]:.2f}")
     print(f"report: {paths['markdown']} and {paths['html']}")
     return 0

@@ -31,6 +31,7 @@ class EvalConfig:
     corpus: str = "data/corpus/val.jsonl"  # the held-out reference corpus
     corpus_per_domain: int = 80  # requests per domain (spread over the kinds)
     humaneval_n: int | None = None  # first N HumanEval problems (None = all 164)
+    real_per_source: int = 40  # requests per request file in the real suite ($ARCHROUTE_REQUESTS)
     # scoring
     batch_size: int = 1  # score_batch size (1 = wall time measured per request)
     torch_threads: int | None = None  # None = leave torch's setting
@@ -39,7 +40,9 @@ class EvalConfig:
     prices: dict[str, float] = field(default_factory=dict)  # "transformer"/"hybrid" -> $ per 1M tokens
     # metrics
     cost: str = "flops"  # the cost axis: flops | memory_bytes | wall_ms | usd
-    threshold: float = 0.5  # operating threshold for every policy
+    # operating threshold: None = each policy's own default_threshold() (0.5 for most; the
+    # classifier's is chosen on validation data); a number overrides it for every policy
+    threshold: float | None = None
     bootstrap: int = 1000  # resamples for the 95% intervals (0 = none)
     seed: int = 0
     # where
@@ -53,8 +56,10 @@ class EvalConfig:
         unknown = set(self.prices) - {"transformer", "hybrid"}
         if unknown:
             raise ValueError(f"prices: unknown backends {sorted(unknown)}")
-        if not 0.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.real_per_source < 1:
+            raise ValueError("real_per_source must be >= 1")
         if self.bootstrap < 0 or self.batch_size < 1 or self.gen_max_tokens < 1:
             raise ValueError("bootstrap >= 0, batch_size >= 1 and gen_max_tokens >= 1 required")
         if self.limit is not None and self.limit < 1:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from evals.harness import metrics as M
-from evals.harness.builtin import BUILTINS, MissingDependencyError, load_builtin
+from evals.harness.builtin import BUILTINS, REAL_SEED, MissingDependencyError, load_builtin
 from evals.harness.builtin import SEED as CORPUS_SEED
 from evals.harness.config import EvalConfig
 from evals.harness.results import (
@@ -44,7 +44,8 @@ def load_suite(spec: str, cfg: EvalConfig) -> tuple[Suite, PairTable | None]:
     """A built-in name, a JSONL suite file, or a RouterBench-style table (``.csv``,
     ``.parquet``, ``.pkl``, or ``routerbench:PATH``), which brings its own table."""
     if spec in BUILTINS:
-        suite = load_builtin(spec, cfg.corpus, cfg.corpus_per_domain, cfg.humaneval_n)
+        suite = load_builtin(spec, cfg.corpus, cfg.corpus_per_domain, cfg.humaneval_n,
+                             cfg.real_per_source)
         return suite.head(cfg.limit), None
     if spec.startswith("routerbench:") or spec.endswith(TABLE_SUFFIXES):
         suite, table = load_routerbench(spec.removeprefix("routerbench:"))
@@ -115,6 +116,18 @@ def _point_metrics(scores, route, q, c) -> dict[str, float]:
                               "accuracy", "auc")}
 
 
+def policy_threshold(policy, cfg: EvalConfig) -> float:
+    """The operating threshold of ``policy``: ``cfg.threshold`` when set (``--threshold``, for
+    every policy), else the policy's own ``default_threshold()`` (0.5 for the oracle, which
+    is the harness's own, and for a policy without the method)."""
+    from router.policies import DEFAULT_THRESHOLD
+
+    if cfg.threshold is not None:
+        return float(cfg.threshold)
+    own = getattr(policy, "default_threshold", None)
+    return float(own()) if callable(own) else DEFAULT_THRESHOLD
+
+
 def evaluate_policies(table: PairTable, policies: dict, cfg: EvalConfig, progress: bool = True
                       ) -> tuple[list[PolicyResult], dict[str, np.ndarray]]:
     """Score every request with every policy, then sweep and bootstrap on ``table``."""
@@ -138,7 +151,8 @@ def evaluate_policies(table: PairTable, policies: dict, cfg: EvalConfig, progres
             params = pol.params()
             note = "fell back to rules (no classifier artifact)" if getattr(pol, "fallback_", False) else ""
         score_ms = (time.perf_counter() - t0) * 1000.0 / max(1, len(reqs))
-        route = np.array([decide(float(s), cfg.threshold) == "transformer" for s in scores])
+        thr = policy_threshold(pol, cfg)
+        route = np.array([decide(float(s), thr) == "transformer" for s in scores])
         all_scores[name] = scores
         if cfg.bootstrap:
             est, _ = M.bootstrap(lambda i, s=scores, r=route: M.policy_metrics(s[i], r[i], q[i], c[i]),
@@ -155,7 +169,7 @@ def evaluate_policies(table: PairTable, policies: dict, cfg: EvalConfig, progres
         by_kind = {k: float(route[kinds == k].mean()) for k in sorted(set(kinds))}
         results.append(PolicyResult(
             name=name, params={k: v for k, v in params.items() if isinstance(v, int | float | str | bool | None)},
-            note=note, threshold=cfg.threshold, metrics=mets, by_suite=by_suite,
+            note=note, threshold=thr, metrics=mets, by_suite=by_suite,
             by_domain=by_domain, by_kind=by_kind,
             curve={"thresholds": [finite(t) for t in curve.thresholds], "share_t": curve.share_t.tolist(),
                    "quality": curve.quality.tolist(), "cost": curve.cost.tolist()},
@@ -233,7 +247,11 @@ def run_eval(cfg: EvalConfig, backends=None, progress: bool = True, argv: list[s
             kinds[r.kind] = kinds.get(r.kind, 0) + 1
         suite_summaries.append(SuiteSummary(suite.name, suite.source, suite.content_hash,
                                             len(suite), n_scored, suite.domains(), kinds))
-    prov = make_provenance(cfg.to_dict(), {"bootstrap": cfg.seed, "corpus_suite": CORPUS_SEED}, argv)
+    prov = make_provenance(cfg.to_dict(), {"bootstrap": cfg.seed, "corpus_suite": CORPUS_SEED,
+                                           "real_suite": REAL_SEED}, argv)
+    # the input data files behind each suite that names them (sha256, licence): the real suite
+    prov.data = {suite.name: list(suite.meta["files"]) for suite, _ in loaded
+                 if isinstance(suite.meta.get("files"), list)}
     result = EvalResult(prov, cfg.cost, summaries, suite_summaries, singles(table, cfg),
                         _groups(table, cfg, table.domain), _groups(table, cfg, table.kind),
                         pol_results, skipped)

@@ -30,6 +30,15 @@ def _ci(m: list | None) -> str:
     return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
+def threshold_note(result: EvalResult) -> str:
+    """How the operating thresholds were set: one ``--threshold`` for every policy, or each
+    policy's own default (read from the run's resolved config)."""
+    thr = result.provenance.config.get("threshold")
+    if thr is not None:
+        return f"threshold {thr:.2f} for every policy"
+    return "each policy at its own default threshold"
+
+
 def tables(result: EvalResult) -> dict[str, tuple[list[str], list[list[str]]]]:
     """The report's tables as (header, rows) of strings, keyed by title."""
     out = {}
@@ -45,9 +54,9 @@ def tables(result: EvalResult) -> dict[str, tuple[list[str], list[list[str]]]]:
     rows = []
     for p in sorted(result.policies, key=lambda p: -(p.metrics["gap_recovered"][0] or -1e9)):
         name = p.name + (f" ({p.note})" if p.note and p.name != "oracle" else "")
-        rows.append([name] + [_ci(p.metrics.get(k)) for k in TABLE_METRICS])
-    out["Policies (threshold %.2f; 95%% bootstrap intervals)" % (
-        result.policies[0].threshold if result.policies else 0.5)] = (["policy", *TABLE_METRICS], rows)
+        rows.append([name, _fmt(p.threshold)] + [_ci(p.metrics.get(k)) for k in TABLE_METRICS])
+    out[f"Policies ({threshold_note(result)}; 95% bootstrap intervals)"] = (
+        ["policy", "threshold", *TABLE_METRICS], rows)
     doms = sorted(result.by_domain)
     out["Share routed to the transformer, by domain"] = (
         ["policy", *doms],
@@ -83,6 +92,9 @@ def render_markdown(result: EvalResult, plots: list[str] | None = None) -> str:
     lines.append(f"- best single backend: {best}; oracle headroom over it "
                  f"{s['oracle']['quality'] - s[best]['quality']:+.4f} (quality units), the oracle "
                  f"sends {s['oracle']['share_transformer']:.1%} of requests to the transformer")
+    for suite, files in pv.data.items():
+        lines.append(f"- data of {suite}: " + ", ".join(
+            f"{f['file']} ({f['license']}, sha256 {f['sha256'][:12]})" for f in files))
     if result.skipped:
         lines.append("- skipped policies: " + "; ".join(f"{k}: {v}" for k, v in result.skipped.items()))
     lines.append("")
@@ -144,8 +156,8 @@ def plot(result: EvalResult, out_dir: str | Path) -> list[str]:
         ax.plot([s[result.cost_axis]], [s["quality"]], mk, color="k", ms=10, label=name)
     ax.set_xlabel(f"mean cost per request ({_UNITS.get(result.cost_axis, result.cost_axis)})")
     ax.set_ylabel("quality (minus reference loss, nats/token)")
-    ax.set_title("Quality vs cost: threshold sweeps (circles: threshold %.2f)" % (
-        result.policies[0].threshold if result.policies else 0.5))
+    ax.set_title(f"Quality vs cost: threshold sweeps (circles: {threshold_note(result)})",
+                 fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -172,8 +184,7 @@ def plot(result: EvalResult, out_dir: str | Path) -> list[str]:
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("share routed to the transformer")
     axes[-1].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.suptitle("Decisions at threshold %.2f (oracle: where the transformer is better)" % (
-        result.policies[0].threshold if result.policies else 0.5))
+    fig.suptitle(f"Decisions, {threshold_note(result)} (oracle: where the transformer is better)")
     fig.tight_layout()
     paths.append(str(out_dir / "domain_decisions.png"))
     fig.savefig(paths[-1], dpi=110)

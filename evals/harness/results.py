@@ -46,6 +46,9 @@ class Provenance:
     versions: dict[str, str]
     host: dict[str, str]
     duration_s: float = 0.0
+    # suite -> its input data files ({file, sha256, bytes, rows, license, eval_only}), for the
+    # suites built from external data (the real suite); absent in older results
+    data: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass
