@@ -2,9 +2,11 @@
 
     classifier.txt   LightGBM booster (text) of the class model: raw score -> Platt -> P
     regressor.txt    LightGBM booster (text) of the gap model (nats/token), optional
-    meta.json        feature names, calibration, margin, versions, training-data hash,
-                     held-out metrics, and a self-check (prompts with the predictions made
-                     at training time)
+    text_weights.npy the hashed-n-gram text model (:mod:`classifiers.textrep`), optional:
+                     its logit is the last feature, ``text_logit``
+    meta.json        feature names, calibration, the profiles' thresholds, margin, versions,
+                     training data (files, sha256, licences), held-out metrics, and a
+                     self-check (prompts with the predictions made at training time)
 
 The default artifact ships in ``classifiers/default/`` and is rebuilt by ``archroute train``.
 The router's classifier policy calls :func:`load_default` once and then
@@ -16,17 +18,20 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from classifiers.features import FEATURE_NAMES, extract, extract_batch
+from classifiers.features import FEATURE_NAMES, TASK_NAMES, extract, extract_task
 from classifiers.request import RoutingRequest
+from classifiers.textrep import HashedTextModel
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TEXT_FEATURE = "text_logit"
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 SELF_CHECK_PROMPTS = (
     "",
@@ -35,6 +40,9 @@ SELF_CHECK_PROMPTS = (
     "def parse(items):\n    out = {}\n    for k, v in items:\n        out[k] = (v, [k,\n",
     "<div class=\"note\"><p>Read the <a href=\"x.html\">guide</a> first.\n",
     "\\begin{itemize}\n\\item one\n\\item two\n",
+    "Fix the bug in this function and return the whole corrected function.\n\n"
+    "def add(a, b):\n    return a - b\n",
+    "Write a short poem about the sea.",
 )
 
 
@@ -50,14 +58,48 @@ class RequestClassifier:
     calibration: tuple[float, float]
     regressor: object | None = None  # lightgbm.Booster
     meta: dict = field(default_factory=dict)
+    text: HashedTextModel | None = None
 
     @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(self.meta.get("feature_names", FEATURE_NAMES))
 
     @property
-    def margin(self) -> float:
-        return float(self.meta.get("margin", 0.05))
+    def thresholds(self) -> dict[str, float]:
+        """The profiles' thresholds chosen on validation data ({} for older artifacts)."""
+        return {k: float(v) for k, v in self.meta.get("thresholds", {}).items()}
+
+    @property
+    def _columns(self) -> tuple[bool, np.ndarray]:
+        """(task-only, indices of the model's features): among :data:`TASK_NAMES` when the
+        model uses only the task group (then only that group is computed), else among
+        :data:`FEATURE_NAMES`; ``text_logit`` is appended after them."""
+        cols = getattr(self, "_cols", None)
+        if cols is None:
+            used = [n for n in self.feature_names if n != TEXT_FEATURE]
+            task_only = set(used) <= set(TASK_NAMES)
+            names = TASK_NAMES if task_only else FEATURE_NAMES
+            index = {n: i for i, n in enumerate(names)}
+            cols = (task_only, np.array([index[n] for n in used], int))
+            self._cols = cols
+        return cols
+
+    def _base(self, request: RoutingRequest) -> np.ndarray:
+        task_only, cols = self._columns
+        return (extract_task(request) if task_only else extract(request))[cols]
+
+    def features(self, requests: list[RoutingRequest]) -> np.ndarray:
+        """The model's input matrix: the request features it uses, then ``text_logit`` when
+        the artifact has a text model."""
+        X = np.stack([self._base(r) for r in requests])
+        if self.text is not None:
+            X = np.column_stack((X, self.text.logits(requests)))
+        return X
+
+    def named_features(self, request: RoutingRequest) -> tuple[np.ndarray, dict[str, float]]:
+        """(model input row, the model's features by name): what the decision log records."""
+        row = self.features([request])
+        return row, {n: float(v) for n, v in zip(self.feature_names, row[0], strict=True)}
 
     def proba_from_features(self, X: np.ndarray) -> np.ndarray:
         """P(transformer better), shape (n,), from a feature matrix (n, n_features)."""
@@ -95,14 +137,15 @@ class RequestClassifier:
 
     def predict_proba(self, requests: list[RoutingRequest]) -> np.ndarray:
         """P(the transformer serves the request better), shape (len(requests),)."""
-        X = (extract(requests[0])[None, :] if len(requests) == 1
-             else extract_batch(list(requests)))
-        return self.p_transformer_from_features(X) if len(X) else np.zeros(0)
+        if not requests:
+            return np.zeros(0)
+        return self.p_transformer_from_features(self.features(list(requests)))
 
     def predict_gap(self, requests: list[RoutingRequest]) -> np.ndarray:
         """Expected gap loss_transformer - loss_hybrid (nats/token), shape (len(requests),)."""
-        X = extract_batch(list(requests))
-        return self.gap_from_features(X) if len(X) else np.zeros(0)
+        if not requests:
+            return np.zeros(0)
+        return self.gap_from_features(self.features(list(requests)))
 
 
 def versions() -> dict[str, str]:
@@ -113,27 +156,43 @@ def versions() -> dict[str, str]:
             "lightgbm": lightgbm.__version__, "scikit-learn": sklearn.__version__}
 
 
-def save(path: str | Path, router, regressor=None, meta: dict | None = None) -> Path:
+def save(path: str | Path, router, regressor=None, meta: dict | None = None,
+         text: HashedTextModel | None = None,
+         calibration: tuple[float, float] | None = None,
+         feature_names: Sequence[str] | None = None) -> Path:
     """Write a fitted :class:`~classifiers.estimators.LightGBMRouter` (and optionally a
-    :class:`~classifiers.estimators.LightGBMGapRegressor`) with ``meta`` to ``path``."""
+    :class:`~classifiers.estimators.LightGBMGapRegressor` and a text model, whose logit is
+    then the last feature) with ``meta`` to ``path``. ``calibration`` overrides the router's
+    own Platt scaling (e.g. one fitted on out-of-source scores). ``feature_names`` is the
+    subset of :data:`FEATURE_NAMES` the model was fitted on, in order (default: all)."""
+    used = list(feature_names if feature_names is not None else FEATURE_NAMES)
+    unknown = set(used) - set(FEATURE_NAMES)
+    if unknown:
+        raise ArtifactError(f"unknown features {sorted(unknown)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "classifier.txt").write_text(router.booster_.model_to_string())
+    for name, part in (("regressor.txt", regressor), ("text_weights.npy", text)):
+        if part is None and (path / name).exists():
+            (path / name).unlink()
     if regressor is not None:
         (path / "regressor.txt").write_text(regressor.booster_.model_to_string())
-    elif (path / "regressor.txt").exists():
-        (path / "regressor.txt").unlink()
-    clf = RequestClassifier(router.booster_, tuple(router.calibration_),
-                            regressor.booster_ if regressor is not None else None, dict(meta or {}))
+    if text is not None:
+        text.save(path / "text_weights.npy")
+    calibration = tuple(calibration if calibration is not None else router.calibration_)
+    names = [*used, TEXT_FEATURE] if text is not None else used
+    clf = RequestClassifier(router.booster_, calibration,  # type: ignore[arg-type]
+                            regressor.booster_ if regressor is not None else None,
+                            {**(meta or {}), "feature_names": names}, text)
     reqs = [RoutingRequest.from_prompt(p) for p in SELF_CHECK_PROMPTS]
-    X = extract_batch(reqs)
+    X = clf.features(reqs)
     check = [{"prompt": p, "p_transformer": float(pt)}
              for p, pt in zip(SELF_CHECK_PROMPTS, clf.p_transformer_from_features(X), strict=True)]
     if regressor is not None:
         for row, g in zip(check, clf.gap_from_features(X), strict=True):
             row["gap"] = float(g)
-    full = {"format_version": FORMAT_VERSION, "feature_names": list(FEATURE_NAMES),
-            "calibration": list(router.calibration_), "versions": versions(),
+    full = {"format_version": FORMAT_VERSION, "feature_names": names,
+            "calibration": list(calibration), "versions": versions(),
             **(meta or {}), "self_check": check}
     (path / "meta.json").write_text(json.dumps(full, indent=2) + "\n")
     return path
@@ -152,14 +211,26 @@ def load(path: str | Path, verify: bool = True) -> RequestClassifier:
     meta = json.loads(meta_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    if tuple(meta.get("feature_names", ())) != FEATURE_NAMES:
+    text_file = path / "text_weights.npy"
+    names = list(meta.get("feature_names", ()))
+    has_text = bool(names) and names[-1] == TEXT_FEATURE
+    if (not names or has_text != text_file.exists()
+            or not set(names[:-1] if has_text else names) <= set(FEATURE_NAMES)):
         raise ArtifactError(f"{path} was trained on different features than this build "
                             "computes; rebuild it with `archroute train`")
     clf = lgb.Booster(model_str=(path / "classifier.txt").read_text())
+    if clf.num_feature() != len(names):
+        raise ArtifactError(f"{path}: the model takes {clf.num_feature()} features but meta.json "
+                            f"names {len(names)}: trained on different features than this build "
+                            "computes; rebuild it with `archroute train`")
     reg_file = path / "regressor.txt"
     reg = lgb.Booster(model_str=reg_file.read_text()) if reg_file.exists() else None
+    try:
+        text = HashedTextModel.load(text_file) if text_file.exists() else None
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
     a, b = meta["calibration"]
-    out = RequestClassifier(clf, (float(a), float(b)), reg, meta)
+    out = RequestClassifier(clf, (float(a), float(b)), reg, meta, text)
     if verify and meta.get("self_check"):
         reqs = [RoutingRequest.from_prompt(c["prompt"]) for c in meta["self_check"]]
         p = out.predict_proba(reqs)

@@ -5,9 +5,13 @@
 
 ``label`` builds the request mix from the corpus (:mod:`classifiers.requests`) and measures
 each request's gap on a backend pair (:mod:`classifiers.labels`, cached and resumable).
-``train`` fits every model on the training documents, evaluates on the held-out documents
-(AUC, accuracy, Brier, regret vs the oracle), prints the results table, writes it as JSON
-and Markdown, and saves the LightGBM router as the artifact (default: the shipped one).
+``train`` on labels of real requests (``archroute label --requests``) measures transfer:
+leave-one-source-out per source and pooled (:mod:`classifiers.transfer`), a random split as
+the secondary number, then fits on every trainable source and ships the artifact with its
+calibrated profile thresholds. On labels of the synthetic mix it fits on the training
+documents and evaluates on the held-out ones (AUC, accuracy, Brier, regret vs the oracle).
+Both print the results table, write it as JSON and Markdown, and save the LightGBM router
+as the artifact (default: the shipped one).
 """
 
 from __future__ import annotations
@@ -111,6 +115,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-class", type=int, default=20,
                    help="fewest training requests per class before training refuses")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--requests", nargs="+", default=None, metavar="PATH",
+                   help="real labels: the request files they came from, for provenance "
+                        "(sha256, licence) in the artifact (default: ../shared/data/requests)")
+    p.add_argument("--variants", choices=("all", "shipped"), default="all",
+                   help="real labels: measure every model variant leave-one-source-out "
+                        "(classifiers.transfer.VARIANTS), or only the shipped one")
+    p.add_argument("--plots", default="docs/img/classifier",
+                   help="real labels: folder for the reliability diagram")
     p.set_defaults(func=run_train)
 
 
@@ -169,6 +181,15 @@ def run_train(args: argparse.Namespace) -> int:
     rows = [r for r in read_labels(args.labels, latest_only=True) if r["gap"] == r["gap"]]
     if not rows:
         raise SystemExit(f"no labels in {args.labels} (run `archroute label` first)")
+    if "group" in rows[0]:  # real requests: leave-one-source-out, calibrated thresholds
+        from classifiers.realdata import DEFAULT_DIR
+        from classifiers.transfer import SHIPPED, VARIANTS, train_real
+
+        variants = list(VARIANTS) if getattr(args, "variants", "all") == "all" else [SHIPPED]
+        train_real(rows, args.out, args.results, args.requests or [str(DEFAULT_DIR)],
+                   variants=variants, seed=args.seed, plots_dir=args.plots)
+        print(f"artifact -> {args.out}; results -> {args.results}")
+        return 0
     reqs = [RoutingRequest.from_prompt(r["prompt"]) for r in rows]
     X = np.stack([extract(q) for q in tqdm(reqs, desc="features", unit="req")])
     gap = np.array([r["gap"] for r in rows])

@@ -124,11 +124,11 @@ class LightGBMRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.n_jobs = n_jobs
 
-    def _train(self, X: np.ndarray, y: np.ndarray):
+    def _train(self, X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None):
         import lightgbm as lgb
 
         params = {**_lgb_params(self), "objective": "binary"}
-        return lgb.train(params, lgb.Dataset(X, y, free_raw_data=True),
+        return lgb.train(params, lgb.Dataset(X, y, weight=w, free_raw_data=True),
                          num_boost_round=self.n_estimators)
 
     def __sklearn_tags__(self):
@@ -137,22 +137,23 @@ class LightGBMRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
         tags.classifier_tags.multi_class = False
         return tags
 
-    def fit(self, X, y) -> LightGBMRouter:
+    def fit(self, X, y, sample_weight=None) -> LightGBMRouter:
         from sklearn.model_selection import StratifiedKFold
 
         X, y = validate_data(self, X, y, ensure_all_finite=False)
         self.classes_, yi = _binary_classes(y)
+        w = None if sample_weight is None else np.asarray(sample_weight, float)
         oof = np.zeros(len(yi))
         folds = min(self.cv, int(np.bincount(yi).min()))
         if folds >= 2:
             skf = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
             for tr, te in skf.split(X, yi):
-                oof[te] = self._train(X[tr], yi[tr]).predict(X[te], raw_score=True,
-                                                             num_threads=self.n_jobs)
+                oof[te] = self._train(X[tr], yi[tr], None if w is None else w[tr]).predict(
+                    X[te], raw_score=True, num_threads=self.n_jobs)
             self.calibration_ = _platt(oof, yi)
         else:
             self.calibration_ = (1.0, 0.0)
-        self.booster_ = self._train(X, yi)
+        self.booster_ = self._train(X, yi, w)
         return self
 
     def decision_function(self, X) -> np.ndarray:

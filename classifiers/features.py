@@ -55,6 +55,51 @@ _COPY = "study: transformers copy verbatim runs; the hybrid's lead shrinks as a 
 _BRK = "study: closing brackets favour the transformer in prose, code and markup"
 _SEM = "study: meaning-bearing, context-dependent tokens favour the hybrid"
 
+# Task cues: what the answer will be, from the instruction's words, in any phrasing. Matched
+# as whole words (with -s/-ed/-ing forms) or phrases in the first and last CUE_BYTES characters
+# of the last user turn; each feature counts the distinct cues present.
+TASK_CUES: dict[str, tuple[str, ...]] = {
+    "fix": ("fix", "bug", "bugs", "buggy", "debug", "repair", "correct", "corrected", "error",
+            "broken", "wrong", "patch", "mistake"),
+    "transform": ("rewrite", "rephrase", "paraphrase", "reword", "revise", "edit", "translate",
+                  "convert", "port", "equivalent", "refactor", "reformat", "simplify", "shorten",
+                  "modify", "change", "transform", "turn this", "turn the", "make it",
+                  "improve"),
+    "split_join": ("split", "break", "divide", "separate", "combine", "merge", "fuse", "join",
+                   "into two", "into one", "single sentence", "shorter sentences", "sentences"),
+    "extract": ("extract", "quote", "copy", "verbatim", "repeat", "exactly", "word for word",
+                "from the text", "from the passage", "from the paragraph", "in the text",
+                "in the passage", "according to", "based on", "given the", "the passage",
+                "the text", "the paragraph", "the reference", "the context", "this text",
+                "this paragraph", "taken from", "span", "mentioned"),
+    "generate": ("write", "create", "generate", "compose", "draft", "implement", "design",
+                 "story", "poem", "essay", "letter", "email", "tweet", "song", "imagine",
+                 "invent", "describe", "explain", "why", "opinion", "think", "advice", "ideas",
+                 "suggest", "recommend", "brainstorm", "tell me"),
+    "list": ("list", "bullet", "bulleted", "steps", "enumerate", "examples", "names", "top",
+             "ways", "tips", "comma", "separated", "table"),
+    "math": ("solve", "calculate", "compute", "how many", "how much", "value", "probability",
+             "percent", "percentage", "average", "sum", "total", "ratio", "equation", "area",
+             "speed", "price", "cost", "profit", "rate", "options", "number"),
+    "short": ("one word", "short answer", "briefly", "yes or no", "true or false", "classify",
+              "which", "who", "when", "where", "name the", "identify", "choose", "pick",
+              "select", "answer with", "only the"),
+}
+TASK_WHY: dict[str, str] = {
+    "fix": "a fixed function or text is mostly the input again: " + _COPY,
+    "transform": "rewrites, translations and ports re-emit the input's names and structure",
+    "split_join": "split/fuse answers are the input's words re-arranged: " + _COPY,
+    "extract": "the answer is a span of the given text: " + _COPY,
+    "generate": "new, meaning-bearing text: " + _SEM,
+    "list": "the answer's shape: lists repeat their own markers and patterns",
+    "math": "worked answers repeat the problem's numbers and names",
+    "short": "short answers: few tokens, often a span or an option of the prompt",
+}
+_FENCE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_OPTION = re.compile(r"(?m)^\s*\(?[A-Ea-e][).:]\s")
+_TEST = re.compile(r"(?m)^\s*(?:assert\b|>>>|self\.assert|expect\(|test)")
+
+
 FEATURES: tuple[Feature, ...] = (
     # --- length -----------------------------------------------------------------------
     Feature("chars_log", "length", "log(1 + characters in the conversation)",
@@ -142,6 +187,30 @@ FEATURES: tuple[Feature, ...] = (
             "structure-closing answers: " + _BRK),
     Feature("explain_cue", "cue", "explain cues: explain, summarize, describe, why, meaning, ...",
             "new, meaning-bearing text: " + _SEM),
+    # --- the task: will the answer re-emit the prompt's text? (last user turn) -------------
+    *(Feature(f"task_{g}", "task", f"{g} cues in the instruction: {', '.join(TASK_CUES[g][:8])}, ...",
+              TASK_WHY[g]) for g in TASK_CUES),
+    Feature("payload_share", "task",
+            "share of the last user turn in its largest block (a fenced block, or the longest "
+            "blank-line-separated paragraph when there are several)",
+            "a long attached text or code block is what an edit, fix or extraction answer copies"),
+    Feature("payload_chars_log", "task", "log(1 + characters of that block), 0 when none", _COPY),
+    Feature("payload_code", "task", "code-likeness of that block: ( ) { } ; = per character x 10",
+            "code answers repeat identifiers and structure"),
+    Feature("instruction_chars_log", "task",
+            "log(1 + characters of the last user turn outside the block)",
+            "a long instruction asks for new text; a short one around a block asks to transform it"),
+    Feature("options_listed", "task", "answer options in the prompt (lines like 'A)', 'B.')",
+            "multiple-choice answers reuse an option verbatim"),
+    Feature("tests_listed", "task", "assert / test lines in the prompt (capped at 16)",
+            "tests name the function and arguments the answer will repeat"),
+    Feature("assistant_share", "task", "share of the conversation's characters in assistant turns",
+            "earlier answers in the context are text the next answer can reuse"),
+    Feature("ends_with_question", "task", "1 when the last user turn ends with '?'",
+            "a question asks for new text, not a transformation"),
+    Feature("prev_answer_chars_log", "task",
+            "log(1 + characters of the last assistant turn), 0 in a one-turn request",
+            "a follow-up ('now do it in C', 'shorten it') re-emits the previous answer"),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 
@@ -181,6 +250,7 @@ def _cue_index(groups: tuple[tuple[str, ...], ...]):
 
 CUE_GROUPS = (COPY_CUES, EDIT_CUES, COMPLETE_CUES, EXPLAIN_CUES)
 CUE_SINGLE, CUE_MULTI = _cue_index(CUE_GROUPS)
+TASK_SINGLE, TASK_MULTI = _cue_index(tuple(TASK_CUES.values()))
 _LETTERS = re.compile(r"[a-z]+")
 
 
@@ -279,22 +349,49 @@ def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
             math.log2(tail) if tail else 0.0, math.log1p(tail_dist), min(ratio, 2.0)]
 
 
-def _cues(text: str) -> list[float]:
-    s = (text[:CUE_BYTES] + "\n" + text[-CUE_BYTES:] if len(text) > 2 * CUE_BYTES
-         else text).lower()
+def _cues(text: str, single=CUE_SINGLE, multi=CUE_MULTI, n_groups: int = len(CUE_GROUPS),
+          head: int = CUE_BYTES) -> list[float]:
+    s = (text[:head] + "\n" + text[-head:] if len(text) > 2 * head else text).lower()
     # distinct cues present as whole words, so "edit" does not fire on "edition" nor "copy"
     # on "copyright": one pass over the words, then the few multi-word phrases
     words = _LETTERS.findall(s)
-    found: list[set[str]] = [set() for _ in CUE_GROUPS]
+    found: list[set[str]] = [set() for _ in range(n_groups)]
     for w in words:
-        hit = CUE_SINGLE.get(w)
+        hit = single.get(w)
         if hit is not None:
             found[hit[0]].add(hit[1])
     joined = " " + " ".join(words) + " "
-    for g, phrase in CUE_MULTI:
+    for g, phrase in multi:
         if phrase in joined:
             found[g].add(phrase)
     return [float(len(f)) for f in found]
+
+
+def _payload(text: str) -> str:
+    """The largest block of the last user turn: the longest fenced block, else the longest
+    blank-line-separated paragraph when there are at least two (else '')."""
+    fenced = _FENCE.findall(text[:REP_MAX_BYTES])
+    if fenced:
+        return max(fenced, key=len)
+    paras = [p for p in re.split(r"\n\s*\n", text[:REP_MAX_BYTES]) if p.strip()]
+    return max(paras, key=len) if len(paras) >= 2 else ""
+
+
+def _task(request: RoutingRequest) -> list[float]:
+    """The ``task`` group: cues, the attached block, options, tests, earlier answers."""
+    last = request.last_user
+    cues = _cues(last, TASK_SINGLE, TASK_MULTI, len(TASK_CUES), head=300)
+    block = _payload(last)
+    nb, nl = len(block), max(len(last), 1)
+    code = sum(block.count(c) for c in "(){};=") / max(nb, 1) * 10 if nb else 0.0
+    total = sum(len(m.content) for m in request.messages) or 1
+    assistant = sum(len(m.content) for m in request.messages if m.role == "assistant")
+    return [*cues, nb / nl, math.log1p(nb), min(code, 10.0), math.log1p(max(nl - nb, 0)),
+            float(min(len(_OPTION.findall(last[:REP_MAX_BYTES])), 16)),
+            float(min(len(_TEST.findall(last[:REP_MAX_BYTES])), 16)),
+            assistant / total, float(last.rstrip().endswith("?")),
+            math.log1p(next((len(m.content) for m in reversed(request.messages)
+                             if m.role == "assistant"), 0))]
 
 
 def _semantics(data: bytes) -> list[float]:
@@ -384,7 +481,19 @@ def extract(request: RoutingRequest) -> np.ndarray:
         math.log1p(request.max_tokens or 0), float(request.max_tokens is not None),
         float(len(msgs)), len(last) / max(len(full), 1),
     ]
-    out = np.concatenate((head, f))
+    out = np.concatenate((head, f, _task(request)))
+    if not np.isfinite(out).all():
+        out = np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
+    return out
+
+
+TASK_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "task")
+
+
+def extract_task(request: RoutingRequest) -> np.ndarray:
+    """Only the ``task`` group (:data:`TASK_NAMES`, the same values :func:`extract` gives
+    them): what a model that uses no other group needs, at a fraction of the cost."""
+    out = np.asarray(_task(request), dtype=np.float64)
     if not np.isfinite(out).all():
         out = np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
     return out

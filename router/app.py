@@ -127,7 +127,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         policies = {}
         for name, prof in settings.profiles.items():
             policies[name] = await asyncio.to_thread(get_policy, prof.policy, **prof.policy_args)
-            log.info("profile %s: %r threshold %.3f", name, policies[name], prof.threshold)
+            thr = prof.threshold if prof.threshold is not None else policies[name].default_threshold()
+            log.info("profile %s: %r threshold %.3f", name, policies[name], thr)
         dlog = (DecisionLog(settings.decision_log, settings.log_prompts)
                 if settings.decision_log else None)
         app.state.service = RouterService(settings, slots, policies, RouterMetrics(), dlog)

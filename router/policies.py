@@ -69,6 +69,11 @@ class Policy:
         """The keyword arguments this policy was built with (for logs and provenance)."""
         return {}
 
+    def default_threshold(self) -> float:
+        """The threshold a profile uses when it sets none (a trained policy returns the one
+        chosen on validation data for its operating point)."""
+        return DEFAULT_THRESHOLD
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
@@ -274,19 +279,28 @@ _DEFAULT_MODEL: list[object] = []  # the default artifact, once loaded
 class ClassifierPolicy(Policy):
     """The trained request classifier (``classifiers.artifact.load_default()``).
 
-    ``cost_weight`` (>= 0) lowers the score of long prompts, where the transformer's KV cache
-    costs most: ``score = p - cost_weight * L / (L + 8000)`` with ``L`` the prompt length in
-    characters. When the default artifact (or its module) is missing or unusable the policy
-    falls back to ``rules`` with a logged warning; ``fallback_`` is True then. An explicit
-    ``artifact`` path that fails to load raises.
+    ``operating_point`` names the artifact's threshold a profile uses when it sets none:
+    ``quality`` (least expected loss) or ``cost`` (best quality within the artifact's budget
+    of requests on the transformer); both are chosen on out-of-source validation predictions
+    at training time (``meta.json`` ``thresholds``). ``cost_weight`` (>= 0) lowers the score
+    of long prompts, where the transformer's KV cache costs most: ``score = p - cost_weight *
+    L / (L + 8000)`` with ``L`` the prompt length in characters. When the default artifact (or
+    its module) is missing or unusable the policy falls back to ``rules`` with a logged
+    warning; ``fallback_`` is True then. An explicit ``artifact`` path that fails to load
+    raises.
     """
 
     description = "trained classifier P(transformer better), optional cost weight"
 
-    def __init__(self, cost_weight: float = 0.0, artifact: str | None = None) -> None:
+    def __init__(self, cost_weight: float = 0.0, artifact: str | None = None,
+                 operating_point: str = "quality") -> None:
         if cost_weight < 0:
             raise ValueError(f"classifier: cost_weight must be >= 0, got {cost_weight}")
+        if operating_point not in ("quality", "cost"):
+            raise ValueError(f"classifier: operating_point must be 'quality' or 'cost', got "
+                             f"{operating_point!r}")
         self.cost_weight = cost_weight
+        self.operating_point = operating_point
         self.artifact = artifact
         self.model_ = self._load(artifact)
         self.fallback_ = self.model_ is None
@@ -307,17 +321,22 @@ class ClassifierPolicy(Policy):
             return None
 
     def params(self) -> dict[str, object]:
-        return {"cost_weight": self.cost_weight, "artifact": self.artifact}
+        return {"cost_weight": self.cost_weight, "artifact": self.artifact,
+                "operating_point": self.operating_point}
+
+    def default_threshold(self) -> float:
+        if self.model_ is None:
+            return DEFAULT_THRESHOLD
+        return float(getattr(self.model_, "thresholds", {}).get(self.operating_point,
+                                                                DEFAULT_THRESHOLD))
 
     def explain(self, req: RoutingRequest) -> tuple[float, dict[str, float]]:
         """Score and the classifier's own features (one extraction, shared by both)."""
         if self.model_ is None:
             score, feats = self._rules.explain(req)
         else:
-            X = importlib.import_module("classifiers.features").extract(req)[None, :]
+            X, feats = self.model_.named_features(req)  # type: ignore[attr-defined]
             score = float(self.model_.p_transformer_from_features(X)[0])  # type: ignore[attr-defined]
-            names = self.model_.feature_names  # type: ignore[attr-defined]
-            feats = {n: float(v) for n, v in zip(names, X[0], strict=True)}
         return min(1.0, max(0.0, score - self._cost(req))), feats
 
     def _cost(self, req: RoutingRequest) -> float:

@@ -83,11 +83,16 @@ class RouterService:
         self.metrics = metrics
         self.decision_log = decision_log
         self._by_name = {s.name: role for role, s in slots.items()}
+        # a profile without a threshold uses its policy's own (see ProfileSettings)
+        self.thresholds = {name: p.threshold if p.threshold is not None
+                           else policies[name].default_threshold()
+                           for name, p in settings.profiles.items() if name in policies}
 
     # --- routing -------------------------------------------------------------------
     def models(self) -> list[dict]:
         out = [P.model_card(name, "archroute", kind="profile", policy=p.policy,
-                            threshold=p.threshold, description=p.description)
+                            threshold=self.thresholds.get(name, p.threshold),
+                            description=p.description)
                for name, p in self.settings.profiles.items()]
         for role, slot in self.slots.items():
             info = slot.backend.info()
@@ -120,7 +125,7 @@ class RouterService:
             score, feats = await asyncio.to_thread(explain, rreq)
         else:
             score, feats = explain(rreq)
-        thr = prof.threshold if threshold is None else threshold
+        thr = self.thresholds[name] if threshold is None else threshold
         role = decide(score, thr)
         other = "hybrid" if role == "transformer" else "transformer"
         order: list[str] = [role, other] if self.settings.fallback else [role]

@@ -74,7 +74,9 @@ class ProfileSettings(_Strict):
 
     policy: str = "rules"
     policy_args: dict[str, Any] = Field(default_factory=dict)
-    threshold: float = Field(0.5, ge=0.0, le=1.01)  # transformer when score >= threshold
+    # transformer when score >= threshold; None: the policy's own (a classifier profile: the
+    # artifact's threshold for its operating point, chosen on validation data), else 0.5
+    threshold: float | None = Field(None, ge=0.0, le=1.01)
     description: str = ""
 
     @model_validator(mode="after")
@@ -100,13 +102,15 @@ def _default_backends() -> dict[Role, BackendSettings]:
 def _default_profiles() -> dict[str, ProfileSettings]:
     return {
         "archroute-auto": ProfileSettings(
-            policy="classifier", policy_args={"cost_weight": 0.1},
-            description="classifier with a light cost weight (the default)"),
+            policy="classifier", policy_args={"operating_point": "quality"},
+            description="the default: classifier at its quality threshold"),
         "archroute-quality": ProfileSettings(
-            policy="classifier", description="classifier, quality only"),
+            policy="classifier", policy_args={"operating_point": "quality"},
+            description="classifier at the threshold with the least expected loss"),
         "archroute-cost": ProfileSettings(
-            policy="classifier", policy_args={"cost_weight": 0.5},
-            description="classifier leaning to the cheaper backend on long prompts"),
+            policy="classifier", policy_args={"operating_point": "cost"},
+            description="classifier: best quality with at most the artifact's budget of "
+                        "requests on the transformer (the backend with a KV cache)"),
         "archroute-rules": ProfileSettings(policy="rules", description="the study's rules"),
     }
 
