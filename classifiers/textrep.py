@@ -2,10 +2,9 @@
 
 The hand-written features (:mod:`classifiers.features`) say what a request looks like; this
 says what it asks, in the user's own words, without a model forward pass. The text is the
-head and tail (:data:`TEXT_CHARS` each) of the last user turn, where instructions sit, with
-a shape token per line kind of the middle (code, list, blank) so the model sees "an
-instruction around a block". Words (lowercased letter runs), word bigrams and a few shape
-tokens are hashed (crc32) into :data:`N_BUCKETS` buckets with binary counts; a logistic
+head and tail (:data:`TEXT_CHARS` each) of the last user turn, where instructions sit, and
+three shape tokens: a long middle between them, a fenced block, the number of turns. Words
+(lowercased letter runs, numbers as ``0``), word bigrams and the shape tokens are hashed (crc32) into :data:`N_BUCKETS` buckets with binary counts; a logistic
 regression over them gives a logit that the classifier takes as one more feature
 (``text_logit``). Cost: one pass over about 600 characters, a few tens of microseconds.
 

@@ -105,7 +105,7 @@ class RealRouter:
     num_leaves: int = 15
     min_child_samples: int = 20
     colsample_bytree: float = 0.8
-    balance_sources: bool = False  # weight rows so every source counts the same
+    balance_sources: bool = False  # weight rows so every fold unit (``groups``) counts the same
     balance_threshold: bool = False  # choose thresholds with every source/kind counting the same
     weight_by_gap: bool = False  # weight rows by |gap| (what a wrong decision costs)
     text_: HashedTextModel | None = None
@@ -148,8 +148,10 @@ class RealRouter:
             d = np.flatnonzero(decisive)
             self.text_ = HashedTextModel().fit([reqs[i] for i in d], y[d])
         Z = self._stack(X, text)
+        # a leaf needs at most 1/20 of the decisive rows, so small data can still split
+        min_leaf = min(self.min_child_samples, max(5, int(decisive.sum()) // 20))
         kw = {"random_state": self.seed, "n_estimators": self.n_estimators,
-              "num_leaves": self.num_leaves, "min_child_samples": self.min_child_samples,
+              "num_leaves": self.num_leaves, "min_child_samples": min_leaf,
               "colsample_bytree": self.colsample_bytree}
         w = np.ones(len(Z))
         if self.balance_sources:
@@ -437,6 +439,7 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     from classifiers.labels import summarize
     from classifiers.realdata import file_provenance
 
+    rows = sorted(rows, key=lambda r: (r["group"], r["id"]))  # the cache's order is its history
     reqs = [routing_request(r) for r in rows]
     it = reqs
     if progress:
