@@ -88,10 +88,14 @@ def run_backend(backend, suite: Suite, cfg: EvalConfig,
 
 
 def _score_chunk(backend, chunk: list[EvalRequest], cm, cfg: EvalConfig) -> list[BackendRecord]:
+    from classifiers.labels import fit_to_context
+
     prompts = [prompt_text(backend, r) for r in chunk]
     scored = [(j, r) for j, r in enumerate(chunk) if r.reference]
+    # a reference longer than the backend's context is cut to fit, as the labeller does
+    refs = [fit_to_context(backend, prompts[j], r.reference or "")[0] for j, r in scored]
     t0 = time.perf_counter()
-    results = backend.score_batch([(prompts[j], r.reference) for j, r in scored]) if scored else []
+    results = backend.score_batch([(prompts[j], ref) for (j, _), ref in zip(scored, refs, strict=True)]) if scored else []
     elapsed_ms = (time.perf_counter() - t0) * 1000.0
     p_tok = [count_tokens(backend, p) for p in prompts]
     r_tok = [0] * len(chunk)
