@@ -121,6 +121,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", choices=("all", "shipped"), default="all",
                    help="real labels: measure every model variant leave-one-source-out "
                         "(classifiers.transfer.VARIANTS), or only the shipped one")
+    p.add_argument("--mix-labels", default=None, metavar="FILE",
+                   help="real labels: labels of the synthetic request mix to add to every "
+                        "training set as one more source (never tested on), to measure "
+                        "whether it helps leave-one-source-out")
     p.add_argument("--plots", default="docs/img/classifier",
                    help="real labels: folder for the reliability diagram")
     p.set_defaults(func=run_train)
@@ -186,8 +190,13 @@ def run_train(args: argparse.Namespace) -> int:
         from classifiers.transfer import SHIPPED, VARIANTS, train_real
 
         variants = list(VARIANTS) if getattr(args, "variants", "all") == "all" else [SHIPPED]
+        mix = getattr(args, "mix_labels", None)
+        extra = ([r for r in read_labels(mix, latest_only=True) if r["gap"] == r["gap"]]
+                 if mix else [])
+        if mix and not extra:
+            raise SystemExit(f"no labels in {mix}")
         train_real(rows, args.out, args.results, args.requests or [str(DEFAULT_DIR)],
-                   variants=variants, seed=args.seed, plots_dir=args.plots)
+                   variants=variants, seed=args.seed, plots_dir=args.plots, extra_rows=extra)
         print(f"artifact -> {args.out}; results -> {args.results}")
         return 0
     reqs = [RoutingRequest.from_prompt(r["prompt"]) for r in rows]

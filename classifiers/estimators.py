@@ -27,7 +27,7 @@ from functools import cache
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from classifiers.features import FEATURE_NAMES, extract_batch
 from classifiers.request import RoutingRequest
@@ -142,7 +142,8 @@ class LightGBMRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
 
         X, y = validate_data(self, X, y, ensure_all_finite=False)
         self.classes_, yi = _binary_classes(y)
-        w = None if sample_weight is None else np.asarray(sample_weight, float)
+        w = None if sample_weight is None else _check_sample_weight(sample_weight, X,
+                                                                      ensure_non_negative=True)
         oof = np.zeros(len(yi))
         folds = min(self.cv, int(np.bincount(yi).min()))
         if folds >= 2:
@@ -173,13 +174,14 @@ class LightGBMRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
 
 
 class LightGBMGapRegressor(_NamedFeatures, RegressorMixin, BaseEstimator):
-    """Gradient-boosted trees predicting the gap (nats/token; Huber loss, robust to the
-    long tail of per-request gaps)."""
+    """Gradient-boosted trees predicting the gap (nats/token). ``objective="huber"`` (robust
+    to the long tail of per-request gaps; a median-like estimate) or ``"regression"`` (L2:
+    the mean gap, whose sign is the quality-optimal decision)."""
 
     def __init__(self, n_estimators: int = 300, learning_rate: float = 0.03,
                  num_leaves: int = 15, min_child_samples: int = 20, subsample: float = 0.8,
                  colsample_bytree: float = 0.8, reg_lambda: float = 1.0, huber_delta: float = 0.3,
-                 random_state: int = 0, n_jobs: int = 1) -> None:
+                 objective: str = "huber", random_state: int = 0, n_jobs: int = 1) -> None:
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.num_leaves = num_leaves
@@ -188,6 +190,7 @@ class LightGBMGapRegressor(_NamedFeatures, RegressorMixin, BaseEstimator):
         self.colsample_bytree = colsample_bytree
         self.reg_lambda = reg_lambda
         self.huber_delta = huber_delta
+        self.objective = objective
         self.random_state = random_state
         self.n_jobs = n_jobs
 
@@ -200,7 +203,9 @@ class LightGBMGapRegressor(_NamedFeatures, RegressorMixin, BaseEstimator):
         import lightgbm as lgb
 
         X, y = validate_data(self, X, y, ensure_all_finite=False, y_numeric=True)
-        params = {**_lgb_params(self), "objective": "huber", "alpha": self.huber_delta}
+        if self.objective not in ("huber", "regression"):
+            raise ValueError(f"objective must be 'huber' or 'regression' (L2), got {self.objective!r}")
+        params = {**_lgb_params(self), "objective": self.objective, "alpha": self.huber_delta}
         self.booster_ = lgb.train(params, lgb.Dataset(X, y.astype(float)),
                                   num_boost_round=self.n_estimators)
         return self

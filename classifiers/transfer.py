@@ -51,6 +51,14 @@ def routing_request(row: dict) -> RoutingRequest:
     return RoutingRequest.from_prompt(row["prompt"])
 
 
+def _platt_slope(scores: np.ndarray, y: np.ndarray) -> float:
+    """a with P(y=1) = sigmoid(a * score), fitted by logistic regression without intercept."""
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=1e4, fit_intercept=False, max_iter=1000)
+    return float(lr.fit(scores.reshape(-1, 1), y).coef_[0, 0])
+
+
 def group_folds(groups: np.ndarray, k: int) -> list[np.ndarray]:
     """Test masks of ``k`` folds with whole groups, balanced by size (largest first)."""
     names, counts = np.unique(groups, return_counts=True)
@@ -108,6 +116,11 @@ class RealRouter:
     balance_sources: bool = False  # weight rows so every fold unit (``groups``) counts the same
     balance_threshold: bool = False  # choose thresholds with every source/kind counting the same
     weight_by_gap: bool = False  # weight rows by |gap| (what a wrong decision costs)
+    objective: str = "huber"  # the regressor kind's loss: "huber" or "regression" (L2, the mean)
+    clip_gap: float = 3.0  # regressor targets clipped to +-clip_gap nats/token
+    # the quality threshold: "oof" (least loss on out-of-fold predictions) or, for the
+    # regressor kind, "expected_gap" (the transformer when the expected gap is below 0)
+    quality_rule: str = "oof"
     text_: HashedTextModel | None = None
     clf_: LightGBMRouter | None = None
     reg_: LightGBMGapRegressor | None = None
@@ -168,7 +181,14 @@ class RealRouter:
             if self.kind == "regressor":
                 tr = ~te
             raw[te] = self._raw(self._fit(kw, Z[tr], y[tr], w[tr], gap[tr]), Z[te])
-        a, b = _platt(raw[decisive], y[decisive])
+        if self.quality_rule == "expected_gap":
+            if self.kind != "regressor":
+                raise ValueError("quality_rule='expected_gap' needs kind='regressor'")
+            # P(transformer better) = sigmoid(a * -E[gap]): no intercept, so P = 0.5 exactly
+            # where the expected gap is 0, and every fold's scores share one zero point
+            a, b = _platt_slope(raw[decisive], y[decisive]), 0.0
+        else:
+            a, b = _platt(raw[decisive], y[decisive])
         if a <= 0:  # out-of-source scores rank backwards: keep the model's own scale
             log.warning("out-of-source Platt slope %.3f <= 0; using the raw scores", a)
             a, b = 1.0, 0.0
@@ -179,8 +199,10 @@ class RealRouter:
         if self.balance_threshold:
             _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
             tw = 1.0 / counts[inv]
+        q = 0.5 if self.quality_rule == "expected_gap" else quality_threshold(self.oof_, lt, lh,
+                                                                               weights=tw)
         self.thresholds_ = {
-            "quality": quality_threshold(self.oof_, lt, lh, weights=tw),
+            "quality": q,
             "cost": quality_threshold(self.oof_, lt, lh, max_transformer=COST_BUDGET, weights=tw),
         }
         fit_rows = np.ones(len(Z), bool) if self.kind == "regressor" else decisive
@@ -192,7 +214,8 @@ class RealRouter:
         if self.kind == "logistic":
             return LogisticRouter().fit(Z, y)
         if self.kind == "regressor":  # the score is the expected gap, negated
-            return LightGBMGapRegressor(**kw).fit(Z, gap)
+            return LightGBMGapRegressor(objective=self.objective, **kw).fit(
+                Z, np.clip(gap, -self.clip_gap, self.clip_gap))
         return LightGBMRouter(cv=0, **kw).fit(Z, y, sample_weight=w)
 
     @staticmethod
@@ -275,20 +298,24 @@ def routing_summary(p: np.ndarray, t: float, gap: np.ndarray, lt: np.ndarray, lh
 
 def leave_one_source_out(X: np.ndarray, reqs: Sequence[RoutingRequest], rows: Sequence[dict],
                          make_model=RealRouter, progress: bool = True,
-                         profiles: Sequence[str] = ("quality", "cost")) -> dict:
+                         profiles: Sequence[str] = ("quality", "cost"),
+                         train_only: Sequence[str] = ()) -> dict:
     """Train on every source but one, test on it. Returns, per profile, per-source summaries
     and the pooled summary (all held-out predictions of the trainable sources together, each
     routed at its own fold's threshold), plus the held-out predictions and thresholds.
-    Evaluation-only sources are predicted by a model trained on every trainable source."""
+    Evaluation-only sources are predicted by a model trained on every trainable source;
+    ``train_only`` sources (e.g. the synthetic mix) are in every training set and never
+    tested on."""
     gap = np.array([r["gap"] for r in rows])
     lt = np.array([r["loss_transformer"] for r in rows])
     lh = np.array([r["loss_hybrid"] for r in rows])
     groups = np.array([r["group"] for r in rows])
     units = np.array([f"{r['group']}/{r.get('kind')}" for r in rows])
     trainable = ~np.isin(groups, list(EVAL_ONLY))
+    extra = np.isin(groups, list(train_only))
     p = np.full(len(rows), np.nan)
     thr = {k: np.full(len(rows), np.nan) for k in profiles}
-    names = sorted(set(groups[trainable]))
+    names = sorted(set(groups[trainable & ~extra]))
     folds = [(g, groups == g, trainable & (groups != g)) for g in names]
     if (~trainable).any():
         folds.append(("(eval only)", ~trainable, trainable))
@@ -304,9 +331,10 @@ def leave_one_source_out(X: np.ndarray, reqs: Sequence[RoutingRequest], rows: Se
         for k in profiles:
             thr[k][test] = m.thresholds_[k]
     out: dict = {"p": p.tolist(), "threshold": {k: v.tolist() for k, v in thr.items()}}
+    trainable &= ~extra  # pooled and per-source figures: real held-out sources only
     for k in profiles:
         per = {}
-        for g in sorted(set(groups)):
+        for g in sorted(set(groups[~extra])):
             s = groups == g
             per[g] = routing_summary(p[s], float(np.median(thr[k][s])), gap[s], lt[s], lh[s])
             per[g]["eval_only"] = bool(g in EVAL_ONLY)
@@ -326,17 +354,22 @@ TASK_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES
                                        if f.group == "task" and f.name != "assistant_share")
 _REG = {"num_leaves": 7, "min_child_samples": 100, "n_estimators": 200}
 VARIANTS: dict[str, dict] = {
-    "lightgbm task (shipped)": {"kind": "lightgbm", "use_text": False, "weight_by_gap": True,
-                                "features": TASK_FEATURES, **_REG},
-    "lightgbm task+text": {"kind": "lightgbm", "use_text": True, "weight_by_gap": True,
+    "gap regressor task+text (shipped)": {"kind": "regressor", "objective": "regression",
+                                          "quality_rule": "expected_gap", "use_text": True,
+                                          "features": TASK_FEATURES, **_REG},
+    "gap regressor task": {"kind": "regressor", "objective": "regression",
+                           "quality_rule": "expected_gap", "use_text": False,
                            "features": TASK_FEATURES, **_REG},
-    "lightgbm all features+text": {"kind": "lightgbm", "use_text": True, "weight_by_gap": True,
-                                   "features": FEATURE_NAMES, **_REG},
-    "gap regressor task+text": {"kind": "regressor", "use_text": True, "features": TASK_FEATURES,
-                                **_REG},
+    "lightgbm classifier task": {"kind": "lightgbm", "use_text": False, "weight_by_gap": True,
+                                 "features": TASK_FEATURES, **_REG},
+    "lightgbm classifier task+text": {"kind": "lightgbm", "use_text": True,
+                                      "weight_by_gap": True, "features": TASK_FEATURES, **_REG},
+    "lightgbm classifier, all features+text": {"kind": "lightgbm", "use_text": True,
+                                               "weight_by_gap": True, "features": FEATURE_NAMES,
+                                               **_REG},
     "logistic task+text": {"kind": "logistic", "use_text": True, "features": TASK_FEATURES},
 }
-SHIPPED = "lightgbm task (shipped)"
+SHIPPED = "gap regressor task+text (shipped)"
 
 
 def make_router(name: str, seed: int = 0) -> RealRouter:
@@ -424,11 +457,16 @@ def _finite(obj):
     return obj
 
 
+MIX_GROUP = "synthetic-mix"
+
+
 def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[str],
                variants: Sequence[str] = tuple(VARIANTS), seed: int = 0, plots_dir=None,
-               progress: bool = True) -> dict:
+               progress: bool = True, extra_rows: Sequence[dict] = ()) -> dict:
     """Leave-one-source-out for each variant, the random split, the final fit on every
-    trainable source, the artifact, the results (JSON + Markdown) and the reliability plot."""
+    trainable source, the artifact, the results (JSON + Markdown) and the reliability plot.
+    ``extra_rows`` (labels of the synthetic mix) join every training set as one more source,
+    :data:`MIX_GROUP`, and are never tested on."""
     import json
     import time
     from pathlib import Path
@@ -439,7 +477,8 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     from classifiers.labels import summarize
     from classifiers.realdata import file_provenance
 
-    rows = sorted(rows, key=lambda r: (r["group"], r["id"]))  # the cache's order is its history
+    extra = [{**r, "group": MIX_GROUP} for r in extra_rows]
+    rows = sorted([*rows, *extra], key=lambda r: (r["group"], r["id"]))  # the cache's order is its history
     reqs = [routing_request(r) for r in rows]
     it = reqs
     if progress:
@@ -453,7 +492,9 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     groups = np.array([r["group"] for r in rows])
     units = np.array([f"{r['group']}/{r.get('kind')}" for r in rows])
     trainable = ~np.isin(groups, list(EVAL_ONLY))
-    results: dict = {"label_summary": summarize(rows), "n_rows": len(rows),
+    real = groups != MIX_GROUP
+    results: dict = {"label_summary": summarize([r for r in rows if r["group"] != MIX_GROUP]),
+                     "n_rows": int(real.sum()), "train_only_sources": [MIX_GROUP] if extra else [],
                      "ref_cut": int(sum(bool(r.get("ref_cut")) for r in rows)),
                      "sources": {g: summarize([r for r in rows if r["group"] == g])
                                  for g in sorted(set(groups))},
@@ -461,7 +502,7 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     for name in variants:
         t0 = time.perf_counter()
         res = leave_one_source_out(X, reqs, rows, make_model=lambda n=name: make_router(n, seed),
-                                   progress=progress)
+                                   progress=progress, train_only=[MIX_GROUP] if extra else [])
         res["seconds"] = time.perf_counter() - t0
         if name != SHIPPED:
             res.pop("p"), res.pop("threshold")
@@ -473,7 +514,7 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     from classifiers.realdata import RealRequest
 
     split = np.array([RealRequest(r["id"], "", "", "", (), "").split for r in rows])
-    tr, te = trainable & (split == "train"), trainable & (split == "test")
+    tr, te = trainable & ((split == "train") | ~real), trainable & real & (split == "test")
     m = make_router(SHIPPED, seed).fit(X[tr], [reqs[i] for i in np.flatnonzero(tr)], gap[tr], lt[tr],
                                   lh[tr], units[tr])
     pt = m.predict_proba(X[te], [reqs[i] for i in np.flatnonzero(te)])
@@ -484,7 +525,7 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     shipped = results["leave_one_source_out"][SHIPPED]
     p_loso = np.array(shipped["p"])
     shipped.pop("p"), shipped.pop("threshold")
-    rel = reliability(p_loso[trainable], gap[trainable])
+    rel = reliability(p_loso[trainable & real], gap[trainable & real])
     results["reliability"] = rel
     results["thresholds"] = final.thresholds_
     results["cost_budget"] = COST_BUDGET
@@ -495,6 +536,7 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
             "thresholds": final.thresholds_, "cost_budget_transformer_share": COST_BUDGET,
             "training_data": {"kind": "real requests", "sha256": _data_hash(rows),
                               "pair": rows[0].get("pair"), "n_train": int(trainable.sum()),
+                              "train_only_sources": results["train_only_sources"],
                               "files": [f for f in provenance if f["file"].removesuffix(".jsonl") in used]},
             "metrics": {"leave_one_source_out_pooled": shipped["quality"]["pooled"],
                         "leave_one_source_out_pooled_cost_profile": shipped["cost"]["pooled"],

@@ -306,6 +306,22 @@ def test_eval_only_source_alone_is_predicted_not_trained(fast_bootstrap) -> None
     assert np.isfinite(np.array(res["p"])[sorted(eval_idx)]).all()
 
 
+def test_a_train_only_source_is_in_every_training_set_and_never_tested(fast_bootstrap) -> None:
+    X, rows = _synthetic(n_per=40, seed=9)
+    mix = SOURCES[0]  # stands for the synthetic mix: trained on, never held out or pooled
+    reqs = [routing_request(r) for r in rows]
+    groups = np.array([r["group"] for r in rows])
+    mix_idx = set(np.flatnonzero(groups == mix).tolist())
+    Recorder.log = []
+    res = leave_one_source_out(X, reqs, rows, make_model=_recorder, progress=False,
+                               profiles=("quality",), train_only=[mix])
+    assert len(Recorder.log) == len(SOURCES) - 1
+    for seen, pred in Recorder.log:
+        assert mix_idx <= seen and not pred & mix_idx
+    assert mix not in res["quality"]["per_source"]
+    assert res["quality"]["pooled"]["n"] == 40 * (len(SOURCES) - 1)
+
+
 def test_real_router_fit_and_thresholds() -> None:
     X, rows = _synthetic(n_per=50, seed=2)
     X = X[:, :3]
