@@ -125,8 +125,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="real labels: labels of the synthetic request mix to add to every "
                         "training set as one more source (never tested on), to measure "
                         "whether it helps leave-one-source-out")
-    p.add_argument("--plots", default="docs/img/classifier",
-                   help="real labels: folder for the reliability diagram")
+    p.add_argument("--plots", default=None,
+                   help="real labels: folder for the reliability diagram (default: beside "
+                        "--results)")
     p.set_defaults(func=run_train)
 
 
@@ -196,7 +197,8 @@ def run_train(args: argparse.Namespace) -> int:
         if mix and not extra:
             raise SystemExit(f"no labels in {mix}")
         train_real(rows, args.out, args.results, args.requests or [str(DEFAULT_DIR)],
-                   variants=variants, seed=args.seed, plots_dir=args.plots, extra_rows=extra)
+                   variants=variants, seed=args.seed,
+                   plots_dir=args.plots or str(Path(args.results).parent), extra_rows=extra)
         print(f"artifact -> {args.out}; results -> {args.results}")
         return 0
     reqs = [RoutingRequest.from_prompt(r["prompt"]) for r in rows]

@@ -99,8 +99,12 @@ def run(args: argparse.Namespace) -> int:
         e = (_time(lambda r=req: emb.predict_proba([r]), args.embed_repeats, warmup=2)
              if emb is not None else (float("nan"), float("nan")))
         rows.append((n, len(text), *lgb, feat[0], *e))
-    print("| prompt tokens | chars | LightGBM p50 ms | LightGBM p99 ms | features p50 ms "
-          "| embedding p50 ms | embedding p99 ms |")
+    from classifiers.features import FEATURE_NAMES
+
+    # classifier: the shipped decision end to end (the features it uses, its model, the
+    # calibration); all features: the full extraction, for comparison
+    print(f"| prompt tokens | chars | classifier p50 ms | classifier p99 ms | all "
+          f"{len(FEATURE_NAMES)} features p50 ms | embedding p50 ms | embedding p99 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for n, c, l50, l99, f50, e50, e99 in rows:
         print(f"| {n} | {c} | {l50:.3f} | {l99:.3f} | {f50:.3f} | {e50:.2f} | {e99:.2f} |")

@@ -23,7 +23,7 @@ def test_features_are_named_and_documented_once():
     assert len(set(F.FEATURE_NAMES)) == len(F.FEATURES)
     for f in F.FEATURES:
         assert f.name and f.meaning and f.why
-        assert f.group in {"length", "repetition", "structure", "semantics", "cue"}
+        assert f.group in {"length", "repetition", "structure", "semantics", "cue", "task"}
 
 
 def test_code_block_with_unclosed_bracket():
