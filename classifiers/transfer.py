@@ -296,6 +296,13 @@ def routing_summary(p: np.ndarray, t: float, gap: np.ndarray, lt: np.ndarray, lh
             "recovered": rec, "recovered_ci": ci(1)}
 
 
+def label_arrays(rows: Sequence[dict]) -> tuple[np.ndarray, ...]:
+    """(gap, loss_transformer, loss_hybrid, source, source/kind) of label rows, as arrays."""
+    return (np.array([r["gap"] for r in rows]), np.array([r["loss_transformer"] for r in rows]),
+            np.array([r["loss_hybrid"] for r in rows]), np.array([r["group"] for r in rows]),
+            np.array([f"{r['group']}/{r.get('kind')}" for r in rows]))
+
+
 def leave_one_source_out(X: np.ndarray, reqs: Sequence[RoutingRequest], rows: Sequence[dict],
                          make_model=RealRouter, progress: bool = True,
                          profiles: Sequence[str] = ("quality", "cost"),
@@ -306,11 +313,7 @@ def leave_one_source_out(X: np.ndarray, reqs: Sequence[RoutingRequest], rows: Se
     Evaluation-only sources are predicted by a model trained on every trainable source;
     ``train_only`` sources (e.g. the synthetic mix) are in every training set and never
     tested on."""
-    gap = np.array([r["gap"] for r in rows])
-    lt = np.array([r["loss_transformer"] for r in rows])
-    lh = np.array([r["loss_hybrid"] for r in rows])
-    groups = np.array([r["group"] for r in rows])
-    units = np.array([f"{r['group']}/{r.get('kind')}" for r in rows])
+    gap, lt, lh, groups, units = label_arrays(rows)
     trainable = ~np.isin(groups, list(EVAL_ONLY))
     extra = np.isin(groups, list(train_only))
     p = np.full(len(rows), np.nan)
@@ -486,11 +489,7 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
 
         it = tqdm(reqs, desc="features", unit="req")
     X = np.stack([extract(q) for q in it])
-    gap = np.array([r["gap"] for r in rows])
-    lt = np.array([r["loss_transformer"] for r in rows])
-    lh = np.array([r["loss_hybrid"] for r in rows])
-    groups = np.array([r["group"] for r in rows])
-    units = np.array([f"{r['group']}/{r.get('kind')}" for r in rows])
+    gap, lt, lh, groups, units = label_arrays(rows)
     trainable = ~np.isin(groups, list(EVAL_ONLY))
     real = groups != MIX_GROUP
     results: dict = {"label_summary": summarize([r for r in rows if r["group"] != MIX_GROUP]),
