@@ -5,7 +5,11 @@ and a cool-down circuit breaker.
   ``queue_timeout_s``. Past that a call is refused (429 when the queue is full, 503 when
   the wait runs out): never an unbounded queue.
 - ``failure_threshold`` consecutive failures open the breaker for ``cooldown_s``; then one
-  request is let through as a probe: success closes the breaker, failure re-opens it.
+  request is let through as a probe: success closes the breaker, failure re-opens it. A probe
+  that ends without a verdict (the request's own fault, e.g. too long for the context, or the
+  client gone) hands the probe to the next request; and a probe that has not answered within
+  ``timeout_s`` no longer blocks the next one, so a healthy backend is back in service within
+  one cool-down whatever the requests in between did.
 - In-process backends run their forward pass in a worker thread that cannot be stopped: on
   a timeout the router answers at once, but the slot stays taken until the thread finishes,
   so a stuck model cannot pile up threads.
@@ -69,6 +73,7 @@ class BackendSlot:
         self.failures = 0  # consecutive
         self.open_until = 0.0  # monotonic time the breaker stays open until
         self.probing = False
+        self.probe_deadline = 0.0  # a probe unanswered by then lets the next request probe
 
     # --- breaker -------------------------------------------------------------------
     @property
@@ -76,7 +81,9 @@ class BackendSlot:
         """'closed' (serving), 'open' (cooling down) or 'half-open' (ready for a probe)."""
         if self.open_until == 0.0:
             return "closed"
-        return "open" if time.monotonic() < self.open_until or self.probing else "half-open"
+        now = time.monotonic()
+        probing = self.probing and now < self.probe_deadline
+        return "open" if now < self.open_until or probing else "half-open"
 
     def available(self) -> bool:
         return self.state != "open"
@@ -90,9 +97,16 @@ class BackendSlot:
             self.open_until = time.monotonic() + self.limits.cooldown_s
         self.probing = False
 
+    def abandon_probe(self, is_probe: bool) -> None:
+        """A call ended with no verdict on the backend (the request's own fault, or the
+        client went away): if it was the probe, the next request probes instead."""
+        if is_probe:
+            self.probing = False
+
     # --- admission -------------------------------------------------------------------
-    async def acquire(self) -> None:
-        """Take a slot or raise :class:`UnavailableError` / :class:`OverloadedError`."""
+    async def acquire(self) -> bool:
+        """Take a slot or raise :class:`UnavailableError` / :class:`OverloadedError`. True
+        when this call is the breaker's probe."""
         state = self.state
         if state == "open":
             raise UnavailableError(f"backend {self.name} is cooling down after failures")
@@ -109,8 +123,11 @@ class BackendSlot:
         finally:
             self.waiting -= 1
         self.in_flight += 1
-        if state == "half-open":
+        if self.state == "half-open":  # re-read: another probe may have started meanwhile
             self.probing = True
+            self.probe_deadline = time.monotonic() + self.limits.timeout_s
+            return True
+        return False
 
     def release(self) -> None:
         self.in_flight -= 1
@@ -119,7 +136,7 @@ class BackendSlot:
     # --- calls -------------------------------------------------------------------------
     async def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         """One whole generation within ``timeout_s``; updates the breaker."""
-        await self.acquire()
+        is_probe = await self.acquire()
         task = asyncio.ensure_future(self.backend.agenerate(prompt, params))
         task.add_done_callback(lambda _t: self.release())
         try:
@@ -136,8 +153,10 @@ class BackendSlot:
         except asyncio.CancelledError:
             if _native_async(self.backend):
                 task.cancel()
+            self.abandon_probe(is_probe)
             raise
         except ValueError:  # the request's fault (e.g. too long): not a backend failure
+            self.abandon_probe(is_probe)
             raise
         except Exception:
             self.record_failure()
@@ -151,12 +170,12 @@ class BackendSlot:
         Raises before any byte is sent when the backend fails or times out, so the caller
         can still fall back. The returned stream yields the first chunk, then the rest.
         """
-        await self.acquire()
-        stream = BackendStream(self)
+        stream = BackendStream(self, await self.acquire())
         stream.start(prompt, params)
         try:
             first = await stream.next_chunk()
-        except ValueError:
+        except (ValueError, asyncio.CancelledError):  # the request's fault, or the client left
+            self.abandon_probe(stream.is_probe)
             await stream.aclose()
             raise
         except BaseException:
@@ -174,8 +193,9 @@ class BackendStream:
     """Chunks pumped from ``backend.astream`` by a task into a queue, so that waits time out
     cleanly and an abandoned stream is cancelled without blocking the caller."""
 
-    def __init__(self, slot: BackendSlot) -> None:
+    def __init__(self, slot: BackendSlot, is_probe: bool = False) -> None:
         self.slot = slot
+        self.is_probe = is_probe  # the breaker's probe: its end must give a verdict or hand it on
         self.first: StreamChunk | None = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._task: asyncio.Task | None = None

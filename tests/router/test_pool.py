@@ -63,3 +63,115 @@ def test_breaker_opens_probes_and_reopens() -> None:
         assert slot.state == "closed" and slot.failures == 0
 
     asyncio.run(main())
+
+
+class _Picky(FakeBackend):
+    """Refuses prompts that contain "too long" the way a backend refuses a request that does
+    not fit its context (a ValueError: the request's fault), and fails while ``broken``."""
+
+    broken = False
+
+    def generate(self, prompt, params):
+        if "too long" in str(prompt):
+            raise ValueError("prompt exceeds the context")
+        return super().generate(prompt, params)
+
+    def stream(self, prompt, params):
+        if "too long" in str(prompt):
+            raise ValueError("prompt exceeds the context")
+        yield from super().stream(prompt, params)
+
+
+async def _open_breaker(slot: BackendSlot, fake: FakeBackend) -> None:
+    fake.fail(slot.limits.failure_threshold)
+    for _ in range(slot.limits.failure_threshold):
+        with pytest.raises(Exception, match="scripted"):
+            await slot.generate("x", GenerationParams())
+    assert slot.state == "open"
+    await asyncio.sleep(slot.limits.cooldown_s + 0.01)
+    assert slot.state == "half-open"
+
+
+@pytest.mark.parametrize("how", ["generate", "stream"])
+def test_a_probe_that_is_the_requests_fault_hands_the_probe_on(how: str) -> None:
+    """The probe after a cool-down is refused as the request's fault (too long for the
+    context): no verdict on the backend, so the next request probes and closes the breaker.
+    Before the fix the probing flag stayed set and the backend stayed open until restart."""
+    async def main() -> None:
+        fake = _Picky()
+        slot = BackendSlot("t", fake, SlotLimits(failure_threshold=2, cooldown_s=0.05))
+        await _open_breaker(slot, fake)
+        with pytest.raises(ValueError):
+            if how == "generate":
+                await slot.generate("this is too long", GenerationParams())
+            else:
+                await slot.open_stream("this is too long", GenerationParams())
+        assert slot.state == "half-open"  # not 'open' forever
+        await slot.generate("fine", GenerationParams())
+        assert slot.state == "closed"
+
+    asyncio.run(main())
+
+
+def test_a_probe_whose_client_leaves_hands_the_probe_on() -> None:
+    async def main() -> None:
+        fake = FakeBackend(delay_s=0.2)
+        slot = BackendSlot("t", fake, SlotLimits(failure_threshold=1, cooldown_s=0.05,
+                                                 max_concurrency=2))
+        fake.fail(1)
+        with pytest.raises(Exception, match="scripted"):
+            await slot.generate("x", GenerationParams())
+        await asyncio.sleep(0.06)
+        probe = asyncio.ensure_future(slot.generate("x", GenerationParams()))
+        await asyncio.sleep(0.05)
+        assert slot.probing
+        probe.cancel()  # the client disconnects while the probe runs
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        assert slot.state == "half-open"
+        await slot.generate("x", GenerationParams())
+        assert slot.state == "closed"
+
+    asyncio.run(main())
+
+
+def test_a_streamed_probe_whose_client_leaves_mid_stream_hands_the_probe_on() -> None:
+    from router.streaming import sse_events
+
+    async def main() -> None:
+        fake = FakeBackend(default_reply="one two three four five six")
+        slot = BackendSlot("t", fake, SlotLimits(failure_threshold=1, cooldown_s=0.05))
+        fake.fail(1)
+        with pytest.raises(Exception, match="scripted"):
+            await slot.generate("x", GenerationParams())
+        await asyncio.sleep(0.06)
+        stream = await slot.open_stream("x", GenerationParams())
+        assert stream.is_probe
+        events = sse_events(stream, rid="r", model="m", chat=True)
+        await events.__anext__()
+        await events.aclose()  # the client went away after the first event
+        assert slot.state == "half-open"
+        await slot.generate("x", GenerationParams())
+        assert slot.state == "closed"
+
+    asyncio.run(main())
+
+
+def test_an_unanswered_probe_stops_blocking_after_timeout() -> None:
+    """Whatever happens to a probe, the breaker does not stay open past the probe's own
+    deadline: a healthy backend is back within one cool-down plus one timeout."""
+    async def main() -> None:
+        fake = FakeBackend()
+        slot = BackendSlot("t", fake, SlotLimits(failure_threshold=1, cooldown_s=0.05,
+                                                 timeout_s=0.1))
+        fake.fail(1)
+        with pytest.raises(Exception, match="scripted"):
+            await slot.generate("x", GenerationParams())
+        await asyncio.sleep(0.06)
+        assert await slot.acquire()  # a probe that never reports back (a lost task)
+        slot.release()
+        assert slot.state == "open"
+        await asyncio.sleep(0.11)
+        assert slot.state == "half-open"
+
+    asyncio.run(main())
