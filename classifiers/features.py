@@ -478,7 +478,7 @@ def extract(request: RoutingRequest) -> np.ndarray:
         tokens, f = _text_features(full)
     head = [
         math.log1p(len(full)), math.log1p(tokens),
-        math.log1p(request.max_tokens or 0), float(request.max_tokens is not None),
+        math.log1p(min(request.max_tokens or 0, 2**31)), float(request.max_tokens is not None),
         float(len(msgs)), len(last) / max(len(full), 1),
     ]
     out = np.concatenate((head, f, _task(request)))

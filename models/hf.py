@@ -271,9 +271,12 @@ def sample_next(logits, temperature: float, top_p: float, gen) -> int:
     if temperature == 0.0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # a temperature that underflows: greedy
+        return int(torch.argmax(logits))
     if top_p < 1.0:
         sp, si = torch.sort(probs, descending=True)
         keep = torch.cumsum(sp, 0) - sp < top_p
+        keep[0] = True  # the nucleus holds at least the top token (a top_p that underflows)
         sp = sp * keep
         probs = torch.zeros_like(probs).scatter_(0, si, sp)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

@@ -14,11 +14,36 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.base import ChatMessage
 
 log = logging.getLogger(__name__)
+
+# Bounds every numeric field gets, so no value can overflow what reads it (a JSON integer
+# has no size limit): a value outside is a 400 naming the field.
+MAX_TOKENS = 2**31 - 1
+MAX_SEED = 2**63 - 1
+MAX_MODEL_CHARS = 256
+# Sampling values so small they underflow are the greedy choice they stand for: a temperature
+# below MIN_TEMPERATURE or a top_p below MIN_TOP_P (a nucleus of one token) decodes greedily.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
+
+
+def no_surrogates(value: Any, field: str) -> Any:
+    """``value`` unchanged, or ValueError when a string in it holds an unpaired UTF-16
+    surrogate (valid JSON, ``"\\ud800"``, but not text any tokenizer or UTF-8 can carry)."""
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{field} holds an unpaired UTF-16 surrogate "
+                                 f"(U+{ord(v[exc.start]):04X} at character {exc.start}); "
+                                 "send valid Unicode text") from None
+    return value
 
 
 class _Open(BaseModel):
@@ -36,11 +61,21 @@ class ContentPart(BaseModel):
     type: str
     text: str | None = None
 
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        return no_surrogates(v, "text")
+
 
 class Message(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", "name")
+    @classmethod
+    def _unicode(cls, v, info):
+        return no_surrogates(v, info.field_name)
 
     def text(self) -> str:
         """The message's text; multi-part content is joined, non-text parts are refused."""
@@ -72,8 +107,8 @@ class ArchRouteOptions(BaseModel):
 class _Sampling(_Open):
     # shared tail of both request kinds, in OpenAI's order
     n: int = Field(1, ge=1, le=16)
-    presence_penalty: float | None = None
-    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -88,7 +123,19 @@ class _Sampling(_Open):
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
-        return v
+        return no_surrogates(v, "stop")
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        return no_surrogates(v, "user")
+
+    @model_validator(mode="after")
+    def _underflow(self):
+        """Sampling values that underflow decode greedily (see :data:`MIN_TEMPERATURE`)."""
+        if self.temperature < MIN_TEMPERATURE or self.top_p < MIN_TOP_P:
+            self.temperature, self.top_p = 0.0, 1.0
+        return self
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -98,13 +145,18 @@ class _Sampling(_Open):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    model: str
-    frequency_penalty: float | None = None
+    model: str = Field(max_length=MAX_MODEL_CHARS)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return no_surrogates(v, "model")
 
     def chat_messages(self) -> list[ChatMessage]:
         return [ChatMessage(m.role, m.text()) for m in self.messages]
@@ -114,15 +166,20 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    model: str
+    model: str = Field(max_length=MAX_MODEL_CHARS)
     prompt: str | list[str]
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=20)
     echo: bool = False
-    frequency_penalty: float | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
     suffix: str | None = None
+
+    @field_validator("model", "prompt", "suffix")
+    @classmethod
+    def _unicode(cls, v, info):
+        return no_surrogates(v, info.field_name)
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):

@@ -237,3 +237,80 @@ def test_request_errors_do_not_fall_back(fakes) -> None:
     assert "context length" in err["message"]
     assert f.hybrid.calls == []
     assert f.app.state.service.slots["transformer"].failures == 0
+
+
+# --- hostile input (#12): every numeric field bounded, text that is not Unicode refused,
+# none of it reaching a backend, the breaker or the fallback --------------------------------
+
+def _raw(client: TestClient, body: str):
+    return client.post("/v1/chat/completions", content=body.encode(),
+                       headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", "1" + "0" * 400),          # a JSON integer past any machine integer
+    ("max_completion_tokens", "1" + "0" * 20),
+    ("seed", "1" + "0" * 30),
+    ("presence_penalty", "1e999"),            # parses to infinity
+    ("frequency_penalty", "-1e999"),
+    ("top_logprobs", "100000"),
+])
+def test_out_of_range_numbers_are_400_naming_the_field(fakes, field: str, value: str) -> None:
+    f, client = fakes
+    body = ('{"model": "archroute-rules", "messages": [{"role": "user", "content": "hi"}], '
+            f'"{field}": {value}}}')
+    err = assert_envelope(_raw(client, body), 400)
+    assert err["param"] == field, err
+    assert f.transformer.calls == [] and f.hybrid.calls == []
+
+
+@pytest.mark.parametrize("where", ["content", "stop", "model", "parts"])
+def test_unpaired_surrogates_are_400_and_never_reach_a_backend(fakes, where: str) -> None:
+    f, client = fakes
+    msg = '{"role": "user", "content": "hi \\ud800 there"}'
+    extra = ""
+    model = "archroute-rules"
+    if where == "stop":
+        msg, extra = '{"role": "user", "content": "hi"}', ', "stop": ["\\udfff"]'
+    elif where == "model":
+        msg, model = '{"role": "user", "content": "hi"}', "archroute\\ud800"
+    elif where == "parts":
+        msg = '{"role": "user", "content": [{"type": "text", "text": "a\\ud83d"}]}'
+    body = f'{{"model": "{model}", "messages": [{msg}]{extra}}}'
+    for _ in range(4):  # more than the failure threshold: nothing may count against a backend
+        err = assert_envelope(_raw(client, body), 400)
+        if where in ("content", "stop"):
+            assert "surrogate" in err["message"]
+    svc = f.app.state.service
+    assert f.transformer.calls == [] and f.hybrid.calls == []
+    assert all(s.failures == 0 and s.state == "closed" for s in svc.slots.values())
+    assert chat(client).status_code == 200  # and the router still serves
+
+
+def test_a_model_name_is_capped(fakes) -> None:
+    _, client = fakes
+    r = chat(client, model="m" * 300_000)
+    err = assert_envelope(r, 400)
+    assert err["param"] == "model" and len(r.content) < 2_000
+
+
+def test_sampling_values_that_underflow_decode_greedily() -> None:
+    from router.protocol import ChatCompletionRequest
+
+    msgs = [{"role": "user", "content": "hi"}]
+    for kw in ({"temperature": 1e-300}, {"top_p": 5e-324}, {"temperature": 0.0}):
+        r = ChatCompletionRequest(model="m", messages=msgs, **kw)
+        assert r.temperature == 0.0 and r.top_p == 1.0
+    r = ChatCompletionRequest(model="m", messages=msgs, temperature=0.7, top_p=0.9)
+    assert (r.temperature, r.top_p) == (0.7, 0.9)
+
+
+def test_the_sampler_survives_a_temperature_that_underflows() -> None:
+    import torch
+
+    from models.hf import sample_next
+
+    logits = torch.tensor([0.1, 3.0, -2.0])
+    gen = torch.Generator().manual_seed(0)
+    assert sample_next(logits, 1e-300, 1.0, gen) == 1
+    assert sample_next(logits, 1.0, 5e-324, gen) == 1
