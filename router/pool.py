@@ -104,8 +104,15 @@ class BackendSlot:
             self.probing = False
 
     # --- admission -------------------------------------------------------------------
-    async def acquire(self) -> bool:
-        """Take a slot or raise :class:`UnavailableError` / :class:`OverloadedError`. True
+    def _budget(self, limit: float, deadline: float | None) -> float:
+        """``limit`` seconds, or less when the request's deadline comes first."""
+        if deadline is None:
+            return limit
+        return min(limit, deadline - time.monotonic())
+
+    async def acquire(self, deadline: float | None = None) -> bool:
+        """Take a slot or raise :class:`UnavailableError` / :class:`OverloadedError` (or
+        TimeoutError when the request's ``deadline``, a monotonic time, passes first). True
         when this call is the breaker's probe."""
         state = self.state
         if state == "open":
@@ -114,10 +121,16 @@ class BackendSlot:
         if full and self.waiting >= self.limits.max_queue:
             raise OverloadedError(f"backend {self.name} is at capacity "
                                   f"({self.in_flight} running, {self.waiting} waiting)")
+        wait = self._budget(self.limits.queue_timeout_s, deadline)
+        if wait <= 0:
+            raise TimeoutError(f"{self.name}: the request's deadline passed before it was sent")
         self.waiting += 1
         try:
-            await asyncio.wait_for(self._sem.acquire(), self.limits.queue_timeout_s)
+            await asyncio.wait_for(self._sem.acquire(), wait)
         except TimeoutError:
+            if wait < self.limits.queue_timeout_s:
+                raise TimeoutError(f"{self.name}: the request's deadline passed while it "
+                                   "waited for a slot") from None
             raise UnavailableError(f"backend {self.name}: no free slot within "
                                    f"{self.limits.queue_timeout_s:g} s") from None
         finally:
@@ -134,18 +147,20 @@ class BackendSlot:
         self._sem.release()
 
     # --- calls -------------------------------------------------------------------------
-    async def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
-        """One whole generation within ``timeout_s``; updates the breaker."""
-        is_probe = await self.acquire()
+    async def generate(self, prompt: Prompt, params: GenerationParams,
+                       deadline: float | None = None) -> GenerationResult:
+        """One whole generation within ``timeout_s`` (and before ``deadline``, the request's
+        end-to-end limit as a monotonic time); updates the breaker."""
+        is_probe = await self.acquire(deadline)
         task = asyncio.ensure_future(self.backend.agenerate(prompt, params))
         task.add_done_callback(lambda _t: self.release())
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.limits.timeout_s)
+            budget = max(0.0, self._budget(self.limits.timeout_s, deadline))
+            done, _ = await asyncio.wait({task}, timeout=budget)
             if not done:
                 if _native_async(self.backend):
                     task.cancel()
-                raise TimeoutError(f"{self.name} gave no answer within "
-                                   f"{self.limits.timeout_s:g} s")
+                raise TimeoutError(f"{self.name} gave no answer within {budget:g} s")
             try:
                 result = task.result()
             except Exception as exc:  # noqa: BLE001
@@ -164,16 +179,18 @@ class BackendSlot:
         self.record_success()
         return result
 
-    async def open_stream(self, prompt: Prompt, params: GenerationParams) -> BackendStream:
-        """Start a stream and wait for its first chunk (within ``timeout_s``).
+    async def open_stream(self, prompt: Prompt, params: GenerationParams,
+                          deadline: float | None = None) -> BackendStream:
+        """Start a stream and wait for its first chunk (within ``timeout_s`` and before
+        ``deadline``).
 
         Raises before any byte is sent when the backend fails or times out, so the caller
         can still fall back. The returned stream yields the first chunk, then the rest.
         """
-        stream = BackendStream(self, await self.acquire())
+        stream = BackendStream(self, await self.acquire(deadline))
         stream.start(prompt, params)
         try:
-            first = await stream.next_chunk()
+            first = await stream.next_chunk(max(0.0, self._budget(self.limits.timeout_s, deadline)))
         except (ValueError, asyncio.CancelledError):  # the request's fault, or the client left
             self.abandon_probe(stream.is_probe)
             await stream.aclose()
@@ -213,13 +230,14 @@ class BackendStream:
         finally:
             self._queue.put_nowait(_DONE)
 
-    async def next_chunk(self) -> StreamChunk | None:
-        """The next chunk, None at the end; raises the backend's error or TimeoutError."""
+    async def next_chunk(self, timeout: float | None = None) -> StreamChunk | None:
+        """The next chunk, None at the end; raises the backend's error or TimeoutError
+        (nothing within ``timeout``, default the slot's ``timeout_s``)."""
+        wait = self.slot.limits.timeout_s if timeout is None else timeout
         try:
-            item = await asyncio.wait_for(self._queue.get(), self.slot.limits.timeout_s)
+            item = await asyncio.wait_for(self._queue.get(), wait)
         except TimeoutError:
-            raise TimeoutError(f"{self.slot.name} sent nothing for "
-                               f"{self.slot.limits.timeout_s:g} s") from None
+            raise TimeoutError(f"{self.slot.name} sent nothing for {wait:g} s") from None
         if item is _DONE:
             return None
         if isinstance(item, BaseException):

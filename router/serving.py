@@ -169,6 +169,12 @@ class RouterService:
             self.metrics.fallbacks.labels(route.fallback_from, slot.name).inc()
         self.metrics.breaker_open.labels(slot.name).set(0.0)
 
+    def deadline(self, route: Route) -> float:
+        """The request's end-to-end deadline (monotonic): the first backend's ``timeout_s``
+        from now, shared by the queue wait, the call and any fallback, so a client waits at
+        most that long for an answer or an error, not once per backend."""
+        return time.monotonic() + self.slots[route.order[0]].limits.timeout_s
+
     # --- whole responses -------------------------------------------------------------
     async def generate(self, route: Route, prompt: Prompt,
                        body: P.ChatCompletionRequest | P.CompletionRequest,
@@ -177,11 +183,12 @@ class RouterService:
         returns them and the seconds spent in backend calls."""
         errors: list[BaseException] = []
         spent = 0.0
+        deadline = self.deadline(route)
         for role in route.order:
             slot = self.slots[role]
             t = time.perf_counter()
             try:
-                results = [await slot.generate(prompt, self.params(body, i))
+                results = [await slot.generate(prompt, self.params(body, i), deadline)
                            for i in range(body.n)]
             except (ValueError, asyncio.CancelledError):
                 raise
@@ -199,10 +206,11 @@ class RouterService:
                           body: P.ChatCompletionRequest | P.CompletionRequest) -> BackendStream:
         """The first backend in ``route.order`` that sends a first chunk."""
         errors: list[BaseException] = []
+        deadline = self.deadline(route)
         for role in route.order:
             slot = self.slots[role]
             try:
-                stream = await slot.open_stream(prompt, self.params(body))
+                stream = await slot.open_stream(prompt, self.params(body), deadline)
             except (ValueError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001

@@ -314,3 +314,43 @@ def test_the_sampler_survives_a_temperature_that_underflows() -> None:
     gen = torch.Generator().manual_seed(0)
     assert sample_next(logits, 1e-300, 1.0, gen) == 1
     assert sample_next(logits, 1.0, 5e-324, gen) == 1
+
+
+# --- one deadline per request, end to end (#12 defect 4) -----------------------------------
+
+def _hung(tmp_path: Path, delay: float = 1.5, timeout: float = 0.5) -> Fakes:
+    f = Fakes(tmp_path, backends={
+        "transformer": {"name": "t-fake", "kind": "fake", "timeout_s": timeout,
+                        "max_concurrency": 1, "queue_timeout_s": 30},
+        "hybrid": {"name": "h-fake", "kind": "fake", "timeout_s": timeout,
+                   "max_concurrency": 1, "queue_timeout_s": 30}})
+    f.transformer.delay_s = f.hybrid.delay_s = delay
+    return f
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_both_backends_hung_504_within_one_timeout(tmp_path: Path, stream: bool) -> None:
+    f = _hung(tmp_path)
+    with TestClient(f.app) as client:
+        t = time.perf_counter()
+        r = chat(client, COPY, stream=stream)
+        took = time.perf_counter() - t
+    assert_envelope(r, 504, "backend_timeout")
+    assert took < 0.5 + 0.3, took  # one timeout_s, not one per backend (1.0 before)
+
+
+def test_a_request_queued_behind_a_hung_backend_waits_one_timeout(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    f = _hung(tmp_path, delay=1.5, timeout=0.4)
+    with TestClient(f.app) as client:
+        body = {"model": "t-fake", "messages": PROSE}  # the transformer only: no fallback
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/v1/chat/completions", json=body)
+            time.sleep(0.1)
+            t = time.perf_counter()
+            second = pool.submit(client.post, "/v1/chat/completions", json=body).result()
+            took = time.perf_counter() - t
+            assert_envelope(first.result(), 504, "backend_timeout")
+    assert_envelope(second, 504, "backend_timeout")
+    assert took < 0.4 + 0.25, took  # its own deadline, not the queue's 30 s or 2 x 0.4
