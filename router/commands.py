@@ -76,12 +76,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.print_settings:
         print(json.dumps(settings.redacted(), indent=2))
         return 0
-    import uvicorn
-
     from router.app import create_app
+    from router.server import serve
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", access_log=False)
+    serve(create_app(settings), settings.host, settings.port, settings,
+          log_level="info", access_log=False)
     return 0
 
 
@@ -109,7 +108,6 @@ def add_serve_model(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve_model(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from models.base import Backend
     from router.model_server import create_model_app
@@ -138,5 +136,7 @@ def run_serve_model(args: argparse.Namespace) -> int:
              args.host, args.port)
     app = create_model_app(backend, args.name or backend.name, api_keys=args.api_keys,
                            max_concurrency=args.max_concurrency)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
+    from router.server import serve
+
+    serve(app, args.host, args.port, log_level="info", access_log=False)
     return 0

@@ -128,6 +128,14 @@ class Settings(_Strict):
     cooldown_s: float = Field(30.0, gt=0)  # breaker open this long, then one probe request
     api_keys: list[SecretStr] = Field(default_factory=list)  # empty: no auth
     max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies get 413
+    # connection limits (router/server.py): a request's head must arrive within
+    # header_timeout_s of its first byte and its body within body_timeout_s of its head
+    # (else 408 and the connection closes); idle keep-alive connections close after
+    # keep_alive_s; beyond max_connections new connections get 503
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    keep_alive_s: float = Field(75.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
     max_tokens_cap: int = Field(2048, ge=1)  # requested max_tokens above this are clamped
     default_max_tokens: int = Field(256, ge=1)  # when the request gives none
     decision_log: str | None = "archroute-decisions.sqlite"  # None: off
