@@ -118,10 +118,7 @@ def test_a_probe_whose_client_leaves_hands_the_probe_on() -> None:
         fake = FakeBackend(delay_s=0.2)
         slot = BackendSlot("t", fake, SlotLimits(failure_threshold=1, cooldown_s=0.05,
                                                  max_concurrency=2))
-        fake.fail(1)
-        with pytest.raises(Exception, match="scripted"):
-            await slot.generate("x", GenerationParams())
-        await asyncio.sleep(0.06)
+        await _open_breaker(slot, fake)
         probe = asyncio.ensure_future(slot.generate("x", GenerationParams()))
         await asyncio.sleep(0.05)
         assert slot.probing
@@ -141,10 +138,7 @@ def test_a_streamed_probe_whose_client_leaves_mid_stream_hands_the_probe_on() ->
     async def main() -> None:
         fake = FakeBackend(default_reply="one two three four five six")
         slot = BackendSlot("t", fake, SlotLimits(failure_threshold=1, cooldown_s=0.05))
-        fake.fail(1)
-        with pytest.raises(Exception, match="scripted"):
-            await slot.generate("x", GenerationParams())
-        await asyncio.sleep(0.06)
+        await _open_breaker(slot, fake)
         stream = await slot.open_stream("x", GenerationParams())
         assert stream.is_probe
         events = sse_events(stream, rid="r", model="m", chat=True)
@@ -164,10 +158,7 @@ def test_an_unanswered_probe_stops_blocking_after_timeout() -> None:
         fake = FakeBackend()
         slot = BackendSlot("t", fake, SlotLimits(failure_threshold=1, cooldown_s=0.05,
                                                  timeout_s=0.1))
-        fake.fail(1)
-        with pytest.raises(Exception, match="scripted"):
-            await slot.generate("x", GenerationParams())
-        await asyncio.sleep(0.06)
+        await _open_breaker(slot, fake)
         assert await slot.acquire()  # a probe that never reports back (a lost task)
         slot.release()
         assert slot.state == "open"
