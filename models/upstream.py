@@ -32,6 +32,8 @@ from models.base import (
     StreamChunk,
 )
 
+KEEPALIVE_EXPIRY_S = 4.0  # idle upstream connections are dropped after this
+
 
 class UpstreamTimeoutError(BackendError, TimeoutError):
     """The upstream did not answer (or stopped streaming) within the timeout."""
@@ -153,8 +155,11 @@ class OpenAIUpstreamBackend(Backend):
     # --- plumbing ------------------------------------------------------------------
     def _client_args(self) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        # idle connections are dropped after 4 s, before a server's usual 5 s keep-alive
+        # closes them under us (no requests racing a close, no CLOSE-WAIT sockets piling up)
         limits = httpx.Limits(max_connections=self.max_concurrency,
-                              max_keepalive_connections=self.max_concurrency)
+                              max_keepalive_connections=self.max_concurrency,
+                              keepalive_expiry=KEEPALIVE_EXPIRY_S)
         return {"base_url": self.base_url, "headers": headers, "limits": limits,
                 "timeout": httpx.Timeout(self.timeout, connect=self.connect_timeout)}
 

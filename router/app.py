@@ -195,4 +195,5 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             svc.metrics.breaker_open.labels(s.name).set(float(s.state == "open"))
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    errors.openapi_without_422(app)
     return app

@@ -42,7 +42,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hybrid", metavar="SPEC", help="hybrid backend (same forms)")
     p.add_argument("--profile", dest="default_profile", help="profile that model 'archroute' means")
     p.add_argument("--api-key", dest="api_keys", action="append",
-                   help="accept this API key (repeatable); none: no auth")
+                   help="accept this API key (repeatable; visible in `ps`: prefer "
+                        "--api-key-file or ARCHROUTE_API_KEYS); none: no auth")
+    p.add_argument("--api-key-file", metavar="PATH",
+                   help="accept the API keys in this file, one per line")
     p.add_argument("--decision-log", help="SQLite decision log path ('' to turn off)")
     p.add_argument("--log-prompts", action="store_true", default=None,
                    help="store prompt text in the decision log")
@@ -54,6 +57,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
+def read_key_file(path: str) -> list[str]:
+    """API keys, one per line (blank lines and ``#`` comments skipped); at least one."""
+    keys = [ln.strip() for ln in Path(path).read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"{path}: no keys in the file")
+    return keys
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import json
 
@@ -62,6 +74,13 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {k: getattr(args, k) for k in (
         "host", "port", "default_profile", "api_keys", "log_prompts", "fallback",
         "torch_threads")}
+    if args.api_key_file:
+        try:
+            keys = read_key_file(args.api_key_file)
+        except (OSError, ValueError) as exc:
+            log.error("--api-key-file: %s", exc)
+            return 2
+        overrides["api_keys"] = [*(args.api_keys or []), *keys]
     if args.decision_log is not None:
         overrides["decision_log"] = args.decision_log or None
     backends = {role: backend_from_spec(spec, role) for role in ("transformer", "hybrid")
@@ -98,7 +117,9 @@ def add_serve_model(sub: argparse._SubParsersAction) -> None:
                    help="override the detected architecture")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="requests run at once (default: the backend's own)")
-    p.add_argument("--api-key", dest="api_keys", action="append", help="accept this key")
+    p.add_argument("--api-key", dest="api_keys", action="append",
+                   help="accept this key (visible in `ps`: prefer --api-key-file)")
+    p.add_argument("--api-key-file", metavar="PATH", help="accept the keys in this file, one per line")
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--fake-reply", default="Hello from the fake backend.",
                    help="reply of the 'fake' backend")
@@ -134,7 +155,14 @@ def run_serve_model(args: argparse.Namespace) -> int:
                                 architecture=args.architecture, **kwargs)
     log.info("serving %s as %r on %s:%d", backend.info(), args.name or backend.name,
              args.host, args.port)
-    app = create_model_app(backend, args.name or backend.name, api_keys=args.api_keys,
+    keys = list(args.api_keys or [])
+    if args.api_key_file:
+        try:
+            keys += read_key_file(args.api_key_file)
+        except (OSError, ValueError) as exc:
+            log.error("--api-key-file: %s", exc)
+            return 2
+    app = create_model_app(backend, args.name or backend.name, api_keys=keys or None,
                            max_concurrency=args.max_concurrency)
     from router.server import serve
 

@@ -133,3 +133,25 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
+
+
+def openapi_without_422(app) -> None:
+    """Make ``/openapi.json`` say what the router sends: validation errors are 400 in
+    OpenAI's envelope (:func:`install`), never FastAPI's 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    def build() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    responses = op.get("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses.setdefault("400", {"description": "invalid request, in "
+                                                     "OpenAI's error envelope"})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = build

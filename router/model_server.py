@@ -183,4 +183,5 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
     async def ready(request: Request) -> dict:
         return {"ready": True, "in_flight": slot.in_flight, "waiting": slot.waiting}
 
+    errors.openapi_without_422(app)
     return app

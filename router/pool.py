@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from models.base import (
     StreamChunk,
 )
 from router.errors import OverloadedError, UnavailableError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,7 +52,9 @@ def as_backend_error(name: str, exc: BaseException) -> BaseException:
     :class:`BackendError` so they count as backend failures (502), not router bugs (500)."""
     if isinstance(exc, (BackendError, ValueError, TimeoutError, asyncio.CancelledError)):
         return exc
-    err = BackendError(f"{name}: {type(exc).__name__}: {exc}")
+    # the exception's own text (torch, CUDA, tokenizer internals, paths) is logged, not sent
+    log.warning("%s: %s: %s", name, type(exc).__name__, exc)
+    err = BackendError(f"{name}: internal error ({type(exc).__name__})")
     err.__cause__ = exc
     return err
 

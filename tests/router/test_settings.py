@@ -87,3 +87,17 @@ def test_eval_only_policy_refused() -> None:
     with pytest.raises(SettingsError, match="evals only"):
         load_settings(overrides={"profiles": {"o": {"policy": "oracle"}}, "default_profile": "o"},
                       environ={})
+
+
+def test_api_keys_from_a_file_not_the_command_line(tmp_path, capsys) -> None:
+    """Keys given with --api-key show in `ps`; --api-key-file keeps them off the command line."""
+    from router.cli import main
+
+    keys = tmp_path / "keys"
+    keys.write_text("# router keys\nk-one\n\nk-two\n")
+    assert main(["serve", "--api-key-file", str(keys), "--print-settings"]) == 0
+    printed = capsys.readouterr().out
+    assert "k-one" not in printed and printed.count("*") >= 2  # two keys, redacted
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    assert main(["serve", "--api-key-file", str(empty), "--print-settings"]) == 2
