@@ -2,8 +2,9 @@
 
 uvicorn bounds idle keep-alive connections but not a request that never finishes arriving:
 a client that sends half its headers, or a body slower than a byte a minute, holds its
-connection (and, for a body, the request handler) forever. :class:`GuardedH11Protocol`
-gives each request a read deadline: its headers must arrive within ``header_timeout_s`` of
+connection (and, for a body, the request handler) forever. The router's protocol (uvicorn's
+httptools parser when installed, else h11, each with :class:`_ReadDeadline`) gives each
+request a read deadline: its headers must arrive within ``header_timeout_s`` of
 its first byte, and its body within ``body_timeout_s`` of its headers; past that the server
 answers 408 and closes the connection. This happens before the app (and its API-key check)
 sees the request, so it also covers clients without a key.
@@ -28,66 +29,96 @@ _BODY = (b'{"error": {"message": "the request did not arrive in time", '
          b'"type": "invalid_request_error", "param": null, "code": "request_timeout"}}')
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a read deadline per request (see the module docstring)."""
+class _ReadDeadline:
+    """The read-deadline timer both protocols share: :meth:`_arm` for the head or the body,
+    :meth:`_disarm` once the request is in, :meth:`_expired` answers 408 and closes."""
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    _read_timer: asyncio.TimerHandle | None = None
+    _reading: str | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._read_timer: asyncio.TimerHandle | None = None
-        self._reading: Any = None  # the h11 state the timer was armed for
+    def _arm(self, want: str) -> None:
+        if self._reading == want:
+            return
+        self._disarm()
+        self._reading = want
+        limit = self.header_timeout_s if want == "head" else self.body_timeout_s
+        self._read_timer = self.loop.call_later(limit, self._expired)  # type: ignore[attr-defined]
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+        self._read_timer, self._reading = None, None
+
+    def _expired(self) -> None:
+        reading, self._read_timer, self._reading = self._reading, None, None
+        transport = self.transport  # type: ignore[attr-defined]
+        if transport.is_closing():
+            return
+        cycle = self.cycle if reading == "body" else None  # type: ignore[attr-defined]
+        if cycle is None or not cycle.response_started:
+            transport.write(_408 % (len(_BODY), _BODY))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's receive() now returns http.disconnect
+            cycle.message_event.set()
+        transport.close()
+
+
+class GuardedH11Protocol(_ReadDeadline, H11Protocol):
+    """uvicorn's h11 protocol with a read deadline per request (see the module docstring)."""
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        self._arm()
+        self._follow()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._arm()
+        self._follow()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    # --- the read deadline -----------------------------------------------------------
-    def _arm(self) -> None:
-        """Header deadline while a request's head is incomplete (after its first byte),
-        body deadline while its body arrives, none once it is all in (or between requests:
-        keep-alive covers idle connections)."""
+    def _follow(self) -> None:
+        """Head deadline while a request's head is incomplete (after its first byte), body
+        deadline while its body arrives, none once it is all in or between requests
+        (keep-alive covers idle connections)."""
         state = self.conn.their_state
-        if state is h11.IDLE and not self.conn.trailing_data[0]:
-            self._disarm()  # nothing of the next request yet
-            return
-        if state is h11.IDLE:
-            want, limit = "head", self.header_timeout_s
+        if state is h11.IDLE and self.conn.trailing_data[0]:
+            self._arm("head")
         elif state is h11.SEND_BODY:
-            want, limit = "body", self.body_timeout_s
+            self._arm("body")
         else:
             self._disarm()
-            return
-        if self._reading != want:
+
+
+def _httptools_protocol():
+    """uvicorn's httptools protocol (the faster parser) with the same read deadlines, or
+    None when httptools is not installed."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class GuardedHttpToolsProtocol(_ReadDeadline, HttpToolsProtocol):
+        def on_message_begin(self) -> None:  # the request's first byte
+            super().on_message_begin()
+            self._arm("head")
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._arm("body")
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
             self._disarm()
-            self._reading = want
-            self._read_timer = self.loop.call_later(limit, self._expired)
 
-    def _disarm(self) -> None:
-        if getattr(self, "_read_timer", None) is not None:
-            self._read_timer.cancel()  # type: ignore[union-attr]
-        self._read_timer, self._reading = None, None
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
 
-    def _expired(self) -> None:
-        self._read_timer, self._reading = None, None
-        if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
-            return
-        cycle = self.cycle if self.conn.their_state is h11.SEND_BODY else None
-        if cycle is None or not cycle.response_started:
-            self.transport.write(_408 % (len(_BODY), _BODY))
-        if cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True  # the app's receive() now returns http.disconnect
-            cycle.message_event.set()
-        self.transport.close()
+    return GuardedHttpToolsProtocol
 
 
 def serve(app, host: str, port: int, settings=None, **kw: Any) -> None:
@@ -98,7 +129,8 @@ def serve(app, host: str, port: int, settings=None, **kw: Any) -> None:
               "max_connections": 1024}
     if settings is not None:
         limits = {k: getattr(settings, k, v) for k, v in limits.items()}
-    proto = type("ArchRouteH11Protocol", (GuardedH11Protocol,),
+    base = _httptools_protocol() or GuardedH11Protocol
+    proto = type("ArchRouteHTTPProtocol", (base,),
                  {"header_timeout_s": float(limits["header_timeout_s"]),
                   "body_timeout_s": float(limits["body_timeout_s"])})
     uvicorn.run(app, host=host, port=port, http=proto,
