@@ -106,14 +106,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=str(DEFAULT_DIR), help="artifact directory to write")
     p.add_argument("--results", default="data/labels/results.json",
                    help="results JSON (a Markdown table is written beside it)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+    p.add_argument("--models", default=",".join(MODELS), help=f"synthetic-mix labels: comma list of {MODELS}")
     p.add_argument("--margin", type=float, default=None, help="tie margin, nats/token (0.05)")
     p.add_argument("--center", default="0",
-                   help="class boundary on the gap: a number (nats/token; 0 = which backend "
+                   help="synthetic-mix labels: class boundary on the gap: a number (nats/token; 0 = which backend "
                         "is better) or 'median' (relatively transformer-favoured requests, for a "
                         "pair where one backend wins almost everything)")
     p.add_argument("--min-class", type=int, default=20,
-                   help="fewest training requests per class before training refuses")
+                   help="synthetic-mix labels: fewest training requests per class before "
+                        "training refuses")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--requests", nargs="+", default=None, metavar="PATH",
                    help="real labels: the request files they came from, for provenance "
