@@ -107,7 +107,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results", default="data/labels/results.json",
                    help="results JSON (a Markdown table is written beside it)")
     p.add_argument("--models", default=",".join(MODELS), help=f"synthetic-mix labels: comma list of {MODELS}")
-    p.add_argument("--margin", type=float, default=None, help="tie margin, nats/token (0.05)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="synthetic-mix labels: tie margin, nats/token (0.05; real labels use 0.05)")
     p.add_argument("--center", default="0",
                    help="synthetic-mix labels: class boundary on the gap: a number (nats/token; 0 = which backend "
                         "is better) or 'median' (relatively transformer-favoured requests, for a "
