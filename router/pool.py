@@ -205,6 +205,8 @@ class BackendSlot:
             await stream.aclose()
             raise
         stream.first = first
+        if stream.is_probe:  # a first chunk is the verdict: the backend serves again
+            self.record_success()
         return stream
 
 

@@ -378,3 +378,37 @@ def test_openapi_documents_400_not_422(fakes) -> None:
     responses = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert "422" not in responses and "400" in responses
     assert "HTTPValidationError" not in schema.get("components", {}).get("schemas", {})
+
+
+def test_after_bad_requests_a_healthy_backend_is_back_within_one_cool_down(tmp_path: Path) -> None:
+    """The breaker opens; during and after the cool-down come requests that are the client's
+    fault (too long for the context, a lone surrogate, an out-of-range number) and a stream
+    the client abandons; the next good request is served by the recovered backend."""
+    f = Fakes(tmp_path, failure_threshold=2, cooldown_s=0.3)
+    original = f.transformer.generate
+
+    def picky(prompt, params):
+        if "too long" in str(prompt):
+            raise ValueError("prompt + max_tokens exceeds the context length")
+        return original(prompt, params)
+
+    f.transformer.generate = picky  # type: ignore[method-assign]
+    too_long = [{"role": "user", "content": "Repeat this exactly, it is too long: a b c"}]
+    with TestClient(f.app) as client:
+        f.transformer.fail(2)
+        chat(client, COPY, model="t-fake")
+        chat(client, COPY, model="t-fake")
+        slot = f.app.state.service.slots["transformer"]
+        assert slot.state == "open"
+        time.sleep(0.35)
+        assert_envelope(chat(client, too_long, model="t-fake"), 400)  # the probe: client's fault
+        assert_envelope(_raw(client, '{"model": "t-fake", "messages": '
+                                     '[{"role": "user", "content": "\\ud800"}]}'), 400)
+        assert_envelope(chat(client, COPY, model="t-fake", max_tokens=10**20), 400)
+        with client.stream("POST", "/v1/chat/completions",
+                           json={"model": "t-fake", "messages": COPY, "stream": True}) as r:
+            next(r.iter_lines())  # the client reads one event and leaves
+        t = time.perf_counter()
+        r = chat(client, COPY, model="t-fake")
+        assert r.status_code == 200 and r.headers["x-archroute-backend"] == "t-fake"
+        assert slot.state == "closed" and time.perf_counter() - t < 0.3

@@ -132,7 +132,10 @@ def test_a_probe_whose_client_leaves_hands_the_probe_on() -> None:
     asyncio.run(main())
 
 
-def test_a_streamed_probe_whose_client_leaves_mid_stream_hands_the_probe_on() -> None:
+def test_a_streamed_probes_first_chunk_closes_the_breaker_even_if_the_client_leaves() -> None:
+    """A stream's first chunk is the probe's verdict: the breaker closes at once, so a client
+    that then leaves mid-stream (or a server that never notices it left) cannot keep the
+    backend out of service."""
     from router.streaming import sse_events
 
     async def main() -> None:
@@ -140,11 +143,11 @@ def test_a_streamed_probe_whose_client_leaves_mid_stream_hands_the_probe_on() ->
         slot = BackendSlot("t", fake, SlotLimits(failure_threshold=1, cooldown_s=0.05))
         await _open_breaker(slot, fake)
         stream = await slot.open_stream("x", GenerationParams())
-        assert stream.is_probe
+        assert stream.is_probe and slot.state == "closed"
         events = sse_events(stream, rid="r", model="m", chat=True)
         await events.__anext__()
         await events.aclose()  # the client went away after the first event
-        assert slot.state == "half-open"
+        assert slot.state == "closed"
         await slot.generate("x", GenerationParams())
         assert slot.state == "closed"
 
