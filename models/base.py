@@ -29,6 +29,16 @@ Prompt = str | Sequence[ChatMessage]
 """A raw completion prompt (str) or a chat conversation (messages)."""
 
 
+class RequestError(ValueError):
+    """The request cannot be served as asked, and it is the client's fault: too long for the
+    context, parameters out of range, refused as invalid by an upstream. The router answers
+    400, does not fall back and does not count it against the backend.
+
+    This is the only exception a backend raises to say "the request is wrong": any other
+    exception from a backend, a plain ``ValueError`` from a bug included, is a backend
+    failure (502, fallback, breaker)."""
+
+
 @dataclass
 class GenerationParams:
     """Sampling settings, in OpenAI's vocabulary. ``temperature == 0`` means greedy."""
@@ -41,11 +51,11 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+            raise RequestError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 FinishReason = Literal["stop", "length", "error"]

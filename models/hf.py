@@ -32,6 +32,7 @@ from models.base import (
     GenerationParams,
     GenerationResult,
     Prompt,
+    RequestError,
     ScoreResult,
     StreamChunk,
 )
@@ -41,11 +42,6 @@ log = logging.getLogger(__name__)
 
 HYBRID_MODEL_TYPES = {"olmo_hybrid", "qwen3_next", "jamba", "zamba", "zamba2", "falcon_h1",
                       "bamba", "granitemoehybrid", "nemotron_h", "mamba", "mamba2", "rwkv"}
-
-
-class InvalidRequestError(ValueError):
-    """The request cannot be served as asked (e.g. longer than the context): a 400, not a
-    backend failure, so the router does not fall back on it."""
 
 
 def plain_chat_prompt(messages: Sequence[ChatMessage]) -> str:
@@ -148,7 +144,7 @@ class HFBackend(Backend):
 
         ids = [self.prefix_id, *self.encode(self.render(prompt))]
         if len(ids) + params.max_tokens > self.context_length:
-            raise InvalidRequestError(
+            raise RequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context length of {self.name} ({self.context_length} tokens)")
         gen = torch.Generator(device="cpu")
@@ -184,7 +180,7 @@ class HFBackend(Backend):
                         yield StreamChunk(text[emitted:safe])
                         emitted = safe
                     input_ids = torch.tensor([[nxt]], device=self.device)
-            except InvalidRequestError:
+            except RequestError:
                 raise
             except Exception as exc:  # noqa: BLE001 - surfaced as a backend failure
                 raise BackendError(f"{self.name}: generation failed: {exc}") from exc
@@ -212,10 +208,10 @@ class HFBackend(Backend):
         for prompt, cont in pairs:
             p, c = self.encode(prompt), self.encode(cont)
             if not c:
-                raise InvalidRequestError("continuation is empty")
+                raise RequestError("continuation is empty")
             room = self.context_length - 1 - len(c)
             if room < 0:
-                raise InvalidRequestError(
+                raise RequestError(
                     f"continuation ({len(c)} tokens) exceeds the context ({self.context_length})")
             p = p[-room:] if room else []
             seqs.append([self.prefix_id, *p, *c])

@@ -28,6 +28,7 @@ from models.base import (
     GenerationParams,
     GenerationResult,
     Prompt,
+    RequestError,
     ScoreResult,
     StreamChunk,
 )
@@ -47,7 +48,7 @@ class UpstreamStatusError(BackendError):
         self.status_code = status_code
 
 
-class UpstreamRequestError(UpstreamStatusError, ValueError):
+class UpstreamRequestError(UpstreamStatusError, RequestError):
     """The upstream refused the request itself (HTTP 400/413/422, e.g. longer than its
     context): the request's fault, so the router answers 400 and does not fall back."""
 
@@ -230,7 +231,7 @@ class OpenAIUpstreamBackend(Backend):
 
     def _score_body(self, prompt: str, continuation: str) -> dict:
         if not continuation:
-            raise ValueError("score: continuation is empty")
+            raise RequestError("score: continuation is empty")
         return {"model": self.model, "prompt": prompt + continuation, "echo": True,
                 "logprobs": 1, "max_tokens": 1, "temperature": 0.0}
 

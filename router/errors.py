@@ -78,7 +78,10 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, TimeoutError):  # incl. UpstreamTimeoutError, asyncio timeouts
         return UpstreamTimeout(f"backend timed out: {exc}" if str(exc) else "backend timed out")
-    if isinstance(exc, ValueError):  # GenerationParams checks, too long for the model...
+    # RequestError: a backend says the request is wrong (too long for the model, refused by
+    # an upstream as invalid); a plain ValueError here comes from the router's own request
+    # checks (a backend's stray ValueError was made a BackendError by the pool)
+    if isinstance(exc, ValueError):
         return InvalidRequestError(str(exc))
     if isinstance(exc, BackendError):
         return UpstreamError(f"backend failed: {exc}")

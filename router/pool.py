@@ -30,6 +30,7 @@ from models.base import (
     GenerationParams,
     GenerationResult,
     Prompt,
+    RequestError,
     StreamChunk,
 )
 from router.errors import OverloadedError, UnavailableError
@@ -48,9 +49,10 @@ class SlotLimits:
 
 
 def as_backend_error(name: str, exc: BaseException) -> BaseException:
-    """Errors a backend raises, with surprises (a bug, a CUDA error) turned into a
-    :class:`BackendError` so they count as backend failures (502), not router bugs (500)."""
-    if isinstance(exc, (BackendError, ValueError, TimeoutError, asyncio.CancelledError)):
+    """Errors a backend raises, with surprises (a bug, a CUDA error, a stray ``ValueError``)
+    turned into a :class:`BackendError` so they count as backend failures (502, fallback),
+    not router bugs (500) nor the client's fault (only :class:`RequestError` is)."""
+    if isinstance(exc, (BackendError, RequestError, TimeoutError, asyncio.CancelledError)):
         return exc
     # the exception's own text (torch, CUDA, tokenizer internals, paths) is logged, not sent
     log.warning("%s: %s: %s", name, type(exc).__name__, exc)
@@ -175,7 +177,7 @@ class BackendSlot:
                 task.cancel()
             self.abandon_probe(is_probe)
             raise
-        except ValueError:  # the request's fault (e.g. too long): not a backend failure
+        except RequestError:  # the request's fault (e.g. too long): not a backend failure
             self.abandon_probe(is_probe)
             raise
         except Exception:
@@ -196,7 +198,7 @@ class BackendSlot:
         stream.start(prompt, params)
         try:
             first = await stream.next_chunk(max(0.0, self._budget(self.limits.timeout_s, deadline)))
-        except (ValueError, asyncio.CancelledError):  # the request's fault, or the client left
+        except (RequestError, asyncio.CancelledError):  # the request's fault, or the client left
             self.abandon_probe(stream.is_probe)
             await stream.aclose()
             raise

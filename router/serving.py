@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from classifiers.request import RoutingRequest
-from models.base import GenerationParams, GenerationResult, Prompt
+from models.base import GenerationParams, GenerationResult, Prompt, RequestError
 from router import protocol as P
 from router.decision_log import DecisionLog, DecisionRow
 from router.errors import (
@@ -190,7 +190,7 @@ class RouterService:
             try:
                 results = [await slot.generate(prompt, self.params(body, i), deadline)
                            for i in range(body.n)]
-            except (ValueError, asyncio.CancelledError):
+            except (RequestError, asyncio.CancelledError):  # the client's fault, or it left
                 raise
             except Exception as exc:  # noqa: BLE001 - decide below: fall back or report
                 spent += time.perf_counter() - t
@@ -211,7 +211,7 @@ class RouterService:
             slot = self.slots[role]
             try:
                 stream = await slot.open_stream(prompt, self.params(body), deadline)
-            except (ValueError, asyncio.CancelledError):
+            except (RequestError, asyncio.CancelledError):  # the client's fault, or it left
                 raise
             except Exception as exc:  # noqa: BLE001
                 self._note_failure(route, slot, exc, errors)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.base import ChatMessage, GenerationParams
-from models.hf import HFBackend, InvalidRequestError, plain_chat_prompt
+from models.base import ChatMessage, GenerationParams, RequestError
+from models.hf import HFBackend, plain_chat_prompt
 
 PROMPT = "def fibonacci(n):\n    "
 
@@ -92,7 +92,7 @@ def test_stop_sequences_cut_the_text(reference_pair):
 
 def test_context_overflow_is_a_client_error(reference_pair):
     t, _ = reference_pair
-    with pytest.raises(InvalidRequestError, match="context length"):
+    with pytest.raises(RequestError, match="context length"):
         t.generate("word " * 2000, GenerationParams(max_tokens=8))
 
 

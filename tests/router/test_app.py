@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from models.base import RequestError
 from tests.router.conftest import Fakes
 
 COPY = [{"role": "user", "content": "Repeat this exactly: the cat sat on the mat."}]
@@ -231,7 +232,7 @@ def test_request_errors_do_not_fall_back(fakes) -> None:
     f, client = fakes
 
     def too_long(prompt, params):
-        raise ValueError("prompt + max_tokens exceeds the context length")
+        raise RequestError("prompt + max_tokens exceeds the context length")
 
     f.transformer.generate = too_long  # type: ignore[method-assign]
     err = assert_envelope(chat(client, COPY), 400)
@@ -389,7 +390,7 @@ def test_after_bad_requests_a_healthy_backend_is_back_within_one_cool_down(tmp_p
 
     def picky(prompt, params):
         if "too long" in str(prompt):
-            raise ValueError("prompt + max_tokens exceeds the context length")
+            raise RequestError("prompt + max_tokens exceeds the context length")
         return original(prompt, params)
 
     f.transformer.generate = picky  # type: ignore[method-assign]
@@ -412,3 +413,19 @@ def test_after_bad_requests_a_healthy_backend_is_back_within_one_cool_down(tmp_p
         r = chat(client, COPY, model="t-fake")
         assert r.status_code == 200 and r.headers["x-archroute-backend"] == "t-fake"
         assert slot.state == "closed" and time.perf_counter() - t < 0.3
+
+
+def test_a_backends_stray_value_error_is_a_backend_failure_not_a_400(fakes) -> None:
+    """Only RequestError says "the request is wrong"; a plain ValueError from a backend (a
+    bug) falls back to the other backend and counts against the failing one."""
+    f, client = fakes
+
+    def buggy(prompt, params):
+        raise ValueError("could not broadcast input array from shape (3,) into shape (2,)")
+
+    f.transformer.generate = buggy  # type: ignore[method-assign]
+    r = chat(client, COPY)
+    assert r.status_code == 200 and r.headers["x-archroute-backend"] == "h-fake"
+    assert "backend_failed" in r.headers["x-archroute-fallback"]
+    assert f.app.state.service.slots["transformer"].failures == 1
+    assert "broadcast" not in r.text

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from models.base import GenerationParams
+from models.base import GenerationParams, RequestError
 from models.fake import FakeBackend
 from router.errors import OverloadedError, UnavailableError
 from router.pool import BackendSlot, SlotLimits
@@ -73,12 +73,12 @@ class _Picky(FakeBackend):
 
     def generate(self, prompt, params):
         if "too long" in str(prompt):
-            raise ValueError("prompt exceeds the context")
+            raise RequestError("prompt exceeds the context")
         return super().generate(prompt, params)
 
     def stream(self, prompt, params):
         if "too long" in str(prompt):
-            raise ValueError("prompt exceeds the context")
+            raise RequestError("prompt exceeds the context")
         yield from super().stream(prompt, params)
 
 
@@ -101,7 +101,7 @@ def test_a_probe_that_is_the_requests_fault_hands_the_probe_on(how: str) -> None
         fake = _Picky()
         slot = BackendSlot("t", fake, SlotLimits(failure_threshold=2, cooldown_s=0.05))
         await _open_breaker(slot, fake)
-        with pytest.raises(ValueError):
+        with pytest.raises(RequestError):
             if how == "generate":
                 await slot.generate("this is too long", GenerationParams())
             else:
