@@ -229,3 +229,23 @@ def test_reference_pair_end_to_end(tmp_path: Path, reference_pair) -> None:
     assert res.policy("oracle").metrics["accuracy"][0] == 1.0
     again = run_eval(cfg, backends=reference_pair, progress=False)
     assert again.backends[0].cached == 6 and again.backends[0].computed == 0
+
+
+def test_a_reference_longer_than_the_context_is_cut_not_fatal(tmp_path: Path, reference_pair) -> None:
+    """The eval scores what `archroute label` scores: a reference past the backend's context
+    is cut to fit (keeping its start) instead of stopping the whole run."""
+    from models.base import ChatMessage
+
+    t, _ = reference_pair
+    long_ref = "The river rose slowly through the night and the fields went under. " * 200
+    suite = Suite("long", (
+        EvalRequest("long", messages=(ChatMessage("user", "Tell me about the flood."),),
+                    reference=long_ref),
+        EvalRequest("short", prompt="Say hi.", reference="Hi there."),
+    ))
+    recs, meta = run_backend(t, suite, _cfg(tmp_path))
+    assert meta["computed"] == 2
+    long, short = recs
+    assert long.loss is not None and short.loss is not None
+    assert 128 <= long.ref_tokens < len(t.encode(long_ref))
+    assert long.prompt_tokens + long.ref_tokens <= t.context_length
