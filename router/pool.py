@@ -221,7 +221,7 @@ class BackendStream:
 
     def __init__(self, slot: BackendSlot, is_probe: bool = False) -> None:
         self.slot = slot
-        self.is_probe = is_probe  # the breaker's probe: its end must give a verdict or hand it on
+        self.is_probe = is_probe  # the breaker's probe: its first chunk is the verdict
         self.first: StreamChunk | None = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._task: asyncio.Task | None = None

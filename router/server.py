@@ -38,6 +38,10 @@ class _ReadDeadline:
     _read_timer: asyncio.TimerHandle | None = None
     _reading: str | None = None
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
     def _arm(self, want: str) -> None:
         if self._reading == want:
             return
@@ -76,10 +80,6 @@ class GuardedH11Protocol(_ReadDeadline, H11Protocol):
         super().on_response_complete()
         self._follow()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
     def _follow(self) -> None:
         """Head deadline while a request's head is incomplete (after its first byte), body
         deadline while its body arrives, none once it is all in or between requests
@@ -113,10 +113,6 @@ def _httptools_protocol():
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._disarm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
 
     return GuardedHttpToolsProtocol
 

@@ -39,7 +39,6 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
         return P.completion_chunk(rid, model, created, text, finish)
 
     status, error = 200, None
-    verdict = False  # the breaker heard how this stream ended
     n_prompt: int | None = None
     n_completion: int | None = None
     try:
@@ -59,19 +58,15 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
         if include_usage:
             yield event(P.usage_chunk(rid, model, created, chat, n_prompt or 0, n_completion or 0))
         stream.slot.record_success()
-        verdict = True
     except asyncio.CancelledError:  # the client went away
         status, error = 499, "client disconnected"
         raise
     except Exception as exc:  # noqa: BLE001 - becomes an error event, then [DONE]
         stream.slot.record_failure()
-        verdict = True
         log.warning("stream from %s failed: %s: %s", stream.slot.name, type(exc).__name__, exc)
         error = str(exc) or type(exc).__name__
         yield sse_error(exc)
     finally:
-        if not verdict:  # the client went away (cancelled or closed): hand the probe on
-            stream.slot.abandon_probe(stream.is_probe)
         await stream.aclose()
         if on_end is not None:
             on_end(status, error, n_prompt, n_completion)
