@@ -74,17 +74,14 @@ def group_folds(groups: np.ndarray, k: int) -> list[np.ndarray]:
 
 
 def quality_threshold(p: np.ndarray, lt: np.ndarray, lh: np.ndarray,
-                      max_transformer: float | None = None,
-                      weights: np.ndarray | None = None) -> float:
-    """The threshold t (transformer when p >= t) with the least mean loss on these rows
-    (``weights``: per row, e.g. so that every kind of request counts the same), optionally
-    with at most ``max_transformer`` of them routed to the transformer. Ties go to the
-    middle of the best interval."""
-    w = np.ones(len(p)) if weights is None else np.asarray(weights, float)
+                      max_transformer: float | None = None) -> float:
+    """The threshold t (transformer when p >= t) with the least mean loss on these rows,
+    optionally with at most ``max_transformer`` of them routed to the transformer. Ties go
+    to the middle of the best interval."""
     order = np.argsort(-p)
     ps = p[order]
     # routing the top-j scores to the transformer, j = 0..n
-    loss = (w * lh).sum() + np.concatenate(([0.0], np.cumsum((w * (lt - lh))[order])))
+    loss = lh.sum() + np.concatenate(([0.0], np.cumsum((lt - lh)[order])))
     j = np.arange(len(p) + 1)
     # only cut between distinct scores
     ok = np.ones(len(p) + 1, bool)
@@ -113,8 +110,6 @@ class RealRouter:
     num_leaves: int = 15
     min_child_samples: int = 20
     colsample_bytree: float = 0.8
-    balance_sources: bool = False  # weight rows so every fold unit (``groups``) counts the same
-    balance_threshold: bool = False  # choose thresholds with every source/kind counting the same
     weight_by_gap: bool = False  # weight rows by |gap| (what a wrong decision costs)
     objective: str = "huber"  # the regressor kind's loss: "huber" or "regression" (L2, the mean)
     clip_gap: float = 3.0  # regressor targets clipped to +-clip_gap nats/token
@@ -152,6 +147,8 @@ class RealRouter:
         """``groups`` are the inner folds' units: pass source/kind (whole kinds of a source
         held out together), so the stacked text logit, the calibration and the thresholds
         see predictions for kinds of requests the model was not fitted on."""
+        if self.quality_rule == "expected_gap" and self.kind != "regressor":
+            raise ValueError("quality_rule='expected_gap' needs kind='regressor'")
         decisive = np.abs(gap) > margin
         y = (gap < 0).astype(int)
         folds = group_folds(groups, INNER_FOLDS)
@@ -166,12 +163,7 @@ class RealRouter:
         kw = {"random_state": self.seed, "n_estimators": self.n_estimators,
               "num_leaves": self.num_leaves, "min_child_samples": min_leaf,
               "colsample_bytree": self.colsample_bytree}
-        w = np.ones(len(Z))
-        if self.balance_sources:
-            names, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
-            w = (len(Z) / len(names)) / counts[inv]
-        if self.weight_by_gap:
-            w = w * np.clip(np.abs(gap), 0.05, 2.0)
+        w = np.clip(np.abs(gap), 0.05, 2.0) if self.weight_by_gap else np.ones(len(Z))
         # out-of-source raw scores: calibration and thresholds hold for unseen sources
         raw = np.zeros(len(Z))
         for te in folds:
@@ -182,8 +174,6 @@ class RealRouter:
                 tr = ~te
             raw[te] = self._raw(self._fit(kw, Z[tr], y[tr], w[tr], gap[tr]), Z[te])
         if self.quality_rule == "expected_gap":
-            if self.kind != "regressor":
-                raise ValueError("quality_rule='expected_gap' needs kind='regressor'")
             # P(transformer better) = sigmoid(a * -E[gap]): no intercept, so P = 0.5 exactly
             # where the expected gap is 0, and every fold's scores share one zero point
             a, b = _platt_slope(raw[decisive], y[decisive]), 0.0
@@ -193,17 +183,11 @@ class RealRouter:
             log.warning("out-of-source Platt slope %.3f <= 0; using the raw scores", a)
             a, b = 1.0, 0.0
         self.calibration_ = (a, b)
-        a, b = self.calibration_
         self.oof_ = _sigmoid(a * raw + b)
-        tw = None
-        if self.balance_threshold:
-            _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
-            tw = 1.0 / counts[inv]
-        q = 0.5 if self.quality_rule == "expected_gap" else quality_threshold(self.oof_, lt, lh,
-                                                                               weights=tw)
         self.thresholds_ = {
-            "quality": q,
-            "cost": quality_threshold(self.oof_, lt, lh, max_transformer=COST_BUDGET, weights=tw),
+            "quality": (0.5 if self.quality_rule == "expected_gap"
+                        else quality_threshold(self.oof_, lt, lh)),
+            "cost": quality_threshold(self.oof_, lt, lh, max_transformer=COST_BUDGET),
         }
         fit_rows = np.ones(len(Z), bool) if self.kind == "regressor" else decisive
         self.clf_ = self._fit(kw, Z[fit_rows], y[fit_rows], w[fit_rows], gap[fit_rows])
