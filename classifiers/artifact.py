@@ -1,7 +1,9 @@
 """The saved request classifier: one directory, no pickles.
 
     classifier.txt   LightGBM booster (text) of the class model: raw score -> Platt -> P
-    regressor.txt    LightGBM booster (text) of the gap model (nats/token), optional
+    regressor.txt    LightGBM booster (text) of the gap model (nats/token), optional; absent
+                     when the class model *is* the gap model (``meta.json``
+                     ``regressor_is_classifier``: the score is a function of the expected gap)
     text_weights.npy the hashed-n-gram text model (:mod:`classifiers.textrep`), optional:
                      its logit is the last feature, ``text_logit``
     meta.json        feature names, calibration, the profiles' thresholds, margin, versions,
@@ -172,10 +174,11 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None,
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "classifier.txt").write_text(router.booster_.model_to_string())
-    for name, part in (("regressor.txt", regressor), ("text_weights.npy", text)):
+    shared = regressor is not None and regressor.booster_ is router.booster_  # stored once
+    for name, part in (("regressor.txt", None if shared else regressor), ("text_weights.npy", text)):
         if part is None and (path / name).exists():
             (path / name).unlink()
-    if regressor is not None:
+    if regressor is not None and not shared:
         (path / "regressor.txt").write_text(regressor.booster_.model_to_string())
     if text is not None:
         text.save(path / "text_weights.npy")
@@ -193,6 +196,7 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None,
             row["gap"] = float(g)
     full = {"format_version": FORMAT_VERSION, "feature_names": names,
             "calibration": list(calibration), "versions": versions(),
+            "regressor_is_classifier": shared,
             **(meta or {}), "self_check": check}
     (path / "meta.json").write_text(json.dumps(full, indent=2) + "\n")
     return path
@@ -224,7 +228,8 @@ def load(path: str | Path, verify: bool = True) -> RequestClassifier:
                             f"names {len(names)}: trained on different features than this build "
                             "computes; rebuild it with `archroute train`")
     reg_file = path / "regressor.txt"
-    reg = lgb.Booster(model_str=reg_file.read_text()) if reg_file.exists() else None
+    reg = (clf if meta.get("regressor_is_classifier")
+           else lgb.Booster(model_str=reg_file.read_text()) if reg_file.exists() else None)
     try:
         text = HashedTextModel.load(text_file) if text_file.exists() else None
     except ValueError as exc:

@@ -478,7 +478,9 @@ def test_train_real_writes_the_artifact(trained_real) -> None:
     names = meta["feature_names"]
     assert (names[-1] == artifact.TEXT_FEATURE) == uses_text
     assert (art / "text_weights.npy").exists() == uses_text
-    assert (art / "regressor.txt").exists() == (VARIANTS[SHIPPED]["kind"] in ("lightgbm", "regressor"))
+    kind = VARIANTS[SHIPPED]["kind"]
+    assert (art / "regressor.txt").exists() == (kind == "lightgbm")  # a regressor is stored once
+    assert meta["regressor_is_classifier"] == (kind == "regressor")
     base = names[:-1] if uses_text else names
     assert base == [n for n in FEATURE_NAMES if n in VARIANTS[SHIPPED]["features"]]
     td = meta["training_data"]
