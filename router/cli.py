@@ -24,7 +24,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv``: the first argument that is not a global option."""
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` (default ``sys.argv[1:]``) is
+    imported and built in full, the others are listed by name."""
+    wanted = _command_in(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="archroute",
         description="ArchRoute: route each request to the transformer or the hybrid backend.",
@@ -32,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (target, help_text) in COMMANDS.items():
-        if len(sys.argv) > 1 and sys.argv[1] == name:
+        if name == wanted:
             module, attr = target.split(":")
             getattr(importlib.import_module(module), attr)(sub)
         else:
@@ -41,10 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -101,3 +101,27 @@ def test_api_keys_from_a_file_not_the_command_line(tmp_path, capsys) -> None:
     empty = tmp_path / "empty"
     empty.write_text("# nothing\n")
     assert main(["serve", "--api-key-file", str(empty), "--print-settings"]) == 2
+
+
+@pytest.mark.parametrize("argv", [["-v", "serve", "--help"], ["serve", "--help"],
+                                  ["--verbose", "train", "--help"]])
+def test_global_options_before_the_subcommand(argv: list[str], capsys) -> None:
+    """`archroute -v serve --help` shows serve's own help (it used to say "serve: not
+    available in this build": the subcommand was looked for only as the first argument)."""
+    from router.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: archroute {argv[-2]}" in out and "not available" not in out
+
+
+def test_cli_does_not_rewrite_sys_argv(monkeypatch) -> None:
+    import sys
+
+    from router.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["archroute"])
+    assert main([]) == 0
+    assert sys.argv == ["archroute"]
