@@ -8,7 +8,7 @@ the first token's is null), and the continuation's tokens are cut out by charact
 
 Every failure becomes a :class:`~models.base.BackendError` (timeouts an
 :class:`UpstreamTimeoutError`, HTTP errors an :class:`UpstreamStatusError`), so the router can
-fall back. The async methods are native (``httpx.AsyncClient``), never a thread.
+fall back. The async methods are native asyncio, never a thread.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from models import http1
 from models.base import (
     Architecture,
     Backend,
@@ -57,16 +58,16 @@ def _finish(reason: object) -> FinishReason:
     return "length" if reason == "length" else "stop"
 
 
-def _error_text(resp: httpx.Response) -> str:
+def _error_text(resp: httpx.Response | http1.Response) -> str:
     try:
-        err = resp.json().get("error")
+        err = json.loads(resp.content).get("error")
         if isinstance(err, dict):
             return str(err.get("message", err))
         if err:
             return str(err)
     except (ValueError, AttributeError):
         pass
-    return resp.text[:300]
+    return resp.content[:300].decode("utf-8", "replace")
 
 
 def select_continuation(text: str, prompt_len: int, end: int, tokens: list[str],
@@ -151,7 +152,7 @@ class OpenAIUpstreamBackend(Backend):
         self.connect_timeout = connect_timeout
         self._api_key = api_key
         self._client: httpx.Client | None = None
-        self._aclient: httpx.AsyncClient | None = None
+        self._pool: http1.HTTP1Pool | None = None
 
     # --- plumbing ------------------------------------------------------------------
     def _client_args(self) -> dict[str, Any]:
@@ -171,10 +172,13 @@ class OpenAIUpstreamBackend(Backend):
         return self._client
 
     @property
-    def aclient(self) -> httpx.AsyncClient:
-        if self._aclient is None:
-            self._aclient = httpx.AsyncClient(**self._client_args())
-        return self._aclient
+    def pool(self) -> http1.HTTP1Pool:
+        """The async connection pool (made on first use, inside the serving event loop)."""
+        if self._pool is None:
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            self._pool = http1.HTTP1Pool(self.base_url, headers, self.max_concurrency,
+                                         KEEPALIVE_EXPIRY_S, self.connect_timeout, self.timeout)
+        return self._pool
 
     def close(self) -> None:
         if self._client is not None:
@@ -183,16 +187,18 @@ class OpenAIUpstreamBackend(Backend):
 
     async def aclose(self) -> None:
         self.close()
-        if self._aclient is not None:
-            await self._aclient.aclose()
-            self._aclient = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.architecture, location=f"{self.base_url} ({self.model})")
 
     def _body(self, prompt: Prompt, params: GenerationParams, stream: bool) -> tuple[str, dict]:
-        body: dict[str, Any] = {"model": self.model, "max_tokens": params.max_tokens,
-                                "temperature": params.temperature, "top_p": params.top_p}
+        body: dict[str, Any] = {"model": self.model, "temperature": params.temperature,
+                                "top_p": params.top_p}
+        if params.max_tokens is not None:  # absent: the engine's own default (vLLM: the room left)
+            body["max_tokens"] = params.max_tokens
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:
@@ -207,13 +213,13 @@ class OpenAIUpstreamBackend(Backend):
         return "/chat/completions", body
 
     def _wrap(self, exc: Exception) -> BackendError:
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, httpx.TimeoutException | http1.HTTPTimeout):
             return UpstreamTimeoutError(f"{self.name}: upstream timed out ({type(exc).__name__})")
-        if isinstance(exc, httpx.HTTPError):
+        if isinstance(exc, httpx.HTTPError | http1.HTTPConnectError):
             return BackendError(f"{self.name}: upstream unreachable: {type(exc).__name__}: {exc}")
         return BackendError(f"{self.name}: bad upstream response: {exc}")
 
-    def _check(self, resp: httpx.Response) -> None:
+    def _check(self, resp: httpx.Response | http1.Response) -> None:
         if resp.status_code >= 400:
             cls = UpstreamRequestError if resp.status_code in (400, 413, 422) else UpstreamStatusError
             raise cls(
@@ -286,21 +292,27 @@ class OpenAIUpstreamBackend(Backend):
             raise self._wrap(exc) from exc
 
     # --- async (native) --------------------------------------------------------------
+    _ASYNC_ERRORS = (http1.HTTPTimeout, http1.HTTPConnectError, ValueError, KeyError,
+                     IndexError, TypeError)
+
+    async def _apost(self, path: str, body: dict) -> dict:
+        resp = await self.pool.post(path, json.dumps(body).encode())
+        self._check(resp)
+        return json.loads(resp.content)
+
     async def agenerate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         path, body = self._body(prompt, params, stream=False)
         try:
-            resp = await self.aclient.post(path, json=body)
-            self._check(resp)
-            return self._result(path, resp.json())
+            return self._result(path, await self._apost(path, body))
         except BackendError:
             raise
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        except self._ASYNC_ERRORS as exc:
             raise self._wrap(exc) from exc
 
     async def astream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamChunk]:
         path, body = self._body(prompt, params, stream=True)
         try:
-            async with self.aclient.stream("POST", path, json=body) as resp:
+            async with self.pool.stream(path, json.dumps(body).encode()) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     self._check(resp)
@@ -310,19 +322,20 @@ class OpenAIUpstreamBackend(Backend):
                         yield chunk
                     if parser.done:
                         break
+                if parser.done:  # the rest of the body (the last chunk's terminator)
+                    async for _ in resp.aiter_raw():
+                        pass
                 yield parser.final()
         except BackendError:
             raise
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except self._ASYNC_ERRORS as exc:
             raise self._wrap(exc) from exc
 
     async def ascore(self, prompt: str, continuation: str) -> ScoreResult:
         body = self._score_body(prompt, continuation)
         try:
-            resp = await self.aclient.post("/completions", json=body)
-            self._check(resp)
-            return self._score_result(prompt, continuation, resp.json())
+            return self._score_result(prompt, continuation, await self._apost("/completions", body))
         except BackendError:
             raise
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        except self._ASYNC_ERRORS as exc:
             raise self._wrap(exc) from exc

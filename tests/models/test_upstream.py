@@ -13,6 +13,7 @@ from models.fake import fake_logprob, fake_tokens
 from models.upstream import (
     OpenAIUpstreamBackend,
     SSEParser,
+    UpstreamRequestError,
     UpstreamStatusError,
     UpstreamTimeoutError,
     select_continuation,
@@ -161,9 +162,97 @@ def test_score_matches_in_process_reference(reference_pair) -> None:
 
 def test_request_errors_are_value_errors(fake_server: Server) -> None:
     """An upstream 400 is the request's fault: a ValueError, so the router does not fall back."""
-    from models.upstream import UpstreamRequestError
-
     b = OpenAIUpstreamBackend("up", fake_server.url + "/v1", "up-fake")
     with pytest.raises(UpstreamRequestError) as info:
         b.generate("x", GenerationParams(max_tokens=5, stop=["a", "b", "c", "d", "e"]))
     assert info.value.status_code == 400 and isinstance(info.value, ValueError)
+
+
+# --- async counterparts (models.http1 under the async methods) ----------------------------
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_agenerate_unreachable() -> None:
+    async def main() -> None:
+        down = OpenAIUpstreamBackend("down", f"http://127.0.0.1:{closed_port()}/v1", "m",
+                                     connect_timeout=1)
+        with pytest.raises(BackendError, match="unreachable"):
+            await down.agenerate("x", GenerationParams())
+        with pytest.raises(BackendError, match="unreachable"):
+            [c async for c in down.astream("x", GenerationParams())]
+        await down.aclose()
+
+    asyncio.run(main())
+
+
+def test_agenerate_timeout() -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(1 << 16):
+            pass
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        b = OpenAIUpstreamBackend("slow", f"http://127.0.0.1:{port}/v1", "m", timeout=0.3)
+        try:
+            with pytest.raises(UpstreamTimeoutError):
+                await b.agenerate("x", GenerationParams())
+            with pytest.raises(UpstreamTimeoutError):
+                [c async for c in b.astream("x", GenerationParams())]
+        finally:
+            await b.aclose()
+            server.close()
+            await asyncio.sleep(0.05)  # the handlers see the client's close and end
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_agenerate_http_404_is_status_error(fake_server: Server) -> None:
+    async def main() -> None:
+        wrong = OpenAIUpstreamBackend("up", fake_server.url + "/v1", "no-such-model")
+        with pytest.raises(UpstreamStatusError) as info:
+            await wrong.agenerate("x", GenerationParams())
+        assert info.value.status_code == 404 and "no-such-model" in str(info.value)
+        assert not isinstance(info.value, UpstreamRequestError)
+        with pytest.raises(UpstreamStatusError) as info:
+            [c async for c in wrong.astream("x", GenerationParams())]
+        assert info.value.status_code == 404
+        await wrong.aclose()
+
+    asyncio.run(main())
+
+
+def test_agenerate_http_400_is_request_error(fake_server: Server) -> None:
+    async def main() -> None:
+        b = OpenAIUpstreamBackend("up", fake_server.url + "/v1", "up-fake")
+        with pytest.raises(UpstreamRequestError) as info:
+            await b.agenerate("x", GenerationParams(max_tokens=5, stop=["a", "b", "c", "d", "e"]))
+        assert info.value.status_code == 400 and isinstance(info.value, ValueError)
+        await b.aclose()
+
+    asyncio.run(main())
+
+
+def test_astream_full_reply_and_usage(backend: OpenAIUpstreamBackend) -> None:
+    async def main() -> None:
+        for prompt in ("Say hello", [ChatMessage("user", "hi")]):
+            chunks = [c async for c in backend.astream(prompt, GenerationParams(max_tokens=50))]
+            assert "".join(c.text for c in chunks) == REPLY
+            assert len(chunks) > 2
+            last = chunks[-1]
+            assert last.text == "" and last.finish_reason == "stop"
+            assert last.completion_tokens == len(fake_tokens(REPLY))
+            assert last.prompt_tokens is not None and last.prompt_tokens > 0
+        chunks = [c async for c in backend.astream("Say hello", GenerationParams(max_tokens=3))]
+        assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 3
+        assert chunks[-1].prompt_tokens == 2
+        # the streams were read to their end: one kept-alive connection served them all
+        assert len(backend.pool._idle) == 1
+        await backend.aclose()
+
+    asyncio.run(main())
