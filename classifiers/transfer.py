@@ -41,6 +41,7 @@ from classifiers.textrep import HashedTextModel
 log = logging.getLogger(__name__)
 
 COST_BUDGET = 0.5  # the cost profile: at most this share of requests on the transformer
+REGRET_TOL = 0.03  # the robust quality threshold: no source worse than its best backend by more
 INNER_FOLDS = 4  # group folds for the stacked text logit, calibration and thresholds
 
 
@@ -96,6 +97,27 @@ def quality_threshold(p: np.ndarray, lt: np.ndarray, lh: np.ndarray,
     return float((ps[best - 1] + ps[best]) / 2)
 
 
+def robust_threshold(p: np.ndarray, lt: np.ndarray, lh: np.ndarray, sources: np.ndarray,
+                     tol: float = REGRET_TOL, grid: int = 201) -> float:
+    """The threshold with the least mean loss among those that leave no source worse than
+    its own best single backend by more than ``tol`` nats/token (on out-of-source scores,
+    that is the leave-one-source-out condition); if none does, the one whose worst source
+    is least bad."""
+    ts = np.unique(np.concatenate((np.quantile(p, np.linspace(0, 1, grid)), [0.5, 1.01])))
+    names = np.unique(sources)
+    masks = [sources == s for s in names]
+    best = [min(lt[m].mean(), lh[m].mean()) for m in masks]
+    mean, worst = np.empty(len(ts)), np.empty(len(ts))
+    for i, t in enumerate(ts):
+        lr = np.where(p >= t, lt, lh)
+        mean[i] = lr.mean()
+        worst[i] = max(lr[m].mean() - b for m, b in zip(masks, best, strict=True))
+    ok = worst <= tol
+    if ok.any():
+        return float(ts[ok][np.argmin(mean[ok])])
+    return float(ts[np.argmin(worst)])
+
+
 @dataclass
 class RealRouter:
     """The shipped model (see the module docstring). ``fit`` takes the feature matrix, the
@@ -113,8 +135,9 @@ class RealRouter:
     weight_by_gap: bool = False  # weight rows by |gap| (what a wrong decision costs)
     objective: str = "huber"  # the regressor kind's loss: "huber" or "regression" (L2, the mean)
     clip_gap: float = 3.0  # regressor targets clipped to +-clip_gap nats/token
-    # the quality threshold: "oof" (least loss on out-of-fold predictions) or, for the
-    # regressor kind, "expected_gap" (the transformer when the expected gap is below 0)
+    # the quality threshold: "oof" (least loss on out-of-fold predictions), "robust" (least
+    # loss with no source's out-of-source regret above REGRET_TOL) or, for the regressor
+    # kind, "expected_gap" (the transformer when the expected gap is below 0)
     quality_rule: str = "oof"
     text_: HashedTextModel | None = None
     clf_: LightGBMRouter | None = None
@@ -173,7 +196,7 @@ class RealRouter:
             if self.kind == "regressor":
                 tr = ~te
             raw[te] = self._raw(self._fit(kw, Z[tr], y[tr], w[tr], gap[tr]), Z[te])
-        if self.quality_rule == "expected_gap":
+        if self.quality_rule in ("expected_gap", "robust") and self.kind == "regressor":
             # P(transformer better) = sigmoid(a * -E[gap]): no intercept, so P = 0.5 exactly
             # where the expected gap is 0, and every fold's scores share one zero point
             a, b = _platt_slope(raw[decisive], y[decisive]), 0.0
@@ -184,9 +207,14 @@ class RealRouter:
             a, b = 1.0, 0.0
         self.calibration_ = (a, b)
         self.oof_ = _sigmoid(a * raw + b)
+        if self.quality_rule == "expected_gap":
+            q = 0.5
+        elif self.quality_rule == "robust":
+            q = robust_threshold(self.oof_, lt, lh, np.array([u.split("/")[0] for u in groups]))
+        else:
+            q = quality_threshold(self.oof_, lt, lh)
         self.thresholds_ = {
-            "quality": (0.5 if self.quality_rule == "expected_gap"
-                        else quality_threshold(self.oof_, lt, lh)),
+            "quality": q,
             "cost": quality_threshold(self.oof_, lt, lh, max_transformer=COST_BUDGET),
         }
         fit_rows = np.ones(len(Z), bool) if self.kind == "regressor" else decisive
@@ -341,11 +369,14 @@ TASK_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES
                                        if f.group == "task" and f.name != "assistant_share")
 _REG = {"num_leaves": 7, "min_child_samples": 100, "n_estimators": 200}
 VARIANTS: dict[str, dict] = {
-    "gap regressor task+text (shipped)": {"kind": "regressor", "objective": "regression",
-                                          "quality_rule": "expected_gap", "use_text": True,
-                                          "features": TASK_FEATURES, **_REG},
+    "gap regressor task+text, robust threshold (shipped)": {
+        "kind": "regressor", "objective": "regression", "quality_rule": "robust",
+        "use_text": True, "features": TASK_FEATURES, **_REG},
+    "gap regressor task+text, expected-gap threshold": {
+        "kind": "regressor", "objective": "regression", "quality_rule": "expected_gap",
+        "use_text": True, "features": TASK_FEATURES, **_REG},
     "gap regressor task": {"kind": "regressor", "objective": "regression",
-                           "quality_rule": "expected_gap", "use_text": False,
+                           "quality_rule": "robust", "use_text": False,
                            "features": TASK_FEATURES, **_REG},
     "lightgbm classifier task": {"kind": "lightgbm", "use_text": False, "weight_by_gap": True,
                                  "features": TASK_FEATURES, **_REG},
@@ -356,7 +387,7 @@ VARIANTS: dict[str, dict] = {
                                                **_REG},
     "logistic task+text": {"kind": "logistic", "use_text": True, "features": TASK_FEATURES},
 }
-SHIPPED = "gap regressor task+text (shipped)"
+SHIPPED = "gap regressor task+text, robust threshold (shipped)"
 
 
 def make_router(name: str, seed: int = 0) -> RealRouter:

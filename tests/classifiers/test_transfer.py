@@ -686,3 +686,31 @@ def test_artifact_save_refuses_unknown_features(tmp_path) -> None:
     r = LightGBMRouter(n_estimators=5, cv=0).fit(X, (X[:, 0] > 0.5).astype(int))
     with pytest.raises(artifact.ArtifactError, match="unknown features"):
         artifact.save(tmp_path / "x", r, feature_names=["chars_log", "bogus"])
+
+
+def test_robust_threshold_keeps_every_source_within_tolerance() -> None:
+    """Source A: the hybrid is better where p is low (routing pays); source B: the
+    transformer wins everywhere by a lot, but B's scores sit just under 0.5. The
+    expected-gap threshold (0.5) sends B's rows to the hybrid; the robust one must not."""
+    from classifiers.transfer import REGRET_TOL, robust_threshold
+
+    rng = np.random.default_rng(0)
+    pa = rng.uniform(0.2, 0.9, 400)
+    lt_a = np.full(400, 5.0)
+    lh_a = np.where(pa < 0.5, 4.6, 5.4)
+    pb = rng.uniform(0.40, 0.48, 100)
+    lt_b, lh_b = np.full(100, 3.0), np.full(100, 3.5)
+    p = np.concatenate((pa, pb))
+    lt, lh = np.concatenate((lt_a, lt_b)), np.concatenate((lh_a, lh_b))
+    src = np.array(["a"] * 400 + ["b"] * 100)
+
+    def worst(t: float) -> float:
+        lr = np.where(p >= t, lt, lh)
+        return max(lr[src == s].mean() - min(lt[src == s].mean(), lh[src == s].mean())
+                   for s in ("a", "b"))
+
+    assert worst(0.5) > REGRET_TOL  # the expected-gap rule hurts source b
+    t = robust_threshold(p, lt, lh, src)
+    assert worst(t) <= REGRET_TOL
+    lr = np.where(p >= t, lt, lh)
+    assert lr[src == "a"].mean() < lt_a.mean()  # and still routes a's hybrid rows
