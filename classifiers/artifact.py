@@ -109,6 +109,16 @@ class RequestClassifier:
         raw = self.classifier.predict(X, raw_score=True, num_threads=1)
         return 1.0 / (1.0 + np.exp(-np.clip(a * raw + b, -50, 50)))
 
+    def contributions(self, X: np.ndarray) -> dict[str, float]:
+        """Each feature's exact share of the first row's score (LightGBM ``pred_contrib``),
+        on the calibrated logit's scale: positive pushes towards the transformer. The model's
+        starting point (its mean score over the training data) is ``base``."""
+        a, b = self.calibration
+        c = self.classifier.predict(X[:1], pred_contrib=True, num_threads=1)[0]
+        out = {n: float(a * v) for n, v in zip(self.feature_names, c[:-1], strict=True)}
+        out["base"] = float(a * c[-1] + b)
+        return out
+
     def gap_from_features(self, X: np.ndarray) -> np.ndarray:
         """Expected gap (nats/token, positive = hybrid better), shape (n,)."""
         if self.regressor is None:

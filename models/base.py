@@ -8,6 +8,7 @@ methods with native async clients.
 from __future__ import annotations
 
 import asyncio
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,16 +42,18 @@ class RequestError(ValueError):
 
 @dataclass
 class GenerationParams:
-    """Sampling settings, in OpenAI's vocabulary. ``temperature == 0`` means greedy."""
+    """Sampling settings, in OpenAI's vocabulary. ``temperature == 0`` means greedy.
+    ``max_tokens`` None: up to the room the context leaves after the prompt (as vLLM does);
+    a number larger than that room is cut to it too (``finish_reason`` ``length``)."""
 
-    max_tokens: int = 64
+    max_tokens: int | None = 64
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
             raise RequestError(f"temperature must be in [0, 2], got {self.temperature}")
@@ -163,14 +166,22 @@ class Backend(ABC):
         return await asyncio.to_thread(self.score, prompt, continuation)
 
     async def astream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamChunk]:
-        """Run :meth:`stream` in a worker thread and hand chunks to the loop via a queue."""
+        """Run :meth:`stream` in a worker thread and hand chunks to the loop via a queue.
+        When the consumer stops early (a client that disconnected), the worker stops at its
+        next chunk, so a backend that yields once per decode step (the in-process one does,
+        empty chunks included) stops within one step instead of finishing the answer."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         done = object()
+        stop = threading.Event()
 
         def produce() -> None:
+            gen = self.stream(prompt, params)
             try:
-                for chunk in self.stream(prompt, params):
+                for chunk in gen:
+                    if stop.is_set():
+                        gen.close()  # GeneratorExit at the backend's yield: its cleanup runs
+                        break
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -188,4 +199,5 @@ class Backend(ABC):
                 assert isinstance(item, StreamChunk)
                 yield item
         finally:
+            stop.set()
             await task

@@ -96,7 +96,7 @@ class FakeBackend(Backend):
             if s and s in reply:
                 return fake_tokens(reply[: reply.index(s)]), "stop"
         toks = fake_tokens(reply)
-        if len(toks) > params.max_tokens:
+        if params.max_tokens is not None and len(toks) > params.max_tokens:
             return toks[: params.max_tokens], "length"
         return toks, "stop"
 

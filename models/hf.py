@@ -143,10 +143,12 @@ class HFBackend(Backend):
         import torch
 
         ids = [self.prefix_id, *self.encode(self.render(prompt))]
-        if len(ids) + params.max_tokens > self.context_length:
+        room = self.context_length - len(ids)
+        if room < 1:  # only a prompt that alone fills the context is the client's error
             raise RequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context length of {self.name} ({self.context_length} tokens)")
+                f"the prompt is {len(ids)} tokens (with the start token); the context length of {self.name} is "
+                f"{self.context_length} tokens, which leaves no room to generate")
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
         gen = torch.Generator(device="cpu")
         gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
         out_ids: list[int] = []
@@ -159,7 +161,7 @@ class HFBackend(Backend):
             try:
                 input_ids = torch.tensor([ids], device=self.device)
                 past = None
-                for _ in range(params.max_tokens):
+                for _ in range(max_new):
                     res = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kw: past})
                     past = getattr(res, "cache", None) or res.past_key_values
                     nxt = sample_next(res.logits[0, -1].float().cpu(), params.temperature,
@@ -176,9 +178,10 @@ class HFBackend(Backend):
                         reason = "stop"
                         break
                     safe = len(text) - _holdback(text, params.stop)
-                    if safe > emitted:
-                        yield StreamChunk(text[emitted:safe])
-                        emitted = safe
+                    # one chunk per decode step (empty while text is held back), so a
+                    # consumer that stops reading stops the decoding within one step
+                    yield StreamChunk(text[emitted:safe] if safe > emitted else "")
+                    emitted = max(emitted, safe)
                     input_ids = torch.tensor([[nxt]], device=self.device)
             except RequestError:
                 raise

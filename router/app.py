@@ -165,6 +165,15 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         return await service(request).handle(body, t0(request))
 
+    @app.post("/v1/route")
+    async def route_only(body: P.ChatCompletionRequest, request: Request) -> dict:
+        """The routing decision for a chat request, without generating (for gateways that
+        route with ArchRoute and call the backend themselves)."""
+        try:
+            return await service(request).decide_only(body)
+        except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
+            raise errors.to_api_error(exc) from exc
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         return {"object": "list", "data": service(request).models()}
@@ -195,5 +204,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             svc.metrics.breaker_open.labels(s.name).set(float(s.state == "open"))
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    from router.ui import install_ui
+
+    install_ui(app)
     errors.openapi_without_422(app)
     return app

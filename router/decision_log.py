@@ -41,8 +41,11 @@ CREATE TABLE IF NOT EXISTS decisions (
     stream INTEGER,
     status INTEGER,                -- HTTP status sent (200 even if a stream failed later)
     error TEXT,
-    prompt TEXT                    -- only when log_prompts is on
+    prompt TEXT,                   -- only when log_prompts is on
+    side INTEGER DEFAULT 0         -- 1: a chat app's side request (title, tags, ...), unscored
 )"""
+# columns added after the first release: added to older files when they are opened
+MIGRATIONS = {"side": "ALTER TABLE decisions ADD COLUMN side INTEGER DEFAULT 0"}
 
 
 @dataclass
@@ -66,6 +69,7 @@ class DecisionRow:
     status: int = 200
     error: str | None = None
     prompt: str | None = None
+    side: bool = False
     time: float = field(default_factory=time.time)
 
 
@@ -89,6 +93,10 @@ class DecisionLog:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(SCHEMA)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(decisions)")}
+        for col, ddl in MIGRATIONS.items():
+            if col not in have:
+                conn.execute(ddl)
         conn.commit()
         return conn
 
@@ -118,7 +126,7 @@ class DecisionLog:
                     continue
                 d = asdict(row)
                 d["features"] = json.dumps(d["features"])
-                d["stream"] = int(d["stream"])
+                d["stream"], d["side"] = int(d["stream"]), int(d["side"])
                 rows.append(tuple(d[c] for c in cols))
             try:
                 with conn:

@@ -108,7 +108,8 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
                 f"model {model!r} not found; this server serves {model_name!r}", param="model")
 
     def params(body: P.ChatCompletionRequest | P.CompletionRequest) -> GenerationParams:
-        return GenerationParams(max_tokens=min(body.requested_max_tokens() or 256, max_tokens_cap),
+        asked = body.requested_max_tokens()
+        return GenerationParams(max_tokens=None if asked is None else min(asked, max_tokens_cap),
                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                 stop=body.stop_list())
 

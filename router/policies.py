@@ -65,6 +65,11 @@ class Policy:
         in one pass. Policies that read features override this; the default has none."""
         return self.score(req), {}
 
+    def contributions(self, features: dict[str, float]) -> dict[str, float] | None:
+        """How much each feature (from :meth:`explain`) moved the score, positive towards
+        the transformer; None when the policy cannot say."""
+        return None
+
     def params(self) -> dict[str, object]:
         """The keyword arguments this policy was built with (for logs and provenance)."""
         return {}
@@ -264,6 +269,13 @@ class RulesPolicy(Policy):
     def score(self, req: RoutingRequest) -> float:
         return self._combine(self.features(req))
 
+    def contributions(self, features: dict[str, float]) -> dict[str, float]:
+        f = features
+        return {"copy_cue": self.copy_weight * f["copy_cue"],
+                "repeated_4gram_share": self.repeat_weight * min(1.0, 2 * f["repeated_4gram_share"]),
+                "code_cue": self.code_weight * f["code_cue"],
+                "unclosed_brackets": self.bracket_weight * min(1.0, f["unclosed_brackets"])}
+
     def _combine(self, f: dict[str, float]) -> float:
         s = (self.base + self.copy_weight * f["copy_cue"]
              + self.repeat_weight * min(1.0, 2 * f["repeated_4gram_share"])
@@ -338,6 +350,17 @@ class ClassifierPolicy(Policy):
             X, feats = self.model_.named_features(req)  # type: ignore[attr-defined]
             score = float(self.model_.p_transformer_from_features(X)[0])  # type: ignore[attr-defined]
         return min(1.0, max(0.0, score - self._cost(req))), feats
+
+    def contributions(self, features: dict[str, float]) -> dict[str, float] | None:
+        if self.model_ is None:
+            return self._rules.contributions(features)
+        names = self.model_.feature_names  # type: ignore[attr-defined]
+        if not set(names) <= set(features):
+            return None
+        import numpy as np  # this module imports no numpy at import time (see above)
+
+        X = np.array([[features[n] for n in names]])
+        return self.model_.contributions(X)  # type: ignore[attr-defined]
 
     def _cost(self, req: RoutingRequest) -> float:
         n = len(req.text)

@@ -98,10 +98,12 @@ class StreamOptions(BaseModel):
 
 class ArchRouteOptions(BaseModel):
     """ArchRoute extension (request): ``{"archroute": {"threshold": 0.4}}`` overrides the
-    profile's threshold for this request."""
+    profile's threshold for this request; ``"explain": true`` adds ``reasons`` (the features
+    behind the score, in words) to the response's ``archroute`` object."""
 
     model_config = ConfigDict(extra="forbid")
     threshold: float | None = Field(None, ge=0.0, le=1.01)
+    explain: bool = False
 
 
 class _Sampling(_Open):
@@ -245,5 +247,5 @@ def usage_chunk(rid: str, model: str, created: int, chat: bool, prompt_tokens: i
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def model_card(name: str, owned_by: str, **meta: Any) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": owned_by} | meta
+def model_card(name: str, owned_by: str, created: int = 0, **meta: Any) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": owned_by} | meta

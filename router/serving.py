@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from classifiers.explain import reasons
 from classifiers.request import RoutingRequest
 from models.base import GenerationParams, GenerationResult, Prompt, RequestError
 from router import protocol as P
@@ -28,6 +29,7 @@ from router.metrics import RouterMetrics
 from router.policies import Policy, decide
 from router.pool import BackendSlot, BackendStream
 from router.settings import ProfileSettings, Settings
+from router.side import is_side_request
 from router.streaming import sse_events
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ class Route:
     served_by: str | None = None  # backend name
     fallback_from: str | None = None
     fallback_reason: str | None = None
+    reasons: list[str] | None = None  # the features behind the score, in words (explain)
+    warning: str | None = None  # sent as x-archroute-warning
+    side: bool = False  # a chat app's side request (title, tags, ...): not scored
 
     def headers(self, overhead_ms: float) -> dict[str, str]:
         h = {"x-archroute-backend": self.served_by or "",
@@ -62,13 +67,19 @@ class Route:
             h["x-archroute-score"] = f"{self.score:.4f}"
         if self.fallback_from:
             h["x-archroute-fallback"] = f"{self.fallback_from}; reason={self.fallback_reason}"
+        if self.warning:
+            h["x-archroute-warning"] = self.warning
         return h
 
     def body(self, overhead_ms: float) -> dict:
-        return {"profile": self.profile, "policy": self.policy, "score": self.score,
-                "threshold": self.threshold, "decision": self.decision,
-                "backend": self.served_by, "fallback_from": self.fallback_from,
-                "overhead_ms": round(overhead_ms, 3)}
+        """The ``archroute`` object of a response (docs/router.md, "The decision")."""
+        out = {"profile": self.profile, "policy": self.policy, "score": self.score,
+               "threshold": self.threshold, "decision": self.decision,
+               "backend": self.served_by, "fallback_from": self.fallback_from,
+               "side_request": self.side, "overhead_ms": round(overhead_ms, 3)}
+        if self.reasons is not None:
+            out["reasons"] = self.reasons
+        return out
 
 
 class RouterService:
@@ -83,6 +94,7 @@ class RouterService:
         self.metrics = metrics
         self.decision_log = decision_log
         self._by_name = {s.name: role for role, s in slots.items()}
+        self.created = int(time.time())  # the models' `created`: when this router started
         # a profile without a threshold uses its policy's own (see ProfileSettings)
         self.thresholds = {name: p.threshold if p.threshold is not None
                            else policies[name].default_threshold()
@@ -90,13 +102,21 @@ class RouterService:
 
     # --- routing -------------------------------------------------------------------
     def models(self) -> list[dict]:
-        out = [P.model_card(name, "archroute", kind="profile", policy=p.policy,
-                            threshold=self.thresholds.get(name, p.threshold),
-                            description=p.description)
-               for name, p in self.settings.profiles.items()]
+        """``/v1/models``: the default alias ``archroute`` first (chat apps list ids and let
+        users pick one), then the profiles, then the backends by name."""
+        default = self.settings.default_profile
+        dp = self.settings.profiles[default]
+        out = [P.model_card(DEFAULT_ALIAS, "archroute", self.created, kind="profile",
+                            policy=dp.policy, alias_of=default,
+                            threshold=self.thresholds.get(default, dp.threshold),
+                            description=f"the default profile ({default})")]
+        out += [P.model_card(name, "archroute", self.created, kind="profile", policy=p.policy,
+                             threshold=self.thresholds.get(name, p.threshold),
+                             description=p.description)
+                for name, p in self.settings.profiles.items()]
         for role, slot in self.slots.items():
             info = slot.backend.info()
-            out.append(P.model_card(slot.name, "archroute", kind="backend", role=role,
+            out.append(P.model_card(slot.name, "archroute", self.created, kind="backend", role=role,
                                     architecture=info.architecture, parameters=info.parameters,
                                     context_length=info.context_length))
         return out
@@ -106,40 +126,56 @@ class RouterService:
         p = self.settings.profiles.get(name)
         return (name, p) if p is not None else None
 
-    async def route(self, model: str, rreq: RoutingRequest,
-                    threshold: float | None) -> Route:
+    def _order(self, role: str) -> list[str]:
+        other = "hybrid" if role == "transformer" else "transformer"
+        return [role, other] if self.settings.fallback else [role]
+
+    async def route(self, model: str, rreq: RoutingRequest, threshold: float | None,
+                    explain: bool = False, count: bool = True) -> Route:
+        """The decision for one request: a backend named directly, a chat app's side
+        request (served by ``side_requests`` unscored), or the profile's policy. With
+        ``explain``, the features behind the score, in words (``Route.reasons``)."""
         if model in self._by_name:
             role = self._by_name[model]
-            return Route(model, decision=role, order=[role])
+            return Route(model, decision=role, order=[role],
+                         reasons=["the model names a backend: routing bypassed"] if explain
+                         else None)
         found = self._profile(model)
         if found is None:
             known = sorted([*self.settings.profiles, *self._by_name, DEFAULT_ALIAS])
             raise ModelNotFoundError(f"model {model!r} not found; this router serves {known}",
                                      param="model")
         name, prof = found
+        side = self.settings.side_requests
+        if side != "route" and rreq.kind == "chat" and is_side_request(rreq.last_user):
+            return Route(model, name, "side-request", decision=side, order=self._order(side),
+                         side=True,
+                         reasons=[f"a chat app's side request (title, tags, follow-ups): "
+                                  f"served by the {side} without scoring"] if explain else None)
         policy = self.policies[name]
         # one pass computes the score and the features the decision log records
-        explain = policy.explain if self.decision_log is not None else (
+        scorer = policy.explain if self.decision_log is not None or explain else (
             lambda r: (policy.score(r), {}))
         if getattr(policy, "blocking", False) or len(rreq.text) > _INLINE_SCORE_CHARS:
-            score, feats = await asyncio.to_thread(explain, rreq)
+            score, feats = await asyncio.to_thread(scorer, rreq)
         else:
-            score, feats = explain(rreq)
+            score, feats = scorer(rreq)
         thr = self.thresholds[name] if threshold is None else threshold
         role = decide(score, thr)
-        other = "hybrid" if role == "transformer" else "transformer"
-        order: list[str] = [role, other] if self.settings.fallback else [role]
         # a classifier profile without its artifact scores with the rules: say so
         label = f"{prof.policy}+rules-fallback" if getattr(policy, "fallback_", False) else prof.policy
-        route = Route(model, name, label, score, thr, role, order)
+        route = Route(model, name, label, score, thr, role, self._order(role))
         route.features = feats
-        self.metrics.decisions.labels(prof.policy, role).inc()
+        if explain:
+            route.reasons = reasons(feats, policy.contributions(feats))
+        if count:  # /v1/route asks without serving: not a decision the router carried out
+            self.metrics.decisions.labels(prof.policy, role).inc()
         return route
 
     def params(self, body: P.ChatCompletionRequest | P.CompletionRequest,
                i: int = 0) -> GenerationParams:
-        asked = body.requested_max_tokens()
-        max_tokens = min(asked or self.settings.default_max_tokens, self.settings.max_tokens_cap)
+        asked = body.requested_max_tokens() or self.settings.default_max_tokens
+        max_tokens = None if asked is None else min(asked, self.settings.max_tokens_cap)
         seed = None if body.seed is None else body.seed + i
         return GenerationParams(max_tokens=max_tokens, temperature=body.temperature,
                                 top_p=body.top_p, seed=seed, stop=body.stop_list())
@@ -221,6 +257,48 @@ class RouterService:
         raise self._final_error(errors)
 
     # --- the two endpoints -----------------------------------------------------------
+    @staticmethod
+    def request_of(body: P.ChatCompletionRequest | P.CompletionRequest,
+                   ) -> tuple[Prompt, RoutingRequest]:
+        """(what the backend is given, what the policy sees) for a request body."""
+        if isinstance(body, P.ChatCompletionRequest):
+            messages = body.chat_messages()
+            return messages, RoutingRequest(tuple(messages), body.requested_max_tokens(), "chat")
+        if body.logprobs is not None:
+            raise InvalidRequestError("logprobs: not supported by the router (call a "
+                                      "backend's own server)", param="logprobs")
+        prompt = body.prompt_text()
+        return prompt, RoutingRequest.from_prompt(prompt, body.requested_max_tokens())
+
+    def _tools_check(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> str | None:
+        """None, or the warning for tool definitions the backends will not see (settings
+        ``tools: drop``); with ``tools: error`` they are a 400."""
+        sent = sorted(k for k in ("tools", "functions", "tool_choice", "function_call")
+                      if (body.model_extra or {}).get(k))
+        if not sent:
+            return None
+        if self.settings.tools == "error":
+            raise InvalidRequestError(
+                f"{sent[0]}: tool calling is not supported by this router's backends; send "
+                "the request without tools, or set `tools: drop` to have them ignored",
+                param=sent[0])
+        return f"{', '.join(sent)} ignored: this router's backends do not call tools"
+
+    async def decide_only(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> dict:
+        """``POST /v1/route``: the decision the chat endpoint would make for ``body`` (same
+        profile, threshold and policy), with its reasons, and no generation."""
+        t0 = time.perf_counter()
+        _, rreq = self.request_of(body)
+        opts = body.archroute
+        route = await self.route(body.model, rreq, opts.threshold if opts else None,
+                                 explain=True, count=False)
+        role = route.order[0]
+        slot = self.slots[role]
+        out = route.body((time.perf_counter() - t0) * 1000)
+        out.update(backend=slot.name, decision=role, fallback_from=None,
+                   available=slot.state != "open", features=route.features)
+        return {"object": "archroute.route", "model": body.model, **out}
+
     async def handle(self, body: P.ChatCompletionRequest | P.CompletionRequest,
                      t0: float) -> JSONResponse | StreamingResponse:
         chat = isinstance(body, P.ChatCompletionRequest)
@@ -229,24 +307,18 @@ class RouterService:
         row = DecisionRow(P.new_id("chatcmpl" if chat else "cmpl"), endpoint, body.model,
                           stream=body.stream)
         try:
-            prompt: Prompt
-            if isinstance(body, P.ChatCompletionRequest):
-                messages = body.chat_messages()
-                prompt = messages
-                rreq = RoutingRequest(tuple(messages), body.requested_max_tokens(), "chat")
-            else:
-                if body.logprobs is not None:
-                    raise InvalidRequestError("logprobs: not supported by the router (call a "
-                                              "backend's own server)", param="logprobs")
-                prompt = body.prompt_text()
-                rreq = RoutingRequest.from_prompt(prompt, body.requested_max_tokens())
+            prompt, rreq = self.request_of(body)
             if body.stream and body.n > 1:
                 raise InvalidRequestError("n > 1 is not supported with stream", param="n")
             self.params(body)  # validate sampling values before routing
-            thr = body.archroute.threshold if body.archroute else None
-            route = await self.route(body.model, rreq, thr)
+            warning = self._tools_check(body)
+            opts = body.archroute
+            route = await self.route(body.model, rreq, opts.threshold if opts else None,
+                                     explain=bool(opts and opts.explain))
+            route.warning = warning
             row.profile, row.policy, row.score = route.profile, route.policy, route.score
             row.threshold, row.decision, row.features = route.threshold, route.decision, route.features
+            row.side = route.side
             if self.decision_log is not None and self.decision_log.log_prompts:
                 row.prompt = rreq.text
             if body.stream:
@@ -267,6 +339,8 @@ class RouterService:
         args = (row.request_id, body.model, choices, row.prompt_tokens, row.completion_tokens)
         payload = (P.chat_response(*args, extra=extra) if chat
                    else P.completion_response(*args, extra=extra))
+        if extra is not None:  # chat apps keep `usage` (Open WebUI shows it per message)
+            payload["usage"]["archroute_backend"] = route.served_by
         self._finish(row, t0, overhead_ms, 200, None)
         return JSONResponse(payload, headers=route.headers(overhead_ms))
 

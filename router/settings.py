@@ -137,10 +137,19 @@ class Settings(_Strict):
     keep_alive_s: float = Field(75.0, gt=0)
     max_connections: int = Field(1024, ge=1)
     max_tokens_cap: int = Field(2048, ge=1)  # requested max_tokens above this are clamped
-    default_max_tokens: int = Field(256, ge=1)  # when the request gives none
+    # when the request gives none; None: up to the room the context leaves (as vLLM does)
+    default_max_tokens: int | None = Field(None, ge=1)
     decision_log: str | None = "archroute-decisions.sqlite"  # None: off
     log_prompts: bool = False  # store prompt text in the decision log
     decision_in_body: bool = True  # add the `archroute` object to response bodies
+    # chat apps' own side requests (titles, tags, follow-ups; recognised by their prompt,
+    # e.g. Open WebUI's "### Task:"): served by this backend role without scoring, marked
+    # `side` in the decision log; "route" routes them like user requests
+    side_requests: Literal["hybrid", "transformer", "route"] = "hybrid"
+    # requests that carry tool definitions (`tools`, `functions`, `tool_choice`): no backend
+    # here calls tools yet. "drop": serve without them, with an `x-archroute-warning` header
+    # (chat apps such as Open WebUI send tools on every turn); "error": a 400
+    tools: Literal["drop", "error"] = "drop"
     torch_threads: int | None = Field(None, ge=1)  # for in-process models; None: torch's default
 
     @model_validator(mode="after")

@@ -30,13 +30,19 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
                      include_usage: bool = False, echo: str = "", ext: dict | None = None,
                      on_end: OnEnd | None = None) -> AsyncIterator[str]:
     """Chunks of ``stream`` as SSE lines. ``echo`` is sent first (completions with echo);
-    ``ext`` (the ArchRoute decision) rides on the first event."""
+    ``ext`` (the ArchRoute decision) rides on the first event, and its ``backend`` on every
+    later one (``archroute.backend``) and in the usage object (``usage.archroute_backend``)."""
     created = int(time.time())
+    tag = {"backend": ext["backend"]} if ext is not None else None
 
     def piece(text: str, finish: str | None = None) -> dict:
         if chat:
-            return P.chat_chunk(rid, model, created, {"content": text} if text else {}, finish)
-        return P.completion_chunk(rid, model, created, text, finish)
+            out = P.chat_chunk(rid, model, created, {"content": text} if text else {}, finish)
+        else:
+            out = P.completion_chunk(rid, model, created, text, finish)
+        if tag is not None:
+            out["archroute"] = tag
+        return out
 
     status, error = 200, None
     n_prompt: int | None = None
@@ -56,7 +62,11 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
                 n_prompt, n_completion = chunk.prompt_tokens, chunk.completion_tokens
         yield event(piece("", finish))
         if include_usage:
-            yield event(P.usage_chunk(rid, model, created, chat, n_prompt or 0, n_completion or 0))
+            last = P.usage_chunk(rid, model, created, chat, n_prompt or 0, n_completion or 0)
+            if tag is not None:
+                last["archroute"] = tag
+                last["usage"]["archroute_backend"] = tag["backend"]
+            yield event(last)
         stream.slot.record_success()
     except asyncio.CancelledError:  # the client went away
         status, error = 499, "client disconnected"
