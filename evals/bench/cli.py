@@ -10,6 +10,7 @@ import importlib
 BENCHES: dict[str, tuple[str, str]] = {
     "router": ("evals.bench.router_overhead", "router overhead vs calling the upstream directly"),
     "classifier": ("evals.bench.classifier_latency", "decision latency by prompt length"),
+    "route": ("evals.bench.route_latency", "POST /v1/route latency by prompt length"),
     "backends": ("evals.bench.backends", "tokens/s and memory of the reference pair"),
 }
 
