@@ -541,6 +541,14 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     shipped.pop("p"), shipped.pop("threshold")
     rel = reliability(p_loso[trainable & real], gap[trainable & real])
     results["reliability"] = rel
+    # thresholds with a guarantee (classifiers/risk.py), on the final model's out-of-source
+    # predictions of its own training rows
+    from classifiers.risk import RISK_ALPHAS, RISK_DELTA, rate_threshold
+
+    assert final.oof_ is not None
+    for a in RISK_ALPHAS:
+        final.thresholds_[f"risk-{a:g}"] = rate_threshold(
+            final.oof_, lt[trainable], lh[trainable], a, RISK_DELTA)
     results["thresholds"] = final.thresholds_
     results["cost_budget"] = COST_BUDGET
     provenance = file_provenance(request_paths)

@@ -292,9 +292,12 @@ class ClassifierPolicy(Policy):
     """The trained request classifier (``classifiers.artifact.load_default()``).
 
     ``operating_point`` names the artifact's threshold a profile uses when it sets none:
-    ``quality`` (least expected loss) or ``cost`` (best quality within the artifact's budget
-    of requests on the transformer); both are chosen on out-of-source validation predictions
-    at training time (``meta.json`` ``thresholds``). ``cost_weight`` (>= 0) lowers the score
+    ``quality`` (least expected loss), ``cost`` (best quality within the artifact's budget
+    of requests on the transformer) or ``risk-ALPHA`` (``risk-0.05``, ``risk-0.1``,
+    ``risk-0.2``: the most requests on the hybrid with at most ALPHA of them losing more than
+    0.05 nats/token against the transformer, with 95% confidence, ``classifiers/risk.py``);
+    all are chosen on out-of-source validation predictions at training time (``meta.json``
+    ``thresholds``). ``cost_weight`` (>= 0) lowers the score
     of long prompts, where the transformer's KV cache costs most: ``score = p - cost_weight *
     L / (L + 8000)`` with ``L`` the prompt length in characters. When the default artifact (or
     its module) is missing or unusable the policy falls back to ``rules`` with a logged
@@ -308,13 +311,18 @@ class ClassifierPolicy(Policy):
                  operating_point: str = "quality") -> None:
         if cost_weight < 0:
             raise ValueError(f"classifier: cost_weight must be >= 0, got {cost_weight}")
-        if operating_point not in ("quality", "cost"):
-            raise ValueError(f"classifier: operating_point must be 'quality' or 'cost', got "
-                             f"{operating_point!r}")
+        if operating_point not in ("quality", "cost") and not operating_point.startswith("risk-"):
+            raise ValueError(f"classifier: operating_point must be 'quality', 'cost' or "
+                             f"'risk-ALPHA', got {operating_point!r}")
         self.cost_weight = cost_weight
         self.operating_point = operating_point
         self.artifact = artifact
         self.model_ = self._load(artifact)
+        known = getattr(self.model_, "thresholds", {})
+        # (an artifact from before thresholds were stored has none: 0.5 for every point)
+        if self.model_ is not None and known and operating_point not in known:
+            raise ValueError(f"classifier: the artifact has no {operating_point!r} threshold; "
+                             f"it has {sorted(known)}")
         self.fallback_ = self.model_ is None
         # features are capped in length (docs/classifier.md): ~0.3 ms at 2k tokens, so short
         # prompts are scored on the event loop; the router sends long ones to a thread

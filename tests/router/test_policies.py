@@ -128,3 +128,19 @@ def test_explain_gives_the_score_and_its_features_in_one_pass(name):
     assert score == pytest.approx(policy.score(req))
     assert bool(feats) == (name != "always-hybrid")
     assert all(isinstance(v, float) for v in feats.values())
+
+
+def test_classifier_risk_operating_points() -> None:
+    """The shipped artifact carries thresholds with a guarantee; asking for one it does not
+    have is an error naming the ones it has."""
+    from router.policies import get_policy
+
+    p = get_policy("classifier", operating_point="risk-0.1")
+    if p.fallback_:
+        pytest.skip("the shipped classifier artifact did not load")
+    q = get_policy("classifier", operating_point="quality")
+    assert p.default_threshold() > q.default_threshold()  # more requests to the hybrid
+    with pytest.raises(ValueError, match="risk-0.05"):
+        get_policy("classifier", operating_point="risk-0.3")
+    with pytest.raises(ValueError, match="operating_point"):
+        get_policy("classifier", operating_point="cheap")
