@@ -28,7 +28,7 @@ from functools import cache
 
 import numpy as np
 
-from classifiers import categories, structure
+from classifiers import lexicon, structure
 from classifiers.request import RoutingRequest
 
 REP_MAX_BYTES = 65536  # structure counts and the tail-repeat search see the last 64 KiB
@@ -219,8 +219,8 @@ PRONOUNS = frozenset(
     b"i me my mine we us our ours you your yours he him his she her hers it its they them "
     b"their theirs this that these those who whom whose which himself herself itself "
     b"themselves".split())
-# the analysis's closed-class list (categories.py), as the letter runs this module counts
-FUNCTION_WORDS = PRONOUNS | frozenset(w.encode() for w in categories.FUNCTION_WORDS if w.isalpha())
+# the closed-class list (lexicon.py, shared with the analysis), as the letter runs counted here
+FUNCTION_WORDS = PRONOUNS | frozenset(w.encode() for w in lexicon.FUNCTION_WORDS if w.isalpha())
 QUESTION_WORDS = frozenset(b"what why how who whom whose which when where".split())
 COPY_CUES = ("quote", "repeat", "verbatim", "extract", "copy", "copies", "copied", "exactly",
              "word for word", "reproduce", "same text", "duplicate", "restate")
@@ -289,7 +289,7 @@ def _tables() -> dict[str, np.ndarray | bytes]:
             "words": words}
 
 
-def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
+def _repetition(arr: np.ndarray, data: bytes) -> dict[str, float]:
     """rep_share_k, longest_repeat_log, tail_repeat_log, tail_repeat_dist_log, compress_ratio.
 
     ``arr`` is the window for span statistics, ``data`` the (longer) one for the tail search.
@@ -345,8 +345,11 @@ def _repetition(arr: np.ndarray, data: bytes) -> list[float]:
             break
         tail, tail_dist = k, nd - (pos + k)
     ratio = len(zlib.compress(data[-ZLIB_BYTES:], 1)) / min(nd, ZLIB_BYTES) if nd else 1.0
-    return [*shares.values(), math.log2(longest) if longest else 0.0,
-            math.log2(tail) if tail else 0.0, math.log1p(tail_dist), min(ratio, 2.0)]
+    return {**{f"rep_share_{k}": v for k, v in shares.items()},
+            "longest_repeat_log": math.log2(longest) if longest else 0.0,
+            "tail_repeat_log": math.log2(tail) if tail else 0.0,
+            "tail_repeat_dist_log": math.log1p(tail_dist),
+            "compress_ratio": min(ratio, 2.0)}
 
 
 def _cues(text: str, single=CUE_SINGLE, multi=CUE_MULTI, n_groups: int = len(CUE_GROUPS),
@@ -377,7 +380,7 @@ def _payload(text: str) -> str:
     return max(paras, key=len) if len(paras) >= 2 else ""
 
 
-def _task(request: RoutingRequest) -> list[float]:
+def _task(request: RoutingRequest) -> dict[str, float]:
     """The ``task`` group: cues, the attached block, options, tests, earlier answers."""
     last = request.last_user
     cues = _cues(last, TASK_SINGLE, TASK_MULTI, len(TASK_CUES), head=300)
@@ -386,15 +389,25 @@ def _task(request: RoutingRequest) -> list[float]:
     code = sum(block.count(c) for c in "(){};=") / max(nb, 1) * 10 if nb else 0.0
     total = sum(len(m.content) for m in request.messages) or 1
     assistant = sum(len(m.content) for m in request.messages if m.role == "assistant")
-    return [*cues, nb / nl, math.log1p(nb), min(code, 10.0), math.log1p(max(nl - nb, 0)),
-            float(min(len(_OPTION.findall(last[:REP_MAX_BYTES])), 16)),
-            float(min(len(_TEST.findall(last[:REP_MAX_BYTES])), 16)),
-            assistant / total, float(last.rstrip().endswith("?")),
-            math.log1p(next((len(m.content) for m in reversed(request.messages)
-                             if m.role == "assistant"), 0))]
+    return {**{f"task_{g}": v for g, v in zip(TASK_CUES, cues, strict=True)},
+            "payload_share": nb / nl,
+            "payload_chars_log": math.log1p(nb),
+            "payload_code": min(code, 10.0),
+            "instruction_chars_log": math.log1p(max(nl - nb, 0)),
+            "options_listed": float(min(len(_OPTION.findall(last[:REP_MAX_BYTES])), 16)),
+            "tests_listed": float(min(len(_TEST.findall(last[:REP_MAX_BYTES])), 16)),
+            "assistant_share": assistant / total,
+            "ends_with_question": float(last.rstrip().endswith("?")),
+            "prev_answer_chars_log": math.log1p(next(
+                (len(m.content) for m in reversed(request.messages) if m.role == "assistant"), 0))}
 
 
-def _semantics(data: bytes) -> list[float]:
+_SEMANTICS = ("alpha_word_share", "content_word_share", "function_word_share", "pronoun_share",
+              "adverb_share", "there_share", "type_token_ratio", "mean_word_len",
+              "sentence_len", "question_share")
+
+
+def _semantics(data: bytes) -> dict[str, float]:
     """alpha_word_share ... question_share, over the last :data:`SEM_MAX_BYTES`."""
     t = _tables()
     data = data[-SEM_MAX_BYTES:]
@@ -402,7 +415,7 @@ def _semantics(data: bytes) -> list[float]:
     alpha = data.translate(t["words"]).split()  # lowercase letter runs (digits, punctuation dropped)
     nw = len(alpha)
     if not nw:
-        return [0.0] * 10
+        return dict.fromkeys(_SEMANTICS, 0.0)
     counts = Counter(alpha)
     get = counts.get
     keys = counts.keys()
@@ -411,14 +424,21 @@ def _semantics(data: bytes) -> list[float]:
     ques = sum(map(counts.__getitem__, keys & QUESTION_WORDS)) + data.count(b"?")
     recent = alpha
     sentences = data.count(b". ") + data.count(b".\n") + data.count(b"? ") + data.count(b"! ") + 1
-    return [sum(map(bytes.isalpha, tokens)) / max(len(tokens), 1), (nw - func) / nw, func / nw,
-            pron / nw, data.count(b"ly ") / nw, get(b"there", 0) / nw,
-            len(set(recent)) / len(recent), sum(map(len, recent)) / len(recent) / 10,
-            min(nw / sentences / 100, 5.0), ques / nw]
+    return {"alpha_word_share": sum(map(bytes.isalpha, tokens)) / max(len(tokens), 1),
+            "content_word_share": (nw - func) / nw,
+            "function_word_share": func / nw,
+            "pronoun_share": pron / nw,
+            "adverb_share": data.count(b"ly ") / nw,
+            "there_share": get(b"there", 0) / nw,
+            "type_token_ratio": len(set(recent)) / len(recent),
+            "mean_word_len": sum(map(len, recent)) / len(recent) / 10,
+            "sentence_len": min(nw / sentences / 100, 5.0),
+            "question_share": ques / nw}
 
 
-def _text_features(text: str) -> tuple[float, list[float]]:
-    """(approximate token count, features from ``lines_log`` on) for one text.
+def _text_features(text: str) -> tuple[float, dict[str, float]]:
+    """(approximate token count, the features of one text by name: every group but length
+    (except ``lines_log`` and ``mean_line_len``) and task).
 
     Structure counts see the last :data:`REP_MAX_BYTES`; approximate tokens are whitespace
     plus punctuation characters, scaled to the whole text.
@@ -443,45 +463,72 @@ def _text_features(text: str) -> tuple[float, list[float]]:
     punct = hist[33:48].sum() + hist[58:65].sum() + hist[91:97].sum() + hist[123:127].sum()
     approx_tokens = (hist[32] + hist[10] + hist[9] + punct) * n / m
     block_lang = block.language if block is not None else ""
-    return approx_tokens, [
-        math.log1p(lines), min(m / lines / 100, 50.0),
-        *_repetition(arr[-HASH_MAX_BYTES:], rep_data),
-        float(n_fenced),
-        (rep_data.count(b"\n    ") + rep_data.count(b"\n\t")) / lines,
-        *(min(v, 1000.0) for v in scores.values()),
-        *(float(block_lang == lang) for lang in structure.PARSED_LANGUAGES),
-        ps.parsed, min(ps.nodes_per_byte, 10.0), ps.error_nodes, ps.missing_nodes, ps.end_depth,
-        opens / m, closes / m, float(min(depth.max(), 64)),
-        float(min(max(depth[-1], 0), 64)), float(min(max(-depth.min(), 0), 64)),
-        float(min(max(tags, 0), 64)), float(min(max(latex, 0), 64)),
-        (hist[60] + hist[62]) / m, punct / m, (hist[34] + hist[39] + hist[96]) / m,
-        hist[48:58].sum() / m, hist[65:91].sum() / m, hist[128:].sum() / m,
-        float(not data.endswith(b"\n")),
-        *_semantics(data),
-        *_cues(text),
-    ]
+    return approx_tokens, {
+        "lines_log": math.log1p(lines),
+        "mean_line_len": min(m / lines / 100, 50.0),
+        **_repetition(arr[-HASH_MAX_BYTES:], rep_data),
+        "fenced_blocks": float(n_fenced),
+        "indented_line_share": (rep_data.count(b"\n    ") + rep_data.count(b"\n\t")) / lines,
+        **{f"lang_{lang}": min(v, 1000.0) for lang, v in scores.items()},
+        **{f"block_{lang}": float(block_lang == lang) for lang in structure.PARSED_LANGUAGES},
+        "ts_parsed": ps.parsed,
+        "ts_nodes_per_byte": min(ps.nodes_per_byte, 10.0),
+        "ts_error_nodes": ps.error_nodes,
+        "ts_missing_nodes": ps.missing_nodes,
+        "ts_end_depth": ps.end_depth,
+        "open_bracket_density": opens / m,
+        "close_bracket_density": closes / m,
+        "bracket_max_depth": float(min(depth.max(), 64)),
+        "bracket_end_depth": float(min(max(depth[-1], 0), 64)),
+        "bracket_unmatched_close": float(min(max(-depth.min(), 0), 64)),
+        "tags_unclosed": float(min(max(tags, 0), 64)),
+        "latex_env_unclosed": float(min(max(latex, 0), 64)),
+        "angle_density": (hist[60] + hist[62]) / m,
+        "symbol_density": punct / m,
+        "quote_density": (hist[34] + hist[39] + hist[96]) / m,
+        "digit_density": hist[48:58].sum() / m,
+        "upper_density": hist[65:91].sum() / m,
+        "nonascii_density": hist[128:].sum() / m,
+        "ends_mid_line": float(not data.endswith(b"\n")),
+        **_semantics(data),
+        **dict(zip(("copy_cue", "edit_cue", "complete_cue", "explain_cue"), _cues(text),
+                   strict=True)),
+    }
 
 
-def extract(request: RoutingRequest) -> np.ndarray:
-    """Feature vector (float64, shape ``(len(FEATURES),)``) for one request; always finite."""
+def named(request: RoutingRequest) -> dict[str, float]:
+    """Every feature of one request by name (each computed and named in one place: the
+    group functions above return dicts, never positional lists)."""
     msgs = request.messages
     full = request.text
     last = request.last_user
     i_last = max((i for i, m in enumerate(msgs) if m.role == "user"), default=-1)
+    f: dict[str, float]
     if len(msgs) > 1 and i_last >= 0 and last and len(last) < len(full):
         rest = "\n\n".join(m.content for i, m in enumerate(msgs) if i != i_last)
         tok_last, f_last = _text_features(last)
         tok_rest, f_rest = _text_features(rest)
         tokens = tok_last + tok_rest
-        f = LAST_USER_WEIGHT * np.asarray(f_last) + (1 - LAST_USER_WEIGHT) * np.asarray(f_rest)
+        w = LAST_USER_WEIGHT
+        f = {k: w * v + (1 - w) * f_rest[k] for k, v in f_last.items()}
     else:
         tokens, f = _text_features(full)
-    head = [
-        math.log1p(len(full)), math.log1p(tokens),
-        math.log1p(min(request.max_tokens or 0, 2**31)), float(request.max_tokens is not None),
-        float(len(msgs)), len(last) / max(len(full), 1),
-    ]
-    out = np.concatenate((head, f, _task(request)))
+    values = {
+        "chars_log": math.log1p(len(full)),
+        "approx_tokens_log": math.log1p(tokens),
+        "max_tokens_log": math.log1p(min(request.max_tokens or 0, 2**31)),
+        "has_max_tokens": float(request.max_tokens is not None),
+        "turns": float(len(msgs)),
+        "last_user_share": len(last) / max(len(full), 1),
+        **f, **_task(request)}
+    return values
+
+
+def extract(request: RoutingRequest) -> np.ndarray:
+    """Feature vector (float64, shape ``(len(FEATURES),)``, in :data:`FEATURE_NAMES` order)
+    for one request; always finite."""
+    values = named(request)
+    out = np.array([values[n] for n in FEATURE_NAMES], dtype=np.float64)
     if not np.isfinite(out).all():
         out = np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
     return out
@@ -493,7 +540,8 @@ TASK_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "task
 def extract_task(request: RoutingRequest) -> np.ndarray:
     """Only the ``task`` group (:data:`TASK_NAMES`, the same values :func:`extract` gives
     them): what a model that uses no other group needs, at a fraction of the cost."""
-    out = np.asarray(_task(request), dtype=np.float64)
+    values = _task(request)
+    out = np.array([values[n] for n in TASK_NAMES], dtype=np.float64)
     if not np.isfinite(out).all():
         out = np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
     return out

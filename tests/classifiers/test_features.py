@@ -142,3 +142,22 @@ def test_cues_match_whole_words_with_inflections():
     assert f["copy_cue"] == 0 and f["edit_cue"] == 0
     f = feats("He quoted it and repeats it; then I edited it.")
     assert f["copy_cue"] == 2 and f["edit_cue"] == 1
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Fix the bug:\n\n```python\ndef f(x):\n    return x +\n```"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Shorten your answer."}],
+    [{"role": "user", "content": ""}],
+])
+def test_features_are_computed_by_name(messages) -> None:
+    """Every value is produced under its declared name (no positional matching), and the
+    vector is the named values in FEATURE_NAMES order."""
+    from classifiers.features import FEATURE_NAMES, TASK_NAMES, extract, extract_task, named
+
+    req = RoutingRequest.from_messages(messages)
+    values = named(req)
+    assert list(values) != [] and set(values) == set(FEATURE_NAMES)
+    assert len(values) == len(FEATURE_NAMES)
+    assert extract(req).tolist() == [values[n] for n in FEATURE_NAMES]
+    assert extract_task(req).tolist() == [values[n] for n in TASK_NAMES]
