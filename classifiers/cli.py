@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import logging
-import subprocess
 import time
 from pathlib import Path
 
@@ -141,11 +140,9 @@ def _data_hash(rows: list[dict]) -> str:
 
 
 def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except Exception:  # noqa: BLE001 - provenance is best effort
-        return "unknown"
+    from models.provenance import git_commit
+
+    return git_commit()
 
 
 def results_table(results: dict) -> str:

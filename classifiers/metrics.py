@@ -12,6 +12,18 @@ import numpy as np
 from classifiers.labels import MARGIN
 
 
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney, ties counted half); NaN when one class is absent."""
+    labels = labels.astype(bool)
+    n1, n0 = int(labels.sum()), int((~labels).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)
+    ranks = (upper - (counts - 1) / 2.0)[inv]  # average 1-based ranks over ties
+    return float((ranks[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def regret(route_transformer: np.ndarray, gap: np.ndarray) -> float:
     """Mean nats/token lost against the oracle: the gap when the hybrid was better and the
     transformer was chosen, and -gap in the opposite case."""
@@ -24,15 +36,12 @@ def router_metrics(p: np.ndarray, gap: np.ndarray, margin: float = MARGIN,
                    center: float = 0.0, threshold: float = 0.5) -> dict[str, float]:
     """auc, accuracy, brier (requests beyond ``margin`` of ``center``), regret and
     routed_transformer (all requests; regret always against the true oracle, gap sign)."""
-    from sklearn.metrics import roc_auc_score
-
     p, gap = np.asarray(p, float), np.asarray(gap, float)
     keep = np.abs(gap - center) > margin
     y = (gap[keep] < center).astype(int)  # 1 = transformer better (than center)
     pk = p[keep]
-    auc = float(roc_auc_score(y, pk)) if 0 < y.sum() < len(y) else float("nan")
     return {
-        "auc": auc,
+        "auc": auc(y, pk),
         "accuracy": float(((pk > threshold) == y).mean()) if len(y) else float("nan"),
         "brier": float(((pk - y) ** 2).mean()) if len(y) else float("nan"),
         "regret": regret(p > threshold, gap),

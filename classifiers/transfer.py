@@ -268,7 +268,7 @@ def routing_summary(p: np.ndarray, t: float, gap: np.ndarray, lt: np.ndarray, lh
     (decisive rows), mean losses of the router, always-transformer, always-hybrid, random
     (expected, 50/50) and the oracle, regret against the best single backend, and the share
     of the oracle's gain over that backend the router recovers; 95% bootstrap CIs."""
-    from sklearn.metrics import roc_auc_score
+    from classifiers.metrics import auc as roc_auc
 
     n = len(p)
     route = p >= t if route is None else np.asarray(route, bool)
@@ -283,7 +283,7 @@ def routing_summary(p: np.ndarray, t: float, gap: np.ndarray, lt: np.ndarray, lh
     def stats(idx: np.ndarray) -> tuple[float, float, float]:
         k = idx[keep[idx]]
         yk = y[k]
-        auc = float(roc_auc_score(yk, p[k])) if 0 < yk.sum() < len(yk) else float("nan")
+        auc = roc_auc(yk, p[k])
         # the best single backend of the full set (fixed), as in the point estimate
         head = lb[idx].mean() - lo[idx].mean()
         rec = (lb[idx].mean() - lr[idx].mean()) / head if head > 1e-12 else float("nan")

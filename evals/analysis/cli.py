@@ -15,10 +15,11 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from models.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,6 @@ def add_analyze(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _git_hash() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def load_backend(spec: str, threads: int | None, device: str | None):
     """A backend from its spec (see models.reference.resolve_backend_spec)."""
     from models.reference import resolve_backend_spec
@@ -109,7 +102,7 @@ def analyze(docs, transformer, hybrid, out: Path, *, specs: tuple[str, str], win
                                                         ("hybrid", hybrid))},
         "seconds": {"scoring": round(t_score, 1), "table": round(t_table, 1),
                     "total": round(t_total, 1)},
-        "git": _git_hash(), "python": platform.python_version(),
+        "git": git_commit(), "python": platform.python_version(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     report.plots(summary, out)

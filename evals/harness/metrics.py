@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from classifiers.metrics import auc  # noqa: F401 - one AUC for the project (re-exported)
+
 T, H = 0, 1
 
 
@@ -148,18 +150,6 @@ def cost_to_reach(curve: Curve, target: float) -> float:
         cands.append(c0[cross] + a * (c1[cross] - c0[cross]))
     allc = np.concatenate(cands)
     return float(allc.min()) if len(allc) else float("nan")
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney, ties counted half); NaN when one class is absent."""
-    labels = labels.astype(bool)
-    n1, n0 = int(labels.sum()), int((~labels).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    upper = np.cumsum(counts)
-    ranks = (upper - (counts - 1) / 2.0)[inv]  # average 1-based ranks over ties
-    return float((ranks[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def _safe_div(a: float, b: float) -> float:

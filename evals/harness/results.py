@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+
+from models.provenance import git_state
 
 SCHEMA_VERSION = 1
 
@@ -152,17 +153,6 @@ def finite(x: float | None) -> float | None:
     return x if x == x and abs(x) != float("inf") else None
 
 
-def git_state(root: str | Path = ".") -> tuple[str, bool]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=root, capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", False
-    return commit, dirty
-
-
 def versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for pkg in ("archroute", "numpy", "torch", "transformers", "scikit-learn", "lightgbm",
@@ -175,7 +165,7 @@ def versions() -> dict[str, str]:
 
 
 def make_provenance(config: dict, seeds: dict[str, int], argv: list[str] | None = None) -> Provenance:
-    commit, dirty = git_state(Path(__file__).resolve().parents[2])
+    commit, dirty = git_state()
     return Provenance(
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), git_commit=commit,
         git_dirty=dirty, argv=list(argv if argv is not None else sys.argv), config=config,

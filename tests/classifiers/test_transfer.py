@@ -471,7 +471,9 @@ def test_train_real_writes_the_artifact(trained_real) -> None:
     art = tmp / "artifact"
     meta = json.loads((art / "meta.json").read_text())
     assert meta["format_version"] == artifact.FORMAT_VERSION
-    assert set(meta["thresholds"]) == {"quality", "cost"}
+    th = meta["thresholds"]
+    assert set(th) == {"quality", "cost", "risk-0.05", "risk-0.1", "risk-0.2"}
+    assert th["risk-0.05"] <= th["risk-0.1"] <= th["risk-0.2"]  # more risk allowed: more hybrid
     assert all(0.0 <= v <= 1.01 for v in meta["thresholds"].values())
     assert meta["thresholds"] == res["thresholds"]
     uses_text = VARIANTS[SHIPPED]["use_text"]
