@@ -1,5 +1,5 @@
 """The embedded reference pair: a tiny Olmo 3 and a tiny Olmo Hybrid trained here
-(see models/reference/README.md for the model card and models/train_reference.py for the
+(see models/reference/README.md for the model card and models/training/train_reference.py for the
 recipe). Shipped as safetensors, so everything runs offline."""
 
 from __future__ import annotations

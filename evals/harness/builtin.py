@@ -231,7 +231,7 @@ def corpus_suite(path: str | Path = "data/corpus/val.jsonl", per_domain: int = 4
     path = Path(path)
     if not path.exists():
         raise SuiteError(f"{path}: the held-out corpus is missing (build it with "
-                         "python -m models.corpus --out data/corpus)")
+                         "python -m models.training.corpus --out data/corpus)")
     by_domain: dict[str, list[dict]] = {}
     with path.open(encoding="utf-8") as f:
         for line in f:

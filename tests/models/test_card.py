@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models import card
+from models.training import card
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "reference"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.train_reference import TrainConfig, WindowSampler, phase_at
+from models.training.train_reference import TrainConfig, WindowSampler, phase_at
 
 PHASES = Path(__file__).resolve().parents[2] / "models" / "reference" / "phases.json"
 

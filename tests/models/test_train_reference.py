@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from models import corpus, train_reference
+from models.training import corpus, train_reference
 from models.base import GenerationParams
 from models.hf import HFBackend
 

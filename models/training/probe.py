@@ -5,7 +5,7 @@ P again. Loss on the second occurrence measures exact recall; loss on the first 
 ordinary prediction of the same tokens. The gap is computed per item (same tokens under
 both models), so its CI is paired.
 
-    python -m models.probe --run runs/ref --out models/reference/copy_probe.json
+    python -m models.training.probe --run runs/ref --out models/reference/copy_probe.json
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def run_probe(transformer, hybrid, val: dict[str, np.ndarray], seq_len: int = 10
               per_cell: int = 48) -> dict:
     """Per (group, length, distance) cell: mean first/second-occurrence loss for both
     models and the paired second-occurrence gap (T - H) with its bootstrap CI."""
-    from models.train_reference import copy_probe
+    from models.training.train_reference import copy_probe
 
     items = copy_probe(val, seq_len, seed=11, per_cell=per_cell)
     seqs = [it["ids"].tolist() for it in items]

@@ -1,6 +1,6 @@
 """Figures and tables for the reference pair's model card, from the training logs.
 
-    python -m models.card --dir models/reference
+    python -m models.training.card --dir models/reference
 
 Reads ``metrics_{transformer,hybrid}.jsonl`` (copied there by ``train_reference export``)
 and writes ``loss_curves.png``, ``copy_probe.png`` and ``card_tables.md``; with
@@ -82,7 +82,7 @@ def plot(d: Path) -> None:
 
 def _recipe(d: Path):
     """The exported training recipe (``train_config.json``) as a TrainConfig."""
-    from models.train_reference import TrainConfig
+    from models.training.train_reference import TrainConfig
 
     return TrainConfig(**json.loads((d / "train_config.json").read_text()))
 
@@ -91,7 +91,7 @@ def tables(d: Path) -> str:
     logs = {a: load(d / f"metrics_{a}.jsonl") for a in ARCHS}
     last = {a: logs[a][1][-1] for a in ARCHS}
     step = last["transformer"]["step"]
-    from models.train_reference import tokens_seen
+    from models.training.train_reference import tokens_seen
 
     seen = tokens_seen(step, _recipe(d))
     lines = [f"Final evaluation at step {step} ({seen['total']:,} training tokens per model: "

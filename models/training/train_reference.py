@@ -4,14 +4,14 @@ r"""Train the embedded reference pair: a tiny Olmo 3 (transformer) and a tiny Ol
 Reproduce the shipped pair (about 1 h 45 min of 2 CPU cores, both run side by side; the
 model card, models/reference/README.md, has the whole pipeline)::
 
-    python -m models.corpus --out data/corpus
-    python -m models.train_reference tokenizer --corpus data/corpus --out runs/ref \
+    python -m models.training.corpus --out data/corpus
+    python -m models.training.train_reference tokenizer --corpus data/corpus --out runs/ref \
         --reuse models/reference/transformer/tokenizer.json
     for a in transformer hybrid; do
-      python -m models.train_reference train --run runs/ref --arch $a --threads 1 \
+      python -m models.training.train_reference train --run runs/ref --arch $a --threads 1 \
           --steps 1100 --eval-every 50 --phases models/reference/phases.json &
     done; wait
-    python -m models.train_reference export --run runs/ref --out models/reference
+    python -m models.training.train_reference export --run runs/ref --out models/reference
 
 Training checkpoints every ``--ckpt-every`` steps and resumes from the last checkpoint
 when rerun with the same arguments, so a stopped session loses minutes, not the run.

@@ -3,8 +3,8 @@ Python standard library on disk).
 
 The corpus itself never goes in git; this script rebuilds it deterministically::
 
-    python -m models.corpus --out data/corpus            # full corpus (~25 MB)
-    python -m models.corpus --out /tmp/c --domains code --max-mb 0.5   # smoke
+    python -m models.training.corpus --out data/corpus            # full corpus (~25 MB)
+    python -m models.training.corpus --out /tmp/c --domains code --max-mb 0.5   # smoke
 
 Output: ``train.jsonl`` and ``val.jsonl`` (one document per line: id, domain, source,
 text) and ``manifest.json`` (sources, licences, sizes, split). The held-out split is by
