@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from models.training import corpus, train_reference
 from models.base import GenerationParams
 from models.hf import HFBackend
+from models.training import corpus, train_reference
 
 pytestmark = pytest.mark.slow
 
