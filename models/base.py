@@ -72,6 +72,10 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+    # span decoding only (models.span.decoder): the gate, answer tokens per model, switches
+    # and catch-up tokens, e.g. {"gate": "copy-2", "transformer": 12, "hybrid": 30,
+    # "switches": 5, "catchup": 17}; None for a single backend
+    span: dict[str, int | str] | None = None
 
 
 @dataclass
@@ -82,6 +86,11 @@ class StreamChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # span decoding only: the models whose tokens make up ``text``, in order of appearance
+    # (one role for nearly every chunk), and on the last chunk the totals (see
+    # ``GenerationResult.span``); None for a single backend
+    span_roles: tuple[str, ...] | None = None
+    span: dict[str, int | str] | None = None
 
 
 @dataclass

@@ -152,11 +152,8 @@ class HFBackend(Backend):
         gen = torch.Generator(device="cpu")
         gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
         out_ids: list[int] = []
-        detok = _IncrementalDetokenizer(self.tokenizer)
-        text = ""  # the decoded generation so far (whole characters only)
-        emitted = 0
+        out = StreamText(self.tokenizer, params.stop)
         reason = "length"
-        longest_stop = max((len(s) for s in params.stop), default=0)
         with self._forward_lock, torch.no_grad():
             try:
                 input_ids = torch.tensor([ids], device=self.device)
@@ -170,29 +167,21 @@ class HFBackend(Backend):
                         reason = "stop"
                         break
                     out_ids.append(nxt)
-                    piece = detok.push(nxt)
-                    text += piece
-                    # a stop sequence can only end in the new piece: search just the tail
-                    tail = max(0, len(text) - len(piece) - longest_stop)
-                    if _find_stop(text, params.stop, tail) is not None:
+                    piece = out.push(nxt)
+                    if piece is None:  # a stop sequence completed
                         reason = "stop"
                         break
-                    safe = len(text) - _holdback(text, params.stop)
                     # one chunk per decode step (empty while text is held back), so a
                     # consumer that stops reading stops the decoding within one step
-                    yield StreamChunk(text[emitted:safe] if safe > emitted else "")
-                    emitted = max(emitted, safe)
+                    yield StreamChunk(piece)
                     input_ids = torch.tensor([[nxt]], device=self.device)
             except RequestError:
                 raise
             except Exception as exc:  # noqa: BLE001 - surfaced as a backend failure
                 raise BackendError(f"{self.name}: generation failed: {exc}") from exc
-        final = text + detok.flush()
-        cut = _find_stop(final, params.stop)
-        if cut is not None:
-            final = final[:cut]
-        if len(final) > emitted:
-            yield StreamChunk(final[emitted:])
+        rest = out.finish()
+        if rest:
+            yield StreamChunk(rest)
         yield StreamChunk("", reason, len(ids) - 1, len(out_ids))  # type: ignore[arg-type]
 
     # ---- scoring ---------------------------------------------------------------------
@@ -315,6 +304,46 @@ class _IncrementalDetokenizer:
         """What is left undecoded at the end (may hold U+FFFD for an unfinished character)."""
         done = self._decode(self.ids[self.prefix:self.read])
         return self._decode(self.ids[self.prefix:])[len(done):]
+
+
+class StreamText:
+    """The text side of streamed decoding, shared by :class:`HFBackend` and the span decoder
+    (:mod:`models.span.decoder`): incremental detokenization, stop sequences and holdback.
+
+    ``push(token_id)`` after each generated token returns the text safe to send now ('' while
+    it could still begin a stop sequence or ends in a partial character), or None when a stop
+    sequence has completed (stop decoding). ``finish()`` returns what is left to send at the
+    end, cut at the first stop sequence. ``text`` is the decoded generation so far (whole
+    characters only) and ``emitted`` how many of its characters have been returned.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str]) -> None:
+        self.detok = _IncrementalDetokenizer(tokenizer)
+        self.stops = list(stops)
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str | None:
+        piece = self.detok.push(token_id)
+        self.text += piece
+        # a stop sequence can only end in the new piece: search just the tail
+        tail = max(0, len(self.text) - len(piece) - self.longest_stop)
+        if _find_stop(self.text, self.stops, tail) is not None:
+            return None
+        safe = len(self.text) - _holdback(self.text, self.stops)
+        out = self.text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return out
+
+    def finish(self) -> str:
+        final = self.text + self.detok.flush()
+        cut = _find_stop(final, self.stops)
+        if cut is not None:
+            final = final[:cut]
+        rest = final[self.emitted:] if len(final) > self.emitted else ""
+        self.emitted = max(self.emitted, len(final))
+        return rest
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.base import Backend
+from models.span.gates import get_gate
 from router import errors
 from router import protocol as P
 from router.decision_log import DecisionLog
@@ -30,6 +31,7 @@ from router.policies import get_policy
 from router.pool import BackendSlot, SlotLimits
 from router.serving import RouterService, check_ready
 from router.settings import BackendSettings, Settings
+from router.span import SpanService
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +127,21 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         slots: dict[str, BackendSlot] = {role: BackendSlot(role, built[role], limits(settings, bs))
                  for role, bs in settings.backends.items()}
         policies = {}
+        gates = {}  # span profiles' gates, loaded now so a gate that does not load fails here
         for name, prof in settings.profiles.items():
+            if prof.span_gate is not None:
+                gates[prof.span_gate] = await asyncio.to_thread(get_gate, prof.span_gate)
+                log.info("profile %s: span decoding, gate %s", name, prof.span_gate)
+                continue
             policies[name] = await asyncio.to_thread(get_policy, prof.policy, **prof.policy_args)
             thr = prof.threshold if prof.threshold is not None else policies[name].default_threshold()
             log.info("profile %s: %r threshold %.3f", name, policies[name], thr)
         dlog = (DecisionLog(settings.decision_log, settings.log_prompts)
                 if settings.decision_log else None)
-        app.state.service = RouterService(settings, slots, policies, RouterMetrics(), dlog)
+        span = SpanService(built["transformer"], built["hybrid"],
+                           limits(settings, settings.backends["transformer"]), gates)
+        app.state.service = RouterService(settings, slots, policies, RouterMetrics(), dlog,
+                                          span=span)
         try:
             yield
         finally:

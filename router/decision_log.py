@@ -42,10 +42,12 @@ CREATE TABLE IF NOT EXISTS decisions (
     status INTEGER,                -- HTTP status sent (200 even if a stream failed later)
     error TEXT,
     prompt TEXT,                   -- only when log_prompts is on
-    side INTEGER DEFAULT 0         -- 1: a chat app's side request (title, tags, ...), unscored
+    side INTEGER DEFAULT 0,        -- 1: a chat app's side request (title, tags, ...), unscored
+    span TEXT                      -- span profiles: JSON {gate, transformer, hybrid, switches, catchup}
 )"""
 # columns added after the first release: added to older files when they are opened
-MIGRATIONS = {"side": "ALTER TABLE decisions ADD COLUMN side INTEGER DEFAULT 0"}
+MIGRATIONS = {"side": "ALTER TABLE decisions ADD COLUMN side INTEGER DEFAULT 0",
+              "span": "ALTER TABLE decisions ADD COLUMN span TEXT"}
 
 
 @dataclass
@@ -70,6 +72,7 @@ class DecisionRow:
     error: str | None = None
     prompt: str | None = None
     side: bool = False
+    span: dict | None = None  # span decoding's totals (tokens per model, switches, catch-up)
     time: float = field(default_factory=time.time)
 
 
@@ -127,6 +130,7 @@ class DecisionLog:
                 d = asdict(row)
                 d["features"] = json.dumps(d["features"])
                 d["stream"], d["side"] = int(d["stream"]), int(d["side"])
+                d["span"] = None if d["span"] is None else json.dumps(d["span"])
                 rows.append(tuple(d[c] for c in cols))
             try:
                 with conn:

@@ -99,11 +99,14 @@ class StreamOptions(BaseModel):
 class ArchRouteOptions(BaseModel):
     """ArchRoute extension (request): ``{"archroute": {"threshold": 0.4}}`` overrides the
     profile's threshold for this request; ``"explain": true`` adds ``reasons`` (the features
-    behind the score, in words) to the response's ``archroute`` object."""
+    behind the score, in words) to the response's ``archroute`` object; ``"gate": "copy-3"``
+    picks the gate of a span profile (``policy: span``) for this request (a gate of the
+    registry, ``models.span.gates.GATES``)."""
 
     model_config = ConfigDict(extra="forbid")
     threshold: float | None = Field(None, ge=0.0, le=1.01)
     explain: bool = False
+    gate: str | None = Field(None, max_length=64)
 
 
 class _Sampling(_Open):

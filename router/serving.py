@@ -30,6 +30,7 @@ from router.policies import Policy, decide
 from router.pool import BackendSlot, BackendStream
 from router.settings import ProfileSettings, Settings
 from router.side import is_side_request
+from router.span import SPAN_ROLE, SpanService, span_header, span_totals
 from router.streaming import sse_events
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ class Route:
     reasons: list[str] | None = None  # the features behind the score, in words (explain)
     warning: str | None = None  # sent as x-archroute-warning
     side: bool = False  # a chat app's side request (title, tags, ...): not scored
+    span_gate: str | None = None  # a span profile's request: the gate that decodes it
+    # what the response reports of span decoding: {"gate": NAME}, and once the span decoder
+    # has served it the totals (tokens per model, switches, catch-up); None after a fallback
+    span: dict | None = None
 
     def headers(self, overhead_ms: float) -> dict[str, str]:
         h = {"x-archroute-backend": self.served_by or "",
@@ -69,6 +74,8 @@ class Route:
             h["x-archroute-fallback"] = f"{self.fallback_from}; reason={self.fallback_reason}"
         if self.warning:
             h["x-archroute-warning"] = self.warning
+        if self.span is not None:
+            h["x-archroute-span"] = span_header(self.span)
         return h
 
     def body(self, overhead_ms: float) -> dict:
@@ -79,6 +86,8 @@ class Route:
                "side_request": self.side, "overhead_ms": round(overhead_ms, 3)}
         if self.reasons is not None:
             out["reasons"] = self.reasons
+        if self.span is not None:
+            out["span"] = dict(self.span)
         return out
 
 
@@ -87,9 +96,12 @@ class RouterService:
 
     def __init__(self, settings: Settings, slots: dict[str, BackendSlot],
                  policies: dict[str, Policy], metrics: RouterMetrics,
-                 decision_log: DecisionLog | None) -> None:
+                 decision_log: DecisionLog | None, span: SpanService | None = None) -> None:
         self.settings = settings
         self.slots = slots
+        # span profiles' slots, built on first use over the two backends (router/span.py)
+        self.span = span if span is not None else SpanService(
+            slots["transformer"].backend, slots["hybrid"].backend, slots["transformer"].limits)
         self.policies = policies
         self.metrics = metrics
         self.decision_log = decision_log
@@ -112,7 +124,8 @@ class RouterService:
                             description=f"the default profile ({default})")]
         out += [P.model_card(name, "archroute", self.created, kind="profile", policy=p.policy,
                              threshold=self.thresholds.get(name, p.threshold),
-                             description=p.description)
+                             description=p.description,
+                             **({"gate": p.span_gate} if p.span_gate is not None else {}))
                 for name, p in self.settings.profiles.items()]
         for role, slot in self.slots.items():
             info = slot.backend.info()
@@ -127,14 +140,24 @@ class RouterService:
         return (name, p) if p is not None else None
 
     def _order(self, role: str) -> list[str]:
+        if role == SPAN_ROLE:  # a failed span decoder falls back like any backend
+            return [role, "transformer"] if self.settings.fallback else [role]
         other = "hybrid" if role == "transformer" else "transformer"
         return [role, other] if self.settings.fallback else [role]
 
+    def _slot(self, route: Route, role: str) -> BackendSlot:
+        """The slot serving ``role`` for this route (a span route's gate has its own)."""
+        if role == SPAN_ROLE and route.span_gate is not None:
+            return self.span.slot(route.span_gate)
+        return self.slots[role]
+
     async def route(self, model: str, rreq: RoutingRequest, threshold: float | None,
-                    explain: bool = False, count: bool = True) -> Route:
+                    explain: bool = False, count: bool = True,
+                    gate: str | None = None) -> Route:
         """The decision for one request: a backend named directly, a chat app's side
-        request (served by ``side_requests`` unscored), or the profile's policy. With
-        ``explain``, the features behind the score, in words (``Route.reasons``)."""
+        request (served by ``side_requests`` unscored), the span decoder (a span profile;
+        ``gate`` overrides its gate), or the profile's policy. With ``explain``, the
+        features behind the score, in words (``Route.reasons``)."""
         if model in self._by_name:
             role = self._by_name[model]
             return Route(model, decision=role, order=[role],
@@ -146,12 +169,26 @@ class RouterService:
             raise ModelNotFoundError(f"model {model!r} not found; this router serves {known}",
                                      param="model")
         name, prof = found
+        if gate is not None and prof.span_gate is None:
+            raise InvalidRequestError(
+                f"archroute.gate: profile {name!r} routes whole requests; a gate applies to "
+                "span profiles (policy: span) only", param="archroute.gate")
         side = self.settings.side_requests
         if side != "route" and rreq.kind == "chat" and is_side_request(rreq.last_user):
             return Route(model, name, "side-request", decision=side, order=self._order(side),
                          side=True,
                          reasons=[f"a chat app's side request (title, tags, follow-ups): "
                                   f"served by the {side} without scoring"] if explain else None)
+        if prof.span_gate is not None:
+            chosen = prof.span_gate if gate is None else gate
+            self.span.check_gate(chosen, prof.span_gate)
+            await self.span.prepare(chosen)  # a 400 when this pair cannot span-decode
+            if count:
+                self.metrics.decisions.labels(prof.policy, SPAN_ROLE).inc()
+            return Route(model, name, prof.policy, decision=SPAN_ROLE,
+                         order=self._order(SPAN_ROLE), span_gate=chosen, span={"gate": chosen},
+                         reasons=[f"span decoding: the gate {chosen} picks the model for each "
+                                  "token"] if explain else None)
         policy = self.policies[name]
         # one pass computes the score and the features the decision log records
         scorer = policy.explain if self.decision_log is not None or explain else (
@@ -200,6 +237,8 @@ class RouterService:
 
     def _served(self, route: Route, slot: BackendSlot) -> None:
         route.served_by = slot.name
+        if slot.role != SPAN_ROLE:  # a span route that fell back: no span to report
+            route.span = None
         self.metrics.served.labels(slot.name).inc()
         if route.fallback_from:
             self.metrics.fallbacks.labels(route.fallback_from, slot.name).inc()
@@ -209,7 +248,7 @@ class RouterService:
         """The request's end-to-end deadline (monotonic): the first backend's ``timeout_s``
         from now, shared by the queue wait, the call and any fallback, so a client waits at
         most that long for an answer or an error, not once per backend."""
-        return time.monotonic() + self.slots[route.order[0]].limits.timeout_s
+        return time.monotonic() + self._slot(route, route.order[0]).limits.timeout_s
 
     # --- whole responses -------------------------------------------------------------
     async def generate(self, route: Route, prompt: Prompt,
@@ -221,7 +260,7 @@ class RouterService:
         spent = 0.0
         deadline = self.deadline(route)
         for role in route.order:
-            slot = self.slots[role]
+            slot = self._slot(route, role)
             t = time.perf_counter()
             try:
                 results = [await slot.generate(prompt, self.params(body, i), deadline)
@@ -244,7 +283,7 @@ class RouterService:
         errors: list[BaseException] = []
         deadline = self.deadline(route)
         for role in route.order:
-            slot = self.slots[role]
+            slot = self._slot(route, role)
             try:
                 stream = await slot.open_stream(prompt, self.params(body), deadline)
             except (RequestError, asyncio.CancelledError):  # the client's fault, or it left
@@ -291,9 +330,9 @@ class RouterService:
         _, rreq = self.request_of(body)
         opts = body.archroute
         route = await self.route(body.model, rreq, opts.threshold if opts else None,
-                                 explain=True, count=False)
+                                 explain=True, count=False, gate=opts.gate if opts else None)
         role = route.order[0]
-        slot = self.slots[role]
+        slot = self._slot(route, role)
         out = route.body((time.perf_counter() - t0) * 1000)
         out.update(backend=slot.name, decision=role, fallback_from=None,
                    available=slot.state != "open", features=route.features)
@@ -314,7 +353,8 @@ class RouterService:
             warning = self._tools_check(body)
             opts = body.archroute
             route = await self.route(body.model, rreq, opts.threshold if opts else None,
-                                     explain=bool(opts and opts.explain))
+                                     explain=bool(opts and opts.explain),
+                                     gate=opts.gate if opts else None)
             route.warning = warning
             row.profile, row.policy, row.score = route.profile, route.policy, route.score
             row.threshold, row.decision, row.features = route.threshold, route.decision, route.features
@@ -329,6 +369,8 @@ class RouterService:
             self._finish(row, t0, None, err.status, err.message)
             raise err from exc
         row.backend, row.fallback_from = route.served_by, route.fallback_from
+        if route.span is not None and route.span_gate is not None:
+            route.span = row.span = span_totals(route.span_gate, (r.span for r in results))
         row.prompt_tokens = results[0].prompt_tokens
         row.completion_tokens = sum(r.completion_tokens for r in results)
         total = time.perf_counter() - t0
@@ -355,6 +397,10 @@ class RouterService:
         echo = getattr(body, "echo", False)
         ext = route.body(overhead_ms) if self.settings.decision_in_body else None
 
+        def on_span(span: dict) -> None:
+            if route.span is not None and route.span_gate is not None:
+                row.span = span_totals(route.span_gate, [span])
+
         def on_end(status: int, error: str | None, n_prompt: int | None,
                    n_completion: int | None) -> None:
             if error is not None and status == 200:
@@ -365,7 +411,7 @@ class RouterService:
         events = sse_events(stream, rid=row.request_id, model=body.model, chat=chat,
                             include_usage=include_usage,
                             echo=prompt if echo and isinstance(prompt, str) else "",
-                            ext=ext, on_end=on_end)
+                            ext=ext, on_end=on_end, on_span=on_span)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers=route.headers(overhead_ms))
 

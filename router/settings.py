@@ -19,9 +19,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from models.span.decoder import DEFAULT_GATE, default_gate_name
+from models.span.gates import GATES
 from router.policies import EVAL_ONLY, list_policies
 
 Role = Literal["transformer", "hybrid"]
+# a profile kind, not a scoring policy: its requests are span-decoded (router/span.py), a gate
+# choosing the model per token; ``policy_args: {gate: NAME}`` (default copy-2)
+SPAN_POLICY = "span"
 
 
 class SettingsError(ValueError):
@@ -79,14 +84,38 @@ class ProfileSettings(_Strict):
     threshold: float | None = Field(None, ge=0.0, le=1.01)
     description: str = ""
 
+    @property
+    def span_gate(self) -> str | None:
+        """The gate of a span profile (None for a scoring policy)."""
+        if self.policy != SPAN_POLICY:
+            return None
+        return str(self.policy_args.get("gate", DEFAULT_GATE))
+
     @model_validator(mode="after")
     def _known_policy(self) -> ProfileSettings:
+        if self.policy == SPAN_POLICY:
+            extra = sorted(set(self.policy_args) - {"gate"})
+            if extra:
+                raise ValueError(f"span profile: unknown policy_args {extra}; only 'gate'")
+            gate = self.policy_args.get("gate", DEFAULT_GATE)
+            if not isinstance(gate, str) or not (gate in GATES or gate.startswith("learned:")):
+                import difflib
+
+                close = difflib.get_close_matches(str(gate), list(GATES), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"span profile: unknown gate {gate!r}{hint}; known: "
+                                 f"{', '.join(GATES)} (and learned:PATH)")
+            if self.threshold is not None:
+                raise ValueError("span profile: 'threshold' does not apply (the gate decides "
+                                 "per token)")
+            return self
         if self.policy not in list_policies():
             import difflib
 
             close = difflib.get_close_matches(self.policy, list_policies(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown policy {self.policy!r}{hint}; known: {list_policies()}")
+            raise ValueError(f"unknown policy {self.policy!r}{hint}; known: "
+                             f"{[*list_policies(), SPAN_POLICY]}")
         if self.policy in EVAL_ONLY:
             raise ValueError(f"policy {self.policy!r} is for evals only (it needs measured gaps)")
         return self
@@ -112,6 +141,10 @@ def _default_profiles() -> dict[str, ProfileSettings]:
             description="classifier: best quality with at most the artifact's budget of "
                         "requests on the transformer (the backend with a KV cache)"),
         "archroute-rules": ProfileSettings(policy="rules", description="the study's rules"),
+        "archroute-span": ProfileSettings(
+            policy=SPAN_POLICY, policy_args={"gate": default_gate_name()},
+            description="span decoding: a gate picks the model per token (needs both "
+                        "backends in-process with one tokenizer)"),
     }
 
 

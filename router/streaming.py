@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # on_end(status, error, prompt_tokens, completion_tokens), called once when the stream ends
 OnEnd = Callable[[int, str | None, int | None, int | None], None]
+# on_span(totals), called before on_end when the last chunk carried span totals
+OnSpan = Callable[[dict], None]
 
 
 def event(obj: dict) -> str:
@@ -28,25 +30,29 @@ def event(obj: dict) -> str:
 
 async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
                      include_usage: bool = False, echo: str = "", ext: dict | None = None,
-                     on_end: OnEnd | None = None) -> AsyncIterator[str]:
+                     on_end: OnEnd | None = None,
+                     on_span: OnSpan | None = None) -> AsyncIterator[str]:
     """Chunks of ``stream`` as SSE lines. ``echo`` is sent first (completions with echo);
     ``ext`` (the ArchRoute decision) rides on the first event, and its ``backend`` on every
-    later one (``archroute.backend``) and in the usage object (``usage.archroute_backend``)."""
+    later one (``archroute.backend``) and in the usage object (``usage.archroute_backend``).
+    Span decoding adds ``archroute.span_model`` to an event whose text one model produced
+    and the totals (``archroute.span``) to the event with ``finish_reason``."""
     created = int(time.time())
     tag = {"backend": ext["backend"]} if ext is not None else None
 
-    def piece(text: str, finish: str | None = None) -> dict:
+    def piece(text: str, finish: str | None = None, **span: object) -> dict:
         if chat:
             out = P.chat_chunk(rid, model, created, {"content": text} if text else {}, finish)
         else:
             out = P.completion_chunk(rid, model, created, text, finish)
         if tag is not None:
-            out["archroute"] = tag
+            out["archroute"] = tag | {k: v for k, v in span.items() if v is not None}
         return out
 
     status, error = 200, None
     n_prompt: int | None = None
     n_completion: int | None = None
+    totals: dict | None = None
     try:
         first = (P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""})
                  if chat else piece(echo))
@@ -56,11 +62,16 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
         finish = "stop"
         async for chunk in stream:
             if chunk.text:
-                yield event(piece(chunk.text))
+                roles = chunk.span_roles
+                yield event(piece(chunk.text, span_model=roles[0] if roles and len(roles) == 1
+                                  else None))
             if chunk.finish_reason:
                 finish = chunk.finish_reason
                 n_prompt, n_completion = chunk.prompt_tokens, chunk.completion_tokens
-        yield event(piece("", finish))
+                totals = chunk.span
+        if totals is not None and on_span is not None:
+            on_span(totals)
+        yield event(piece("", finish, span=totals))
         if include_usage:
             last = P.usage_chunk(rid, model, created, chat, n_prompt or 0, n_completion or 0)
             if tag is not None:

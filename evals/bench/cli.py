@@ -12,6 +12,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "classifier": ("evals.bench.classifier_latency", "decision latency by prompt length"),
     "route": ("evals.bench.route_latency", "POST /v1/route latency by prompt length"),
     "backends": ("evals.bench.backends", "tokens/s and memory of the reference pair"),
+    "span": ("evals.bench.span", "span decoding tokens/s per gate vs each model alone"),
 }
 
 

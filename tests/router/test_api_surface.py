@@ -164,9 +164,9 @@ def test_sdk_whole_response_names_the_backend(server) -> None:
 def test_models_lists_the_alias_first_with_owner_and_creation_time(server) -> None:
     data = httpx.get(server.url + "/v1/models").json()["data"]
     ids = [m["id"] for m in data]
-    assert ids[:5] == ["archroute", "archroute-auto", "archroute-quality", "archroute-cost",
-                       "archroute-rules"]
-    assert sorted(ids[5:]) == ["h-fake", "t-fake"]  # the backends, in the config's order
+    assert ids[:6] == ["archroute", "archroute-auto", "archroute-quality", "archroute-cost",
+                       "archroute-rules", "archroute-span"]
+    assert sorted(ids[6:]) == ["h-fake", "t-fake"]  # the backends, in the config's order
     alias = data[0]
     assert alias["kind"] == "profile" and alias["alias_of"] == "archroute-auto"
     assert alias["policy"] == "classifier"
@@ -517,15 +517,18 @@ def test_an_old_decision_log_gains_the_side_column(tmp_path: Path) -> None:
     con.close()
     for i in range(2):  # opening an already migrated file again is fine too
         dlog = DecisionLog(path)
-        dlog.write(DecisionRow(f"new-{i}", "chat", "archroute", side=i == 0))
+        dlog.write(DecisionRow(f"new-{i}", "chat", "archroute", side=i == 0,
+                               span={"gate": "copy-2", "hybrid": 3} if i else None))
         dlog.flush()
         dlog.close()
     con = sqlite3.connect(path)
     cols = [r[1] for r in con.execute("PRAGMA table_info(decisions)")]
     rows = dict(con.execute("SELECT request_id, side FROM decisions").fetchall())
+    spans = dict(con.execute("SELECT request_id, span FROM decisions").fetchall())
     con.close()
-    assert cols.count("side") == 1 and cols[-1] == "side"
+    assert cols.count("side") == cols.count("span") == 1 and cols[-2:] == ["side", "span"]
     assert rows == {"old-1": 0, "new-0": 1, "new-1": 0}
+    assert spans == {"old-1": None, "new-0": None, "new-1": '{"gate": "copy-2", "hybrid": 3}'}
 
 
 # --- 6: explain ------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_policy_default_thresholds(art: Path, tmp_path: Path) -> None:
 
 
 def test_bogus_operating_point_is_a_clear_value_error(art: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"operating_point must be 'quality' or 'cost'.*'bogus'"):
+    with pytest.raises(ValueError, match=r"operating_point must be 'quality', 'cost' or 'risk-ALPHA'.*'bogus'"):
         get_policy("classifier", artifact=str(art), operating_point="bogus")
     # a profile with it: the router refuses to start, with the same message
     f = Fakes(tmp_path, profiles={"bad": {"policy": "classifier", "policy_args": {

@@ -1,0 +1,262 @@
+"""The span decoder on the shipped reference pair: each token comes from the model the gate
+chose, with the logits a full forward of that model gives on the same prefix (what the
+teacher-forced evaluation assumes); catch-up through both caches; sampling, seeds, stop
+sequences, max_tokens and streaming as for one backend; pairs that cannot share an answer
+are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models.base import GenerationParams, RequestError
+from models.fake import FakeBackend
+from models.hf import HFBackend
+from models.span.decoder import (
+    IncompatiblePairError,
+    SpanBackend,
+    SpanTrace,
+    entropy_nats,
+    gate_prompt_ids,
+    token_text_fn,
+)
+from models.span.gates import Gate, GateState, get_gate
+
+# code that repeats itself: the copy gates hand spans to the transformer and back
+CODE = ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
+        "fibonacci(n - 2)\n\nprint(fibonacci(10))\n\ndef fibonacci(")
+PROSE = "Once upon a time, in a small village by the sea, there lived"
+
+
+class EveryK(Gate):
+    """A worst case for catch-up: the transformer for k tokens, then the hybrid for k, ..."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.name = f"every-{k}"
+
+    def start(self, prompt_ids, token_text=None) -> GateState:
+        k = self.k
+
+        class S(GateState):
+            def choose(self):
+                return "transformer" if (self.step // k) % 2 == 0 else "hybrid"
+
+        return S(prompt_ids, token_text)
+
+
+def full_logits(backend: HFBackend, seq: list[int]) -> torch.Tensor:
+    """Next-token logits after ``seq`` from one fresh forward, no cache."""
+    with torch.no_grad():
+        return backend.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].float()
+
+
+def check_against_full_forwards(span: SpanBackend, tr: SpanTrace) -> None:
+    """Every step: the chosen model's logits equal a fresh forward of that model over the
+    prompt and the answer so far; the token is their argmax; the entropy is theirs; and a
+    replay of the gate over the final sequence makes the same choices."""
+    by_role = {"transformer": span.transformer, "hybrid": span.hybrid}
+    roles = [*tr.roles, *([] if len(tr.logits) == len(tr.roles) else [tr.forwards[-1].role])]
+    assert len(tr.logits) == len(roles) == len(tr.forwards)
+    for i, (role, got) in enumerate(zip(roles, tr.logits, strict=True)):
+        assert tr.forwards[i].role == role
+        ref = full_logits(by_role[role], tr.prompt_ids + tr.token_ids[:i])
+        assert float((got - ref).abs().max()) < 1e-4, (i, role)
+        if i < len(tr.token_ids):
+            assert tr.token_ids[i] == int(ref.argmax())
+            assert tr.entropies[i] == pytest.approx(entropy_nats(ref), abs=1e-4)
+    state = span.gate.start(tr.prompt_ids, token_text_fn(span.transformer.tokenizer))
+    for tok, role, ent in zip(tr.token_ids, tr.roles, tr.entropies, strict=True):
+        assert state.choose() == role
+        state.push(tok, role, ent)
+
+
+@pytest.mark.parametrize("gate", ["copy-2", "copy-1+brackets", "learned"])
+def test_greedy_tokens_are_the_chosen_models_with_full_forward_logits(reference_pair, gate):
+    """The issue's bar, on code that repeats itself; the learned gate (when one ships) also
+    reads the entropies, so its replay checks those too."""
+    try:
+        g = get_gate(gate)
+    except Exception as exc:  # noqa: BLE001 - no trained gate in this checkout
+        pytest.skip(f"gate {gate} does not load: {exc}")
+    span = SpanBackend(*reference_pair, g)
+    tr = SpanTrace(keep_logits=True)
+    res = span.generate(CODE, GenerationParams(max_tokens=40, temperature=0.0), trace=tr)
+    assert {"transformer", "hybrid"} <= set(tr.roles) and tr.switches >= 2  # both models ran
+    check_against_full_forwards(span, tr)
+    assert res.span == tr.summary()
+    assert res.span["transformer"] + res.span["hybrid"] == res.completion_tokens
+    assert tr.prompt_ids == gate_prompt_ids(span.transformer, CODE)
+    assert res.text == span.transformer.tokenizer.decode(tr.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_catch_up_through_both_caches(reference_pair, k):
+    """Forced switches every k tokens: the model taking over reads the other's k tokens in
+    one forward (the hybrid its convolution and recurrent state, the transformer its KV
+    cache), and that step and the decode steps after it give a full forward's logits. No
+    position is read twice."""
+    span = SpanBackend(*reference_pair, EveryK(k))
+    tr = SpanTrace(keep_logits=True)
+    res = span.generate(PROSE, GenerationParams(max_tokens=24, temperature=0.0), trace=tr)
+    assert res.completion_tokens == 24 and res.finish_reason == "length"
+    check_against_full_forwards(span, tr)
+    n_prompt = len(tr.prompt_ids)
+    assert tr.switches == 24 // k - 1
+    for i, f in enumerate(tr.forwards):
+        if i == 0:
+            assert (f.tokens, f.prefill, f.catchup) == (n_prompt, n_prompt, 0)
+        elif i == k:  # the hybrid's first turn: the prompt and the transformer's k tokens
+            assert (f.tokens, f.prefill, f.catchup) == (n_prompt + k, n_prompt, k)
+        elif i % k == 0:  # a take-over: its own last token and the other's k tokens
+            assert (f.tokens, f.prefill, f.catchup) == (k + 1, 0, k)
+        else:  # a decode step
+            assert (f.tokens, f.catchup) == (1, 0)
+    assert tr.catchup == 24 - k  # every run but the last is caught up once
+    for role in ("transformer", "hybrid"):  # each model read each position at most once
+        last = max(i for i, f in enumerate(tr.forwards) if f.role == role)
+        assert sum(f.tokens for f in tr.forwards if f.role == role) == n_prompt + last
+
+
+@pytest.mark.parametrize("gate, arch", [("always-transformer", 0), ("always-hybrid", 1)])
+def test_one_model_gate_is_that_backend_sample_for_sample(reference_pair, gate, arch):
+    """Same RNG semantics as HFBackend: with a gate that never switches, a seeded sampled
+    answer is the single backend's, character for character; the other model never runs."""
+    span = SpanBackend(*reference_pair, gate)
+    for params in (GenerationParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=11),
+                   GenerationParams(max_tokens=24, temperature=0.0, stop=["\n"])):
+        tr = SpanTrace()
+        got = span.generate(PROSE, params, trace=tr)
+        want = reference_pair[arch].generate(PROSE, params)
+        assert (got.text, got.completion_tokens, got.finish_reason) == (
+            want.text, want.completion_tokens, want.finish_reason)
+        assert {f.role for f in tr.forwards} == {gate.removeprefix("always-")}
+        assert got.span["switches"] == got.span["catchup"] == 0
+
+
+def test_seeds_and_sampling(reference_pair):
+    span = SpanBackend(*reference_pair, "copy-1")
+    p = GenerationParams(max_tokens=24, temperature=1.0, seed=3)
+    a, b = span.generate(CODE, p), span.generate(CODE, p)
+    assert a.text == b.text and a.span == b.span and a.completion_tokens > 0
+    others = {span.generate(CODE, GenerationParams(max_tokens=24, temperature=1.0, seed=s)).text
+              for s in (4, 5, 6)}
+    assert len(others | {a.text}) > 1  # the seed matters
+    greedy = span.generate(CODE, GenerationParams(max_tokens=24, temperature=0.0))
+    assert greedy.text == span.generate(CODE, GenerationParams(max_tokens=24, temperature=0.0,
+                                                               seed=99)).text
+
+
+def test_stop_sequences_and_max_tokens(reference_pair):
+    span = SpanBackend(*reference_pair, "copy-2")
+    full = span.generate(CODE, GenerationParams(max_tokens=30, temperature=0.0))
+    assert full.finish_reason == "length" and full.completion_tokens == 30 and len(full.text) > 6
+    stop = full.text[4:6]
+    cut = span.generate(CODE, GenerationParams(max_tokens=30, temperature=0.0, stop=[stop]))
+    assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
+    assert cut.span["transformer"] + cut.span["hybrid"] == cut.completion_tokens < 30
+    five = span.generate(CODE, GenerationParams(max_tokens=5, temperature=0.0))
+    assert five.completion_tokens == 5 and full.text.startswith(five.text)
+
+
+def test_max_tokens_none_runs_to_the_context_and_overflow_is_the_clients(reference_pair):
+    span = SpanBackend(*reference_pair, "copy-2")
+    word = span.transformer.encode(" the")
+    assert len(word) == 1
+    prompt = " the" * (span.context_length - 4)  # + the start token: room for 3 tokens
+    res = span.generate(prompt, GenerationParams(max_tokens=None, temperature=0.0))
+    assert res.prompt_tokens == span.context_length - 4
+    assert res.completion_tokens <= 3 and (res.finish_reason == "stop" or res.completion_tokens == 3)
+    with pytest.raises(RequestError, match="the smaller of"):
+        span.generate(" the" * span.context_length, GenerationParams(max_tokens=4))
+
+
+@pytest.mark.parametrize("stop", [[], ["fib"]])
+def test_stream_concatenates_to_generate(reference_pair, stop):
+    span = SpanBackend(*reference_pair, "copy-1")
+    p = GenerationParams(max_tokens=30, temperature=0.0, stop=stop)
+    chunks = list(span.stream(CODE, p))
+    whole = span.generate(CODE, p)
+    last = chunks[-1]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert (last.finish_reason, last.completion_tokens, last.span) == (
+        whole.finish_reason, whole.completion_tokens, whole.span)
+    assert len(chunks) >= whole.completion_tokens  # one chunk per step, empty ones included
+    for c in chunks[:-1]:
+        assert (c.span_roles is not None) == bool(c.text)
+        assert set(c.span_roles or ()) <= {"transformer", "hybrid"}
+    roles_seen = {r for c in chunks for r in c.span_roles or ()}
+    assert roles_seen == {r for r in ("transformer", "hybrid") if whole.span[r]}
+
+
+def test_closing_the_stream_releases_both_models(reference_pair):
+    t, h = reference_pair
+    gen = SpanBackend(t, h, "copy-2").stream(CODE, GenerationParams(max_tokens=20))
+    next(gen)
+    assert t._forward_lock.locked() and h._forward_lock.locked()
+    gen.close()
+    assert not t._forward_lock.locked() and not h._forward_lock.locked()
+    assert t.generate("x", GenerationParams(max_tokens=2)).completion_tokens >= 1
+
+
+def test_scoring_is_refused(reference_pair):
+    span = SpanBackend(*reference_pair)
+    assert span.gate.name == "copy-2" and not span.can_score
+    with pytest.raises(RequestError, match="scoring is not supported"):
+        span.score("a", "b")
+    info = span.info()
+    assert info.context_length == 1024 and info.parameters == sum(
+        b.info().parameters for b in reference_pair)
+
+
+def test_pairs_that_cannot_share_an_answer_are_refused(reference_pair, tmp_path):
+    t, h = reference_pair
+    with pytest.raises(IncompatiblePairError, match="not in-process"):
+        SpanBackend(t, FakeBackend("up", "hybrid"))
+    with pytest.raises(IncompatiblePairError, match="same backend"):
+        SpanBackend(t, t)
+    other = copy.copy(h)  # the same model, but its start token is another id
+    other.prefix_id = 5
+    with pytest.raises(IncompatiblePairError, match=r"start tokens \(prefix_id\) differ"):
+        SpanBackend(t, other)
+    with pytest.raises(KeyError, match="unknown gate"):
+        SpanBackend(t, h, "copy-9")
+
+
+def test_a_different_tokenizer_is_refused(reference_pair, tmp_path):
+    """A real second checkpoint whose tokenizer has one more token than the pair's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t, _ = reference_pair
+    tok = copy.deepcopy(t.tokenizer)
+    tok.add_tokens(["<extra_span_token>"])
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    llama = HFBackend("llama-tiny", tmp_path, architecture="hybrid")
+    with pytest.raises(IncompatiblePairError,
+                       match="vocabularies differ: reference-transformer has 4096 tokens, "
+                             "llama-tiny 4097; 0 only in reference-transformer, 1 only in"):
+        SpanBackend(t, llama)
+
+
+def test_gate_registry_names_resolve(reference_pair):
+    assert SpanBackend(*reference_pair, "copy-3+brackets").name == "span:copy-3+brackets"
+    assert SpanBackend(*reference_pair, get_gate("brackets"), name="b").name == "b"
+
+
+def test_span_and_single_requests_take_turns_on_the_models(reference_pair):
+    """Span answers hold both models' locks (in one order), single-model answers one: run
+    together from threads, none deadlocks and each answer is what it is alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t, h = reference_pair
+    p = GenerationParams(max_tokens=12, temperature=0.0)
+    jobs = [SpanBackend(t, h, "copy-1"), t, SpanBackend(t, h, EveryK(2)), h]
+    alone = [b.generate(CODE, p).text for b in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: b.generate(CODE, p).text, jobs * 2))
+    assert together == alone * 2
