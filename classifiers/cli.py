@@ -59,7 +59,7 @@ def add_label(sub: argparse._SubParsersAction) -> None:
 def run_label(args: argparse.Namespace) -> int:
     from classifiers.labels import MARGIN, group_table, label_requests, summarize
     from classifiers.requests import build_mix, load_documents
-    from models.reference import resolve_backend_spec
+    from models.registry import from_spec
 
     if args.threads:
         import torch
@@ -75,8 +75,8 @@ def run_label(args: argparse.Namespace) -> int:
             raise SystemExit(f"archroute label: {exc}") from None
     else:
         mix = build_mix(load_documents(args.corpus), args.n, seed=args.seed)
-    transformer = resolve_backend_spec(args.transformer)
-    hybrid = resolve_backend_spec(args.hybrid)
+    transformer = from_spec(args.transformer)
+    hybrid = from_spec(args.hybrid)
     t0 = time.perf_counter()
     rows = label_requests(mix, transformer, hybrid, cache=args.out, margin=margin,
                           chunk_size=args.chunk_size, progress=not args.no_progress)

@@ -43,7 +43,6 @@ from pathlib import Path
 from classifiers.realdata import RealRequest
 from classifiers.requests import MixRequest
 from models.base import Backend, ScoreResult
-from models.hf import plain_chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +123,7 @@ def prompt_for(req: LabelRequest, backend: Backend) -> tuple[str, str]:
     conversation rendered the way the backend renders it for generation."""
     if isinstance(req, MixRequest):
         return req.prompt, req.answer
-    render = getattr(backend, "render", None)
-    msgs = list(req.messages)
-    prompt = render(msgs) if callable(render) else plain_chat_prompt(msgs)
-    return prompt, req.reference
+    return backend.render(list(req.messages)), req.reference
 
 
 def fit_to_context(backend: Backend, prompt: str, answer: str,

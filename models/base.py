@@ -12,7 +12,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 Architecture = Literal["transformer", "hybrid", "other"]
@@ -124,15 +124,36 @@ class BackendInfo:
     location: str = ""  # a local path or an upstream URL
 
 
+def plain_chat_prompt(messages: Sequence[ChatMessage]) -> str:
+    """The fallback chat rendering for tokenizers without a chat template."""
+    parts = [f"{m.role.capitalize()}: {m.content}" for m in messages]
+    return "\n\n".join(parts) + "\n\nAssistant:"
+
+
 class BackendError(RuntimeError):
     """A backend failed to serve a request (the router may fall back to the other one)."""
 
 
 class Backend(ABC):
-    """Serve and score text. Subclasses implement the sync methods; the async ones wrap them."""
+    """Serve and score text. Subclasses implement the sync methods; the async ones wrap them.
 
-    can_stream: bool = True
-    can_score: bool = True
+    The contract (tests/models/test_registry.py checks every registered kind): ``info``,
+    ``generate``, ``score`` (and ``stream``, ``score_batch``, ``close``, the async forms,
+    which have defaults). Optional capabilities are declared here with the value that means
+    "not available", so callers read them directly instead of probing:
+
+    - ``context_length``: tokens the model attends over; None when unknown (an upstream);
+    - ``tokenizer``: a Hugging Face tokenizer when the model runs in-process, else None;
+    - ``prefix_id``: the start token the backend puts before a scored text, else None;
+    - ``render(prompt)``: the text the model sees for a prompt (a conversation through the
+      chat template; by default :func:`plain_chat_prompt`);
+    - ``encode(text)``: token ids, or None without a tokenizer.
+    """
+
+    context_length: int | None = None
+    tokenizer: Any = None
+    prefix_id: int | None = None
+    can_score: bool = True  # False: score raises RequestError (the span decoder)
 
     def __init__(self, name: str, max_concurrency: int = 1) -> None:
         self.name = name
@@ -164,8 +185,22 @@ class Backend(ABC):
         """Score many (prompt, continuation) pairs; backends batch where they can."""
         return [self.score(p, c) for p, c in pairs]
 
+    def render(self, prompt: Prompt) -> str:
+        """The text the model is given for ``prompt`` (a string as is)."""
+        return prompt if isinstance(prompt, str) else plain_chat_prompt(prompt)
+
+    def encode(self, text: str) -> list[int] | None:
+        """Token ids of ``text`` (no special tokens), or None when the backend has no
+        tokenizer the router can reach."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (HTTP clients, model memory)."""
+
+    async def aclose(self) -> None:
+        """Release resources from the event loop (default: :meth:`close`); backends with
+        async clients override it."""
+        self.close()
 
     # --- async wrappers (never block the event loop) ------------------------------
     async def agenerate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:

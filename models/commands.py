@@ -26,10 +26,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 def run_generate(a: argparse.Namespace) -> int:
     from models.base import ChatMessage, GenerationParams
-    from models.reference import resolve_backend_spec
+    from models.registry import from_spec
 
     text = sys.stdin.read() if a.prompt == "-" else a.prompt
-    backend = resolve_backend_spec(a.backend)
+    backend = from_spec(a.backend)
     params = GenerationParams(max_tokens=a.max_tokens, temperature=a.temperature,
                               top_p=a.top_p, seed=a.seed, stop=a.stop)
     prompt = [ChatMessage("user", text)] if a.chat else text
@@ -53,12 +53,12 @@ def add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def run_score(a: argparse.Namespace) -> int:
-    from models.reference import resolve_backend_spec
+    from models.registry import from_spec
 
     specs = a.backend or ["reference:transformer", "reference:hybrid"]
     results = {}
     for spec in specs:
-        b = resolve_backend_spec(spec)
+        b = from_spec(spec)
         r = b.score(a.prompt, a.continuation)
         results[b.name] = {"tokens": r.tokens, "logprobs": r.logprobs, "loss": r.loss}
     if a.json:
@@ -84,12 +84,12 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 
 def run_info(a: argparse.Namespace) -> int:
     from models.cost import CostModel
-    from models.reference import resolve_backend_spec
+    from models.registry import from_spec
 
     specs = a.backend or ["reference:transformer", "reference:hybrid"]
     models: list[tuple[str, CostModel | None]] = []
     for spec in specs:
-        b = resolve_backend_spec(spec)
+        b = from_spec(spec)
         info = b.info()
         print(f"{info.name}: {info.architecture}, {info.parameters or 0:,} parameters, "
               f"context {info.context_length}, layers {list(info.layer_types)}")

@@ -115,3 +115,10 @@ class FakeBackend(Backend):
         self._next("score", prompt + continuation, take_reply=False)
         toks = fake_tokens(continuation)
         return ScoreResult(toks, [fake_logprob(t) for t in toks])
+
+
+def build(cfg, role: str | None = None, torch_threads: int | None = None) -> FakeBackend:
+    """The registry's factory for kind ``fake`` (models/registry.py)."""
+    arch = role if role in ("transformer", "hybrid") else "other"
+    return FakeBackend(cfg.name, arch, default_reply=cfg.fake_reply,  # type: ignore[arg-type]
+                       delay_s=cfg.fake_delay_s, max_concurrency=cfg.max_concurrency or 64)

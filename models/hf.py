@@ -28,13 +28,13 @@ from models.base import (
     Backend,
     BackendError,
     BackendInfo,
-    ChatMessage,
     GenerationParams,
     GenerationResult,
     Prompt,
     RequestError,
     ScoreResult,
     StreamChunk,
+    plain_chat_prompt,
 )
 from models.cost import LINEAR, CostModel
 
@@ -42,12 +42,6 @@ log = logging.getLogger(__name__)
 
 HYBRID_MODEL_TYPES = {"olmo_hybrid", "qwen3_next", "jamba", "zamba", "zamba2", "falcon_h1",
                       "bamba", "granitemoehybrid", "nemotron_h", "mamba", "mamba2", "rwkv"}
-
-
-def plain_chat_prompt(messages: Sequence[ChatMessage]) -> str:
-    """The fallback chat rendering for tokenizers without a chat template."""
-    parts = [f"{m.role.capitalize()}: {m.content}" for m in messages]
-    return "\n\n".join(parts) + "\n\nAssistant:"
 
 
 def detect_architecture(config: Any) -> str:
@@ -355,3 +349,21 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
                 best = max(best, k)
                 break
     return best
+
+
+def build(cfg, role: str | None = None, torch_threads: int | None = None) -> HFBackend:
+    """The registry's factory for kind ``hf`` (models/registry.py): ``path`` is a local model
+    directory or ``reference:transformer`` / ``reference:hybrid``; ``role``, when given, is
+    the architecture the operator states (else it is detected from the config)."""
+    from models.registry import BackendSpecError
+
+    if not cfg.path:
+        raise BackendSpecError(f"{cfg.name}: kind hf needs a path")
+    kwargs: dict = {"device": cfg.device, "torch_threads": torch_threads,
+                    "max_concurrency": cfg.max_concurrency or 1}
+    if cfg.path.startswith("reference:"):
+        from models.reference import load_reference
+
+        return load_reference(cfg.path.split(":", 1)[1], name=cfg.name, **kwargs)
+    arch = role if role in ("transformer", "hybrid", "other") else None
+    return HFBackend(cfg.name, cfg.path, architecture=arch, **kwargs)

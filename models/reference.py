@@ -33,13 +33,7 @@ def load_reference_pair(**kwargs) -> tuple[HFBackend, HFBackend]:
 
 
 def resolve_backend_spec(spec: str, **kwargs):
-    """A backend from a short spec: 'reference:transformer' | 'reference:hybrid' | a local
-    model directory | 'http(s)://host:port/v1#model' (an OpenAI-compatible upstream)."""
-    if spec.startswith("reference:"):
-        return load_reference(spec.split(":", 1)[1], **kwargs)
-    if spec.startswith(("http://", "https://")):
-        from models.upstream import OpenAIUpstreamBackend
+    """Deprecated: :func:`models.registry.from_spec` (kept until the last caller moves)."""
+    from models.registry import from_spec
 
-        url, _, model = spec.partition("#")
-        return OpenAIUpstreamBackend(name=model or url, base_url=url, model=model or None)
-    return HFBackend(Path(spec).name, spec, **kwargs)
+    return from_spec(spec, **kwargs)

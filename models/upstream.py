@@ -339,3 +339,18 @@ class OpenAIUpstreamBackend(Backend):
             raise
         except self._ASYNC_ERRORS as exc:
             raise self._wrap(exc) from exc
+
+
+def build(cfg, role: str | None = None, torch_threads: int | None = None) -> OpenAIUpstreamBackend:
+    """The registry's factory for kind ``upstream`` (models/registry.py); ``role`` is the
+    architecture the operator states (the server does not say)."""
+    from models.registry import BackendSpecError
+
+    if not cfg.base_url or not cfg.model:
+        raise BackendSpecError(f"{cfg.name}: kind upstream needs base_url and model")
+    key = cfg.api_key
+    key = key.get_secret_value() if hasattr(key, "get_secret_value") else key
+    arch = role if role in ("transformer", "hybrid") else "other"
+    return OpenAIUpstreamBackend(cfg.name, cfg.base_url, cfg.model, api_key=key,
+                                 architecture=arch, timeout=cfg.timeout_s,  # type: ignore[arg-type]
+                                 max_concurrency=cfg.max_concurrency or 64)

@@ -14,13 +14,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models import registry
 from models.base import Backend
 from models.span.gates import get_gate
 from router import errors
@@ -36,32 +36,6 @@ from router.span import SpanService
 log = logging.getLogger(__name__)
 
 T0_KEY = "archroute.t0"
-
-
-def build_backend(bs: BackendSettings, role: str, torch_threads: int | None = None) -> Backend:
-    """One backend from its settings (loads model weights for kind ``hf``)."""
-    if bs.kind == "fake":
-        from models.fake import FakeBackend
-
-        return FakeBackend(bs.name, role, default_reply=bs.fake_reply,  # type: ignore[arg-type]
-                           delay_s=bs.fake_delay_s, max_concurrency=bs.concurrency)
-    if bs.kind == "upstream":
-        from models.upstream import OpenAIUpstreamBackend
-
-        key = bs.api_key.get_secret_value() if bs.api_key else None
-        return OpenAIUpstreamBackend(bs.name, bs.base_url or "", bs.model or "", api_key=key,
-                                     architecture=role, timeout=bs.timeout_s,  # type: ignore[arg-type]
-                                     max_concurrency=bs.concurrency)
-    assert bs.path is not None
-    kwargs: dict[str, Any] = {"device": bs.device, "max_concurrency": bs.concurrency,
-              "torch_threads": torch_threads}
-    if bs.path.startswith("reference:"):
-        from models.reference import load_reference
-
-        return load_reference(bs.path.split(":", 1)[1], name=bs.name, **kwargs)
-    from models.hf import HFBackend
-
-    return HFBackend(bs.name, bs.path, architecture=role, **kwargs)
 
 
 def limits(settings: Settings, bs: BackendSettings) -> SlotLimits:
@@ -121,7 +95,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         built = dict(backends) if backends is not None else {}
         for role, bs in settings.backends.items():
             if role not in built:
-                built[role] = await asyncio.to_thread(build_backend, bs, role,
+                built[role] = await asyncio.to_thread(registry.build, bs, role,
                                                       settings.torch_threads)
                 log.info("backend %s (%s): %s", bs.name, role, built[role].info())
         slots: dict[str, BackendSlot] = {role: BackendSlot(role, built[role], limits(settings, bs))
@@ -146,11 +120,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             yield
         finally:
             for b in built.values():
-                aclose = getattr(b, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                else:
-                    b.close()
+                await b.aclose()
             if dlog is not None:
                 dlog.close()
 

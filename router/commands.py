@@ -13,23 +13,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def backend_from_spec(spec: str, role: str) -> dict[str, Any]:
-    """Backend settings from a short spec: ``reference:transformer`` | a model directory |
-    ``http://host:port/v1#model`` (an upstream) | ``fake`` (an instant test double)."""
-    if spec == "fake" or spec.startswith("fake:"):
-        return {"name": f"fake-{role}", "kind": "fake",
-                **({"fake_reply": spec[5:]} if spec.startswith("fake:") else {})}
-    if spec.startswith(("http://", "https://")):
-        url, _, model = spec.partition("#")
-        if not model:
-            raise SystemExit(f"--{role} {spec}: give the upstream model as URL#MODEL")
-        return {"name": model.replace("/", "-") if model else f"{role}-upstream",
-                "kind": "upstream", "base_url": url, "model": model}
-    name = f"reference-{spec.split(':', 1)[1]}" if spec.startswith("reference:") \
-        else Path(spec).name
-    return {"name": name, "kind": "hf", "path": spec}
-
-
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the routing server (OpenAI-compatible)",
                        description="Route each request to the transformer or the hybrid backend. "
@@ -83,8 +66,14 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides["api_keys"] = [*(args.api_keys or []), *keys]
     if args.decision_log is not None:
         overrides["decision_log"] = args.decision_log or None
-    backends = {role: backend_from_spec(spec, role) for role in ("transformer", "hybrid")
-                if (spec := getattr(args, role))}
+    from models.registry import BackendSpecError, parse_spec
+
+    try:
+        backends = {role: parse_spec(spec, role) for role in ("transformer", "hybrid")
+                    if (spec := getattr(args, role))}
+    except BackendSpecError as exc:
+        log.error("%s", exc)
+        return 2
     if backends:
         overrides["backends"] = backends
     try:
@@ -130,29 +119,22 @@ def add_serve_model(sub: argparse._SubParsersAction) -> None:
 
 def run_serve_model(args: argparse.Namespace) -> int:
 
-    from models.base import Backend
+    from models.registry import BackendSpecError, from_spec, parse_spec
     from router.model_server import create_model_app
 
     spec: str = args.model
-    backend: Backend
-    if spec == "fake":
-        from models.fake import FakeBackend
-
-        backend = FakeBackend(args.name or "fake", args.architecture or "other",
-                              default_reply=args.fake_reply, delay_s=args.fake_delay_s)
-    else:
-        kwargs: dict[str, Any] = {"device": args.device, "torch_threads": args.torch_threads}
-        if args.max_concurrency:
-            kwargs["max_concurrency"] = args.max_concurrency
-        if spec.startswith("reference:"):
-            from models.reference import load_reference
-
-            backend = load_reference(spec.split(":", 1)[1], name=args.name, **kwargs)
-        else:
-            from models.hf import HFBackend
-
-            backend = HFBackend(args.name or Path(spec).name, spec,
-                                architecture=args.architecture, **kwargs)
+    fields: dict[str, Any] = {"device": args.device}
+    if args.max_concurrency:
+        fields["max_concurrency"] = args.max_concurrency
+    if spec == "fake" or spec.startswith("fake:"):  # fake:REPLY names its reply itself
+        fields.update(fake_delay_s=args.fake_delay_s,
+                      **({"fake_reply": args.fake_reply} if spec == "fake" else {}))
+    try:
+        backend = from_spec(spec, role=args.architecture, name=args.name or parse_spec(spec)["name"],
+                            torch_threads=args.torch_threads, **fields)
+    except BackendSpecError as exc:
+        log.error("%s", exc)
+        return 2
     log.info("serving %s as %r on %s:%d", backend.info(), args.name or backend.name,
              args.host, args.port)
     keys = list(args.api_keys or [])

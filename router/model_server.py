@@ -38,7 +38,7 @@ def token_offsets(backend: Backend, text: str, res: ScoreResult) -> tuple[list[s
             offsets.append(pos)
             pos += len(t)
         return list(res.tokens), offsets
-    tok = getattr(backend, "tokenizer", None)
+    tok = backend.tokenizer
     if tok is not None and res.token_ids is not None:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         if list(enc["input_ids"]) == list(res.token_ids):
@@ -90,11 +90,7 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
         try:
             yield
         finally:
-            aclose = getattr(backend, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            else:
-                backend.close()
+            await backend.aclose()
 
     app = FastAPI(title=f"ArchRoute model server: {model_name}", lifespan=lifespan,
                   docs_url=None, redoc_url=None)

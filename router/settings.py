@@ -42,7 +42,7 @@ class BackendSettings(_Strict):
     ``reference:hybrid``), ``upstream`` (an OpenAI-compatible server) or ``fake`` (tests)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-    kind: Literal["hf", "upstream", "fake"] = "hf"
+    kind: str = "hf"  # a kind registered in models/registry.py (KINDS)
     # hf
     path: str | None = None
     device: str = "cpu"
@@ -67,6 +67,11 @@ class BackendSettings(_Strict):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> BackendSettings:
+        from models.registry import KINDS
+
+        if self.kind not in KINDS:
+            raise ValueError(f"backend {self.name!r}: unknown kind {self.kind!r}; known: "
+                             f"{', '.join(KINDS)}")
         if self.kind == "hf" and not self.path:
             raise ValueError(f"backend {self.name!r}: kind 'hf' needs 'path'")
         if self.kind == "upstream" and not (self.base_url and self.model):

@@ -65,13 +65,10 @@ def add_analyze(subparsers) -> None:
 
 
 def load_backend(spec: str, threads: int | None, device: str | None):
-    """A backend from its spec (see models.reference.resolve_backend_spec)."""
-    from models.reference import resolve_backend_spec
+    """A backend from its spec (models/registry.py)."""
+    from models.registry import from_spec
 
-    kwargs = {}
-    if not spec.startswith(("http://", "https://")):
-        kwargs = {"torch_threads": threads, "device": device}
-    return resolve_backend_spec(spec, **kwargs)
+    return from_spec(spec, torch_threads=threads, **({"device": device} if device else {}))
 
 
 def analyze(docs, transformer, hybrid, out: Path, *, specs: tuple[str, str], window: int,

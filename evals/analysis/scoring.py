@@ -154,17 +154,16 @@ def cap_windows(windows: list[Window], docs: Sequence[Document],
 # ---------------------------------------------------------------------------------------
 def same_tokenizer(a, b) -> bool:
     """True when both backends can be scored on shared token ids."""
-    ta, tb = getattr(a, "tokenizer", None), getattr(b, "tokenizer", None)
+    ta, tb = a.tokenizer, b.tokenizer
     if ta is None or tb is None or not hasattr(a, "score_ids") or not hasattr(b, "score_ids"):
         return False
-    return ta.get_vocab() == tb.get_vocab() and getattr(a, "prefix_id", None) == getattr(
-        b, "prefix_id", None)
+    return ta.get_vocab() == tb.get_vocab() and a.prefix_id == b.prefix_id
 
 
 def score_windows_ids(backend, windows: Sequence[Window], cache: BatchCache,
                       batch_size: int, progress: Callable[[int], None]) -> list[np.ndarray]:
     """log p of every token of every window under ``backend`` (fast path)."""
-    prefix = getattr(backend, "prefix_id", None)
+    prefix = backend.prefix_id
     out: list[np.ndarray] = []
     for b, lo in enumerate(range(0, len(windows), batch_size)):
         chunk = windows[lo:lo + batch_size]
@@ -311,7 +310,7 @@ def score_pair(docs: Sequence[Document], transformer, hybrid, *, specs: tuple[st
     from tqdm import tqdm
 
     fast = same_tokenizer(transformer, hybrid)
-    tokenizer = getattr(transformer, "tokenizer", None) or getattr(hybrid, "tokenizer", None)
+    tokenizer = transformer.tokenizer or hybrid.tokenizer
     windows = token_windows(docs, tokenizer, window) if fast else \
         text_windows(docs, tokenizer, window)
     windows = cap_windows(windows, docs, max_tokens)

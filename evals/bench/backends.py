@@ -26,7 +26,7 @@ def run(a: argparse.Namespace) -> int:
     import torch
 
     from models.base import GenerationParams
-    from models.reference import resolve_backend_spec
+    from models.registry import from_spec
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -35,9 +35,9 @@ def run(a: argparse.Namespace) -> int:
     print(f"{'backend':24s} {'prompt':>6s} {'score tok/s':>12s} {'TTFT ms':>9s} {'decode tok/s':>13s} "
           f"{'GFLOP/req':>10s} {'mem MiB':>8s}")
     for spec in specs:
-        b = resolve_backend_spec(spec)
+        b = from_spec(spec)
         cm = b.cost_model()
-        vocab = getattr(getattr(b, "tokenizer", None), "vocab_size", 1000)
+        vocab = getattr(b.tokenizer, "vocab_size", 1000)
         for n in a.prompt_tokens:
             ids = [[(7 * i + 3) % (vocab - 2) + 2 for i in range(n)]]
             b.score_ids(ids) if hasattr(b, "score_ids") else None  # warm-up

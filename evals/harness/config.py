@@ -24,7 +24,7 @@ class EvalConfig:
     suites: list[str] = field(default_factory=lambda: ["humaneval", "corpus"])  # built-ins or paths
     policies: list[str] | None = None  # None = every registered policy (+ the oracle)
     policy_kwargs: dict[str, dict] = field(default_factory=dict)  # name -> get_policy kwargs
-    transformer: str = "reference:transformer"  # backend spec (models.reference.resolve_backend_spec)
+    transformer: str = "reference:transformer"  # backend spec (models/registry.py)
     hybrid: str = "reference:hybrid"
     limit: int | None = None  # first N requests of each suite
     # built-in suites

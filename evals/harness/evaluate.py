@@ -86,10 +86,10 @@ def score_tables(cfg: EvalConfig, suites: list[Suite], backends=None, progress: 
     from evals.harness.scoring import run_backend
 
     if backends is None:
-        from models.reference import resolve_backend_spec
+        from models.registry import from_spec
 
-        kw = {"torch_threads": cfg.torch_threads} if cfg.torch_threads else {}
-        backends = (resolve_backend_spec(cfg.transformer, **kw), resolve_backend_spec(cfg.hybrid, **kw))
+        backends = (from_spec(cfg.transformer, torch_threads=cfg.torch_threads),
+                    from_spec(cfg.hybrid, torch_threads=cfg.torch_threads))
     summaries = []
     for role, b in zip(("transformer", "hybrid"), backends, strict=True):
         info = b.info()

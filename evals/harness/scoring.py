@@ -41,16 +41,15 @@ def prompt_text(backend, req: EvalRequest) -> str:
     the way the backend renders it for generation."""
     if req.prompt is not None:
         return req.prompt
-    render = getattr(backend, "render", None)
-    return render(list(req.messages or ())) if callable(render) else req.text
+    return backend.render(list(req.messages or ()))
 
 
 def count_tokens(backend, text: str) -> int:
     """Tokens of ``text`` in the backend's tokenizer (about 4 characters each when it has
     none we can reach)."""
-    enc = getattr(backend, "encode", None)
-    if callable(enc):
-        return len(enc(text))
+    ids = backend.encode(text)
+    if ids is not None:
+        return len(ids)
     return max(1, round(len(text) / 4)) if text else 0
 
 
@@ -100,7 +99,7 @@ def _score_chunk(backend, chunk: list[EvalRequest], cm, cfg: EvalConfig) -> list
     p_tok = [count_tokens(backend, p) for p in prompts]
     r_tok = [0] * len(chunk)
     loss: list[float | None] = [None] * len(chunk)
-    ctx = getattr(backend, "context_length", None)
+    ctx = backend.context_length
     for (j, _), res in zip(scored, results, strict=True):
         r_tok[j] = len(res.logprobs)
         loss[j] = float(res.loss)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from router.commands import backend_from_spec
+from models.registry import parse_spec
 from router.settings import SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,10 +77,10 @@ def test_missing_file() -> None:
 
 
 def test_backend_specs() -> None:
-    assert backend_from_spec("reference:hybrid", "hybrid")["name"] == "reference-hybrid"
-    up = backend_from_spec("http://127.0.0.1:8001/v1#allenai/Olmo-3-7B-Instruct", "transformer")
+    assert parse_spec("reference:hybrid", "hybrid")["name"] == "reference-hybrid"
+    up = parse_spec("http://127.0.0.1:8001/v1#allenai/Olmo-3-7B-Instruct", "transformer")
     assert up["kind"] == "upstream" and up["model"] == "allenai/Olmo-3-7B-Instruct"
-    assert backend_from_spec("fake", "hybrid")["kind"] == "fake"
+    assert parse_spec("fake", "hybrid")["kind"] == "fake"
 
 
 def test_eval_only_policy_refused() -> None:
