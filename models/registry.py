@@ -44,19 +44,31 @@ class BackendSpecError(ValueError):
 
 
 class Config(Protocol):
-    """What :func:`build` reads (``BackendSettings`` and :class:`BackendConfig` both are)."""
+    """What :func:`build` reads (``BackendSettings`` and :class:`BackendConfig` both are);
+    read-only, so a narrower field type (``device: str``) still fits."""
 
-    name: str
-    kind: str
-    path: str | None
-    device: str | None
-    base_url: str | None
-    model: str | None
-    api_key: Any  # str | SecretStr | None
-    timeout_s: float
-    max_concurrency: int | None
-    fake_reply: str
-    fake_delay_s: float
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def device(self) -> str | None: ...
+    @property
+    def base_url(self) -> str | None: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def api_key(self) -> Any: ...  # str | SecretStr | None
+    @property
+    def timeout_s(self) -> float: ...
+    @property
+    def max_concurrency(self) -> int | None: ...
+    @property
+    def fake_reply(self) -> str: ...
+    @property
+    def fake_delay_s(self) -> float: ...
 
 
 @dataclass

@@ -179,13 +179,16 @@ def _learned(path: str | None = None) -> Gate:
     return load_learned_gate(path)
 
 
+def _copy(k: int, brackets: bool = False) -> Callable[[], Gate]:
+    return lambda: CopyGate(k, brackets)
+
+
 GATES: dict[str, Callable[[], Gate]] = {
     "always-transformer": lambda: _Fixed("transformer"),
     "always-hybrid": lambda: _Fixed("hybrid"),
     "brackets": BracketGate,
-    **{f"copy-{k}": (lambda k=k: CopyGate(k)) for k in range(1, MAX_MATCH + 1)},
-    **{f"copy-{k}+brackets": (lambda k=k: CopyGate(k, brackets=True))
-       for k in range(1, MAX_MATCH + 1)},
+    **{f"copy-{k}": _copy(k) for k in range(1, MAX_MATCH + 1)},
+    **{f"copy-{k}+brackets": _copy(k, brackets=True) for k in range(1, MAX_MATCH + 1)},
     "learned": _learned,
 }
 
