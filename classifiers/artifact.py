@@ -23,12 +23,16 @@ import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from classifiers.features import FEATURE_NAMES, TASK_NAMES, extract, extract_task
 from classifiers.request import RoutingRequest
 from classifiers.textrep import HashedTextModel
+
+if TYPE_CHECKING:
+    import lightgbm
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,18 @@ class ArtifactError(RuntimeError):
 class RequestClassifier:
     """P(transformer serves better) and the expected gap from request text alone."""
 
-    classifier: object  # lightgbm.Booster
+    classifier: lightgbm.Booster
     calibration: tuple[float, float]
-    regressor: object | None = None  # lightgbm.Booster
+    regressor: lightgbm.Booster | None = None
     meta: dict = field(default_factory=dict)
     text: HashedTextModel | None = None
+    path: Path | None = None  # the directory it was loaded from
+    sha256: str | None = None  # of its files (see :func:`digest`): which artifact this is
+
+    def identity(self) -> dict:
+        """What identifies this artifact to an operator: path, sha256, created_utc."""
+        return {"path": None if self.path is None else str(self.path), "sha256": self.sha256,
+                "created_utc": self.meta.get("created_utc")}
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -106,7 +117,7 @@ class RequestClassifier:
     def proba_from_features(self, X: np.ndarray) -> np.ndarray:
         """P(transformer better), shape (n,), from a feature matrix (n, n_features)."""
         a, b = self.calibration
-        raw = self.classifier.predict(X, raw_score=True, num_threads=1)
+        raw = np.asarray(self.classifier.predict(X, raw_score=True, num_threads=1))  # dense X
         return 1.0 / (1.0 + np.exp(-np.clip(a * raw + b, -50, 50)))
 
     def contributions(self, X: np.ndarray) -> dict[str, float]:
@@ -114,7 +125,7 @@ class RequestClassifier:
         on the calibrated logit's scale: positive pushes towards the transformer. The model's
         starting point (its mean score over the training data) is ``base``."""
         a, b = self.calibration
-        c = self.classifier.predict(X[:1], pred_contrib=True, num_threads=1)[0]
+        c = np.asarray(self.classifier.predict(X[:1], pred_contrib=True, num_threads=1))[0]
         out = {n: float(a * v) for n, v in zip(self.feature_names, c[:-1], strict=True)}
         out["base"] = float(a * c[-1] + b)
         return out
@@ -123,7 +134,7 @@ class RequestClassifier:
         """Expected gap (nats/token, positive = hybrid better), shape (n,)."""
         if self.regressor is None:
             raise ArtifactError("this artifact has no gap regressor")
-        return self.regressor.predict(X, num_threads=1)
+        return np.asarray(self.regressor.predict(X, num_threads=1))  # dense X: an ndarray
 
     @property
     def center(self) -> float:
@@ -194,7 +205,7 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None,
         text.save(path / "text_weights.npy")
     calibration = tuple(calibration if calibration is not None else router.calibration_)
     names = [*used, TEXT_FEATURE] if text is not None else used
-    clf = RequestClassifier(router.booster_, calibration,  # type: ignore[arg-type]
+    clf = RequestClassifier(router.booster_, calibration,
                             regressor.booster_ if regressor is not None else None,
                             {**(meta or {}), "feature_names": names}, text)
     reqs = [RoutingRequest.from_prompt(p) for p in SELF_CHECK_PROMPTS]
@@ -212,17 +223,40 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None,
     return path
 
 
-def load(path: str | Path, verify: bool = True) -> RequestClassifier:
+ARTIFACT_FILES = ("meta.json", "classifier.txt", "regressor.txt", "text_weights.npy")
+STRICT_DRIFT = 1e-4  # a strict load refuses an artifact whose self-check moved more
+
+
+def digest(path: str | Path) -> str:
+    """sha256 over an artifact directory's files (names and bytes, in a fixed order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ARTIFACT_FILES:
+        f = Path(path) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def load(path: str | Path, verify: bool = True, strict: bool = False) -> RequestClassifier:
     """Load an artifact directory; raises :class:`ArtifactError` when it does not fit this
     build's features. ``verify`` replays the self-check (which also warms the feature
-    tables and parsers) and logs a warning when predictions moved since training."""
+    tables and parsers) and logs a warning when predictions moved since training; with
+    ``strict`` (a live reload) a self-check that moved by more than :data:`STRICT_DRIFT`, or
+    gives non-finite predictions, or is missing, is an :class:`ArtifactError` instead."""
     import lightgbm as lgb
 
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.exists() or not (path / "classifier.txt").exists():
         raise ArtifactError(f"no classifier artifact at {path} (run `archroute train`)")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"{meta_file}: not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{meta_file}: not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format {meta.get('format_version')}, expected {FORMAT_VERSION}")
     text_file = path / "text_weights.npy"
@@ -232,24 +266,45 @@ def load(path: str | Path, verify: bool = True) -> RequestClassifier:
             or not set(names[:-1] if has_text else names) <= set(FEATURE_NAMES)):
         raise ArtifactError(f"{path} was trained on different features than this build "
                             "computes; rebuild it with `archroute train`")
-    clf = lgb.Booster(model_str=(path / "classifier.txt").read_text())
+    try:
+        clf = lgb.Booster(model_str=(path / "classifier.txt").read_text())
+    except lgb.basic.LightGBMError as exc:
+        raise ArtifactError(f"{path / 'classifier.txt'}: not a LightGBM model: {exc}") from None
     if clf.num_feature() != len(names):
         raise ArtifactError(f"{path}: the model takes {clf.num_feature()} features but meta.json "
                             f"names {len(names)}: trained on different features than this build "
                             "computes; rebuild it with `archroute train`")
     reg_file = path / "regressor.txt"
-    reg = (clf if meta.get("regressor_is_classifier")
-           else lgb.Booster(model_str=reg_file.read_text()) if reg_file.exists() else None)
+    try:
+        reg = (clf if meta.get("regressor_is_classifier")
+               else lgb.Booster(model_str=reg_file.read_text()) if reg_file.exists() else None)
+    except lgb.basic.LightGBMError as exc:
+        raise ArtifactError(f"{reg_file}: not a LightGBM model: {exc}") from None
     try:
         text = HashedTextModel.load(text_file) if text_file.exists() else None
     except ValueError as exc:
         raise ArtifactError(str(exc)) from None
-    a, b = meta["calibration"]
-    out = RequestClassifier(clf, (float(a), float(b)), reg, meta, text)
+    try:
+        a, b = meta["calibration"]
+        calibration = (float(a), float(b))
+    except (KeyError, TypeError, ValueError):
+        raise ArtifactError(f"{meta_file}: no valid 'calibration'") from None
+    out = RequestClassifier(clf, calibration, reg, meta, text, path=path, sha256=digest(path))
+    if strict and not meta.get("self_check"):
+        raise ArtifactError(f"{path}: no self-check in meta.json; cannot verify it")
     if verify and meta.get("self_check"):
-        reqs = [RoutingRequest.from_prompt(c["prompt"]) for c in meta["self_check"]]
-        p = out.predict_proba(reqs)
-        drift = float(np.max(np.abs(p - [c["p_transformer"] for c in meta["self_check"]])))
+        try:
+            reqs = [RoutingRequest.from_prompt(c["prompt"]) for c in meta["self_check"]]
+            p = out.predict_proba(reqs)
+            drift = float(np.max(np.abs(p - [c["p_transformer"] for c in meta["self_check"]])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: the self-check failed: {type(exc).__name__}: "
+                                f"{exc}") from None
+        if strict and not (np.isfinite(p).all() and drift <= STRICT_DRIFT):
+            raise ArtifactError(f"{path}: the self-check failed: predictions differ from "
+                                f"those recorded at training by up to {drift:.3g} (more than "
+                                f"{STRICT_DRIFT:g}; versions then {meta.get('versions')}, now "
+                                f"{versions()})")
         if drift > 1e-6:
             log.warning("%s: predictions differ from training by up to %.3g (versions: %s "
                         "now %s)", path, drift, meta.get("versions"), versions())

@@ -297,8 +297,10 @@ def _word_classes(text: str, cc: CharCategories, lang: str) -> tuple[np.ndarray,
     return wid, classes
 
 
-def token_categories(text: str, offsets: Sequence[tuple[int, int]], lang: str) -> TokenCategories:
-    """Categories of tokens given by character ``offsets`` (start, end) into ``text``.
+def token_categories(text: str, offsets: Sequence[tuple[int, int]] | np.ndarray,
+                     lang: str) -> TokenCategories:
+    """Categories of tokens given by character ``offsets`` (start, end) into ``text``
+    (pairs, or an (n, 2) array).
 
     A token takes the class of the first word it overlaps; it starts a word when it holds
     that word's first character (tokens without letters or digits count as word starts).

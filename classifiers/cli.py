@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def add_label(sub: argparse._SubParsersAction) -> None:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from classifiers.labels import MARGIN, group_table, label_requests, summarize
+    from classifiers.labels import MARGIN, LabelRequest, group_table, label_requests, summarize
     from classifiers.requests import build_mix, load_documents
     from models.registry import from_spec
 
@@ -66,6 +67,7 @@ def run_label(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     margin = MARGIN if args.margin is None else args.margin
+    mix: Sequence[LabelRequest]
     if args.requests:
         from classifiers.realdata import RequestFileError, read_requests
 
@@ -101,8 +103,19 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     from classifiers.artifact import DEFAULT_DIR
 
     p = sub.add_parser("train", help="train the request classifier")
-    p.add_argument("--labels", default=DEFAULT_LABELS, help="label file from `archroute label`")
-    p.add_argument("--out", default=str(DEFAULT_DIR), help="artifact directory to write")
+    p.add_argument("--labels", default=None,
+                   help=f"label file from `archroute label` (default {DEFAULT_LABELS}; with "
+                        "--from-log: optional, added to the log's labels)")
+    p.add_argument("--out", default=None,
+                   help=f"artifact directory to write (default {DEFAULT_DIR}, the shipped one; "
+                        "required with --from-log)")
+    p.add_argument("--from-log", metavar="DB", default=None,
+                   help="train on the router's decision log (SQLite path or postgresql:// URL): "
+                        "its requests with a scored reference (POST /v1/feedback with "
+                        "`reference`), plus --labels if given; implies --quick")
+    p.add_argument("--quick", action="store_true",
+                   help="real labels: fit the shipped variant once and self-check it, without "
+                        "the leave-one-source-out sweep (minutes instead of hours)")
     p.add_argument("--results", default="data/labels/results.json",
                    help="results JSON (a Markdown table is written beside it)")
     p.add_argument("--models", default=",".join(MODELS), help=f"synthetic-mix labels: comma list of {MODELS}")
@@ -177,6 +190,10 @@ def run_train(args: argparse.Namespace) -> int:
     from classifiers.metrics import reference_rows, router_metrics
     from classifiers.request import RoutingRequest
 
+    if getattr(args, "from_log", None):
+        return run_train_from_log(args)
+    args.labels = args.labels or DEFAULT_LABELS
+    args.out = args.out or str(artifact.DEFAULT_DIR)
     margin = MARGIN if args.margin is None else args.margin
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(models) - set(MODELS)
@@ -195,6 +212,17 @@ def run_train(args: argparse.Namespace) -> int:
                  if mix else [])
         if mix and not extra:
             raise SystemExit(f"no labels in {mix}")
+        if getattr(args, "quick", False):
+            from classifiers.transfer import fit_quick, routing_request
+
+            rows = [*rows, *({**r, "group": "synthetic-mix"} for r in extra)]
+            try:
+                res = fit_quick(rows, [routing_request(r) for r in rows], args.out, args.seed,
+                                {"labels": Path(args.labels).name})
+            except ValueError as exc:
+                raise SystemExit(f"archroute train --quick: {exc}") from None
+            print(quick_summary(res, args.out))
+            return 0
         train_real(rows, args.out, args.results, args.requests or [str(DEFAULT_DIR)],
                    variants=variants, seed=args.seed,
                    plots_dir=args.plots or str(Path(args.results).parent), extra_rows=extra)
@@ -279,4 +307,93 @@ def run_train(args: argparse.Namespace) -> int:
                 "label_summary": results["label_summary"]}
         artifact.save(args.out, router, regressor, meta)
         print(f"artifact -> {args.out}; results -> {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def quick_summary(res: dict, out: str) -> str:
+    """What ``--quick`` / ``--from-log`` fitted, in a few lines."""
+    from classifiers.transfer import fmt_ci
+
+    o = res["out_of_fold"]
+    thr = ", ".join(f"{k} {v:.3f}" for k, v in res["thresholds"].items())
+    return (f"{res['n_train']} labelled requests ({res['n_transformer_better']} transformer-"
+            f"better, {res['n_hybrid_better']} hybrid-better beyond the margin), fitted in "
+            f"{res['fit_s']:.1f} s\n"
+            f"out-of-fold (group folds of these sources: in-distribution): AUC "
+            f"{fmt_ci(o['auc'], o['auc_ci'])}, oracle gap recovered "
+            f"{fmt_ci(o['recovered'], o['recovered_ci'], '.2f')}\n"
+            f"thresholds: {thr}\n"
+            f"artifact -> {out} (sha256 {res['sha256'][:12]}, self-check passed); load it with "
+            f"POST /admin/reload {{\"artifact\": \"{out}\"}}")
+
+
+def log_label_rows(db: str) -> tuple[list[dict], list, dict]:
+    """Label rows (the shape ``archroute label`` writes) for the decision log's requests
+    with a scored reference, the requests as the policy saw them, and counts of what was
+    left out. Chat apps' side requests are left out (the classifier never scores them)."""
+    from classifiers.labels import label_class
+    from evals.from_log import routing_request
+    from router.decision_log import read_log
+
+    rows, reqs, left = [], [], {"side request": 0, "no prompt": 0}
+    for r in read_log(db):
+        gap = r.get("gap")
+        if r.get("label_status") != "done" or gap is None or gap != gap:
+            continue
+        if r.get("side"):
+            left["side request"] += 1
+            continue
+        q = routing_request(r)
+        if q is None:
+            left["no prompt"] += 1
+            continue
+        rid = r["request_id"]
+        part = int(hashlib.sha256(rid.encode()).hexdigest(), 16) % 4  # 4 inner group folds
+        rows.append({"id": rid, "key": f"{rid}:log", "group": "decision-log",
+                     "kind": f"part{part}", "gap": float(gap),
+                     "loss_transformer": float(r["loss_transformer"]),
+                     "loss_hybrid": float(r["loss_hybrid"]), "label": label_class(float(gap)),
+                     "pair": None})
+        reqs.append(q)
+    return rows, reqs, left
+
+
+def run_train_from_log(args: argparse.Namespace) -> int:
+    """``archroute train --from-log DB --out DIR [--labels FILE]``: the quick fit on the
+    log's labelled requests (and the label file's, if given)."""
+    from classifiers.labels import read_labels
+    from classifiers.transfer import fit_quick, routing_request
+    from router.decision_log import redact_url
+
+    if not args.out:
+        raise SystemExit("archroute train --from-log: give --out DIR (the shipped artifact "
+                         "is not overwritten from a log)")
+    try:
+        rows, reqs, left = log_label_rows(args.from_log)
+    except Exception as exc:  # noqa: BLE001 - a missing file, a database that refuses
+        raise SystemExit(f"archroute train --from-log: cannot read "
+                         f"{redact_url(str(args.from_log))}: {exc}") from None
+    n_log = len(rows)
+    if args.labels:
+        extra = [r for r in read_labels(args.labels, latest_only=True) if r["gap"] == r["gap"]]
+        if not extra or "group" not in extra[0]:
+            raise SystemExit(f"--labels {args.labels}: no labels of real requests (with a "
+                             "`group`) to add")
+        rows += extra
+        reqs += [routing_request(r) for r in extra]
+    skipped = ", ".join(f"{v} {k}" for k, v in left.items() if v)
+    print(f"{n_log} labelled requests from the log{f' (left out: {skipped})' if skipped else ''}"
+          f"{f', {len(rows) - n_log} from {args.labels}' if args.labels else ''}")
+    if n_log == 0 and not args.labels:
+        raise SystemExit("archroute train --from-log: the log holds no scored references "
+                         "(POST /v1/feedback with a `reference`, on a router with "
+                         "log_prompts: true); feedback rewards alone are not training labels: "
+                         "evaluate with `archroute eval --from-log` instead")
+    try:
+        res = fit_quick(rows, reqs, args.out, args.seed,
+                        {"decision_log": redact_url(str(args.from_log)), "n_from_log": n_log,
+                         "labels": Path(args.labels).name if args.labels else None})
+    except ValueError as exc:
+        raise SystemExit(f"archroute train --from-log: {exc}") from None
+    print(quick_summary(res, args.out))
     return 0

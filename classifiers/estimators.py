@@ -86,6 +86,8 @@ def _platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 class _NamedFeatures:
     """Feature names for models fitted on arrays (defaults to :data:`FEATURE_NAMES`)."""
 
+    n_features_in_: int  # set by sklearn's validate_data when a subclass is fitted
+
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         check_is_fitted(self)
         if input_features is not None:
@@ -213,7 +215,7 @@ class LightGBMGapRegressor(_NamedFeatures, RegressorMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, ensure_all_finite=False)
-        return self.booster_.predict(X, num_threads=self.n_jobs)
+        return np.asarray(self.booster_.predict(X, num_threads=self.n_jobs))  # dense: an ndarray
 
 
 def signed_log(X: np.ndarray) -> np.ndarray:
@@ -304,7 +306,7 @@ class RulesRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
     def _fired(self, X: np.ndarray) -> np.ndarray:
         if not self.rules_:
             return np.zeros(len(X), int)
-        return sum((X[:, j] >= t).astype(int) for j, t in self.rules_)
+        return sum(((X[:, j] >= t).astype(int) for j, t in self.rules_), np.zeros(len(X), int))
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -350,17 +352,26 @@ class EmbeddingRouter(ClassifierMixin, BaseEstimator):
         return model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                             convert_to_numpy=True, show_progress_bar=False)
 
-    def fit(self, X: Sequence, y, embeddings: np.ndarray | None = None) -> EmbeddingRouter:
+    def _embeddings(self, X: Sequence | None, embeddings: np.ndarray | None) -> np.ndarray:
+        """``embeddings`` when given (``X`` is then not used), else ``X``'s embeddings."""
+        if embeddings is not None:
+            return embeddings
+        if X is None:
+            raise TypeError("EmbeddingRouter needs the requests X or their embeddings")
+        return self.embed(X)
+
+    def fit(self, X: Sequence | None, y, embeddings: np.ndarray | None = None) -> EmbeddingRouter:
         from sklearn.linear_model import LogisticRegression
 
-        E = self.embed(X) if embeddings is None else embeddings
+        E = self._embeddings(X, embeddings)
         self.model_ = LogisticRegression(C=self.C, max_iter=2000).fit(E, np.asarray(y))
         self.classes_ = self.model_.classes_
         return self
 
-    def predict_proba(self, X: Sequence, embeddings: np.ndarray | None = None) -> np.ndarray:
+    def predict_proba(self, X: Sequence | None, embeddings: np.ndarray | None = None
+                      ) -> np.ndarray:
         check_is_fitted(self)
-        return self.model_.predict_proba(self.embed(X) if embeddings is None else embeddings)
+        return self.model_.predict_proba(self._embeddings(X, embeddings))
 
     def predict(self, X: Sequence) -> np.ndarray:
         check_is_fitted(self)

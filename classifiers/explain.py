@@ -29,9 +29,14 @@ def _chars(v: float) -> int:
     return round(math.expm1(v))
 
 
+def _cue(t: str) -> Callable[[float], str]:
+    """The description of task cue ``t``: ``t`` when present, its negation when not."""
+    return lambda v: (t if v > 0 else t.replace("asks", "does not ask", 1)
+                      .replace("reads as", "does not read as", 1))
+
+
 _DESCRIBE: dict[str, Callable[[float], str]] = {
-    **{k: (lambda v, t=t: t if v > 0 else t.replace("asks", "does not ask", 1)
-           .replace("reads as", "does not read as", 1)) for k, t in _CUE.items()},
+    **{k: _cue(t) for k, t in _CUE.items()},
     "payload_share": lambda v: (f"{v:.0%} of the last message is one attached block" if v > 0
                                 else "no attached text or code block"),
     "payload_chars_log": lambda v: (f"the attached block is {_chars(v):,} characters" if v > 0

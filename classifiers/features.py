@@ -25,6 +25,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache
+from typing import TypedDict
 
 import numpy as np
 
@@ -266,8 +267,17 @@ def _powers(base: int, n: int) -> np.ndarray:
     return out
 
 
+class _Tables(TypedDict):
+    brk: np.ndarray  # int8: +1 for an opening bracket, -1 for a closing one
+    space: np.ndarray  # bool: whitespace bytes
+    boundary: np.ndarray  # bool: whitespace or punctuation
+    pow: np.ndarray  # uint32 rolling-hash powers
+    ipow: np.ndarray  # uint32 inverse powers
+    words: bytes  # translate table: lowercase letters, everything else a space
+
+
 @cache
-def _tables() -> dict[str, np.ndarray | bytes]:
+def _tables() -> _Tables:
     """Byte lookup tables and rolling-hash powers (built once, on first use)."""
     cls = np.zeros(256, np.int8)
     for c in b"([{":

@@ -186,7 +186,8 @@ def _drop_partial_line(path: Path) -> None:
         f.seek(-1, 2)
         if f.read(1) == b"\n":
             return
-        data = f.seek(0) or f.read()
+        f.seek(0)
+        data = f.read()
         keep = data.rfind(b"\n") + 1
         log.warning("%s: dropping a partial last row (%d bytes) before appending", path,
                     len(data) - keep)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
 
@@ -50,6 +51,21 @@ def routing_request(row: dict) -> RoutingRequest:
     if "messages" in row:
         return RoutingRequest.from_messages(row["messages"])
     return RoutingRequest.from_prompt(row["prompt"])
+
+
+def _take(reqs: Sequence[RoutingRequest], mask: np.ndarray) -> list[RoutingRequest]:
+    """The requests where the boolean ``mask`` is set, in order."""
+    return [reqs[int(i)] for i in np.flatnonzero(mask)]
+
+
+class _LGBParams(TypedDict):
+    """The LightGBM hyperparameters :class:`RealRouter` passes to both of its models."""
+
+    random_state: int
+    n_estimators: int
+    num_leaves: int
+    min_child_samples: int
+    colsample_bytree: float
 
 
 def _platt_slope(scores: np.ndarray, y: np.ndarray) -> float:
@@ -160,8 +176,8 @@ class RealRouter:
             tr = ~te & decisive
             if len(np.unique(y[tr])) < 2:
                 continue
-            m = HashedTextModel().fit([reqs[i] for i in np.flatnonzero(tr)], y[tr])
-            out[te] = m.logits([reqs[i] for i in np.flatnonzero(te)])
+            m = HashedTextModel().fit(_take(reqs, tr), y[tr])
+            out[te] = m.logits(_take(reqs, te))
         return out
 
     def fit(self, X: np.ndarray, reqs: Sequence[RoutingRequest], gap: np.ndarray,
@@ -178,12 +194,11 @@ class RealRouter:
         text = None
         if self.use_text:
             text = self._text_oof(reqs, y, decisive, folds)
-            d = np.flatnonzero(decisive)
-            self.text_ = HashedTextModel().fit([reqs[i] for i in d], y[d])
+            self.text_ = HashedTextModel().fit(_take(reqs, decisive), y[decisive])
         Z = self._stack(X, text)
         # a leaf needs at most 1/20 of the decisive rows, so small data can still split
         min_leaf = min(self.min_child_samples, max(5, int(decisive.sum()) // 20))
-        kw = {"random_state": self.seed, "n_estimators": self.n_estimators,
+        kw: _LGBParams = {"random_state": self.seed, "n_estimators": self.n_estimators,
               "num_leaves": self.num_leaves, "min_child_samples": min_leaf,
               "colsample_bytree": self.colsample_bytree}
         w = np.clip(np.abs(gap), 0.05, 2.0) if self.weight_by_gap else np.ones(len(Z))
@@ -222,7 +237,7 @@ class RealRouter:
         self.reg_ = LightGBMGapRegressor(**kw).fit(Z, gap) if self.kind == "lightgbm" else None
         return self
 
-    def _fit(self, kw: dict, Z: np.ndarray, y: np.ndarray, w: np.ndarray, gap: np.ndarray):
+    def _fit(self, kw: _LGBParams, Z: np.ndarray, y: np.ndarray, w: np.ndarray, gap: np.ndarray):
         if self.kind == "logistic":
             return LogisticRouter().fit(Z, y)
         if self.kind == "regressor":  # the score is the expected gap, negated
@@ -340,9 +355,9 @@ def leave_one_source_out(X: np.ndarray, reqs: Sequence[RoutingRequest], rows: Se
 
         it = tqdm(folds, desc="leave-one-source-out", unit="source")
     for _, test, tr in it:
-        m = make_model().fit(X[tr], [reqs[i] for i in np.flatnonzero(tr)], gap[tr], lt[tr], lh[tr],
+        m = make_model().fit(X[tr], _take(reqs, tr), gap[tr], lt[tr], lh[tr],
                              units[tr])
-        p[test] = m.predict_proba(X[test], [reqs[i] for i in np.flatnonzero(test)])
+        p[test] = m.predict_proba(X[test], _take(reqs, test))
         for k in profiles:
             thr[k][test] = m.thresholds_[k]
     out: dict = {"p": p.tolist(), "threshold": {k: v.tolist() for k, v in thr.items()}}
@@ -489,7 +504,6 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     import time
     from pathlib import Path
 
-    from classifiers import artifact
     from classifiers.cli import _data_hash, _git_commit
     from classifiers.features import extract
     from classifiers.labels import summarize
@@ -529,12 +543,12 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
 
     split = np.array([RealRequest(r["id"], "", "", "", (), "").split for r in rows])
     tr, te = trainable & ((split == "train") | ~real), trainable & real & (split == "test")
-    m = make_router(SHIPPED, seed).fit(X[tr], [reqs[i] for i in np.flatnonzero(tr)], gap[tr], lt[tr],
+    m = make_router(SHIPPED, seed).fit(X[tr], _take(reqs, tr), gap[tr], lt[tr],
                                   lh[tr], units[tr])
-    pt = m.predict_proba(X[te], [reqs[i] for i in np.flatnonzero(te)])
+    pt = m.predict_proba(X[te], _take(reqs, te))
     results["random_split"] = routing_summary(pt, m.thresholds_["quality"], gap[te], lt[te], lh[te])
     # the shipped model: every trainable source
-    final = make_router(SHIPPED, seed).fit(X[trainable], [reqs[i] for i in np.flatnonzero(trainable)],
+    final = make_router(SHIPPED, seed).fit(X[trainable], _take(reqs, trainable),
                                       gap[trainable], lt[trainable], lh[trainable], units[trainable])
     shipped = results["leave_one_source_out"][SHIPPED]
     p_loso = np.array(shipped["p"])
@@ -564,12 +578,7 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
                         "leave_one_source_out_pooled_cost_profile": shipped["cost"]["pooled"],
                         "random_split": results["random_split"]},
             "label_summary": results["label_summary"]}
-    assert final.clf_ is not None
-    cal, reg = final.calibration_, final.reg_
-    if final.kind == "regressor":  # the booster predicts the gap; the score is its negative
-        cal, reg = (-cal[0], cal[1]), final.clf_
-    artifact.save(out_dir, final.clf_, reg, _finite(meta), text=final.text_, calibration=cal,
-                  feature_names=[n for n in FEATURE_NAMES if n in VARIANTS[SHIPPED]["features"]])
+    save_shipped(final, out_dir, meta)
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(_finite(results), indent=1) + "\n")
@@ -595,3 +604,68 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
                          "P(transformer better), leave-one-source-out, trainable sources")
     print("\n".join(md))
     return results
+
+
+def save_shipped(final: RealRouter, out_dir, meta: dict) -> None:
+    """Write a fitted model of the shipped variant as the artifact (the regressor kind's
+    booster predicts the gap; its score is the negative, hence the calibration's sign)."""
+    from classifiers import artifact
+
+    assert final.clf_ is not None
+    cal, reg = final.calibration_, final.reg_
+    if final.kind == "regressor":
+        cal, reg = (-cal[0], cal[1]), final.clf_
+    artifact.save(out_dir, final.clf_, reg, _finite(meta), text=final.text_, calibration=cal,
+                  feature_names=[n for n in FEATURE_NAMES if n in VARIANTS[SHIPPED]["features"]])
+
+
+def fit_quick(rows: Sequence[dict], reqs: Sequence[RoutingRequest], out_dir, seed: int = 0,
+              training_data: dict | None = None) -> dict:
+    """The quick path (``archroute train --quick`` / ``--from-log``): the shipped variant
+    fitted once on every trainable row, no leave-one-source-out sweep, then saved and loaded
+    back with its self-check (a strict load, as a live reload does). Its thresholds (quality,
+    cost, risk) are chosen on the model's own out-of-fold predictions, by group folds of
+    ``source/kind`` as in :func:`train_real`; those predictions are also what the returned
+    summary (AUC, share of the oracle's gain recovered) is computed on: held out from each
+    fold's model, but from the same sources, so an in-distribution figure."""
+    import time
+
+    from classifiers import artifact
+    from classifiers.cli import _data_hash, _git_commit
+    from classifiers.features import extract
+    from classifiers.labels import summarize
+    from classifiers.risk import RISK_ALPHAS, RISK_DELTA, rate_threshold
+
+    keep = [i for i, r in enumerate(rows) if r["group"] not in EVAL_ONLY]
+    rows = [rows[i] for i in keep]
+    reqs = [reqs[i] for i in keep]
+    X = np.stack([extract(q) for q in reqs])
+    gap, lt, lh, groups, units = label_arrays(rows)
+    decisive = np.abs(gap) > MARGIN
+    n_t, n_h = int((decisive & (gap < 0)).sum()), int((decisive & (gap > 0)).sum())
+    if min(n_t, n_h) < 10 or len(set(units)) < 2:
+        raise ValueError(f"too few labels to train on: {n_t} transformer-better and {n_h} "
+                         f"hybrid-better requests beyond ±{MARGIN} nats/token (at least 10 of "
+                         "each are needed)")
+    t0 = time.perf_counter()
+    final = make_router(SHIPPED, seed).fit(X, list(reqs), gap, lt, lh, units)
+    assert final.oof_ is not None
+    for a in RISK_ALPHAS:
+        final.thresholds_[f"risk-{a:g}"] = rate_threshold(final.oof_, lt, lh, a, RISK_DELTA)
+    oof = routing_summary(final.oof_, final.thresholds_["quality"], gap, lt, lh, n_boot=200,
+                          seed=seed)
+    meta = {"margin": MARGIN, "center": 0.0, "git_commit": _git_commit(),
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "thresholds": final.thresholds_, "cost_budget_transformer_share": COST_BUDGET,
+            "training_data": {"kind": "quick fit", "sha256": _data_hash(list(rows)),
+                              "n_train": len(rows),
+                              "sources": dict(zip(*np.unique(groups, return_counts=True),
+                                                  strict=True)),
+                              **(training_data or {})},
+            "metrics": {"out_of_fold": oof},
+            "label_summary": summarize(list(rows))}
+    save_shipped(final, out_dir, meta)
+    clf = artifact.load(out_dir, verify=True, strict=True)  # the self-check, as a reload runs it
+    return {"n_train": len(rows), "n_transformer_better": n_t, "n_hybrid_better": n_h,
+            "thresholds": final.thresholds_, "out_of_fold": oof, "sha256": clf.sha256,
+            "fit_s": time.perf_counter() - t0}

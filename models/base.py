@@ -10,12 +10,21 @@ from __future__ import annotations
 import asyncio
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 Architecture = Literal["transformer", "hybrid", "other"]
+
+
+def stated_architecture(role: str | None) -> Architecture:
+    """The architecture an operator's ``role`` states: "transformer" or "hybrid", else "other"."""
+    if role == "transformer":
+        return "transformer"
+    if role == "hybrid":
+        return "hybrid"
+    return "other"
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,8 @@ class Backend(ABC):
             try:
                 for chunk in gen:
                     if stop.is_set():
-                        gen.close()  # GeneratorExit at the backend's yield: its cleanup runs
+                        if isinstance(gen, Generator):  # the contract allows any iterator
+                            gen.close()  # GeneratorExit at the backend's yield: its cleanup runs
                         break
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer

@@ -53,22 +53,23 @@ def add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def run_score(a: argparse.Namespace) -> int:
+    from models.base import ScoreResult
     from models.registry import from_spec
 
     specs = a.backend or ["reference:transformer", "reference:hybrid"]
-    results = {}
+    results: dict[str, ScoreResult] = {}
     for spec in specs:
         b = from_spec(spec)
-        r = b.score(a.prompt, a.continuation)
-        results[b.name] = {"tokens": r.tokens, "logprobs": r.logprobs, "loss": r.loss}
+        results[b.name] = b.score(a.prompt, a.continuation)
     if a.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({name: {"tokens": r.tokens, "logprobs": r.logprobs, "loss": r.loss}
+                          for name, r in results.items()}, indent=2))
         return 0
     for name, r in results.items():
-        print(f"{name}: mean loss {r['loss']:.4f} nats over {len(r['tokens'])} tokens")
+        print(f"{name}: mean loss {r.loss:.4f} nats over {len(r.tokens)} tokens")
     if len(results) == 2:
         (n1, r1), (n2, r2) = results.items()
-        print(f"gap ({n1} - {n2}): {r1['loss'] - r2['loss']:+.4f} nats (positive = {n2} better)")
+        print(f"gap ({n1} - {n2}): {r1.loss - r2.loss:+.4f} nats (positive = {n2} better)")
     return 0
 
 

@@ -21,11 +21,13 @@ from models.base import (
     Backend,
     BackendError,
     BackendInfo,
+    FinishReason,
     GenerationParams,
     GenerationResult,
     Prompt,
     ScoreResult,
     StreamChunk,
+    stated_architecture,
 )
 
 _TOKEN = re.compile(r"\s*\S+|\s+$")
@@ -90,7 +92,7 @@ class FakeBackend(Backend):
         return len(fake_tokens(text))
 
     @staticmethod
-    def _cut(reply: str, params: GenerationParams) -> tuple[list[str], str]:
+    def _cut(reply: str, params: GenerationParams) -> tuple[list[str], FinishReason]:
         """The reply's tokens after stop sequences and max_tokens, and the finish reason."""
         for s in params.stop:
             if s and s in reply:
@@ -102,14 +104,13 @@ class FakeBackend(Backend):
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         toks, finish = self._cut(self._next("generate", prompt), params)
-        return GenerationResult("".join(toks), self._prompt_tokens(prompt), len(toks),
-                                finish)  # type: ignore[arg-type]
+        return GenerationResult("".join(toks), self._prompt_tokens(prompt), len(toks), finish)
 
     def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
         toks, finish = self._cut(self._next("stream", prompt), params)
         for t in toks:
             yield StreamChunk(t)
-        yield StreamChunk("", finish, self._prompt_tokens(prompt), len(toks))  # type: ignore[arg-type]
+        yield StreamChunk("", finish, self._prompt_tokens(prompt), len(toks))
 
     def score(self, prompt: str, continuation: str) -> ScoreResult:
         self._next("score", prompt + continuation, take_reply=False)
@@ -119,6 +120,5 @@ class FakeBackend(Backend):
 
 def build(cfg, role: str | None = None, torch_threads: int | None = None) -> FakeBackend:
     """The registry's factory for kind ``fake`` (models/registry.py)."""
-    arch = role if role in ("transformer", "hybrid") else "other"
-    return FakeBackend(cfg.name, arch, default_reply=cfg.fake_reply,  # type: ignore[arg-type]
+    return FakeBackend(cfg.name, stated_architecture(role), default_reply=cfg.fake_reply,
                        delay_s=cfg.fake_delay_s, max_concurrency=cfg.max_concurrency or 64)

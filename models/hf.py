@@ -28,6 +28,7 @@ from models.base import (
     Backend,
     BackendError,
     BackendInfo,
+    FinishReason,
     GenerationParams,
     GenerationResult,
     Prompt,
@@ -71,8 +72,9 @@ class HFBackend(Backend):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float32 if self.device == "cpu" else "auto"
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        # transformers types PreTrainedModel.to as @wraps(nn.Module.to): the unbound signature
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.path, local_files_only=True, dtype=dtype).to(self.device).eval()
+            self.path, local_files_only=True, dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]
         self.config = self.model.config
         self.architecture = architecture or detect_architecture(self.config)
         self._forward_lock = threading.Lock()
@@ -121,7 +123,8 @@ class HFBackend(Backend):
 
     # ---- generation ------------------------------------------------------------------
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
-        text, n_out, reason = "", 0, "length"
+        text, n_out = "", 0
+        reason: FinishReason = "length"
         n_prompt = 0
         for chunk in self.stream(prompt, params):
             text += chunk.text
@@ -129,7 +132,7 @@ class HFBackend(Backend):
                 reason = chunk.finish_reason
                 n_prompt = chunk.prompt_tokens or 0
                 n_out = chunk.completion_tokens or 0
-        return GenerationResult(text, n_prompt, n_out, reason)  # type: ignore[arg-type]
+        return GenerationResult(text, n_prompt, n_out, reason)
 
     def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
         """Token-by-token decoding with the model's cache; text is emitted as soon as it
@@ -147,7 +150,7 @@ class HFBackend(Backend):
         gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
         out_ids: list[int] = []
         out = StreamText(self.tokenizer, params.stop)
-        reason = "length"
+        reason: FinishReason = "length"
         with self._forward_lock, torch.no_grad():
             try:
                 input_ids = torch.tensor([ids], device=self.device)
@@ -176,7 +179,7 @@ class HFBackend(Backend):
         rest = out.finish()
         if rest:
             yield StreamChunk(rest)
-        yield StreamChunk("", reason, len(ids) - 1, len(out_ids))  # type: ignore[arg-type]
+        yield StreamChunk("", reason, len(ids) - 1, len(out_ids))
 
     # ---- scoring ---------------------------------------------------------------------
     def score(self, prompt: str, continuation: str) -> ScoreResult:

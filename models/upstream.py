@@ -32,6 +32,7 @@ from models.base import (
     RequestError,
     ScoreResult,
     StreamChunk,
+    stated_architecture,
 )
 
 KEEPALIVE_EXPIRY_S = 4.0  # idle upstream connections are dropped after this
@@ -350,7 +351,6 @@ def build(cfg, role: str | None = None, torch_threads: int | None = None) -> Ope
         raise BackendSpecError(f"{cfg.name}: kind upstream needs base_url and model")
     key = cfg.api_key
     key = key.get_secret_value() if hasattr(key, "get_secret_value") else key
-    arch = role if role in ("transformer", "hybrid") else "other"
     return OpenAIUpstreamBackend(cfg.name, cfg.base_url, cfg.model, api_key=key,
-                                 architecture=arch, timeout=cfg.timeout_s,  # type: ignore[arg-type]
+                                 architecture=stated_architecture(role), timeout=cfg.timeout_s,
                                  max_concurrency=cfg.max_concurrency or 64)

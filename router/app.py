@@ -2,6 +2,8 @@
 loads the backends and policies; all state lives in ``app.state``.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``POST /v1/feedback`` (outcomes, :mod:`router.feedback`), ``POST /admin/reload`` (a new
+classifier artifact without a restart, :mod:`router.reload`; also on SIGHUP),
 ``GET /health`` (liveness), ``GET /ready`` (a backend can serve), ``GET /metrics``.
 """
 
@@ -9,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -26,9 +30,11 @@ from models.span.gates import get_gate
 from router import errors
 from router import protocol as P
 from router.decision_log import DecisionLog
+from router.feedback import FeedbackRequest, FeedbackService
 from router.metrics import RouterMetrics
 from router.policies import get_policy
 from router.pool import BackendSlot, SlotLimits
+from router.reload import Reloader, ReloadRequest
 from router.serving import RouterService, check_ready
 from router.settings import BackendSettings, Settings
 from router.span import SpanService
@@ -45,9 +51,27 @@ def limits(settings: Settings, bs: BackendSettings) -> SlotLimits:
                       cooldown_s=settings.cooldown_s)
 
 
+PROTECTED = ("/v1/", "/admin/")  # paths behind the API keys
+
+
+def open_decision_log(settings: Settings) -> DecisionLog | None:
+    """The decision log the settings ask for (SQLite path or PostgreSQL URL), or None."""
+    if not settings.decision_log:
+        return None
+    return DecisionLog(settings.decision_log, settings.log_prompts,
+                       retention_days=settings.decision_log_retention_days)
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class GuardMiddleware:
-    """API keys on ``/v1/*`` (401) and the request body limit (413), before any parsing.
-    Also stamps the request's arrival time for the overhead measurement."""
+    """API keys on ``/v1/*`` and ``/admin/*`` (401) and the request body limit (413), before
+    any parsing. Also stamps the request's arrival time for the overhead measurement."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int) -> None:
         self.app = app
@@ -59,7 +83,7 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         scope[T0_KEY] = time.perf_counter()
         headers = dict(scope["headers"])
-        if self.keys and scope["path"].startswith("/v1/"):
+        if self.keys and scope["path"].startswith(PROTECTED):
             auth = headers.get(b"authorization", b"")
             token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             if not any(hmac.compare_digest(token, k) for k in self.keys):
@@ -110,8 +134,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             policies[name] = await asyncio.to_thread(get_policy, prof.policy, **prof.policy_args)
             thr = prof.threshold if prof.threshold is not None else policies[name].default_threshold()
             log.info("profile %s: %r threshold %.3f", name, policies[name], thr)
-        dlog = (DecisionLog(settings.decision_log, settings.log_prompts)
-                if settings.decision_log else None)
+        dlog = open_decision_log(settings)
         span = SpanService(built["transformer"], built["hybrid"],
                            limits(settings, settings.backends["transformer"]), gates)
         app.state.service = RouterService(settings, slots, policies, RouterMetrics(), dlog,
@@ -124,7 +147,30 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             if dlog is not None:
                 dlog.close()
 
-    app = FastAPI(title="ArchRoute", lifespan=lifespan, docs_url=None, redoc_url=None)
+    @asynccontextmanager
+    async def learning(app: FastAPI) -> AsyncIterator[None]:
+        """Feedback's scoring worker and live reloads (SIGHUP too), once the service is up."""
+        async with lifespan(app):
+            svc: RouterService = app.state.service
+            app.state.feedback = FeedbackService(svc, settings.feedback_queue_size)
+            app.state.reloader = reloader = Reloader(svc, settings)
+            await app.state.feedback.start()
+            loop = asyncio.get_running_loop()
+            hup = False
+            try:  # the main thread of a real server; not under a test client's thread
+                loop.add_signal_handler(signal.SIGHUP, reloader.reload_soon, None,
+                                        "SIGHUP reload")
+                hup = True
+            except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+                pass
+            try:
+                yield
+            finally:
+                if hup:
+                    loop.remove_signal_handler(signal.SIGHUP)
+                await app.state.feedback.stop()
+
+    app = FastAPI(title="ArchRoute", lifespan=learning, docs_url=None, redoc_url=None)
     app.state.settings = settings
     errors.install(app)
     app.add_middleware(GuardMiddleware,  # type: ignore[arg-type]
@@ -164,6 +210,36 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             if card["id"] == model_id:
                 return card
         raise errors.ModelNotFoundError(f"model {model_id!r} not found", param="model")
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest, request: Request) -> dict:
+        """An outcome for a served response: a reward in [-1, 1], thumbs up/down (+1/-1),
+        or a reference answer to score under both backends (docs/learning-loop.md)."""
+        return await request.app.state.feedback.submit(body)
+
+    @app.get("/v1/feedback/{response_id}")
+    async def feedback_of(response_id: str, request: Request) -> dict:
+        """The feedback and reference label stored for a response."""
+        return await request.app.state.feedback.outcome(response_id)
+
+    @app.post("/admin/reload", include_in_schema=False)
+    async def admin_reload(request: Request) -> dict:
+        """Load a classifier artifact (``{"artifact": PATH}``; default: the shipped one) and
+        swap it in without a restart. Behind the API keys; with none configured, loopback
+        clients only."""
+        if not settings.api_keys and not is_loopback(request.client.host if request.client
+                                                      else None):
+            raise errors.PermissionDeniedError(
+                "/admin/reload: with no api_keys configured, only loopback clients may "
+                "reload; configure api_keys to reload from elsewhere")
+        raw = await request.body()
+        try:
+            data = json.loads(raw) if raw.strip() else {}
+            body = ReloadRequest.model_validate(data if data is not None else {})
+        except (ValueError, TypeError) as exc:
+            raise errors.InvalidRequestError(f"/admin/reload: expected {{\"artifact\": "
+                                             f"PATH}} or no body: {exc}") from None
+        return await request.app.state.reloader.reload(body.artifact)
 
     @app.get("/health")
     async def health() -> dict:

@@ -65,7 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
             return 2
         overrides["api_keys"] = [*(args.api_keys or []), *keys]
     if args.decision_log is not None:
-        overrides["decision_log"] = args.decision_log or None
+        overrides["decision_log"] = args.decision_log  # "" turns it off (None would be "unset")
     from models.registry import BackendSpecError, parse_spec
 
     try:

@@ -1,21 +1,38 @@
-"""The decision log: one SQLite row per request, written by one background thread.
+"""The decision log: one row per request, written by one background thread; beside it the
+outcomes clients report (``feedback``: a reward per response; ``labels``: a reference answer
+scored under both backends), and a retention period.
 
-WAL mode with ``synchronous=FULL``: a row the writer has committed survives a crash of the
-router (and of the machine). The writer groups the rows of ``batch_window_s`` (50 ms) into
-one transaction, so a busy router pays one fsync per batch, not per request; the rows of
-the last window can be lost in a crash. No prompt text is stored unless ``log_prompts``.
+Two stores, one schema. A path is a SQLite file; a ``postgresql://`` URL is a PostgreSQL
+database (``psycopg``, the ``postgres`` extra, imported only then), which several router
+replicas can share: feedback for a response one replica served is accepted by any other.
+
+SQLite runs in WAL mode with ``synchronous=FULL``: a row the writer has committed survives a
+crash of the router (and of the machine). The writer groups the rows of ``batch_window_s``
+(50 ms) into one transaction, so a busy router pays one fsync per batch, not per request;
+the rows of the last window can be lost in a crash. Feedback is different: it is written
+and committed synchronously (:meth:`DecisionLog.add_feedback`, from a worker thread) before
+the client is told 200, so an acknowledged outcome is never lost.
+
+Retention: with ``retention_days`` set, the writer thread deletes decisions older than that,
+and their feedback and labels, when it starts and then at most once per
+``retention_interval_s`` (an hour). No prompt text is stored unless ``log_prompts``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
+import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +47,7 @@ CREATE TABLE IF NOT EXISTS decisions (
     policy TEXT,
     score REAL,                    -- P(transformer better), NULL when routing was bypassed
     threshold REAL,
-    decision TEXT,                 -- role the policy chose: transformer | hybrid
+    decision TEXT,                 -- role the router chose (after exploration): transformer | hybrid
     backend TEXT,                  -- backend that served (NULL when none did)
     fallback_from TEXT,
     features TEXT,                 -- JSON object of the policy's cues
@@ -47,7 +64,53 @@ CREATE TABLE IF NOT EXISTS decisions (
 )"""
 # columns added after the first release: added to older files when they are opened
 MIGRATIONS = {"side": "ALTER TABLE decisions ADD COLUMN side INTEGER DEFAULT 0",
-              "span": "ALTER TABLE decisions ADD COLUMN span TEXT"}
+              "span": "ALTER TABLE decisions ADD COLUMN span TEXT",
+              # P(the router chose `decision`): 1 - epsilon, epsilon when explored, 1 when
+              # deterministic; NULL for rows logged before propensities were
+              "propensity": "ALTER TABLE decisions ADD COLUMN propensity REAL",
+              # 1: exploration sent it to the backend the policy did not pick
+              "explored": "ALTER TABLE decisions ADD COLUMN explored INTEGER",
+              # only when log_prompts: JSON {kind, messages, max_tokens}, the request as the
+              # policy saw it (offline evaluation and retraining rebuild its features)
+              "request": "ALTER TABLE decisions ADD COLUMN request TEXT",
+              # the classifier artifact that scored it (sha256, 12 hex digits)
+              "artifact": "ALTER TABLE decisions ADD COLUMN artifact TEXT"}
+FEEDBACK_SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    request_id TEXT PRIMARY KEY,   -- the response's id
+    time REAL NOT NULL,            -- unix seconds, when it was received
+    reward REAL NOT NULL,          -- in [-1, 1]; thumbs up = 1, thumbs down = -1
+    kind TEXT NOT NULL             -- reward | thumbs
+)"""
+LABELS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS labels (
+    request_id TEXT PRIMARY KEY,   -- the response's id
+    time REAL NOT NULL,            -- when the reference was received
+    reference TEXT NOT NULL,       -- the reference answer a client sent
+    reference_sha256 TEXT NOT NULL,
+    status TEXT NOT NULL,          -- queued | done | failed
+    loss_transformer REAL,         -- nats/token of the reference under each backend
+    loss_hybrid REAL,
+    gap REAL,                      -- loss_transformer - loss_hybrid (positive: hybrid better)
+    n_tokens INTEGER,
+    pair TEXT,                     -- transformer|hybrid backend names
+    error TEXT,
+    scored_time REAL
+)"""
+INDEXES = ("CREATE INDEX IF NOT EXISTS decisions_request_id ON decisions (request_id)",
+           "CREATE INDEX IF NOT EXISTS decisions_time ON decisions (time)")
+RETENTION_INTERVAL_S = 3600.0  # the writer prunes at most this often (and when it starts)
+_HURRY = object()  # queued by a reader waiting for a row: commit the current batch now
+_PG_LOCK = 7_270_016  # advisory lock id: replicas starting together create the schema once
+
+
+def is_postgres(target: str | Path) -> bool:
+    return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(target: str) -> str:
+    """A database URL with its password shown as ``**********`` (paths unchanged)."""
+    return re.sub(r"^(postgres(?:ql)?://[^:/@]*:)[^@]*@", r"\1**********@", target)
 
 
 @dataclass
@@ -73,26 +136,24 @@ class DecisionRow:
     prompt: str | None = None
     side: bool = False
     span: dict | None = None  # span decoding's totals (tokens per model, switches, catch-up)
+    propensity: float | None = None  # P(decision) under the logging router (see MIGRATIONS)
+    explored: bool | None = None
+    request: dict | None = None  # {kind, messages, max_tokens}: only when log_prompts
+    artifact: str | None = None
     time: float = field(default_factory=time.time)
 
 
-class DecisionLog:
-    """Append rows from the event loop without blocking it (``write`` only enqueues)."""
+# --- the two stores ---------------------------------------------------------------------
 
-    def __init__(self, path: str | Path, log_prompts: bool = False,
-                 batch_window_s: float = 0.05) -> None:
+class _SQLite:
+    param = "?"
+
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.log_prompts = log_prompts
-        self.batch_window_s = batch_window_s
-        self._queue: queue.Queue[DecisionRow | None] = queue.Queue()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()  # fail at start, not at the first request
-        conn.close()
-        self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
-        self._thread.start()
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, check_same_thread=False)
+    def connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(SCHEMA)
@@ -100,46 +161,213 @@ class DecisionLog:
         for col, ddl in MIGRATIONS.items():
             if col not in have:
                 conn.execute(ddl)
+        for ddl in (FEEDBACK_SCHEMA, LABELS_SCHEMA, *INDEXES):
+            conn.execute(ddl)
         conn.commit()
         return conn
 
+    @contextmanager
+    def transaction(self, conn: sqlite3.Connection) -> Iterator[Any]:
+        with conn:  # commits, or rolls back on an exception
+            yield conn.cursor()
+
+    @staticmethod
+    def rows(cur: Any) -> list[dict]:
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def describe(self) -> str:
+        return str(self.path)
+
+
+def _pg(sql: str) -> str:
+    """SQLite's DDL and placeholders for PostgreSQL: 8-byte floats (unix seconds need them),
+    an identity key, idempotent column additions, ``%s`` parameters."""
+    sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
+    sql = sql.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")
+    sql = sql.replace("ADD COLUMN ", "ADD COLUMN IF NOT EXISTS ")
+    return sql.replace("?", "%s")
+
+
+class _Postgres:
+    param = "%s"
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise RuntimeError("decision_log is a PostgreSQL URL but psycopg is not installed: "
+                               "pip install 'archroute[postgres]' (psycopg[binary])") from None
+        self.url = url
+
+    def connect(self) -> Any:
+        import psycopg
+
+        conn = psycopg.connect(self.url, connect_timeout=10, autocommit=True)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+            for ddl in (SCHEMA, *MIGRATIONS.values(), FEEDBACK_SCHEMA, LABELS_SCHEMA, *INDEXES):
+                conn.execute(_pg(ddl))  # type: ignore[arg-type]
+        return conn
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[Any]:
+        with conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    @staticmethod
+    def rows(cur: Any) -> list[dict]:
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def describe(self) -> str:
+        return redact_url(self.url)
+
+
+def _store(target: str | Path) -> _SQLite | _Postgres:
+    return _Postgres(str(target)) if is_postgres(target) else _SQLite(target)
+
+
+class DecisionLog:
+    """Append rows from the event loop without blocking it (``write`` only enqueues); read
+    and write feedback synchronously (call those from a worker thread)."""
+
+    def __init__(self, path: str | Path, log_prompts: bool = False,
+                 batch_window_s: float = 0.05, retention_days: float | None = None,
+                 retention_interval_s: float = RETENTION_INTERVAL_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.target = str(path)
+        self.store = _store(path)
+        self.path = Path(path) if isinstance(self.store, _SQLite) else None
+        self.log_prompts = log_prompts
+        self.batch_window_s = batch_window_s
+        self.retention_days = retention_days
+        self.retention_interval_s = retention_interval_s
+        self.clock = clock
+        self._queue: queue.Queue[Any] = queue.Queue()
+        # request ids written but not yet committed: feedback for them waits for the commit
+        self._pending: set[str] = set()
+        self._committed = threading.Condition()
+        self._next_prune = 0.0
+        self._sync = self.store.connect()  # fail at start, not at the first request
+        self._sync_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
+        self._thread.start()
+
+    @property
+    def sql(self) -> Callable[[str], str]:
+        return _pg if isinstance(self.store, _Postgres) else (lambda s: s)
+
+    # --- decisions: the background writer ---------------------------------------------
     def write(self, row: DecisionRow) -> None:
         if not self.log_prompts:
-            row.prompt = None
+            row.prompt = row.request = None
+        with self._committed:
+            self._pending.add(row.request_id)
         self._queue.put(row)
 
     def _run(self) -> None:
-        conn = self._connect()
+        conn = self._reconnect(None)
+        conn = self._maybe_prune(conn)
         cols = [f for f in DecisionRow.__dataclass_fields__]
-        sql = (f"INSERT INTO decisions ({', '.join(cols)}) "
-               f"VALUES ({', '.join('?' for _ in cols)})")
+        sql = self.sql(f"INSERT INTO decisions ({', '.join(cols)}) "
+                       f"VALUES ({', '.join('?' for _ in cols)})")
+        # wake up now and then to prune even when no rows arrive
+        wake = None if self.retention_days is None else min(self.retention_interval_s, 60.0)
         stop = False
         while not stop:
-            batch = [self._queue.get()]
+            try:
+                first = self._queue.get(timeout=wake)
+            except queue.Empty:
+                conn = self._maybe_prune(conn)
+                continue
+            batch = [first]
             deadline = time.monotonic() + self.batch_window_s
-            while batch[-1] is not None and len(batch) < 512:  # group rows: one fsync
-                try:
+            while batch[-1] is not None and batch[-1] is not _HURRY and len(batch) < 512:
+                try:  # group rows: one fsync per batch window
                     batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            rows = []
+            rows, ids = [], []
             for row in batch:
+                if row is _HURRY:
+                    continue
                 if row is None:
                     stop = True
                     continue
                 d = asdict(row)
                 d["features"] = json.dumps(d["features"])
                 d["stream"], d["side"] = int(d["stream"]), int(d["side"])
-                d["span"] = None if d["span"] is None else json.dumps(d["span"])
+                d["explored"] = None if d["explored"] is None else int(d["explored"])
+                for k in ("span", "request"):
+                    d[k] = None if d[k] is None else json.dumps(d[k])
                 rows.append(tuple(d[c] for c in cols))
-            try:
-                with conn:
-                    conn.executemany(sql, rows)
-            except sqlite3.Error as exc:
-                log.error("decision log: dropped %d rows: %s", len(rows), exc)
+                ids.append(row.request_id)
+            if rows:
+                conn = self._reconnect(conn)
+                try:
+                    if conn is None:
+                        raise RuntimeError("no connection")
+                    with self.store.transaction(conn) as cur:
+                        cur.executemany(sql, rows)
+                except Exception as exc:  # noqa: BLE001 - a log must never stop serving
+                    log.error("decision log: dropped %d rows: %s", len(rows), exc)
+                    conn = self._drop(conn)
+            with self._committed:
+                self._pending.difference_update(ids)
+                self._committed.notify_all()
             for _ in batch:
                 self._queue.task_done()
-        conn.close()
+            conn = self._maybe_prune(conn)
+        if conn is not None:
+            conn.close()
+
+    def _reconnect(self, conn: Any) -> Any:
+        if conn is not None and not getattr(conn, "closed", False):
+            return conn
+        try:
+            return self.store.connect()
+        except Exception as exc:  # noqa: BLE001 - retried at the next batch
+            log.error("decision log: cannot connect to %s: %s", self.store.describe(), exc)
+            return None
+
+    @staticmethod
+    def _drop(conn: Any) -> Any:
+        """After a failed write: a PostgreSQL connection that broke is reopened next time."""
+        if conn is not None and getattr(conn, "closed", False):
+            return None
+        return conn
+
+    # --- retention --------------------------------------------------------------------
+    def _maybe_prune(self, conn: Any) -> Any:
+        if self.retention_days is None or self.clock() < self._next_prune:
+            return conn
+        self._next_prune = self.clock() + self.retention_interval_s
+        conn = self._reconnect(conn)
+        if conn is None:
+            return conn
+        try:
+            n = self.prune(conn)
+        except Exception as exc:  # noqa: BLE001
+            log.error("decision log: retention failed: %s", exc)
+            return self._drop(conn)
+        if n:
+            log.info("decision log: deleted %d decisions older than %g days", n,
+                     self.retention_days)
+        return conn
+
+    def prune(self, conn: Any, now: float | None = None) -> int:
+        """Delete decisions older than ``retention_days`` and their feedback and labels;
+        returns how many decisions went."""
+        assert self.retention_days is not None
+        cutoff = (self.clock() if now is None else now) - self.retention_days * 86400.0
+        old = "SELECT request_id FROM decisions WHERE time < ?"
+        with self.store.transaction(conn) as cur:
+            for table in ("feedback", "labels"):
+                cur.execute(self.sql(f"DELETE FROM {table} WHERE request_id IN ({old}) "
+                                     "OR time < ?"), (cutoff, cutoff))
+            cur.execute(self.sql("DELETE FROM decisions WHERE time < ?"), (cutoff,))
+            return int(cur.rowcount or 0)
 
     def flush(self) -> None:
         """Block until every row written so far is committed (tests, shutdown)."""
@@ -149,3 +377,127 @@ class DecisionLog:
         """Flush queued rows and stop the writer."""
         self._queue.put(None)
         self._thread.join(timeout_s)
+        with self._sync_lock:
+            self._sync.close()
+
+    # --- feedback: synchronous, committed before the caller answers --------------------
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._sync_lock:
+            if getattr(self._sync, "closed", False):  # a PostgreSQL connection that broke
+                self._sync = self.store.connect()
+            with self.store.transaction(self._sync) as cur:
+                yield cur
+
+    def _query(self, sql: str, args: tuple = ()) -> list[dict]:
+        with self._tx() as cur:
+            cur.execute(self.sql(sql), args)
+            return self.store.rows(cur)
+
+    def find(self, request_id: str, wait_s: float = 2.0) -> dict | None:
+        """The served decision with this response id, or None. A row this process wrote
+        but has not committed yet is waited for (up to ``wait_s``); one another replica
+        wrote is looked for again after two batch windows (its writer's delay)."""
+        with self._committed:
+            if request_id in self._pending and wait_s > 0:
+                self._queue.put(_HURRY)  # don't wait out the batch window
+            self._committed.wait_for(lambda: request_id not in self._pending, wait_s)
+        sql = ("SELECT request_id, time, endpoint, model, profile, policy, decision, backend, "
+               "fallback_from, status, prompt, request, propensity, explored, side "
+               "FROM decisions WHERE request_id = ? AND backend IS NOT NULL "
+               "ORDER BY id DESC LIMIT 1")
+        for attempt in range(2):
+            rows = self._query(sql, (request_id,))
+            if rows:
+                return rows[0]
+            if attempt == 0:
+                time.sleep(4 * self.batch_window_s)
+        return None
+
+    def add_feedback(self, request_id: str, reward: float, kind: str) -> tuple[str, float]:
+        """Store a reward for a response: ``("new" | "duplicate" | "conflict", stored
+        reward)``. Committed when this returns."""
+        with self._tx() as cur:
+            cur.execute(self.sql("INSERT INTO feedback (request_id, time, reward, kind) "
+                                 "VALUES (?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"),
+                        (request_id, self.clock(), reward, kind))
+            if cur.rowcount == 1:
+                return "new", reward
+            cur.execute(self.sql("SELECT reward FROM feedback WHERE request_id = ?"),
+                        (request_id,))
+            stored = float(cur.fetchone()[0])
+        return ("duplicate" if math.isclose(stored, reward, abs_tol=1e-12) else "conflict"), stored
+
+    def add_reference(self, request_id: str, reference: str, sha256: str) -> str:
+        """Queue a reference answer for scoring: ``"new" | "duplicate" | "conflict"``."""
+        with self._tx() as cur:
+            cur.execute(self.sql("INSERT INTO labels (request_id, time, reference, "
+                                 "reference_sha256, status) VALUES (?, ?, ?, ?, 'queued') "
+                                 "ON CONFLICT (request_id) DO NOTHING"),
+                        (request_id, self.clock(), reference, sha256))
+            if cur.rowcount == 1:
+                return "new"
+            cur.execute(self.sql("SELECT reference_sha256 FROM labels WHERE request_id = ?"),
+                        (request_id,))
+            stored = cur.fetchone()[0]
+        return "duplicate" if stored == sha256 else "conflict"
+
+    def drop_reference(self, request_id: str) -> None:
+        """Undo :meth:`add_reference` (its scoring could not be queued)."""
+        with self._tx() as cur:
+            cur.execute(self.sql("DELETE FROM labels WHERE request_id = ? AND status = 'queued'"),
+                        (request_id,))
+
+    def set_label(self, request_id: str, status: str, loss_transformer: float | None = None,
+                  loss_hybrid: float | None = None, gap: float | None = None,
+                  n_tokens: int | None = None, pair: str | None = None,
+                  error: str | None = None) -> None:
+        """Record a reference's scores (status ``done``) or why it could not be scored."""
+        with self._tx() as cur:
+            cur.execute(self.sql("UPDATE labels SET status = ?, loss_transformer = ?, "
+                                 "loss_hybrid = ?, gap = ?, n_tokens = ?, pair = ?, error = ?, "
+                                 "scored_time = ? WHERE request_id = ?"),
+                        (status, loss_transformer, loss_hybrid, gap, n_tokens, pair, error,
+                         self.clock(), request_id))
+
+    def queued_references(self, limit: int) -> list[tuple[str, str]]:
+        """(request id, reference) of references acknowledged but not scored yet (a
+        restart picks them up again)."""
+        rows = self._query("SELECT request_id, reference FROM labels WHERE status = 'queued' "
+                           "ORDER BY time LIMIT ?", (limit,))
+        return [(r["request_id"], r["reference"]) for r in rows]
+
+    def outcome(self, request_id: str) -> dict:
+        """The feedback and label stored for a response (each None when absent)."""
+        fb = self._query("SELECT time, reward, kind FROM feedback WHERE request_id = ?",
+                         (request_id,))
+        lb = self._query("SELECT time, status, loss_transformer, loss_hybrid, gap, n_tokens, "
+                         "pair, error FROM labels WHERE request_id = ?", (request_id,))
+        return {"feedback": fb[0] if fb else None, "label": lb[0] if lb else None}
+
+
+# --- reading a log (offline evaluation, retraining) ------------------------------------
+
+def read_log(target: str | Path) -> list[dict]:
+    """Every decision row of a log with its feedback (``reward``, ``feedback_kind``) and
+    label (``label_status``, ``loss_transformer``, ``loss_hybrid``, ``gap``), oldest first;
+    JSON columns decoded. A SQLite path must exist (nothing is created)."""
+    if not is_postgres(target) and not Path(target).is_file():
+        raise FileNotFoundError(f"no decision log at {target}")
+    store = _store(target)
+    conn = store.connect()  # brings an older file's columns up to date, as the router does
+    try:
+        with store.transaction(conn) as cur:
+            cur.execute("SELECT d.*, f.reward AS reward, f.kind AS feedback_kind, "
+                        "l.status AS label_status, l.loss_transformer AS loss_transformer, "
+                        "l.loss_hybrid AS loss_hybrid, l.gap AS gap, l.n_tokens AS label_tokens "
+                        "FROM decisions d LEFT JOIN feedback f ON f.request_id = d.request_id "
+                        "LEFT JOIN labels l ON l.request_id = d.request_id ORDER BY d.id")
+            rows = store.rows(cur)
+    finally:
+        conn.close()
+    for r in rows:
+        for k in ("features", "span", "request"):
+            if isinstance(r.get(k), str):
+                r[k] = json.loads(r[k])
+    return rows

@@ -1,8 +1,9 @@
 """Every error the servers return, in OpenAI's envelope, from one mapper.
 
 ``{"error": {"message": str, "type": str, "param": str | None, "code": str | None}}``
-with 400 invalid request, 401 auth, 404 unknown model, 413 too large, 429 / 503
-overloaded, 502 upstream failure, 504 upstream timeout, 500 anything else.
+with 400 invalid request, 401 auth, 403 not allowed, 404 unknown model (or response),
+409 conflicting feedback, 413 too large, 429 / 503 overloaded, 502 upstream failure, 504
+upstream timeout, 500 anything else.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ class AuthenticationError(APIError):
 
 class ModelNotFoundError(APIError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class PermissionDeniedError(APIError):
+    status, type, code = 403, "permission_error", "forbidden"
+
+
+class ConflictError(APIError):
+    status, type, code = 409, "invalid_request_error", "conflict"
 
 
 class RequestTooLargeError(APIError):

@@ -18,6 +18,9 @@ class RouterMetrics:
                                 ["endpoint", "model", "status"], registry=r)
         self.decisions = Counter("archroute_decisions", "routing decisions by chosen backend role",
                                  ["policy", "backend"], registry=r)
+        self.explored = Counter("archroute_explored", "requests exploration sent to the "
+                                "backend the policy did not pick, by profile and backend role",
+                                ["profile", "backend"], registry=r)
         self.served = Counter("archroute_served", "requests served, by backend name",
                               ["backend"], registry=r)
         self.fallbacks = Counter("archroute_fallbacks", "requests served by the other backend",

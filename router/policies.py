@@ -302,13 +302,14 @@ class ClassifierPolicy(Policy):
     L / (L + 8000)`` with ``L`` the prompt length in characters. When the default artifact (or
     its module) is missing or unusable the policy falls back to ``rules`` with a logged
     warning; ``fallback_`` is True then. An explicit ``artifact`` path that fails to load
-    raises.
+    raises. ``model``, a loaded :class:`~classifiers.artifact.RequestClassifier`, is used
+    instead of loading one (a live reload loads an artifact once for every profile).
     """
 
     description = "trained classifier P(transformer better), optional cost weight"
 
     def __init__(self, cost_weight: float = 0.0, artifact: str | None = None,
-                 operating_point: str = "quality") -> None:
+                 operating_point: str = "quality", model: object | None = None) -> None:
         if cost_weight < 0:
             raise ValueError(f"classifier: cost_weight must be >= 0, got {cost_weight}")
         if operating_point not in ("quality", "cost") and not operating_point.startswith("risk-"):
@@ -317,7 +318,9 @@ class ClassifierPolicy(Policy):
         self.cost_weight = cost_weight
         self.operating_point = operating_point
         self.artifact = artifact
-        self.model_ = self._load(artifact)
+        if model is not None and not hasattr(model, "p_transformer_from_features"):
+            raise ValueError("classifier: 'model' must be a loaded classifier artifact")
+        self.model_ = model if model is not None else self._load(artifact)
         known = getattr(self.model_, "thresholds", {})
         # (an artifact from before thresholds were stored has none: 0.5 for every point)
         if self.model_ is not None and known and operating_point not in known:

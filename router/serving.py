@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +63,11 @@ class Route:
     # what the response reports of span decoding: {"gate": NAME}, and once the span decoder
     # has served it the totals (tokens per model, switches, catch-up); None after a fallback
     span: dict | None = None
+    # P(the router chose `decision`): 1 for a deterministic decision, 1 - epsilon for the
+    # policy's pick under exploration, epsilon when exploration chose the other backend
+    propensity: float = 1.0
+    explored: bool = False
+    artifact: str | None = None  # the classifier artifact that scored it (sha256[:12])
 
     def headers(self, overhead_ms: float) -> dict[str, str]:
         h = {"x-archroute-backend": self.served_by or "",
@@ -80,15 +87,42 @@ class Route:
 
     def body(self, overhead_ms: float) -> dict:
         """The ``archroute`` object of a response (docs/router.md, "The decision")."""
-        out = {"profile": self.profile, "policy": self.policy, "score": self.score,
-               "threshold": self.threshold, "decision": self.decision,
-               "backend": self.served_by, "fallback_from": self.fallback_from,
-               "side_request": self.side, "overhead_ms": round(overhead_ms, 3)}
+        out: dict[str, object] = {
+            "profile": self.profile, "policy": self.policy, "score": self.score,
+            "threshold": self.threshold, "decision": self.decision, "backend": self.served_by,
+            "fallback_from": self.fallback_from, "side_request": self.side,
+            "overhead_ms": round(overhead_ms, 3), "propensity": self.propensity,
+            "explored": self.explored}
+        if self.artifact is not None:
+            out["artifact"] = self.artifact
         if self.reasons is not None:
             out["reasons"] = self.reasons
         if self.span is not None:
             out["span"] = dict(self.span)
         return out
+
+
+@dataclass(frozen=True)
+class RoutingState:
+    """The policies and thresholds requests are routed with. A live reload
+    (:mod:`router.reload`) builds a new one and swaps it in whole: a request reads it once,
+    so it never mixes an old policy with a new threshold."""
+
+    policies: dict[str, Policy]
+    thresholds: dict[str, float]
+
+    @classmethod
+    def build(cls, settings: Settings, policies: dict[str, Policy]) -> RoutingState:
+        # a profile without a threshold uses its policy's own (see ProfileSettings)
+        return cls(policies, {name: p.threshold if p.threshold is not None
+                              else policies[name].default_threshold()
+                              for name, p in settings.profiles.items() if name in policies})
+
+
+def artifact_of(policy: Policy) -> object | None:
+    """The classifier artifact a policy scores with (None: not a classifier, or its rules
+    fallback)."""
+    return getattr(policy, "model_", None)
 
 
 class RouterService:
@@ -102,15 +136,26 @@ class RouterService:
         # span profiles' slots, built on first use over the two backends (router/span.py)
         self.span = span if span is not None else SpanService(
             slots["transformer"].backend, slots["hybrid"].backend, slots["transformer"].limits)
-        self.policies = policies
+        self.state = RoutingState.build(settings, policies)
         self.metrics = metrics
         self.decision_log = decision_log
         self._by_name = {s.name: role for role, s in slots.items()}
         self.created = int(time.time())  # the models' `created`: when this router started
-        # a profile without a threshold uses its policy's own (see ProfileSettings)
-        self.thresholds = {name: p.threshold if p.threshold is not None
-                           else policies[name].default_threshold()
-                           for name, p in settings.profiles.items() if name in policies}
+        # exploration (profiles' epsilon): one seeded generator per service, seed logged
+        self.exploration_seed = (settings.exploration_seed if settings.exploration_seed
+                                 is not None else secrets.randbits(32))
+        self._rng = random.Random(self.exploration_seed)
+        exploring = {n: p.epsilon for n, p in settings.profiles.items() if p.epsilon}
+        if exploring:
+            log.info("exploration: %s, random seed %d", exploring, self.exploration_seed)
+
+    @property
+    def policies(self) -> dict[str, Policy]:
+        return self.state.policies
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return self.state.thresholds
 
     # --- routing -------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -118,14 +163,25 @@ class RouterService:
         users pick one), then the profiles, then the backends by name."""
         default = self.settings.default_profile
         dp = self.settings.profiles[default]
+        state = self.state
+
+        def extra(name: str, p: ProfileSettings) -> dict:
+            out: dict = {"gate": p.span_gate} if p.span_gate is not None else {}
+            if p.span_gate is None:
+                out["epsilon"] = p.epsilon
+            art = artifact_of(state.policies[name]) if name in state.policies else None
+            if art is not None and hasattr(art, "identity"):
+                out["artifact"] = art.identity()
+            return out
+
         out = [P.model_card(DEFAULT_ALIAS, "archroute", self.created, kind="profile",
                             policy=dp.policy, alias_of=default,
-                            threshold=self.thresholds.get(default, dp.threshold),
-                            description=f"the default profile ({default})")]
+                            threshold=state.thresholds.get(default, dp.threshold),
+                            description=f"the default profile ({default})",
+                            **extra(default, dp))]
         out += [P.model_card(name, "archroute", self.created, kind="profile", policy=p.policy,
-                             threshold=self.thresholds.get(name, p.threshold),
-                             description=p.description,
-                             **({"gate": p.span_gate} if p.span_gate is not None else {}))
+                             threshold=state.thresholds.get(name, p.threshold),
+                             description=p.description, **extra(name, p))
                 for name, p in self.settings.profiles.items()]
         for role, slot in self.slots.items():
             info = slot.backend.info()
@@ -142,8 +198,7 @@ class RouterService:
     def _order(self, role: str) -> list[str]:
         if role == SPAN_ROLE:  # a failed span decoder falls back like any backend
             return [role, "transformer"] if self.settings.fallback else [role]
-        other = "hybrid" if role == "transformer" else "transformer"
-        return [role, other] if self.settings.fallback else [role]
+        return [role, _other(role)] if self.settings.fallback else [role]
 
     def _slot(self, route: Route, role: str) -> BackendSlot:
         """The slot serving ``role`` for this route (a span route's gate has its own)."""
@@ -157,7 +212,10 @@ class RouterService:
         """The decision for one request: a backend named directly, a chat app's side
         request (served by ``side_requests`` unscored), the span decoder (a span profile;
         ``gate`` overrides its gate), or the profile's policy. With ``explain``, the
-        features behind the score, in words (``Route.reasons``)."""
+        features behind the score, in words (``Route.reasons``). A profile with
+        ``epsilon`` sends that share of requests to the other backend at random (only when
+        ``count``: a request the router serves), with the propensity in the route."""
+        state = self.state  # read once: a reload swaps it whole
         if model in self._by_name:
             role = self._by_name[model]
             return Route(model, decision=role, order=[role],
@@ -189,7 +247,7 @@ class RouterService:
                          order=self._order(SPAN_ROLE), span_gate=chosen, span={"gate": chosen},
                          reasons=[f"span decoding: the gate {chosen} picks the model for each "
                                   "token"] if explain else None)
-        policy = self.policies[name]
+        policy = state.policies[name]
         # one pass computes the score and the features the decision log records
         scorer = policy.explain if self.decision_log is not None or explain else (
             lambda r: (policy.score(r), {}))
@@ -197,16 +255,30 @@ class RouterService:
             score, feats = await asyncio.to_thread(scorer, rreq)
         else:
             score, feats = scorer(rreq)
-        thr = self.thresholds[name] if threshold is None else threshold
+        thr = state.thresholds[name] if threshold is None else threshold
         role = decide(score, thr)
+        propensity, explored = 1.0, False
+        if prof.epsilon:
+            propensity = 1.0 - prof.epsilon
+            if count and self._rng.random() < prof.epsilon:  # explore: the other backend
+                role, propensity, explored = _other(role), prof.epsilon, True
         # a classifier profile without its artifact scores with the rules: say so
         label = f"{prof.policy}+rules-fallback" if getattr(policy, "fallback_", False) else prof.policy
-        route = Route(model, name, label, score, thr, role, self._order(role))
+        route = Route(model, name, label, score, thr, role, self._order(role),
+                      propensity=propensity, explored=explored)
         route.features = feats
+        art = artifact_of(policy)
+        if art is not None and getattr(art, "sha256", None):
+            route.artifact = art.sha256[:12]  # type: ignore[attr-defined]
         if explain:
             route.reasons = reasons(feats, policy.contributions(feats))
+            if explored:
+                route.reasons.append(f"exploration (epsilon {prof.epsilon:g}): sent to the "
+                                     f"{role}, the backend the policy did not pick")
         if count:  # /v1/route asks without serving: not a decision the router carried out
             self.metrics.decisions.labels(prof.policy, role).inc()
+            if explored:
+                self.metrics.explored.labels(name, role).inc()
         return route
 
     def params(self, body: P.ChatCompletionRequest | P.CompletionRequest,
@@ -359,8 +431,13 @@ class RouterService:
             row.profile, row.policy, row.score = route.profile, route.policy, route.score
             row.threshold, row.decision, row.features = route.threshold, route.decision, route.features
             row.side = route.side
+            row.propensity, row.explored, row.artifact = (route.propensity, route.explored,
+                                                          route.artifact)
             if self.decision_log is not None and self.decision_log.log_prompts:
                 row.prompt = rreq.text
+                row.request = {"kind": rreq.kind, "max_tokens": rreq.max_tokens,
+                               "messages": [{"role": m.role, "content": m.content}
+                                            for m in rreq.messages]}
             if body.stream:
                 return await self._stream_response(route, prompt, body, row, t0)
             results, spent = await self.generate(route, prompt, body)
@@ -429,6 +506,10 @@ class RouterService:
             self.decision_log.write(row)
 
 
+def _other(role: str) -> str:
+    return "hybrid" if role == "transformer" else "transformer"
+
+
 def check_ready(service: RouterService) -> tuple[bool, dict]:
     """Ready when at least one backend is loaded and not cooling down."""
     states = {s.name: {"role": role, "state": s.state, "in_flight": s.in_flight,
@@ -436,4 +517,4 @@ def check_ready(service: RouterService) -> tuple[bool, dict]:
     return any(v["state"] != "open" for v in states.values()), states
 
 
-__all__ = ["APIError", "RouterService", "Route", "check_ready"]
+__all__ = ["APIError", "RouterService", "Route", "RoutingState", "check_ready"]

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from models.span.decoder import DEFAULT_GATE, default_gate_name
 from models.span.gates import GATES
@@ -87,6 +95,10 @@ class ProfileSettings(_Strict):
     # transformer when score >= threshold; None: the policy's own (a classifier profile: the
     # artifact's threshold for its operating point, chosen on validation data), else 0.5
     threshold: float | None = Field(None, ge=0.0, le=1.01)
+    # exploration: this share of the profile's requests goes to the backend the policy did
+    # not pick, at random, so an offline evaluation can see both (docs/learning-loop.md); the
+    # decision log records each decision's propensity (1 - epsilon, or epsilon if explored)
+    epsilon: float = Field(0.0, ge=0.0, le=0.5)
     description: str = ""
 
     @property
@@ -113,6 +125,9 @@ class ProfileSettings(_Strict):
             if self.threshold is not None:
                 raise ValueError("span profile: 'threshold' does not apply (the gate decides "
                                  "per token)")
+            if self.epsilon:
+                raise ValueError("span profile: 'epsilon' does not apply (span decoding uses "
+                                 "both models; there is no other backend to explore)")
             return self
         if self.policy not in list_policies():
             import difflib
@@ -177,8 +192,17 @@ class Settings(_Strict):
     max_tokens_cap: int = Field(2048, ge=1)  # requested max_tokens above this are clamped
     # when the request gives none; None: up to the room the context leaves (as vLLM does)
     default_max_tokens: int | None = Field(None, ge=1)
-    decision_log: str | None = "archroute-decisions.sqlite"  # None: off
+    # a SQLite file, or a PostgreSQL URL (postgresql://user:pass@host/db, the `postgres`
+    # extra) that several replicas share; None or "": off (and no feedback)
+    decision_log: str | None = "archroute-decisions.sqlite"
+    # decisions older than this (and their feedback) are deleted; None: kept forever
+    decision_log_retention_days: float | None = Field(30.0, gt=0)
     log_prompts: bool = False  # store prompt text in the decision log
+    # POST /v1/feedback with a reference answer: scored under both backends in the
+    # background, at most this many waiting (more: 429)
+    feedback_queue_size: int = Field(64, ge=1)
+    # exploration's random generator (profiles' epsilon); None: a fresh seed, logged at start
+    exploration_seed: int | None = None
     decision_in_body: bool = True  # add the `archroute` object to response bodies
     # chat apps' own side requests (titles, tags, follow-ups; recognised by their prompt,
     # e.g. Open WebUI's "### Task:"): served by this backend role without scoring, marked
@@ -189,6 +213,11 @@ class Settings(_Strict):
     # (chat apps such as Open WebUI send tools on every turn); "error": a 400
     tools: Literal["drop", "error"] = "drop"
     torch_threads: int | None = Field(None, ge=1)  # for in-process models; None: torch's default
+
+    @field_validator("decision_log")
+    @classmethod
+    def _log_off(cls, v: str | None) -> str | None:
+        return v or None  # "" (the CLI's --decision-log '') turns it off
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -206,8 +235,14 @@ class Settings(_Strict):
         return self
 
     def redacted(self) -> dict[str, Any]:
-        """A JSON-able dict with every secret shown as ``**********`` (for logs, results)."""
-        return self.model_dump(mode="json")
+        """A JSON-able dict with every secret shown as ``**********`` (for logs, results),
+        a database password in ``decision_log`` included."""
+        out = self.model_dump(mode="json")
+        if out.get("decision_log"):
+            from router.decision_log import redact_url
+
+            out["decision_log"] = redact_url(out["decision_log"])
+        return out
 
 
 # --- loading -------------------------------------------------------------------------
@@ -245,6 +280,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
                       if path[-1] in _LIST_FIELDS else yaml.safe_load(raw) if raw else raw)
         if path[-1] in ("api_key", "base_url", "model", "path", "name"):
             value = raw  # keep strings as given
+        if path[-1] == "decision_log" and raw.strip().lower() not in ("", "null", "none", "~"):
+            value = raw  # a path or a database URL, as given (a password may hold anything)
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -274,6 +311,7 @@ def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | 
             data[key] = {k: v.model_dump(mode="json", exclude_defaults=True)
                          for k, v in factory().items()}
     data = _merge(data, _env_overrides(environ))
+    # None means "not given" (the CLI's unset flags); to turn the decision log off pass ""
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
     cli_backends = over.pop("backends", {})
     data = _merge(data, over)

@@ -95,7 +95,7 @@ class BatchCache:
         if self.root is None:
             return
         tmp = self._path(i).with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds could fill allow_pickle
         tmp.replace(self._path(i))
 
 
@@ -261,7 +261,7 @@ def score_windows_text(backend, docs: Sequence[Document], windows: Sequence[Wind
                        cache: BatchCache, batch_size: int,
                        progress: Callable[[int], None]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(offsets in the document, log p) per window, through ``backend.score_batch``."""
-    out = []
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     for b, lo in enumerate(range(0, len(windows), batch_size)):
         chunk = windows[lo:lo + batch_size]
         got = cache.get(b)
@@ -318,18 +318,19 @@ def score_pair(docs: Sequence[Document], transformer, hybrid, *, specs: tuple[st
            "batch_size": batch_size, "fast": fast, "n_windows": len(windows)}
     log.info("%d windows, %d tokens, %s path", len(windows),
              sum(len(w.ids) for w in windows), "token-id" if fast else "generic score")
-    results = []
+    by_ids: list[list[np.ndarray]] = []  # fast path: log p per window, per backend
+    by_text: list[list[tuple[np.ndarray, np.ndarray]]] = []  # generic: (offsets, log p)
     for backend, spec in ((transformer, specs[0]), (hybrid, specs[1])):
         cache = _cache_for(cache_root, backend, spec, key)
         total = sum(len(w.ids) for w in windows)
         with tqdm(total=total, desc=f"scoring {backend.name}", unit="tok",
                   disable=not progress) as bar:
             if fast:
-                results.append(score_windows_ids(backend, windows, cache, batch_size, bar.update))
+                by_ids.append(score_windows_ids(backend, windows, cache, batch_size, bar.update))
             else:
-                results.append(score_windows_text(backend, docs, windows, cache, batch_size,
+                by_text.append(score_windows_text(backend, docs, windows, cache, batch_size,
                                                   bar.update))
     if fast:
         return [ScoredWindow(w.doc, w.offsets, w.ids, a, b)
-                for w, a, b in zip(windows, results[0], results[1], strict=True)]
-    return pair_generic(docs, windows, results[0], results[1], {})
+                for w, a, b in zip(windows, by_ids[0], by_ids[1], strict=True)]
+    return pair_generic(docs, windows, by_text[0], by_text[1], {})

@@ -85,22 +85,22 @@ def _gates(names: str | None) -> list:
 def run(a: argparse.Namespace) -> int:
     import torch
 
-    from models.base import GenerationParams
+    from models.base import Backend, GenerationParams
     from models.reference import load_reference
     from models.span.decoder import SpanBackend, SpanTrace
 
     torch.set_num_threads(a.threads)
     t = load_reference("transformer", device=a.device)
     h = load_reference("hybrid", device=a.device)
-    for b in (t, h):
-        b.eos_ids = set()  # ignore_eos: every run decodes exactly --tokens tokens
+    for hb in (t, h):
+        hb.eos_ids = set()  # ignore_eos: every run decodes exactly --tokens tokens
     params = GenerationParams(max_tokens=a.tokens, temperature=0.0)
     n_prompt = {k: len(t.encode(p)) + 1 for k, p in PROMPTS.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {t.device}; "
           f"{len(PROMPTS)} prompts ({', '.join(f'{k} {n}' for k, n in n_prompt.items())} tokens), "
           f"{a.tokens} answer tokens each, greedy, eos ignored, median of {a.repeats} runs, "
           "configurations interleaved")
-    configs: dict[str, object] = {f"{t.name} alone": t, f"{h.name} alone": h}
+    configs: dict[str, Backend] = {f"{t.name} alone": t, f"{h.name} alone": h}
     for gate in _gates(a.gates):
         configs[f"span {gate.name}"] = SpanBackend(t, h, gate)
     for b in configs.values():  # warm-up

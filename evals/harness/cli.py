@@ -5,6 +5,8 @@
     archroute eval --suites routerbench:table.pkl --cost usd
     archroute eval --suites real --real-per-source 5  # real requests ($ARCHROUTE_REQUESTS)
     archroute eval --report-only eval-out            # re-render a saved results.json
+    archroute eval --from-log archroute-decisions.sqlite --policy classifier --threshold 0.6
+                                                     # off-policy, from the router's own log
 
 Writes ``results.json`` (typed, with provenance), ``requests.jsonl`` (per-request table),
 ``report.md``, ``report.html`` and PNG plots to ``--out``.
@@ -51,6 +53,20 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--write-suites", metavar="DIR", help="write the suites as JSONL and exit")
     p.add_argument("--report-only", metavar="DIR", help="re-render DIR/results.json and exit")
+    g = p.add_argument_group("off-policy evaluation from a decision log (docs/learning-loop.md)")
+    g.add_argument("--from-log", metavar="DB", help="the router's decision log (SQLite path or "
+                   "postgresql:// URL): estimate --policy at --threshold from its logged "
+                   "decisions, propensities and rewards (IPS, SNIPS, DR); needs log_prompts")
+    g.add_argument("--policy", default="classifier", help="with --from-log: the target policy "
+                   "(default classifier)")
+    g.add_argument("--profile", help="with --from-log: only requests routed by this profile")
+    g.add_argument("--reward", choices=("auto", "feedback", "loss"), default="auto",
+                   help="with --from-log: the clients' feedback, or minus the chosen "
+                        "backend's loss on a scored reference (auto: feedback when there is any)")
+    g.add_argument("--artifact", metavar="DIR", help="with --from-log: the classifier artifact "
+                   "for the target policy and DR's direct model (default: the shipped one)")
+    g.add_argument("--json", dest="json_out", metavar="FILE",
+                   help="with --from-log: also write the estimates as JSON")
     p.set_defaults(func=run)
 
 
@@ -72,6 +88,12 @@ def run(a: argparse.Namespace) -> int:
     from evals.harness.report import write_report
     from evals.harness.results import EvalResult
 
+    if a.from_log:
+        from evals.from_log import run as run_from_log
+
+        return run_from_log(a.from_log, a.policy, a.threshold, a.profile, a.reward, a.artifact,
+                            n_boot=1000 if a.bootstrap is None else a.bootstrap,
+                            seed=a.seed or 0, json_out=a.json_out)
     if a.report_only:
         res = EvalResult.load(Path(a.report_only) / "results.json")
         paths = write_report(res, a.report_only)

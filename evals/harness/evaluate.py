@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from evals.harness.results import (
 )
 from evals.harness.suites import Suite, SuiteError, load_jsonl
 from evals.harness.table import PairTable, load_routerbench, table_from_records
+
+if TYPE_CHECKING:
+    from router.policies import Policy
 
 log = logging.getLogger(__name__)
 ORACLE = "oracle"
@@ -57,7 +61,8 @@ def load_suite(spec: str, cfg: EvalConfig) -> tuple[Suite, PairTable | None]:
                      "suite or a RouterBench-style table")
 
 
-def load_policies(names: Sequence[str] | None, kwargs: dict[str, dict]) -> tuple[dict, dict[str, str]]:
+def load_policies(names: Sequence[str] | None, kwargs: dict[str, dict]
+                  ) -> tuple[dict[str, Policy | None], dict[str, str]]:
     """{name: Policy} for the router's registered policies (the oracle is the harness's own),
     and {name: reason} for those that could not be built."""
     from router.policies import get_policy, list_policies
@@ -65,7 +70,8 @@ def load_policies(names: Sequence[str] | None, kwargs: dict[str, dict]) -> tuple
     wanted = list(names) if names else list_policies()
     if ORACLE not in wanted and not names:
         wanted.append(ORACLE)
-    out, skipped = {}, {}
+    out: dict[str, Policy | None] = {}  # None: the oracle
+    skipped: dict[str, str] = {}
     for name in wanted:
         if name == ORACLE:
             out[name] = None
@@ -128,8 +134,8 @@ def policy_threshold(policy, cfg: EvalConfig) -> float:
     return float(own()) if callable(own) else DEFAULT_THRESHOLD
 
 
-def evaluate_policies(table: PairTable, policies: dict, cfg: EvalConfig, progress: bool = True
-                      ) -> tuple[list[PolicyResult], dict[str, np.ndarray]]:
+def evaluate_policies(table: PairTable, policies: Mapping[str, Policy | None], cfg: EvalConfig,
+                      progress: bool = True) -> tuple[list[PolicyResult], dict[str, np.ndarray]]:
     """Score every request with every policy, then sweep and bootstrap on ``table``."""
     from router.policies import decide
 
@@ -143,6 +149,7 @@ def evaluate_policies(table: PairTable, policies: dict, cfg: EvalConfig, progres
     bar = _bar(len(policies), "policies", progress)
     for name, pol in policies.items():
         t0 = time.perf_counter()
+        params: dict[str, object]
         if pol is None:  # the oracle
             scores = M.oracle_scores(q, c)
             params, note = {"scale": 0.1}, "knows each request's measured gap"

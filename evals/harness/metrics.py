@@ -211,7 +211,7 @@ def bootstrap(fn, n: int, reps: int = 1000, seed: int = 0, alpha: float = 0.05
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(reps, n))
     point_est = fn(np.arange(n))
-    samples = {k: [] for k in point_est}
+    samples: dict[str, list[float]] = {k: [] for k in point_est}
     for row in idx:
         for k, v in fn(row).items():
             samples[k].append(v)

@@ -85,7 +85,7 @@ class PolicyResult:
     by_suite: dict[str, dict[str, float | None]]  # point estimates per suite
     by_domain: dict[str, float]  # share routed to the transformer per domain
     by_kind: dict[str, float]  # ... and per kind
-    curve: dict[str, list[float]]  # thresholds, share_t, quality, cost
+    curve: dict[str, list[float | None]]  # thresholds (None: inf, none routed), share_t, quality, cost
     pareto: list[int]  # indices into the curve
     score_ms: float = 0.0  # mean scoring time per request (policy overhead)
 

@@ -33,7 +33,11 @@ class BackendRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> BackendRecord:
-        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+        """A record as :func:`dataclasses.asdict` wrote it (a missing optional field: None)."""
+        return cls(id=d["id"], loss=d.get("loss"), prompt_tokens=d["prompt_tokens"],
+                   ref_tokens=d["ref_tokens"], flops=d.get("flops"),
+                   memory_bytes=d.get("memory_bytes"), wall_ms=d["wall_ms"],
+                   generation=d.get("generation"), task_score=d.get("task_score"))
 
 
 def prompt_text(backend, req: EvalRequest) -> str:

@@ -49,12 +49,12 @@ class PairTable:
             raise ValueError("no tables to join")
         axes = set.intersection(*(set(t.costs) for t in tables))
         extra_keys = set.intersection(*(set(t.extra) for t in tables))
-        losses = [t.loss for t in tables]
+        losses = [t.loss for t in tables if t.loss is not None]  # all or nothing
         return cls(
             [r for t in tables for r in t.requests], [s for t in tables for s in t.suite],
             np.concatenate([t.quality for t in tables]),
             {a: np.concatenate([t.costs[a] for t in tables]) for a in sorted(axes)},
-            None if any(x is None for x in losses) else np.concatenate(losses),  # type: ignore[arg-type]
+            np.concatenate(losses) if len(losses) == len(tables) else None,
             {k: np.concatenate([t.extra[k] for t in tables]) for k in sorted(extra_keys)},
         )
 

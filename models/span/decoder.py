@@ -256,7 +256,7 @@ class SpanBackend(Backend):
         super().__init__(name or f"span:{self.gate.name}", max_concurrency)
         self.transformer = transformer
         self.hybrid = hybrid
-        self.context_length = min(transformer.context_length, hybrid.context_length)
+        self.context_length: int = min(transformer.context_length, hybrid.context_length)
         self.eos_ids = set(transformer.eos_ids)
         self._token_text = token_text_fn(transformer.tokenizer)
 

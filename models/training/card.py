@@ -131,8 +131,9 @@ def plot_request_gaps(labels: Path, out: Path, margin: float = 0.05) -> None:
     copy = np.asarray([r["kind"] in ("quote", "extract") for r in rows])
     bins = np.linspace(np.percentile(gap, 0.5), np.percentile(gap, 99.5), 60)
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.hist(gap[~copy], bins=bins, alpha=0.7, label=f"continue / complete / close / summarize / explain ({(~copy).sum():,})")
-    ax.hist(gap[copy], bins=bins, alpha=0.7, label=f"quote / extract ({copy.sum():,})")
+    # matplotlib's stub types bins as a Sequence[float]; it takes any array-like
+    ax.hist(gap[~copy], bins=bins, alpha=0.7, label=f"continue / complete / close / summarize / explain ({(~copy).sum():,})")  # type: ignore[arg-type]
+    ax.hist(gap[copy], bins=bins, alpha=0.7, label=f"quote / extract ({copy.sum():,})")  # type: ignore[arg-type]
     ax.axvspan(-margin, margin, color="grey", alpha=0.25, label=f"tie (±{margin})")
     t_win, h_win = (gap < -margin).mean(), (gap > margin).mean()
     ax.set(xlabel="gap = loss_T - loss_H over the answer (nats/token); < 0: the transformer is better",

@@ -37,6 +37,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -142,7 +143,7 @@ def tokenize_split(run: Path, corpus: Path, split: str) -> dict[str, np.ndarray]
         ids = tok(d["text"], add_special_tokens=False)["input_ids"]
         by_domain.setdefault(d["domain"], []).extend([*ids, eos])
     arrays = {k: np.asarray(v, dtype=np.int32) for k, v in by_domain.items()}
-    np.savez(cache, **arrays)
+    np.savez(cache, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds could fill allow_pickle
     return arrays
 
 
@@ -308,8 +309,25 @@ def copy_probe(val: dict[str, np.ndarray], seq_len: int, seed: int = 7,
 # ---------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------
+class _CommonConfig(TypedDict):
+    """The config arguments both architectures share."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    eos_token_id: int
+    bos_token_id: int
+    pad_token_id: int
+    tie_word_embeddings: bool
+    rope_parameters: dict[str, str | float]
+
+
 def model_config(arch: str, cfg: TrainConfig, eos_id: int, pad_id: int):
-    common = dict(
+    common = _CommonConfig(
         vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.heads, max_position_embeddings=cfg.seq_len * 4,

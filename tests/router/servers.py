@@ -21,17 +21,18 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m router.cli ARGS --port P`` until :meth:`stop`; ``url`` is its base URL."""
+    """``python -m router.cli ARGS --port P`` (or another ``module``) until :meth:`stop`;
+    ``url`` is its base URL."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, module: str = "router.cli") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
                     "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", *args, "--port", str(self.port)],
+            [sys.executable, "-m", module, *args, "--port", str(self.port)],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 90.0) -> Server:

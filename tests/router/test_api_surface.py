@@ -22,7 +22,7 @@ from classifiers.explain import describe, reasons
 from models.base import ChatMessage, GenerationParams
 from models.fake import FakeBackend, fake_tokens
 from router.app import create_app
-from router.decision_log import DecisionLog, DecisionRow
+from router.decision_log import MIGRATIONS, DecisionLog, DecisionRow
 from router.settings import load_settings
 from router.side import is_side_request
 from tests.router.conftest import Fakes
@@ -214,7 +214,7 @@ WORDS = ("the cat sat on a mat and then it went home to eat some fish while the 
 def embedded(reference_pair):
     """The router app in-process on the shipped reference pair (no decision log)."""
     t, h = reference_pair
-    settings = load_settings(overrides={"decision_log": None}, environ={})
+    settings = load_settings(overrides={"decision_log": ""}, environ={})
     app = create_app(settings, backends={"transformer": t, "hybrid": h})
     with TestClient(app) as client:
         yield client, {t.name: t, h.name: h}
@@ -376,7 +376,7 @@ def test_route_returns_what_chat_then_serves(fakes) -> None:
 def test_route_scores_exactly_as_chat_without_a_decision_log(tmp_path: Path) -> None:
     """Without the decision log the chat endpoint scores with ``policy.score`` and /v1/route
     with ``policy.explain``: the two must agree."""
-    f = Fakes(tmp_path, decision_log=None)
+    f = Fakes(tmp_path, decision_log="")
     with TestClient(f.app) as client:
         for msgs in (CODE_FIX, QUESTION, PROSE, COPY):
             for model in ("archroute", "archroute-cost", "archroute-rules"):
@@ -526,7 +526,8 @@ def test_an_old_decision_log_gains_the_side_column(tmp_path: Path) -> None:
     rows = dict(con.execute("SELECT request_id, side FROM decisions").fetchall())
     spans = dict(con.execute("SELECT request_id, span FROM decisions").fetchall())
     con.close()
-    assert cols.count("side") == cols.count("span") == 1 and cols[-2:] == ["side", "span"]
+    assert cols.count("side") == cols.count("span") == 1
+    assert cols[-len(MIGRATIONS):] == list(MIGRATIONS)  # added in order, after the old ones
     assert rows == {"old-1": 0, "new-0": 1, "new-1": 0}
     assert spans == {"old-1": None, "new-0": None, "new-1": '{"gate": "copy-2", "hybrid": 3}'}
 
@@ -653,7 +654,7 @@ def test_a_client_that_disconnects_stops_its_generation(endless) -> None:
 
     b, counter = endless
     step = _step_s(b)
-    settings = load_settings(overrides={"decision_log": None}, environ={})
+    settings = load_settings(overrides={"decision_log": ""}, environ={})
     app = create_app(settings, backends={"transformer": b,
                                          "hybrid": FakeBackend("reference-hybrid", "hybrid")})
     port = free_port()

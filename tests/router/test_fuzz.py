@@ -51,7 +51,7 @@ def envelope_errors(har_path: Path) -> tuple[collections.Counter, list[tuple[int
 @pytest.mark.skipif(not reference_available(), reason="the embedded reference pair is missing")
 def test_generated_requests_give_no_server_error(tmp_path: Path) -> None:
     (tmp_path / "router.yaml").write_text(yaml.safe_dump(
-        {"max_tokens_cap": 4, "default_max_tokens": 4, "decision_log": None}))
+        {"max_tokens_cap": 4, "default_max_tokens": 4, "decision_log": ""}))
     router = Server(["serve", "--config", str(tmp_path / "router.yaml")],
                     log_path=tmp_path / "router.log").wait_ready()
     exe = Path(sys.executable).parent / "schemathesis"

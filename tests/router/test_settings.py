@@ -125,3 +125,17 @@ def test_cli_does_not_rewrite_sys_argv(monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["archroute"])
     assert main([]) == 0
     assert sys.argv == ["archroute"]
+
+
+def test_decision_log_off_with_an_empty_string(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`archroute serve --decision-log ''` turns the log off (an unset override is None
+    and leaves the default; the empty string used to become None and be dropped too)."""
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(overrides={"decision_log": ""}, environ={}).decision_log is None
+    assert load_settings(overrides={"decision_log": None}, environ={}).decision_log \
+        == "archroute-decisions.sqlite"
+    from router.cli import main
+
+    capsys.readouterr()
+    assert main(["serve", "--decision-log", "", "--print-settings"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision_log"] is None

@@ -183,7 +183,7 @@ def test_tokenizers_that_differ_are_a_400(reference_pair, tmp_path):
     t, h = reference_pair
     other = copy.copy(h)
     other.prefix_id = 7
-    settings = load_settings(overrides={"decision_log": None}, environ={})
+    settings = load_settings(overrides={"decision_log": ""}, environ={})
     with TestClient(create_app(settings, backends={"transformer": t, "hybrid": other})) as client:
         r = client.post("/v1/completions", json={"model": "archroute-span", "prompt": "x"})
         assert r.status_code == 400 and "start tokens (prefix_id) differ" in r.text

@@ -1,0 +1,134 @@
+"""Reload the classifier artifact without a restart: ``POST /admin/reload`` and SIGHUP.
+
+Every classifier profile loads its artifact again: a profile that names one
+(``policy_args.artifact``) from that path, the others from the path given
+(``{"artifact": PATH}``; default: the shipped ``classifiers/default/``). Artifacts load in a
+worker thread with their self-check replayed strictly (``classifiers.artifact.load(...,
+strict=True)``: predictions must match those recorded at training); then the new policies
+and thresholds replace the old ones in one assignment (:class:`router.serving.RoutingState`).
+Requests already routed finish with the backend the old policy chose; new ones use the new
+policy. A failing artifact changes nothing: the old one keeps serving and the caller gets
+the reason. Backends, slots and in-flight requests are not touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.errors import APIError, InvalidRequestError
+from router.policies import Policy, get_policy
+from router.serving import RoutingState, artifact_of
+
+if TYPE_CHECKING:
+    from router.serving import RouterService
+    from router.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ReloadRequest(BaseModel):
+    """``POST /admin/reload`` body (optional): ``{"artifact": PATH}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    artifact: str | None = Field(None, min_length=1, max_length=4096)
+
+
+class ReloadError(InvalidRequestError):
+    code = "reload_failed"
+
+
+def build_policies(settings: Settings, current: RoutingState,
+                   path: str | None) -> tuple[dict[str, Policy], Any]:
+    """New policies for every profile (classifier profiles with freshly loaded artifacts,
+    the others as they are) and the artifact loaded for the default; raises on any
+    failure."""
+    from classifiers import artifact as A
+
+    target = Path(path) if path else A.DEFAULT_DIR
+    loaded: dict[Path, Any] = {}
+
+    def load(p: Path) -> Any:
+        key = p.resolve()
+        if key not in loaded:
+            loaded[key] = A.load(p, verify=True, strict=True)
+        return loaded[key]
+
+    default = load(target)
+    policies: dict[str, Policy] = {}
+    for name, prof in settings.profiles.items():
+        if name not in current.policies:  # span profiles have no policy
+            continue
+        if prof.policy != "classifier":
+            policies[name] = current.policies[name]
+            continue
+        args = dict(prof.policy_args)
+        own = args.get("artifact")
+        model = load(Path(own)) if own else default
+        try:
+            policies[name] = get_policy("classifier", **args, model=model)
+        except ValueError as exc:
+            raise A.ArtifactError(f"profile {name}: {exc}") from None
+    return policies, default
+
+
+class Reloader:
+    """One reload at a time, for one router service."""
+
+    def __init__(self, service: RouterService, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()  # signal-started reloads, kept until done
+        self.reloads = 0
+
+    async def reload(self, path: str | None = None) -> dict:
+        """Load, check and swap in; the result names the artifact and each classifier
+        profile's threshold. :class:`ReloadError` (400) when the artifact is refused."""
+        from classifiers.artifact import ArtifactError
+
+        async with self._lock:
+            t0 = time.perf_counter()
+            try:
+                policies, default = await asyncio.to_thread(
+                    build_policies, self.settings, self.service.state, path)
+            except (ArtifactError, ValueError, OSError) as exc:
+                raise ReloadError(f"reload failed; the previous artifact keeps serving: "
+                                  f"{exc}", param="artifact") from None
+            except Exception as exc:  # noqa: BLE001 - reported, never half-applied
+                log.exception("reload failed")
+                raise APIError(f"reload failed; the previous artifact keeps serving: "
+                               f"{type(exc).__name__}: {exc}", status=500,
+                               code="reload_failed") from None
+            state = RoutingState.build(self.settings, policies)
+            self.service.state = state  # one assignment: new requests see all of it
+            self.reloads += 1
+            profiles = {}
+            for name, pol in policies.items():
+                art = artifact_of(pol)
+                if art is not None:
+                    profiles[name] = {"threshold": state.thresholds[name],
+                                      "artifact": getattr(art, "sha256", None)}
+            out = {"object": "archroute.reload", "artifact": default.identity(),
+                   "profiles": profiles,
+                   "seconds": round(time.perf_counter() - t0, 3)}
+            log.info("reloaded the classifier: %s (%s s)", default.identity(), out["seconds"])
+            return out
+
+    async def reload_logged(self, path: str | None, why: str) -> None:
+        """A reload nobody waits for (SIGHUP): the outcome goes to the log."""
+        try:
+            await self.reload(path)
+        except APIError as exc:
+            log.error("%s: %s", why, exc.message)
+
+    def reload_soon(self, path: str | None, why: str) -> None:
+        """Start :meth:`reload_logged` from a signal handler (on the event loop)."""
+        task = asyncio.get_running_loop().create_task(self.reload_logged(path, why))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
