@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("classifiers.cli:add_train", "train the request classifier"),
     "eval": ("evals.harness.cli:add_eval", "benchmark routing policies: quality vs cost"),
     "bench": ("evals.bench.cli:add_bench", "speed benchmarks that print their figures"),
+    "span-eval": ("evals.span.cli:add_span_eval", "teacher-forced span routing evaluation"),
 }
 
 

@@ -1,0 +1,333 @@
+"""One ``archroute span-eval`` run: suites -> per-token scores (cached) -> every gate ->
+summaries, the issue-#14 bar, and the learned gate's training.
+
+Gate names: any registered gate (:data:`models.span.gates.GATES`; ``learned`` is the shipped
+artifact, ``learned:PATH`` another one) and ``learned-loso``: the learned gate trained
+leave-one-source-out on the real suite's trainable files (each request is routed by a gate
+that never saw its source; requests from other suites or from evaluation-only files by the
+gate trained on every trainable source). Baselines (always-transformer, always-hybrid, the
+request-level oracle, the 50/50 mixture, the per-token oracle) are always measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evals.span.evaluate import (
+    BASELINES,
+    REF,
+    CostModels,
+    baseline_stats,
+    by_group,
+    compare,
+    gate_stats,
+    summarize,
+)
+from evals.span.score import ScoredSeq, default_cache_dir, score_suite, token_texts
+from models.span.gates import Gate
+from models.span.learned import LearnedGate
+
+log = logging.getLogger(__name__)
+
+LOSO = "learned-loso"
+COPY_LOSO = "copy-loso"  # copy-k with k chosen on the training sources (LOSO, like learned-loso)
+PSEUDO = (LOSO, COPY_LOSO)  # gates built from the real suite's trainable files at run time
+FIXED = ("always-transformer", "always-hybrid")  # registry gates that repeat a baseline
+NOT_GATES = (*BASELINES,)  # never "the best causal gate": the mixture runs both models
+
+
+class SpanEvalError(ValueError):
+    """A bad setting (unknown gate or suite, missing data); the CLI prints it and exits 2."""
+
+
+@dataclass
+class SpanConfig:
+    """Settings of one run (saved in results.json)."""
+
+    suites: list[str] = field(default_factory=lambda: ["humaneval", "corpus"])
+    gates: list[str] | None = None  # None = every registered gate + learned-loso
+    per_source: int = 40  # requests per request file in the real suite (also LOSO training)
+    transformer: str = "reference:transformer"
+    hybrid: str = "reference:hybrid"
+    corpus: str = "data/corpus/val.jsonl"
+    corpus_per_domain: int = 48
+    limit: int | None = None  # first N requests of each suite
+    batch_size: int = 8
+    torch_threads: int | None = 1
+    bootstrap: int = 1000
+    seed: int = 0
+    out: str = "runs/span-eval"
+    cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
+    use_cache: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_gates() -> list[str]:
+    from models.span.gates import GATES
+
+    return [g for g in GATES if g not in FIXED] + [*PSEUDO]
+
+
+def check_gates(names: Sequence[str]) -> list[str]:
+    """The names, validated (an unknown name raises :class:`SpanEvalError` listing the
+    known ones; ``learned:PATH`` must load)."""
+    from models.span.gates import GATES, UnknownGateError, get_gate
+
+    for n in names:
+        if n in PSEUDO:
+            continue
+        if n not in GATES and not n.startswith("learned:"):
+            raise SpanEvalError(f"unknown gate {n!r}; known: {', '.join(GATES)}, "
+                                f"{', '.join(PSEUDO)} (and learned:PATH)")
+        if n == "learned" or n.startswith("learned:"):
+            try:
+                get_gate(n)
+            except (OSError, ValueError, UnknownGateError) as exc:
+                raise SpanEvalError(f"gate {n}: {exc}") from exc
+    return list(names)
+
+
+def load_suites(cfg: SpanConfig) -> list:
+    """The suites named in ``cfg`` (built-ins or JSONL files), checked before any scoring."""
+    from evals.harness.builtin import BUILTINS, load_builtin
+    from evals.harness.suites import SuiteError, load_jsonl
+
+    out = []
+    for spec in cfg.suites:
+        try:
+            if spec in BUILTINS:
+                suite = load_builtin(spec, cfg.corpus, cfg.corpus_per_domain, None, cfg.per_source)
+            elif spec.endswith(".jsonl") and Path(spec).is_file():
+                suite = load_jsonl(spec)
+            else:
+                raise SpanEvalError(f"unknown suite {spec!r}: a built-in ({', '.join(BUILTINS)}) "
+                                    "or a .jsonl suite file")
+        except SuiteError as exc:
+            raise SpanEvalError(str(exc)) from exc
+        out.append(suite.head(cfg.limit))
+    return out
+
+
+def load_pair(cfg: SpanConfig):
+    from models.registry import from_spec
+
+    return (from_spec(cfg.transformer, role="transformer", torch_threads=cfg.torch_threads),
+            from_spec(cfg.hybrid, role="hybrid", torch_threads=cfg.torch_threads))
+
+
+def training_seqs(cfg: SpanConfig, pair, progress: bool = True,
+                  scored: dict[str, list[ScoredSeq]] | None = None) -> tuple[list[ScoredSeq], list[dict]]:
+    """The real suite's requests from trainable files (evaluation-only and reserved files
+    left out), scored, and the provenance of those files (sha256, licence)."""
+    from classifiers.realdata import EVAL_ONLY, RESERVED
+    from evals.harness.builtin import real_suite
+    from evals.harness.suites import SuiteError
+
+    try:
+        suite = real_suite(per_source=cfg.per_source)
+    except SuiteError as exc:
+        raise SpanEvalError(f"the learned gate trains on the real suite: {exc}") from exc
+    if scored is not None and "real" in scored:
+        seqs = scored["real"]
+    else:
+        seqs = score_suite(suite.head(cfg.limit).requests, "real", pair[0], pair[1],
+                           cfg.cache_dir, cfg.batch_size, progress, cfg.use_cache)
+    keep = [s for s in seqs if s.source not in EVAL_ONLY
+            and not any(r in s.source.lower() for r in RESERVED)]
+    files = [f for f in suite.meta["files"] if Path(f["file"]).stem in {s.source for s in keep}]
+    return keep, files
+
+
+def gate_objects(names: Sequence[str], train: list[ScoredSeq] | None, token_text,
+                 progress: bool = True) -> tuple[dict[str, object], dict]:
+    """{name: Gate or per-sequence gate picker} and the LOSO gates' descriptions. A LOSO
+    picker routes a real-suite request with the gate fitted without its source, anything
+    else (other suites, evaluation-only files) with the one fitted on every source."""
+    from evals.span.train import loso_gates, train_gate
+    from models.span.gates import get_gate
+
+    out: dict[str, object] = {}
+    info: dict = {}
+    for n in names:
+        if n not in PSEUDO:
+            out[n] = get_gate(n)
+            continue
+        assert train is not None
+        folds: dict[str, Gate]
+        full: Gate
+        if n == LOSO:
+            lfolds = loso_gates(train, token_text, progress=progress)
+            lfull = train_gate(train, token_text, meta={"held_out": None})
+            info[n] = {"folds": {k: {"threshold": g.threshold} for k, g in lfolds.items()},
+                       "all_sources": {"threshold": lfull.threshold}}
+            folds, full = dict(lfolds), lfull
+        else:
+            folds, full = copy_k_folds(train, token_text)
+            info[n] = {"folds": {k: g.name for k, g in folds.items()}, "all_sources": full.name}
+
+        def pick(seq: ScoredSeq, folds=folds, full=full):
+            return folds.get(seq.source, full) if seq.suite == "real" else full
+
+        out[n] = pick
+    return out, info
+
+
+def copy_k_folds(train: list[ScoredSeq], token_text) -> tuple[dict[str, Gate], Gate]:
+    """({source: copy-k with the k of least pooled loss on the other sources}, copy-k with
+    the k of least loss on all of them)."""
+    from evals.span.evaluate import rollout
+    from models.span.gates import MAX_MATCH, CopyGate
+
+    ks = range(1, MAX_MATCH + 1)
+    nll: dict[str, np.ndarray] = {}
+    for s in train:
+        row = nll.setdefault(s.source, np.zeros(len(ks)))
+        for j, k in enumerate(ks):
+            roles = rollout(CopyGate(k), s, token_text)
+            row[j] -= float(np.where(roles, s.lp[0], s.lp[1]).sum())
+    total = np.sum(list(nll.values()), axis=0)
+
+    def best(v: np.ndarray) -> CopyGate:
+        return CopyGate(ks[int(np.argmin(v))])
+
+    return {src: best(total - v) for src, v in nll.items()}, best(total)
+
+
+def bar_check(stats: dict, n_boot: int, seed: int, exclude: set[str] | frozenset = frozenset()) -> dict:
+    """Issue #14's bar on one set of requests: the best causal gate's gain over the
+    request-level oracle (CI above zero?) and the learned gate against the best copy-k.
+    ``exclude``: gates left out (a learned gate trained on these very requests' sources)."""
+    gates = [k for k in stats if k not in NOT_GATES and k not in exclude]
+    if not gates:
+        return {}
+    loss = {k: stats[k].nll.sum() / stats[k].n.sum() for k in stats}
+    best = min(gates, key=loss.__getitem__)
+    gain = compare(stats, best, REF, n_boot, seed)
+    lo = gain[1]
+    out = {"best_gate": best, "best_gain": gain, "best_beats_oracle": lo is not None and lo > 0}
+    copies = [k for k in gates if k.startswith("copy-") and "+" not in k and k != COPY_LOSO]
+    learned = LOSO if LOSO in stats else next((k for k in gates if k.startswith("learned")), None)
+    if copies and learned:
+        best_copy = min(copies, key=loss.__getitem__)
+        d = compare(stats, learned, best_copy, n_boot, seed)
+        v, lo = d[0], d[1]
+        out.update({"learned": learned, "best_copy": best_copy, "learned_vs_copy": d,
+                    "learned_beats_copy": v is not None and v > 0,
+                    "learned_beats_copy_ci": lo is not None and lo > 0})
+        if COPY_LOSO in stats:
+            out["learned_vs_copy_loso"] = compare(stats, learned, COPY_LOSO, n_boot, seed)
+    return out
+
+
+def trained_on(gate) -> set[str]:
+    """The sources a learned gate was trained on (empty for rule gates)."""
+    meta = getattr(gate, "meta", None) or {}
+    return set(meta.get("sources", []))
+
+
+def evaluate_suite(seqs: Sequence[ScoredSeq], gates: dict, token_text, costs: CostModels | None,
+                   n_boot: int, seed: int, progress: bool = True) -> dict:
+    """Summaries for one suite: pooled and per source, with the bar check (a learned gate
+    is left out of the bar where it was trained on the requests' source: in-sample)."""
+    t0 = time.perf_counter()
+    stats = baseline_stats(seqs, costs)
+    us: dict[str, float] = {}
+    stats.update(gate_stats(gates, seqs, token_text, costs, progress, us))
+    gate_s = time.perf_counter() - t0
+    sources = [s.source for s in seqs]
+    per_source = by_group(stats, sources, n_boot, seed)
+    suite = seqs[0].suite if seqs else ""
+    seen = {k: trained_on(g) if suite == "real" else set() for k, g in gates.items()}
+    bars = {}
+    for src in sorted(set(sources)):
+        idx = np.flatnonzero(np.asarray(sources) == src)
+        bars[src] = bar_check({k: v.take(idx) for k, v in stats.items()}, n_boot, seed,
+                              {k for k, v in seen.items() if src in v})
+    in_sample = {k for k, v in seen.items() if v & set(sources)}
+    return {"requests": len(seqs), "tokens": int(sum(len(s) for s in seqs)),
+            "ref_cut": int(sum(s.ref_cut for s in seqs)),
+            "prompt_cut": int(sum(s.prompt_cut for s in seqs)),
+            "policies": summarize(stats, n_boot, seed),
+            "bar": bar_check(stats, n_boot, seed, in_sample), "in_sample": sorted(in_sample),
+            "by_source": per_source, "bar_by_source": bars, "gate_seconds": gate_s,
+            "gate_us_per_token": us}
+
+
+def run_span_eval(cfg: SpanConfig, progress: bool = True, argv: list[str] | None = None,
+                  pair=None) -> dict:
+    """The whole run; returns the results dict (what results.json holds)."""
+    from evals.harness.results import make_provenance
+
+    t_start = time.perf_counter()
+    names = check_gates(cfg.gates if cfg.gates else default_gates())
+    suites = load_suites(cfg)
+    if pair is None:
+        pair = load_pair(cfg)
+    token_text = token_texts(pair[0])
+    costs = CostModels.for_pair(*pair)
+    timings: dict[str, float] = {}
+    scored: dict[str, list[ScoredSeq]] = {}
+    for suite in suites:
+        t0 = time.perf_counter()
+        scored[suite.name] = score_suite(suite.requests, suite.name, pair[0], pair[1],
+                                         cfg.cache_dir, cfg.batch_size, progress, cfg.use_cache)
+        timings[f"score {suite.name}"] = time.perf_counter() - t0
+    train: list[ScoredSeq] | None = None
+    files: list[dict] = []
+    if set(PSEUDO) & set(names):
+        t0 = time.perf_counter()
+        try:
+            train, files = training_seqs(cfg, pair, progress, scored)
+        except SpanEvalError as exc:
+            if cfg.gates:  # asked for by name: an error
+                raise
+            log.warning("%s; leaving out %s", exc, ", ".join(PSEUDO))
+            names = [n for n in names if n not in PSEUDO]
+        timings["score training"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gates, loso_info = gate_objects(names, train, token_text, progress)
+    timings["train LOSO gates"] = time.perf_counter() - t0
+    results: dict = {"suites": {}}
+    for suite in suites:
+        t0 = time.perf_counter()
+        res = evaluate_suite(scored[suite.name], gates, token_text, costs, cfg.bootstrap,
+                             cfg.seed, progress)
+        res["content_hash"] = suite.content_hash
+        res["files"] = suite.meta.get("files", [])
+        results["suites"][suite.name] = res
+        timings[f"evaluate {suite.name}"] = time.perf_counter() - t0
+    prov = make_provenance(cfg.to_dict(), {"bootstrap": cfg.seed}, argv)
+    prov.duration_s = time.perf_counter() - t_start
+    results.update({"gates": names, "provenance": asdict(prov), "timings_s": timings,
+                    "pair": [pair[0].name, pair[1].name], "loso": loso_info,
+                    "training_files": files})
+    return results
+
+
+def train_default(cfg: SpanConfig, out: str | Path, progress: bool = True, pair=None,
+                  argv: list[str] | None = None) -> tuple[Path, LearnedGate]:
+    """Train the learned gate on every trainable source of the real suite and save it to
+    ``out`` (a folder or a .json path) with its training data's provenance."""
+    from evals.harness.cache import backend_identity
+    from evals.span.train import train_gate
+    from models.provenance import git_state
+
+    if pair is None:
+        pair = load_pair(cfg)
+    seqs, files = training_seqs(cfg, pair, progress)
+    commit, dirty = git_state()
+    pair_ids = [{k: v for k, v in backend_identity(b).items() if k != "location"} for b in pair]
+    meta = {"trained_on": files, "per_source": cfg.per_source, "pair": pair_ids,
+            "git_commit": commit, "git_dirty": dirty,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": "archroute " + " ".join(argv[1:]) if argv else None}
+    gate = train_gate(seqs, token_texts(pair[0]), meta=meta, progress=progress)
+    return gate.save(out), gate

@@ -1,0 +1,482 @@
+"""Teacher-forced span evaluation: rollouts are causal, the baselines and the counts match
+hand-computed numbers, the learned gate round-trips, scoring matches ``backend.score``, and
+the CLI fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evals.span.evaluate import (
+    PolicyStats,
+    baseline_stats,
+    compare,
+    gate_stats,
+    role_stats,
+    rollout,
+    summarize,
+)
+from evals.span.score import ScoredSeq, load_seq, save_seq
+from evals.span.train import best_threshold, collect, fit_weights, train_gate
+from models.span.gates import Gate, GateState, get_gate
+from models.span.learned import (
+    FEATURES,
+    LearnedGate,
+    LearnedState,
+    load_learned_gate,
+    token_class,
+)
+
+
+def seq(lp_t, lp_h, prompt=(0, 5, 6), answer=None, ent=None, source="s", sid="r") -> ScoredSeq:
+    lp = np.array([lp_t, lp_h], np.float32)
+    n = lp.shape[1]
+    ans = np.arange(10, 10 + n, dtype=np.int32) if answer is None else np.array(answer, np.int32)
+    e = np.ones((2, n), np.float32) if ent is None else np.array(ent, np.float32)
+    return ScoredSeq(sid, "t", source, "k", np.array(prompt, np.int32), ans, lp, e)
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    per_token: float
+
+    def prefill_flops(self, n: int) -> float:
+        return self.per_token * n
+
+
+class Costs:  # CostModels with linear costs: transformer 2 per token, hybrid 1
+    pair = (LinearCost(2.0), LinearCost(1.0))
+    big = (LinearCost(20.0), LinearCost(10.0))
+
+
+# ---- baselines and counts -----------------------------------------------------------------
+
+def test_baselines_by_hand() -> None:
+    a = seq([-1.0, -2.0, -3.0], [-2.0, -1.0, -1.0])
+    b = seq([-0.5], [-1.5], sid="r2")
+    st = baseline_stats([a, b])
+    assert st["always-transformer"].nll.tolist() == [6.0, 0.5]
+    assert st["always-hybrid"].nll.tolist() == [4.0, 1.5]
+    assert st["request-oracle"].nll.tolist() == [4.0, 0.5]  # H for a, T for b
+    assert st["token-oracle"].nll.tolist() == [3.0, 0.5]
+    mix_a = -sum(math.log(0.5 * math.exp(x) + 0.5 * math.exp(y))
+                 for x, y in ((-1, -2), (-2, -1), (-3, -1)))
+    assert st["mixture-50/50"].nll[0] == pytest.approx(mix_a, rel=1e-6)
+    s = summarize(st, n_boot=0)
+    assert s["always-transformer"]["loss"][0] == pytest.approx(6.5 / 4)  # tokens pooled
+    assert s["always-transformer"]["loss_req"][0] == pytest.approx((2.0 + 0.5) / 2)  # per request
+    assert s["request-oracle"]["loss"][0] == pytest.approx(4.5 / 4)
+    assert s["token-oracle"]["gain"][0] == pytest.approx((4.5 - 3.5) / 4)
+    assert s["request-oracle"]["share_t"] == pytest.approx(1 / 4)
+    assert s["token-oracle"]["share_t"] == pytest.approx(2 / 4)  # T, H, H | T
+    assert s["mixture-50/50"]["share_t"] is None
+
+
+def test_switches_catchup_and_flops_by_hand() -> None:
+    roles = np.array([True, True, False, False, True])  # T T H H T
+    lp = np.array([[-1.0] * 5, [-2.0] * 5])
+    nll, n, n_t, switches, catchup, flops, flops_7b = role_stats(roles, lp, 4, Costs)
+    assert (nll, n, n_t, switches) == (7.0, 5, 3, 2)
+    # H takes over at 2: catches up T's tokens 0-1 (2); T takes over at 4: H's 2-3 (2)
+    assert catchup == 4
+    # T processes the prompt + answer tokens 0..3 (8), H the prompt + 0..2 (7)
+    assert flops == 2.0 * 8 + 1.0 * 7
+    assert flops_7b == 20.0 * 8 + 10.0 * 7
+    # one model only: no catch-up; the other model costs nothing
+    assert role_stats(np.ones(5, bool), lp, 4, Costs)[4:] == (0, 2.0 * 8, 20.0 * 8)
+    # the hybrid first, the transformer joins at the last token: catches up all 4 tokens
+    assert role_stats(np.array([False] * 4 + [True]), lp, 4, Costs)[4] == 4
+
+
+def test_mixture_costs_both_models_and_summaries_report_rates() -> None:
+    a = seq([-1.0, -1.0], [-2.0, -2.0], prompt=(0, 1, 2))
+    st = baseline_stats([a], Costs)
+    assert st["mixture-50/50"].flops[0] == 2.0 * 4 + 1.0 * 4
+    assert st["always-transformer"].flops[0] == 2.0 * 4
+    s = summarize(st, n_boot=0)
+    assert s["mixture-50/50"]["flops_rel"] == pytest.approx(1.5)
+    assert s["always-hybrid"]["flops_rel"] == pytest.approx(0.5)
+
+
+def test_bootstrap_cis_and_paired_compare() -> None:
+    rng = np.random.default_rng(0)
+    seqs = [seq(rng.normal(-2, 1, 20), rng.normal(-2.2, 1, 20), sid=f"r{i}") for i in range(30)]
+    st = baseline_stats(seqs)
+    s = summarize(st, n_boot=200)
+    for row in s.values():
+        v, lo, hi = row["loss"]
+        assert lo <= v <= hi
+    d = compare(st, "token-oracle", "request-oracle", 200)
+    assert d[0] == pytest.approx(s["token-oracle"]["gain"][0]) and d[1] > 0
+    assert compare(st, "request-oracle", "request-oracle", 200)[:3] == [0.0, 0.0, 0.0]
+
+
+# ---- causality ------------------------------------------------------------------------------
+
+class Recording(Gate):
+    """Checks at every choose() that the state holds exactly the prompt and the answer so
+    far, and records what it was pushed."""
+
+    name = "recording"
+
+    def __init__(self, answer, prompt) -> None:
+        self.answer, self.prompt, self.pushed = list(answer), list(prompt), []
+
+    def start(self, prompt_ids, token_text=None) -> GateState:
+        gate = self
+
+        class S(GateState):
+            def choose(self):
+                assert self.matcher.ids == gate.prompt + gate.answer[:self.step]
+                return "transformer" if self.step % 2 == 0 else "hybrid"
+
+            def push(self, token_id, role, entropy=None):
+                gate.pushed.append((token_id, role, entropy))
+                super().push(token_id, role, entropy)
+
+        return S(prompt_ids, token_text)
+
+
+def test_rollout_is_causal_and_pushes_the_chosen_models_entropy() -> None:
+    s = seq([-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0], answer=[7, 8, 9],
+            ent=[[0.1, 0.2, 0.3], [1.1, 1.2, 1.3]])
+    g = Recording([7, 8, 9], [0, 5, 6])
+    roles = rollout(g, s)
+    assert roles.tolist() == [True, False, True]
+    assert g.pushed == [(7, "transformer", pytest.approx(0.1)), (8, "hybrid", pytest.approx(1.2)),
+                        (9, "transformer", pytest.approx(0.3))]
+
+
+class Cheat(Gate):
+    """A gate handed the answer: picks the model that is better on the token it is about to
+    choose for. It reaches the token-oracle's loss, which no causal gate can."""
+
+    name = "cheat"
+
+    def __init__(self, seqs) -> None:
+        self.by_prompt = {tuple(s.prompt_ids.tolist()): s for s in seqs}
+
+    def start(self, prompt_ids, token_text=None) -> GateState:
+        s = self.by_prompt[tuple(prompt_ids)]
+
+        class S(GateState):
+            def choose(self):
+                i = self.step
+                return "transformer" if s.lp[0, i] >= s.lp[1, i] else "hybrid"
+
+        return S(prompt_ids, token_text)
+
+
+class PrevBest(Gate):
+    """The causal counterpart: the model that was better on the previous token (what a gate
+    could at best infer after the fact); here it reads it from the answer so far."""
+
+    name = "prev"
+
+    def __init__(self, seqs) -> None:
+        self.by_prompt = {tuple(s.prompt_ids.tolist()): s for s in seqs}
+
+    def start(self, prompt_ids, token_text=None) -> GateState:
+        s = self.by_prompt[tuple(prompt_ids)]
+
+        class S(GateState):
+            def choose(self):
+                i = self.step - 1
+                return "transformer" if i < 0 or s.lp[0, i] >= s.lp[1, i] else "hybrid"
+
+        return S(prompt_ids, token_text)
+
+
+def test_a_cheating_gate_reaches_the_token_oracle_and_a_causal_one_does_not() -> None:
+    rng = np.random.default_rng(1)
+    seqs = [seq(rng.normal(-2, 1, 40), rng.normal(-2, 1, 40), prompt=(0, i)) for i in range(5)]
+    st = baseline_stats(seqs)
+    st.update(gate_stats({"cheat": Cheat(seqs), "prev": PrevBest(seqs)}, seqs))
+    assert st["cheat"].nll.sum() == pytest.approx(st["token-oracle"].nll.sum())
+    assert st["prev"].nll.sum() > st["token-oracle"].nll.sum() + 1.0
+
+
+def test_copy_gate_lags_by_one_token() -> None:
+    # prompt 1 2 3; answer 1 2 3: the match that puts copy-2 on the transformer exists only
+    # once two answer tokens are in (after pushing 1, 2), so only the 3rd token goes to T
+    s = seq([-1.0] * 3, [-2.0] * 3, prompt=(0, 1, 2, 3), answer=[1, 2, 3])
+    assert rollout(get_gate("copy-2"), s).tolist() == [False, False, True]
+    assert rollout(get_gate("copy-1"), s).tolist() == [False, True, True]
+
+
+def test_unknown_role_is_an_error() -> None:
+    class Bad(Gate):
+        name = "bad"
+
+        def start(self, prompt_ids, token_text=None):
+            class S(GateState):
+                def choose(self):
+                    return "mamba"
+
+            return S(prompt_ids)
+
+    with pytest.raises(ValueError, match="mamba"):
+        rollout(Bad(), seq([-1.0], [-1.0]))
+
+
+# ---- the learned gate -----------------------------------------------------------------------
+
+def test_token_class() -> None:
+    assert [token_class(t) for t in ("\n", "  ", "(", "])", " 12", ",", " the", "ing", "", "\ufffd")] \
+        == ["newline", "space", "open", "close", "digit", "punct", "word", "piece", "other", "other"]
+
+
+def _planted(n_req: int = 12, n: int = 30, seed: int = 0) -> list[ScoredSeq]:
+    """Copying answers: the transformer is better on tokens that continue a match."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in range(n_req):
+        prompt = [0, *rng.integers(20, 60, 15).tolist()]
+        answer = prompt[1:] + rng.integers(60, 100, n - 15).tolist()
+        lp_t = np.r_[np.full(15, -0.5), np.full(n - 15, -3.0)] + rng.normal(0, 0.1, n)
+        lp_h = np.r_[np.full(15, -2.0), np.full(n - 15, -2.0)] + rng.normal(0, 0.1, n)
+        out.append(seq(lp_t, lp_h, prompt=prompt, answer=answer, source=f"src{r % 3}", sid=f"r{r}"))
+    return out
+
+
+def text(i: int) -> str:
+    return " w" if i % 7 else "\n"
+
+
+def test_learned_gate_learns_a_planted_copy_signal_and_round_trips(tmp_path: Path) -> None:
+    seqs = _planted()
+    gate = train_gate(seqs, text, rounds=2, meta={"note": "test"})
+    again = train_gate(seqs, text, rounds=2, meta={"note": "test"})
+    assert gate.to_json() == again.to_json()  # deterministic
+    st = baseline_stats(seqs)
+    st.update(gate_stats({"learned": gate, "copy-2": get_gate("copy-2")}, seqs, text))
+    s = summarize(st, n_boot=0)
+    assert s["learned"]["gain"][0] > 0.5  # well above the request oracle
+    path = gate.save(tmp_path / "g")
+    assert path.name == "gate.json" and path.stat().st_size < 200_000
+    back = load_learned_gate(tmp_path / "g")
+    assert back.weights == gate.weights and back.threshold == gate.threshold
+    assert back.meta["note"] == "test" and back.name == f"learned:{tmp_path / 'g'}"
+    assert get_gate(f"learned:{path}").weights == gate.weights
+    st2 = gate_stats({"back": back}, seqs, text)["back"]
+    assert st2.nll.tolist() == st["learned"].nll.tolist()
+
+
+def test_shipped_gate_loads_and_is_fast() -> None:
+    import time
+
+    g = get_gate("learned")
+    assert isinstance(g, LearnedGate) and g.name == "learned"
+    assert set(g.weights) <= set(FEATURES)
+    meta = g.meta
+    assert meta["trained_on"] and all(f["sha256"] and f["license"] for f in meta["trained_on"])
+    assert not any(f["eval_only"] for f in meta["trained_on"])
+    assert not any(r in f["file"] for f in meta["trained_on"] for r in ("arena", "gsm8k", "humaneval"))
+    st = g.start([0, *range(20, 60)], text)
+    t0 = time.perf_counter()
+    for t in range(20, 60):
+        st.choose()
+        st.push(t, "transformer", 1.0)
+    assert (time.perf_counter() - t0) / 40 < 5e-4  # well under a millisecond per token
+
+
+def test_artifact_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no learned gate"):
+        load_learned_gate(tmp_path)
+    (tmp_path / "gate.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a learned span gate"):
+        load_learned_gate(tmp_path)
+    with pytest.raises(ValueError, match="unknown features"):
+        LearnedGate({"nope": 1.0})
+
+
+def test_features_are_causal_and_named() -> None:
+    st = LearnedState(LearnedGate({}), [0, 1, 2, 3], text)
+    f0 = st.features()
+    assert f0["first"] == 1.0 and "match=1" not in f0 and set(f0) <= set(FEATURES)
+    st.push(1, "hybrid", 2.5)
+    st.push(2, "hybrid", 0.5)
+    f = st.features()
+    assert f["match=2"] == 1.0 and f["match_in_prompt"] == 1.0 and f["copy_hit"] == 1.0
+    assert f["ent_h"] == 0.5 and "last_t" not in f and f["log_run"] == pytest.approx(math.log(2))
+
+
+def test_fit_and_threshold_helpers() -> None:
+    rng = np.random.default_rng(0)
+    X = np.zeros((500, len(FEATURES)))
+    X[:, FEATURES.index("bias")] = 1.0
+    X[:, FEATURES.index("log_step")] = rng.uniform(0, 3, 500)
+    d = 2.0 * X[:, FEATURES.index("log_step")] - 1.0
+    w = fit_weights(X, d, l2=0.0)
+    assert w["bias"] == pytest.approx(-1.0, abs=1e-6) and w["log_step"] == pytest.approx(2.0)
+    score = np.array([3.0, 2.0, 1.0, 0.0])
+    assert best_threshold(score, np.array([1.0, 1.0, -1.0, -1.0])) == 1.5
+    assert best_threshold(score, -np.ones(4)) > 3.0
+    assert best_threshold(score, np.ones(4)) < 0.0
+
+
+def test_collect_follows_copy2_then_the_gate() -> None:
+    seqs = _planted(3)
+    data = collect(seqs, text)
+    assert data.X.shape == (90, len(FEATURES)) and len(data.d) == 90
+    assert set(data.group) == {"src0", "src1", "src2"}
+
+
+# ---- cache, real pair, CLI -----------------------------------------------------------------
+
+def test_cache_round_trip(tmp_path: Path) -> None:
+    s = seq([-1.0, -2.0], [-2.0, -1.0], ent=[[0.5, 0.6], [0.7, 0.8]])
+    save_seq(tmp_path / "a.npz", s)
+    back = load_seq(tmp_path / "a.npz")
+    assert back is not None and back.meta == s.meta
+    assert np.array_equal(back.lp, s.lp) and np.array_equal(back.prompt_ids, s.prompt_ids)
+    (tmp_path / "b.npz").write_bytes(b"torn")
+    assert load_seq(tmp_path / "b.npz") is None and load_seq(tmp_path / "c.npz") is None
+
+
+@pytest.mark.slow
+def test_scores_match_backend_score_on_the_reference_pair(reference_pair, tmp_path, monkeypatch) -> None:
+    from classifiers.labels import fit_to_context
+    from evals.harness.scoring import prompt_text
+    from evals.harness.suites import EvalRequest
+    from evals.span import score as S
+    from models.base import ChatMessage
+
+    t, h = reference_pair
+    reqs = [EvalRequest("a", prompt="def add(a, b):\n", reference="    return a + b\n"),
+            EvalRequest("b", messages=(ChatMessage("user", "Repeat exactly: one two three"),),
+                        reference="one two three")]
+    seqs = S.score_suite(reqs, "tiny", t, h, tmp_path, progress=False)
+    for r, s in zip(reqs, seqs, strict=True):
+        p = prompt_text(t, r)
+        a, _ = fit_to_context(t, p, r.reference)
+        for row, b in enumerate((t, h)):
+            ref = b.score(p, a)
+            assert s.answer_ids.tolist() == ref.token_ids
+            assert np.allclose(s.lp[row], ref.logprobs, atol=1e-4)
+        assert s.prompt_ids.tolist() == [t.prefix_id, *t.encode(p)]
+        assert (s.ent > 0).all() and (s.ent <= math.log(len(t.tokenizer)) + 1e-4).all()
+
+    def boom(*a, **k):
+        raise AssertionError("rescored a cached request")
+
+    monkeypatch.setattr(S, "forward_scores", boom)
+    again = S.score_suite(reqs, "tiny", t, h, tmp_path, progress=False)
+    assert [np.array_equal(x.lp, y.lp) for x, y in zip(again, seqs, strict=True)] == [True, True]
+
+
+def _cli(args, capsys) -> tuple[int, str]:
+    from router.cli import main
+
+    rc = main(["span-eval", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_errors(capsys, tmp_path: Path) -> None:
+    rc, err = _cli(["--gates", "copy-9"], capsys)
+    assert rc == 2 and "unknown gate 'copy-9'" in err and "copy-2" in err
+    rc, err = _cli(["--gates", f"learned:{tmp_path}"], capsys)
+    assert rc == 2 and "no learned gate" in err
+    rc, err = _cli(["--suites", "nonsense", "--gates", "copy-2"], capsys)
+    assert rc == 2 and "unknown suite 'nonsense'" in err
+    rc, err = _cli(["--per-source", "0"], capsys)
+    assert rc == 2 and "--per-source" in err
+    rc, err = _cli(["--report-only", str(tmp_path)], capsys)
+    assert rc == 2 and "no results" in err
+
+
+def test_policy_stats_take() -> None:
+    st = PolicyStats(*(np.arange(3.0) for _ in range(7)))
+    assert st.take(np.array([2])).nll.tolist() == [2.0]
+
+
+def test_exported_trees_match_lightgbm_and_the_per_token_score() -> None:
+    import lightgbm as lgb
+
+    from evals.span.train import _export, predict_matrix
+
+    rng = np.random.default_rng(0)
+    X = np.zeros((400, len(FEATURES)))
+    cols = [FEATURES.index(f) for f in ("log_step", "ent_t", "match=2", "copy_share")]
+    X[:, cols] = rng.uniform(0, 3, (400, 4)) * (rng.random((400, 4)) < 0.6)
+    d = X[:, cols[0]] - 2 * (X[:, cols[2]] > 1) + rng.normal(0, 0.1, 400)
+    params = {"objective": "regression", "num_leaves": 4, "min_data_in_leaf": 20,
+              "verbose": -1, "num_threads": 1}
+    booster = lgb.train(params, lgb.Dataset(X, d), num_boost_round=5)
+    gate = LearnedGate({}, trees=[_export(t["tree_structure"]) for t in booster.dump_model()["tree_info"]])
+    assert gate.kind == "trees"
+    assert np.allclose(predict_matrix(gate, X), booster.predict(X), atol=1e-5)
+    sparse = [{FEATURES[j]: v for j, v in enumerate(row) if v} for row in X[:50]]
+    assert np.allclose([gate.predict(f) for f in sparse], predict_matrix(gate, X[:50]))
+
+
+def test_linear_and_tree_gates_both_round_trip(tmp_path: Path) -> None:
+    seqs = _planted()
+    for model in ("linear", "trees"):
+        g = train_gate(seqs, text, rounds=1, model=model, trees={"n_trees": 5, "leaves": 4,
+                                                                 "min_leaf": 10})
+        assert g.kind == model and g.meta["model"] == model
+        back = load_learned_gate(g.save(tmp_path / model))
+        assert back.to_json() == g.to_json()
+    with pytest.raises(ValueError, match="linear or trees"):
+        train_gate(seqs, text, model="forest")
+
+
+def test_copy_k_folds_pick_the_k_that_is_best_on_the_other_sources() -> None:
+    from evals.span.run import copy_k_folds
+
+    seqs = _planted()
+    folds, full = copy_k_folds(seqs, text)
+    assert set(folds) == {"src0", "src1", "src2"}
+
+    def loss(k: int, keep) -> float:
+        st = gate_stats({"g": get_gate(f"copy-{k}")}, [s for s in seqs if keep(s)], text)["g"]
+        return float(st.nll.sum())
+
+    for src, g in folds.items():
+        others = [loss(k, lambda s, src=src: s.source != src) for k in range(1, 9)]
+        assert g.name == f"copy-{int(np.argmin(others)) + 1}"
+    assert full.name == f"copy-{int(np.argmin([loss(k, lambda s: True) for k in range(1, 9)])) + 1}"
+
+
+@pytest.mark.slow
+def test_run_and_report_end_to_end(reference_pair, tmp_path: Path) -> None:
+    from evals.span.report import write_report
+    from evals.span.run import SpanConfig, run_span_eval
+
+    suite = tmp_path / "tiny.jsonl"
+    rows = [{"id": f"r{i}", "prompt": f"Repeat: alpha beta {i} gamma\n", "domain": d,
+             "reference": f"alpha beta {i} gamma and more words here {i}"}
+            for i, d in enumerate(["a", "a", "b", "b"])]
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SpanConfig(suites=[str(suite)], gates=["copy-2", "learned"], bootstrap=20,
+                     out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    res = run_span_eval(cfg, progress=False, argv=["archroute", "span-eval"], pair=reference_pair)
+    r = res["suites"]["tiny"]
+    assert r["requests"] == 4 and set(r["by_source"]) == {"a", "b"}
+    assert {"copy-2", "learned", "request-oracle", "mixture-50/50"} <= set(r["policies"])
+    assert r["bar"]["best_gate"] in ("copy-2", "learned") and r["bar"]["learned"] == "learned"
+    paths = write_report(res, cfg.out)
+    md = Path(paths["markdown"]).read_text()
+    assert "## The issue-#14 bar" in md and "tiny by source" in md
+    assert all(Path(p).exists() for p in paths.values())
+    assert json.loads(Path(paths["results"]).read_text())["gates"] == ["copy-2", "learned"]
+
+
+@pytest.mark.slow
+def test_default_gates_skip_the_loso_ones_without_real_data(reference_pair, tmp_path, monkeypatch) -> None:
+    from evals.span.run import SpanConfig, SpanEvalError, run_span_eval
+
+    monkeypatch.setenv("ARCHROUTE_REQUESTS", str(tmp_path / "missing"))
+    suite = tmp_path / "s.jsonl"
+    suite.write_text(json.dumps({"id": "a", "prompt": "x y x y", "reference": "x y x y"}) + "\n")
+    base = dict(suites=[str(suite)], bootstrap=0, cache_dir=str(tmp_path / "c"))
+    res = run_span_eval(SpanConfig(**base), progress=False, pair=reference_pair)
+    assert "learned-loso" not in res["gates"] and "copy-2" in res["gates"]
+    with pytest.raises(SpanEvalError, match="real"):
+        run_span_eval(SpanConfig(**base, gates=["learned-loso"]), progress=False, pair=reference_pair)
