@@ -114,7 +114,7 @@ class HFBackend(Backend):
             return prompt
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in prompt],
+                [{"role": m.role, "content": m.plain()} for m in prompt],
                 tokenize=False, add_generation_prompt=True)
         return plain_chat_prompt(prompt)
 
@@ -216,16 +216,15 @@ class HFBackend(Backend):
             ))
         return results
 
-    def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
-        """log p(seq[i] | seq[:i]) for i = 1..n-1 of each sequence (nats), float32 arrays.
-
-        Sequences are sorted by length and right-padded in batches (causal models: padding
-        on the right never changes earlier positions).
-        """
+    def forward_batches(self, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> Iterator[Any]:
+        """Teacher-forced forward passes: yields ``(indices, ids, logits)`` per batch, the
+        sequences sorted by length and right-padded (causal models: padding on the right
+        never changes earlier positions); ``ids`` and float32 ``logits`` are tensors of shape
+        (batch, width) and (batch, width, vocab), row r being ``seqs[indices[r]]``. Holds the
+        forward lock while it runs."""
         import torch
 
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        out: list[np.ndarray | None] = [None] * len(seqs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prefix_id
         with self._forward_lock, torch.no_grad():
             for b in range(0, len(order), batch_size):
@@ -234,18 +233,25 @@ class HFBackend(Backend):
                 ids = torch.full((len(idx), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
                 for r, i in enumerate(idx):
-                    ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                    ids[r, :len(seqs[i])] = torch.tensor(list(seqs[i]))
                     mask[r, :len(seqs[i])] = 1
                 try:
                     logits = self.model(input_ids=ids.to(self.device),
                                         attention_mask=mask.to(self.device)).logits.float()
                 except Exception as exc:  # noqa: BLE001
                     raise BackendError(f"{self.name}: scoring failed: {exc}") from exc
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                tgt = ids[:, 1:].to(self.device).unsqueeze(-1)
-                tok_lp = logp.gather(-1, tgt).squeeze(-1).cpu().numpy()
-                for r, i in enumerate(idx):
-                    out[i] = tok_lp[r, :len(seqs[i]) - 1].astype(np.float32)
+                yield idx, ids.to(self.device), logits
+
+    def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
+        """log p(seq[i] | seq[:i]) for i = 1..n-1 of each sequence (nats), float32 arrays."""
+        import torch
+
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        for idx, ids, logits in self.forward_batches(seqs, batch_size):
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            tok_lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu().numpy()
+            for r, i in enumerate(idx):
+                out[i] = tok_lp[r, :len(seqs[i]) - 1].astype(np.float32)
         return [x for x in out if x is not None]
 
 

@@ -141,26 +141,14 @@ def forward_scores(backend, seqs: Sequence[Sequence[int]], starts: Sequence[int]
     models: padding on the right never changes earlier positions), as ``score_ids`` does."""
     import torch
 
-    model = _model(backend)
-    tok = backend.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else backend.prefix_id
-    device = getattr(backend, "device", "cpu")
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    _model(backend)  # an in-process model, or a clear error
     out: list = [None] * len(seqs)
     with torch.no_grad():
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, :len(seqs[i])] = torch.tensor(list(seqs[i]))
-                mask[r, :len(seqs[i])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for idx, ids, logits in backend.forward_batches(seqs, batch_size):
             for r, i in enumerate(idx):
                 s, n = starts[i], len(seqs[i])
-                logp = torch.log_softmax(logits[r, s - 1:n - 1].float(), dim=-1)
-                tgt = ids[r, s:n].to(device).unsqueeze(-1)
+                logp = torch.log_softmax(logits[r, s - 1:n - 1], dim=-1)
+                tgt = ids[r, s:n].unsqueeze(-1)
                 lp = logp.gather(-1, tgt).squeeze(-1)
                 ent = -(logp.exp() * logp).sum(-1)
                 out[i] = (lp.cpu().numpy().astype(np.float32), ent.cpu().numpy().astype(np.float32))
