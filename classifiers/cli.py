@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from models.registry import REFERENCE_SPECS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LABELS = "data/labels/reference.jsonl"
@@ -47,9 +49,9 @@ def add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=2000, help="requests in the synthetic mix")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_LABELS, help="label cache (JSONL, appended)")
-    p.add_argument("--transformer", default="reference:transformer",
+    p.add_argument("--transformer", default=REFERENCE_SPECS["transformer"],
                    help="backend spec: reference:NAME | model dir | http(s)://host/v1#model")
-    p.add_argument("--hybrid", default="reference:hybrid", help="backend spec, as --transformer")
+    p.add_argument("--hybrid", default=REFERENCE_SPECS["hybrid"], help="backend spec, as --transformer")
     p.add_argument("--margin", type=float, default=None, help="tie margin, nats/token (0.05)")
     p.add_argument("--chunk-size", type=int, default=32, help="requests per scoring call")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

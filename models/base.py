@@ -8,6 +8,7 @@ methods with native async clients.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
@@ -29,10 +30,32 @@ def stated_architecture(role: str | None) -> Architecture:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One chat turn; ``content`` is plain text (multi-part content is flattened upstream)."""
+    """One chat turn; ``content`` is plain text (multi-part content is flattened upstream).
+
+    Tool calling (OpenAI's shape, kept as the client sent it): ``tool_calls`` on an
+    assistant turn (``[{"id", "type": "function", "function": {"name", "arguments"}}]``),
+    ``tool_call_id`` on a ``tool`` turn (the call it answers), ``name`` as the client gave it.
+    An upstream receives them as they are; in-process backends see :meth:`plain`."""
 
     role: Role
     content: str
+    tool_calls: list[dict[str, Any]] | None = field(default=None, hash=False)
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def plain(self) -> str:
+        """The turn as text for a model that does not call tools: ``content``, then each tool
+        call on its own line as ``[tool call] NAME(ARGUMENTS)``."""
+        if not self.tool_calls:
+            return self.content
+        calls = []
+        for call in self.tool_calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            fn = fn if isinstance(fn, dict) else {}
+            args = fn.get("arguments", "")
+            args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+            calls.append(f"[tool call] {fn.get('name', '')}({args})")
+        return "\n".join([self.content, *calls] if self.content else calls)
 
 
 Prompt = str | Sequence[ChatMessage]
@@ -60,6 +83,11 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # tool calling, OpenAI's fields as the client sent them (the router sets them only for
+    # a backend with ``can_call_tools``); None: not sent
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -70,7 +98,7 @@ class GenerationParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-FinishReason = Literal["stop", "length", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "error"]
 
 
 @dataclass
@@ -85,11 +113,17 @@ class GenerationResult:
     # and catch-up tokens, e.g. {"gate": "copy-2", "transformer": 12, "hybrid": 30,
     # "switches": 5, "catchup": 17}; None for a single backend
     span: dict[str, int | str] | None = None
+    # the tool calls the model made (OpenAI's shape: id, type, function {name, arguments});
+    # None: none (``finish_reason`` is "tool_calls" when there are)
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
 class StreamChunk:
-    """One streamed piece of text; the last chunk carries ``finish_reason`` and counts."""
+    """One streamed piece of text; the last chunk carries ``finish_reason`` and counts.
+    A chunk with ``tool_calls`` carries tool-call deltas instead of text (OpenAI's stream
+    shape, index-keyed: ``[{"index": 0, "id", "type", "function": {"name", "arguments"}}]``
+    first, then ``[{"index": 0, "function": {"arguments": PIECE}}]``), passed on as given."""
 
     text: str
     finish_reason: FinishReason | None = None
@@ -100,6 +134,7 @@ class StreamChunk:
     # ``GenerationResult.span``); None for a single backend
     span_roles: tuple[str, ...] | None = None
     span: dict[str, int | str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -135,7 +170,7 @@ class BackendInfo:
 
 def plain_chat_prompt(messages: Sequence[ChatMessage]) -> str:
     """The fallback chat rendering for tokenizers without a chat template."""
-    parts = [f"{m.role.capitalize()}: {m.content}" for m in messages]
+    parts = [f"{m.role.capitalize()}: {m.plain()}" for m in messages]
     return "\n\n".join(parts) + "\n\nAssistant:"
 
 
@@ -156,13 +191,17 @@ class Backend(ABC):
     - ``prefix_id``: the start token the backend puts before a scored text, else None;
     - ``render(prompt)``: the text the model sees for a prompt (a conversation through the
       chat template; by default :func:`plain_chat_prompt`);
-    - ``encode(text)``: token ids, or None without a tokenizer.
+    - ``encode(text)``: token ids, or None without a tokenizer;
+    - ``can_call_tools``: the backend takes tool definitions (``GenerationParams.tools``)
+      and answers with tool calls (an upstream); False: the router never sends it tools and
+      renders a conversation's tool calls as text (:meth:`ChatMessage.plain`).
     """
 
     context_length: int | None = None
     tokenizer: Any = None
     prefix_id: int | None = None
     can_score: bool = True  # False: score raises RequestError (the span decoder)
+    can_call_tools: bool = False
 
     def __init__(self, name: str, max_concurrency: int = 1) -> None:
         self.name = name
@@ -182,8 +221,12 @@ class Backend(ABC):
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult: ...
 
     def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
-        """Default: one chunk holding the whole generation."""
+        """Default: one chunk holding the whole generation (its tool calls, if any, in a
+        chunk before it)."""
         result = self.generate(prompt, params)
+        if result.tool_calls:
+            yield StreamChunk("", tool_calls=[{"index": i, **c}
+                                              for i, c in enumerate(result.tool_calls)])
         yield StreamChunk(result.text, result.finish_reason, result.prompt_tokens,
                           result.completion_tokens)
 

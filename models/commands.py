@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
-DEFAULT_SPEC = "reference:hybrid"
+from models.registry import REFERENCE_SPECS
+
+DEFAULT_SPEC = REFERENCE_SPECS["hybrid"]
 SPEC_HELP = ("backend: reference:transformer | reference:hybrid | a local model directory | "
              "http://host:port/v1#model (OpenAI-compatible upstream)")
 
@@ -56,7 +58,7 @@ def run_score(a: argparse.Namespace) -> int:
     from models.base import ScoreResult
     from models.registry import from_spec
 
-    specs = a.backend or ["reference:transformer", "reference:hybrid"]
+    specs = a.backend or list(REFERENCE_SPECS.values())
     results: dict[str, ScoreResult] = {}
     for spec in specs:
         b = from_spec(spec)
@@ -87,7 +89,7 @@ def run_info(a: argparse.Namespace) -> int:
     from models.cost import CostModel
     from models.registry import from_spec
 
-    specs = a.backend or ["reference:transformer", "reference:hybrid"]
+    specs = a.backend or list(REFERENCE_SPECS.values())
     models: list[tuple[str, CostModel | None]] = []
     for spec in specs:
         b = from_spec(spec)

@@ -18,7 +18,9 @@ line in :data:`KINDS` (the fake backend, ``models/fake.py`` ``build``, is the ex
 
 **Config** (:class:`BackendConfig`; the router's ``BackendSettings`` has the same fields):
 ``name``, ``kind``, ``path`` (hf), ``base_url``/``model``/``api_key`` (upstream),
-``fake_reply``/``fake_delay_s`` (fake), ``device``, ``timeout_s``, ``max_concurrency``.
+``fake_reply``/``fake_delay_s``/``fake_tool_calls`` (fake), ``device``, ``timeout_s``,
+``max_concurrency``, ``call_tools`` (False: an upstream that takes no tools; None: the
+kind's default, see ``Backend.can_call_tools``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from models.base import Backend
+
+# the embedded reference pair's specs: every command's default backends
+REFERENCE_SPECS: dict[str, str] = {"transformer": "reference:transformer",
+                                   "hybrid": "reference:hybrid"}
 
 # kind -> "module:function(cfg, role, torch_threads) -> Backend"
 KINDS: dict[str, str] = {
@@ -69,6 +75,10 @@ class Config(Protocol):
     def fake_reply(self) -> str: ...
     @property
     def fake_delay_s(self) -> float: ...
+    @property
+    def fake_tool_calls(self) -> list[dict[str, Any]] | None: ...
+    @property
+    def call_tools(self) -> bool | None: ...
 
 
 @dataclass
@@ -86,6 +96,8 @@ class BackendConfig:
     max_concurrency: int | None = None
     fake_reply: str = "Hello from the fake backend."
     fake_delay_s: float = 0.0
+    fake_tool_calls: list[dict[str, Any]] | None = None
+    call_tools: bool | None = None
 
 
 def parse_spec(spec: str, role: str | None = None) -> dict[str, Any]:

@@ -6,6 +6,13 @@ A completion prompt (``str``) goes to ``/completions``, a conversation to
 max_tokens: 1``: the server returns the log-probability of every prompt token (vLLM does;
 the first token's is null), and the continuation's tokens are cut out by character offset.
 
+Tool calling: the backend ``can_call_tools`` (unless built with ``call_tools=False``):
+``GenerationParams.tools`` / ``tool_choice`` / ``parallel_tool_calls`` go into the chat body,
+a conversation's ``tool_calls`` / ``tool_call_id`` (and a tool turn's ``name``) into its
+messages, and the answer's ``message.tool_calls`` (streamed: ``delta.tool_calls``, as the
+upstream sends them) come back with ``finish_reason`` ``tool_calls``. An answer's tool calls
+are read only when the request sent tools.
+
 Every failure becomes a :class:`~models.base.BackendError` (timeouts an
 :class:`UpstreamTimeoutError`, HTTP errors an :class:`UpstreamStatusError`), so the router can
 fall back. The async methods are native asyncio, never a thread.
@@ -25,6 +32,7 @@ from models.base import (
     Backend,
     BackendError,
     BackendInfo,
+    ChatMessage,
     FinishReason,
     GenerationParams,
     GenerationResult,
@@ -56,7 +64,24 @@ class UpstreamRequestError(UpstreamStatusError, RequestError):
 
 
 def _finish(reason: object) -> FinishReason:
-    return "length" if reason == "length" else "stop"
+    if reason == "length":
+        return "length"
+    return "tool_calls" if reason == "tool_calls" else "stop"
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    """A conversation turn with tool calling fields as OpenAI's message: role, content
+    (null for an assistant turn that only calls tools), ``tool_calls``, ``tool_call_id`` and
+    a tool turn's ``name`` (a turn without them is ``{"role", "content"}``, as before)."""
+    content = (m.content or None) if m.tool_calls else m.content
+    out: dict[str, Any] = {"role": m.role, "content": content}
+    if m.tool_calls is not None:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            out["name"] = m.name
+    return out
 
 
 def _error_text(resp: httpx.Response | http1.Response) -> str:
@@ -101,9 +126,10 @@ class SSEParser:
     ``final()`` is the last chunk, with the finish reason and the usage counts if sent.
     """
 
-    def __init__(self, name: str, chat: bool) -> None:
+    def __init__(self, name: str, chat: bool, tools: bool = False) -> None:
         self.name = name
         self.chat = chat
+        self.tools = tools  # the request sent tools: read deltas' tool_calls too
         self.done = False
         self.finish: FinishReason = "stop"
         self.usage: dict = {}
@@ -127,6 +153,10 @@ class SSEParser:
                 self.finish = _finish(choice["finish_reason"])
             if piece:
                 out.append(StreamChunk(piece))
+            if self.tools:
+                calls = (choice.get("delta") or {}).get("tool_calls")
+                if calls:
+                    out.append(StreamChunk("", tool_calls=calls))
         return out
 
     def final(self) -> StreamChunk:
@@ -144,8 +174,12 @@ class OpenAIUpstreamBackend(Backend):
 
     def __init__(self, name: str, base_url: str, model: str, api_key: str | None = None,
                  architecture: Architecture = "other", timeout: float = 60.0,
-                 connect_timeout: float = 5.0, max_concurrency: int = 64) -> None:
+                 connect_timeout: float = 5.0, max_concurrency: int = 64,
+                 call_tools: bool = True) -> None:
         super().__init__(name, max_concurrency)
+        # False: the server takes no tools (e.g. vLLM without --enable-auto-tool-choice);
+        # the router then drops a request's tools for it (or refuses them, `tools: error`)
+        self.can_call_tools = call_tools
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.architecture = architecture
@@ -210,7 +244,15 @@ class OpenAIUpstreamBackend(Backend):
         if isinstance(prompt, str):
             body["prompt"] = prompt
             return "/completions", body
-        body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
+        body["messages"] = [{"role": m.role, "content": m.content}
+                            if m.tool_calls is None and m.tool_call_id is None else _message(m)
+                            for m in prompt]
+        if params.tools is not None:
+            body["tools"] = params.tools
+        if params.tool_choice is not None:
+            body["tool_choice"] = params.tool_choice
+        if params.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = params.parallel_tool_calls
         return "/chat/completions", body
 
     def _wrap(self, exc: Exception) -> BackendError:
@@ -228,13 +270,17 @@ class OpenAIUpstreamBackend(Backend):
                 resp.status_code)
 
     @staticmethod
-    def _result(path: str, data: dict) -> GenerationResult:
+    def _result(path: str, data: dict, tools: bool = False) -> GenerationResult:
+        """A whole answer; with ``tools`` (the request sent them) its tool calls too."""
         choice = data["choices"][0]
         text = choice["text"] if path == "/completions" else choice["message"].get("content")
         usage = data.get("usage") or {}
-        return GenerationResult(text or "", int(usage.get("prompt_tokens", 0)),
-                                int(usage.get("completion_tokens", 0)),
-                                _finish(choice.get("finish_reason")))
+        out = GenerationResult(text or "", int(usage.get("prompt_tokens", 0)),
+                               int(usage.get("completion_tokens", 0)),
+                               _finish(choice.get("finish_reason")))
+        if tools and path != "/completions":
+            out.tool_calls = choice["message"].get("tool_calls") or None
+        return out
 
     def _score_body(self, prompt: str, continuation: str) -> dict:
         if not continuation:
@@ -257,7 +303,7 @@ class OpenAIUpstreamBackend(Backend):
         try:
             resp = self.client.post(path, json=body)
             self._check(resp)
-            return self._result(path, resp.json())
+            return self._result(path, resp.json(), "tools" in body)
         except BackendError:
             raise
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
@@ -270,7 +316,7 @@ class OpenAIUpstreamBackend(Backend):
                 if resp.status_code >= 400:
                     resp.read()
                     self._check(resp)
-                parser = SSEParser(self.name, chat=path != "/completions")
+                parser = SSEParser(self.name, chat=path != "/completions", tools="tools" in body)
                 for line in resp.iter_lines():
                     yield from parser.feed(line)
                     if parser.done:
@@ -304,7 +350,7 @@ class OpenAIUpstreamBackend(Backend):
     async def agenerate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         path, body = self._body(prompt, params, stream=False)
         try:
-            return self._result(path, await self._apost(path, body))
+            return self._result(path, await self._apost(path, body), "tools" in body)
         except BackendError:
             raise
         except self._ASYNC_ERRORS as exc:
@@ -317,7 +363,7 @@ class OpenAIUpstreamBackend(Backend):
                 if resp.status_code >= 400:
                     await resp.aread()
                     self._check(resp)
-                parser = SSEParser(self.name, chat=path != "/completions")
+                parser = SSEParser(self.name, chat=path != "/completions", tools="tools" in body)
                 async for line in resp.aiter_lines():
                     for chunk in parser.feed(line):
                         yield chunk
@@ -353,4 +399,5 @@ def build(cfg, role: str | None = None, torch_threads: int | None = None) -> Ope
     key = key.get_secret_value() if hasattr(key, "get_secret_value") else key
     return OpenAIUpstreamBackend(cfg.name, cfg.base_url, cfg.model, api_key=key,
                                  architecture=stated_architecture(role), timeout=cfg.timeout_s,
-                                 max_concurrency=cfg.max_concurrency or 64)
+                                 max_concurrency=cfg.max_concurrency or 64,
+                                 call_tools=cfg.call_tools is not False)

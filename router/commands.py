@@ -6,6 +6,7 @@ Flags override the config file and the environment (see :mod:`router.settings`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,9 @@ def add_serve_model(sub: argparse._SubParsersAction) -> None:
                    help="reply of the 'fake' backend")
     p.add_argument("--fake-delay-s", type=float, default=0.0,
                    help="seconds the 'fake' backend waits before answering")
+    p.add_argument("--fake-tool-calls", metavar="JSON", type=json.loads, default=None,
+                   help="the 'fake' backend calls tools: these calls (a JSON list of "
+                        "{\"name\", \"arguments\"}) answer a request that sends tools")
     p.set_defaults(func=run_serve_model)
 
 
@@ -127,7 +131,7 @@ def run_serve_model(args: argparse.Namespace) -> int:
     if args.max_concurrency:
         fields["max_concurrency"] = args.max_concurrency
     if spec == "fake" or spec.startswith("fake:"):  # fake:REPLY names its reply itself
-        fields.update(fake_delay_s=args.fake_delay_s,
+        fields.update(fake_delay_s=args.fake_delay_s, fake_tool_calls=args.fake_tool_calls,
                       **({"fake_reply": args.fake_reply} if spec == "fake" else {}))
     try:
         backend = from_spec(spec, role=args.architecture, name=args.name or parse_spec(spec)["name"],

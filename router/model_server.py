@@ -7,6 +7,11 @@ Streaming, errors and limits behave as in the router (shared modules).
 Log-probabilities: ``logprobs: k`` returns each token's own log-probability (nats);
 ``top_logprobs`` holds only that token (no alternatives). With ``echo`` the prompt's tokens
 come first and the first token's log-probability is ``null``, as vLLM does.
+
+Tool calling: a chat request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (legacy
+``functions`` / ``function_call`` mapped to them) reach a backend that ``can_call_tools``
+(the fake with scripted tool calls: ``serve-model fake --fake-tool-calls JSON``), and its
+calls come back as ``message.tool_calls`` / ``delta.tool_calls``; other backends ignore them.
 """
 
 from __future__ import annotations
@@ -105,9 +110,14 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
 
     def params(body: P.ChatCompletionRequest | P.CompletionRequest) -> GenerationParams:
         asked = body.requested_max_tokens()
-        return GenerationParams(max_tokens=None if asked is None else min(asked, max_tokens_cap),
-                                temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                stop=body.stop_list())
+        out = GenerationParams(max_tokens=None if asked is None else min(asked, max_tokens_cap),
+                               temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                               stop=body.stop_list())
+        if backend.can_call_tools and isinstance(body, P.ChatCompletionRequest):
+            tools = body.tool_fields()
+            if tools is not None:
+                tools.apply(out)
+        return out
 
     async def serve(body: P.ChatCompletionRequest | P.CompletionRequest) -> Response:
         try:
@@ -142,7 +152,9 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
         n_out = sum(r.completion_tokens for r in results)
         choices = [(r.text, str(r.finish_reason)) for r in results]
         if chat:
-            return JSONResponse(P.chat_response(rid, model_name, choices, n_prompt, n_out))
+            calls = [r.tool_calls for r in results]
+            return JSONResponse(P.chat_response(rid, model_name, choices, n_prompt, n_out,
+                                                tool_calls=calls if any(calls) else None))
         assert isinstance(prompt, str)
         logprobs = None
         if getattr(body, "logprobs", None) is not None:

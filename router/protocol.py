@@ -1,22 +1,29 @@
 """OpenAI protocol models (pydantic) for chat completions, completions and models.
 
 Request fields follow the order of OpenAI's API reference. Fields ArchRoute does not act on
-are accepted and ignored (sampling penalties, logit_bias, tools...); fields nobody knows are
-accepted too and their *names* logged. The ArchRoute extension is fenced at the end of each
-model and described there.
+are accepted and ignored (sampling penalties, logit_bias...); fields nobody knows are
+accepted too and their *names* logged. Tool calling fields (``tools``, ``tool_choice``,
+``parallel_tool_calls``, the legacy ``functions`` / ``function_call``; messages'
+``tool_calls`` and ``tool_call_id``) are kept as sent:
+:meth:`ChatCompletionRequest.tool_fields` and :meth:`ChatCompletionRequest.chat_messages`
+hand them on. The ArchRoute extension is fenced at the end of each model and described
+there.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from models.base import ChatMessage
+from models.base import ChatMessage, GenerationParams
+from router.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,17 @@ def no_surrogates(value: Any, field: str) -> Any:
     return value
 
 
+def no_surrogates_json(value: Any, field: str) -> Any:
+    """``value`` (JSON: tool definitions, tool calls) unchanged, or ValueError when a string
+    in it, a key included, holds an unpaired UTF-16 surrogate (see :func:`no_surrogates`)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field} holds an unpaired UTF-16 surrogate; send valid Unicode "
+                         "text") from None
+    return value
+
+
 class _Open(BaseModel):
     """Accepts unknown fields (OpenAI adds them often); :meth:`log_unknown` names them."""
 
@@ -71,11 +89,29 @@ class Message(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # tool calling: an assistant turn's calls (OpenAI's shape, handed on as sent) and the
+    # call a tool turn answers
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    @field_validator("content", "name")
+    @field_validator("content", "name", "tool_call_id")
     @classmethod
     def _unicode(cls, v, info):
         return no_surrogates(v, info.field_name)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _tool_calls(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """Each call needs ``function.name`` (a string) and, if given, ``function.arguments``
+        (a JSON string, or an object): an in-process backend renders them as text."""
+        for call in v or ():
+            fn = call.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError("tool_calls: each call needs function.name (a string)")
+            args = fn.get("arguments")
+            if args is not None and not isinstance(args, str | dict):
+                raise ValueError("tool_calls: function.arguments must be a JSON string")
+        return no_surrogates_json(v, "tool_calls")
 
     def text(self) -> str:
         """The message's text; multi-part content is joined, non-text parts are refused."""
@@ -148,6 +184,34 @@ class _Sampling(_Open):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+# a request's tool calling fields, in the order messages name them
+TOOL_FIELDS = ("tools", "functions", "tool_choice", "function_call", "parallel_tool_calls")
+
+
+@dataclass(frozen=True)
+class ToolFields:
+    """A request's tool calling fields: ``sent`` names the ones it set (for warnings and
+    errors); ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` are what a backend that
+    calls tools is given (legacy ``functions`` / ``function_call`` mapped to them; all None
+    for a completion request, which takes no tools)."""
+
+    sent: tuple[str, ...]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def passable(self) -> bool:
+        """Anything a backend could be given (a completion request's never is)."""
+        return (self.tools is not None or self.tool_choice is not None
+                or self.parallel_tool_calls is not None)
+
+    def apply(self, params: GenerationParams) -> GenerationParams:
+        params.tools, params.tool_choice = self.tools, self.tool_choice
+        params.parallel_tool_calls = self.parallel_tool_calls
+        return params
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     model: str = Field(max_length=MAX_MODEL_CHARS)
@@ -157,14 +221,55 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    # tool calling (OpenAI's shape; handed on as sent to a backend that calls tools, see
+    # tool_fields); functions / function_call: the legacy form, mapped to tools / tool_choice
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
         return no_surrogates(v, "model")
 
+    @field_validator("tools", "tool_choice", "functions", "function_call")
+    @classmethod
+    def _tool_unicode(cls, v, info):
+        return no_surrogates_json(v, info.field_name)
+
     def chat_messages(self) -> list[ChatMessage]:
-        return [ChatMessage(m.role, m.text()) for m in self.messages]
+        return [ChatMessage(m.role, m.text(), m.tool_calls, m.tool_call_id, m.name)
+                for m in self.messages]
+
+    def tool_fields(self) -> ToolFields | None:
+        """None when the request sets no tool field (an empty list counts as not set), else
+        what it sent, with the legacy ``functions`` (``[f]`` -> ``[{"type": "function",
+        "function": f}]``) and ``function_call`` (``{"name": N}`` -> ``{"type": "function",
+        "function": {"name": N}}``; ``"auto"`` / ``"none"`` as they are) mapped to ``tools``
+        and ``tool_choice``. Both forms at once: a 400."""
+        if (not self.tools and not self.functions and self.tool_choice is None
+                and self.function_call is None and self.parallel_tool_calls is None):
+            return None
+        sent = tuple(k for k in TOOL_FIELDS
+                     if getattr(self, k) is not None and getattr(self, k) != [])
+        if not sent:
+            return None
+        tools, choice = self.tools or None, self.tool_choice
+        if self.functions:
+            if tools:
+                raise InvalidRequestError("functions: send tools or the legacy functions, "
+                                          "not both", param="functions")
+            tools = [{"type": "function", "function": f} for f in self.functions]
+        if self.function_call is not None:
+            if choice is not None:
+                raise InvalidRequestError("function_call: send tool_choice or the legacy "
+                                          "function_call, not both", param="function_call")
+            fc = self.function_call
+            choice = ({"type": "function", "function": {"name": fc.get("name")}}
+                      if isinstance(fc, dict) else fc)
+        return ToolFields(sent, tools, choice, self.parallel_tool_calls)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -209,13 +314,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def chat_response(rid: str, model: str, choices: Sequence[tuple[str, str]], prompt_tokens: int,
-                  completion_tokens: int, extra: dict[str, Any] | None = None) -> dict:
-    """``choices``: (text, finish_reason) per choice."""
+                  completion_tokens: int, extra: dict[str, Any] | None = None,
+                  tool_calls: Sequence[list[dict[str, Any]] | None] | None = None) -> dict:
+    """``choices``: (text, finish_reason) per choice; ``tool_calls``: each choice's tool
+    calls (None: none), set as ``message.tool_calls`` (``content`` null when empty, as
+    OpenAI sends it)."""
+    items: list[dict[str, Any]] = [{"index": i, "message": {"role": "assistant", "content": text},
+                                    "logprobs": None, "finish_reason": fin}
+                                   for i, (text, fin) in enumerate(choices)]
     out = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-           "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                        "logprobs": None, "finish_reason": fin}
-                       for i, (text, fin) in enumerate(choices)],
-           "usage": usage(prompt_tokens, completion_tokens)}
+           "choices": items, "usage": usage(prompt_tokens, completion_tokens)}
+    if tool_calls is not None:
+        for choice, calls in zip(items, tool_calls, strict=True):
+            if calls:
+                message = choice["message"]
+                message["content"] = message["content"] or None
+                message["tool_calls"] = calls
     return out | (extra or {})
 
 
@@ -231,7 +345,7 @@ def completion_response(rid: str, model: str, choices: Sequence[tuple[str, str]]
     return out | (extra or {})
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict[str, str],
+def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any],
                finish: str | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}

@@ -58,6 +58,9 @@ class Route:
     fallback_reason: str | None = None
     reasons: list[str] | None = None  # the features behind the score, in words (explain)
     warning: str | None = None  # sent as x-archroute-warning
+    # the request's tool calling fields (None: it sent none); given to the serving backend
+    # when it can call tools, else dropped with a warning (settings `tools`)
+    tools: P.ToolFields | None = None
     side: bool = False  # a chat app's side request (title, tags, ...): not scored
     span_gate: str | None = None  # a span profile's request: the gate that decodes it
     # what the response reports of span decoding: {"gate": NAME}, and once the span decoder
@@ -322,6 +325,59 @@ class RouterService:
         most that long for an answer or an error, not once per backend."""
         return time.monotonic() + self._slot(route, route.order[0]).limits.timeout_s
 
+    # --- tool calling ------------------------------------------------------------------
+    @staticmethod
+    def _tool_fields(body: P.ChatCompletionRequest | P.CompletionRequest) -> P.ToolFields | None:
+        """The request's tool calling fields, None when it sent none. A completion request's
+        are only named (``/v1/completions`` takes no tools: never passed on)."""
+        if isinstance(body, P.ChatCompletionRequest):
+            return body.tool_fields()
+        extra = body.model_extra
+        if not extra:
+            return None
+        sent = tuple(k for k in P.TOOL_FIELDS if extra.get(k))
+        return P.ToolFields(sent) if sent else None
+
+    def _plan_tools(self, route: Route, tools: P.ToolFields) -> None:
+        """Settings ``tools`` for a routed request that sent tools. ``error``: a 400 when the
+        chosen backend cannot call tools, and no fallback to one that cannot. ``auto`` and
+        ``drop`` decide per backend as it is tried (:meth:`_params_for`)."""
+        route.tools = tools
+        if self.settings.tools != "error":
+            return
+        field = tools.sent[0]
+        if not tools.passable:
+            raise InvalidRequestError(f"{field}: /v1/completions takes no tools (send them to "
+                                      "/v1/chat/completions)", param=field)
+        first = self._slot(route, route.order[0])
+        if not first.backend.can_call_tools:
+            raise InvalidRequestError(
+                f"{field}: backend {first.name!r} cannot call tools (only an upstream that "
+                "takes tools can); send the request without tools, or set `tools: auto` to "
+                "have them dropped for such a backend", param=field)
+        route.order = [route.order[0], *(r for r in route.order[1:]
+                                         if self._slot(route, r).backend.can_call_tools)]
+
+    def _params_for(self, route: Route, slot: BackendSlot,
+                    body: P.ChatCompletionRequest | P.CompletionRequest,
+                    i: int = 0) -> GenerationParams:
+        """:meth:`params`, with the request's tools when ``slot`` takes them; when it does
+        not, the route's warning says they were dropped."""
+        params = self.params(body, i)
+        tools = route.tools
+        if tools is None:
+            return params
+        if self.settings.tools == "drop":
+            route.warning = f"{', '.join(tools.sent)} ignored (router setting tools: drop)"
+        elif not tools.passable:
+            route.warning = f"{', '.join(tools.sent)} ignored: /v1/completions takes no tools"
+        elif not slot.backend.can_call_tools:
+            route.warning = f"{', '.join(tools.sent)} ignored: {slot.name} cannot call tools"
+        else:
+            route.warning = None
+            tools.apply(params)
+        return params
+
     # --- whole responses -------------------------------------------------------------
     async def generate(self, route: Route, prompt: Prompt,
                        body: P.ChatCompletionRequest | P.CompletionRequest,
@@ -335,8 +391,8 @@ class RouterService:
             slot = self._slot(route, role)
             t = time.perf_counter()
             try:
-                results = [await slot.generate(prompt, self.params(body, i), deadline)
-                           for i in range(body.n)]
+                results = [await slot.generate(prompt, self._params_for(route, slot, body, i),
+                                               deadline) for i in range(body.n)]
             except (RequestError, asyncio.CancelledError):  # the client's fault, or it left
                 raise
             except Exception as exc:  # noqa: BLE001 - decide below: fall back or report
@@ -357,7 +413,8 @@ class RouterService:
         for role in route.order:
             slot = self._slot(route, role)
             try:
-                stream = await slot.open_stream(prompt, self.params(body), deadline)
+                stream = await slot.open_stream(prompt, self._params_for(route, slot, body),
+                                                deadline)
             except (RequestError, asyncio.CancelledError):  # the client's fault, or it left
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -380,20 +437,6 @@ class RouterService:
                                       "backend's own server)", param="logprobs")
         prompt = body.prompt_text()
         return prompt, RoutingRequest.from_prompt(prompt, body.requested_max_tokens())
-
-    def _tools_check(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> str | None:
-        """None, or the warning for tool definitions the backends will not see (settings
-        ``tools: drop``); with ``tools: error`` they are a 400."""
-        sent = sorted(k for k in ("tools", "functions", "tool_choice", "function_call")
-                      if (body.model_extra or {}).get(k))
-        if not sent:
-            return None
-        if self.settings.tools == "error":
-            raise InvalidRequestError(
-                f"{sent[0]}: tool calling is not supported by this router's backends; send "
-                "the request without tools, or set `tools: drop` to have them ignored",
-                param=sent[0])
-        return f"{', '.join(sent)} ignored: this router's backends do not call tools"
 
     async def decide_only(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> dict:
         """``POST /v1/route``: the decision the chat endpoint would make for ``body`` (same
@@ -422,12 +465,13 @@ class RouterService:
             if body.stream and body.n > 1:
                 raise InvalidRequestError("n > 1 is not supported with stream", param="n")
             self.params(body)  # validate sampling values before routing
-            warning = self._tools_check(body)
+            tools = self._tool_fields(body)
             opts = body.archroute
             route = await self.route(body.model, rreq, opts.threshold if opts else None,
                                      explain=bool(opts and opts.explain),
                                      gate=opts.gate if opts else None)
-            route.warning = warning
+            if tools is not None:
+                self._plan_tools(route, tools)
             row.profile, row.policy, row.score = route.profile, route.policy, route.score
             row.threshold, row.decision, row.features = route.threshold, route.decision, route.features
             row.side = route.side
@@ -456,8 +500,13 @@ class RouterService:
         echo = prompt if getattr(body, "echo", False) and isinstance(prompt, str) else ""
         choices = [(echo + r.text, str(r.finish_reason)) for r in results]
         args = (row.request_id, body.model, choices, row.prompt_tokens, row.completion_tokens)
-        payload = (P.chat_response(*args, extra=extra) if chat
-                   else P.completion_response(*args, extra=extra))
+        if not chat:
+            payload = P.completion_response(*args, extra=extra)
+        elif route.tools is None:
+            payload = P.chat_response(*args, extra=extra)
+        else:
+            payload = P.chat_response(*args, extra=extra,
+                                      tool_calls=[r.tool_calls for r in results])
         if extra is not None:  # chat apps keep `usage` (Open WebUI shows it per message)
             payload["usage"]["archroute_backend"] = route.served_by
         self._finish(row, t0, overhead_ms, 200, None)

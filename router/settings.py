@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from models.registry import REFERENCE_SPECS, parse_spec
 from models.span.decoder import DEFAULT_GATE, default_gate_name
 from models.span.gates import GATES
 from router.policies import EVAL_ONLY, list_policies
@@ -60,12 +61,19 @@ class BackendSettings(_Strict):
     api_key: SecretStr | None = None
     # all kinds
     timeout_s: float = Field(60.0, gt=0)  # whole call, and each gap between streamed chunks
+    # tool calling: None: the kind's own (upstream: passes tools on; hf: cannot); false: an
+    # upstream that takes no tools (vLLM without --enable-auto-tool-choice), so the router
+    # drops a request's tools for it (`tools: auto`) or refuses them (`tools: error`)
+    call_tools: bool | None = None
     max_concurrency: int | None = Field(None, ge=1)  # in flight at once; None: hf 1, else 64
     max_queue: int = Field(8, ge=0)  # requests waiting beyond that; more get 429
     queue_timeout_s: float = Field(30.0, gt=0)  # longest wait for a slot; then 503
     # fake: scripted reply and delay (tests, benchmarks)
     fake_reply: str = "Hello from the fake backend."
     fake_delay_s: float = Field(0.0, ge=0)
+    # fake: tool calls it answers with when a request sends tools and its last turn is not a
+    # tool result (each {"name", "arguments"} or OpenAI's whole call); set: it calls tools
+    fake_tool_calls: list[dict[str, Any]] | None = None
 
     @property
     def concurrency(self) -> int:
@@ -84,6 +92,9 @@ class BackendSettings(_Strict):
             raise ValueError(f"backend {self.name!r}: kind 'hf' needs 'path'")
         if self.kind == "upstream" and not (self.base_url and self.model):
             raise ValueError(f"backend {self.name!r}: kind 'upstream' needs 'base_url' and 'model'")
+        if self.call_tools and self.kind == "hf":
+            raise ValueError(f"backend {self.name!r}: call_tools: kind 'hf' cannot call tools "
+                             "(in-process models get no tool definitions)")
         return self
 
 
@@ -143,8 +154,8 @@ class ProfileSettings(_Strict):
 
 def _default_backends() -> dict[Role, BackendSettings]:
     return {
-        "transformer": BackendSettings(name="reference-transformer", path="reference:transformer"),
-        "hybrid": BackendSettings(name="reference-hybrid", path="reference:hybrid"),
+        role: BackendSettings(**parse_spec(REFERENCE_SPECS[role], role))
+        for role in ("transformer", "hybrid")
     }
 
 
@@ -208,10 +219,13 @@ class Settings(_Strict):
     # e.g. Open WebUI's "### Task:"): served by this backend role without scoring, marked
     # `side` in the decision log; "route" routes them like user requests
     side_requests: Literal["hybrid", "transformer", "route"] = "hybrid"
-    # requests that carry tool definitions (`tools`, `functions`, `tool_choice`): no backend
-    # here calls tools yet. "drop": serve without them, with an `x-archroute-warning` header
-    # (chat apps such as Open WebUI send tools on every turn); "error": a 400
-    tools: Literal["drop", "error"] = "drop"
+    # requests that carry tool definitions (`tools`, `tool_choice`, `parallel_tool_calls`, the
+    # legacy `functions` / `function_call`). "auto": passed on to the backend that serves the
+    # request when it can call tools (an upstream), else served without them with an
+    # `x-archroute-warning` header (chat apps such as Open WebUI send tools on every turn);
+    # "drop": always served without them (the warning header); "error": a 400 naming the
+    # backend when the backend chosen cannot call tools (and no fallback to one that cannot)
+    tools: Literal["auto", "drop", "error"] = "auto"
     torch_threads: int | None = Field(None, ge=1)  # for in-process models; None: torch's default
 
     @field_validator("decision_log")

@@ -36,7 +36,8 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
     ``ext`` (the ArchRoute decision) rides on the first event, and its ``backend`` on every
     later one (``archroute.backend``) and in the usage object (``usage.archroute_backend``).
     Span decoding adds ``archroute.span_model`` to an event whose text one model produced
-    and the totals (``archroute.span``) to the event with ``finish_reason``."""
+    and the totals (``archroute.span``) to the event with ``finish_reason``. A chunk's tool
+    calls become an event with ``delta.tool_calls`` (as the backend gave them)."""
     created = int(time.time())
     tag = {"backend": ext["backend"]} if ext is not None else None
 
@@ -65,6 +66,11 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
                 roles = chunk.span_roles
                 yield event(piece(chunk.text, span_model=roles[0] if roles and len(roles) == 1
                                   else None))
+            elif chat and chunk.tool_calls:
+                calls = P.chat_chunk(rid, model, created, {"tool_calls": chunk.tool_calls})
+                if tag is not None:
+                    calls["archroute"] = tag
+                yield event(calls)
             if chunk.finish_reason:
                 finish = chunk.finish_reason
                 n_prompt, n_completion = chunk.prompt_tokens, chunk.completion_tokens

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from models.provenance import git_commit
+from models.registry import REFERENCE_SPECS
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 DEFAULTS = {
     "corpus": "data/corpus",  # a JSONL file, or a directory (with {split}.jsonl, or files)
     "split": "val",
-    "transformer": "reference:transformer",
-    "hybrid": "reference:hybrid",
+    "transformer": REFERENCE_SPECS["transformer"],
+    "hybrid": REFERENCE_SPECS["hybrid"],
     "window": 512,  # tokens the model sees per window (start token included)
     "max_tokens": None,  # cap on scored tokens, taken round-robin over domains
     "batch_size": 8,  # windows per forward pass (and per cache file)

@@ -12,6 +12,8 @@ import argparse
 import statistics
 import time
 
+from models.registry import REFERENCE_SPECS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", action="append",
@@ -30,7 +32,7 @@ def run(a: argparse.Namespace) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    specs = a.backend or ["reference:transformer", "reference:hybrid"]
+    specs = a.backend or list(REFERENCE_SPECS.values())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'backend':24s} {'prompt':>6s} {'score tok/s':>12s} {'TTFT ms':>9s} {'decode tok/s':>13s} "
           f"{'GFLOP/req':>10s} {'mem MiB':>8s}")

@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from models.registry import REFERENCE_SPECS
+
 COSTS = ("flops", "memory_bytes", "wall_ms", "usd")
 
 
@@ -24,8 +26,8 @@ class EvalConfig:
     suites: list[str] = field(default_factory=lambda: ["humaneval", "corpus"])  # built-ins or paths
     policies: list[str] | None = None  # None = every registered policy (+ the oracle)
     policy_kwargs: dict[str, dict] = field(default_factory=dict)  # name -> get_policy kwargs
-    transformer: str = "reference:transformer"  # backend spec (models/registry.py)
-    hybrid: str = "reference:hybrid"
+    transformer: str = REFERENCE_SPECS["transformer"]  # backend spec (models/registry.py)
+    hybrid: str = REFERENCE_SPECS["hybrid"]
     limit: int | None = None  # first N requests of each suite
     # built-in suites
     corpus: str = "data/corpus/val.jsonl"  # the held-out reference corpus

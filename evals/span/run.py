@@ -30,6 +30,7 @@ from evals.span.evaluate import (
     summarize,
 )
 from evals.span.score import ScoredSeq, default_cache_dir, score_suite, token_texts
+from models.registry import REFERENCE_SPECS
 from models.span.gates import Gate
 from models.span.learned import LearnedGate
 
@@ -53,8 +54,8 @@ class SpanConfig:
     suites: list[str] = field(default_factory=lambda: ["humaneval", "corpus"])
     gates: list[str] | None = None  # None = every registered gate + learned-loso
     per_source: int = 40  # requests per request file in the real suite (also LOSO training)
-    transformer: str = "reference:transformer"
-    hybrid: str = "reference:hybrid"
+    transformer: str = REFERENCE_SPECS["transformer"]
+    hybrid: str = REFERENCE_SPECS["hybrid"]
     corpus: str = "data/corpus/val.jsonl"
     corpus_per_domain: int = 48
     limit: int | None = None  # first N requests of each suite
