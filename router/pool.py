@@ -255,11 +255,19 @@ class BackendStream:
         return item
 
     async def __aiter__(self) -> AsyncIterator[StreamChunk]:
-        if self.first is not None:
-            first, self.first = self.first, None
-            yield first
-        while (chunk := await self.next_chunk()) is not None:
-            yield chunk
+        """The chunks; the breaker hears how the stream ended: a success when the backend
+        finished it, a failure when it broke or went silent. A consumer that stops early
+        (a client that left) tells the breaker nothing."""
+        try:
+            if self.first is not None:
+                first, self.first = self.first, None
+                yield first
+            while (chunk := await self.next_chunk()) is not None:
+                yield chunk
+        except Exception:
+            self.slot.record_failure()
+            raise
+        self.slot.record_success()
 
     async def aclose(self) -> None:
         """Stop pumping (an in-process backend finishes its thread in the background)."""

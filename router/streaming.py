@@ -84,12 +84,10 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
                 last["archroute"] = tag
                 last["usage"]["archroute_backend"] = tag["backend"]
             yield event(last)
-        stream.slot.record_success()
     except asyncio.CancelledError:  # the client went away
         status, error = 499, "client disconnected"
         raise
     except Exception as exc:  # noqa: BLE001 - becomes an error event, then [DONE]
-        stream.slot.record_failure()
         log.warning("stream from %s failed: %s: %s", stream.slot.name, type(exc).__name__, exc)
         error = str(exc) or type(exc).__name__
         yield sse_error(exc)

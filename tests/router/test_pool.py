@@ -169,3 +169,35 @@ def test_an_unanswered_probe_stops_blocking_after_timeout() -> None:
         assert slot.state == "half-open"
 
     asyncio.run(main())
+
+
+class _BreaksMidStream(FakeBackend):
+    """Sends one chunk, then fails: the stream starts (the first chunk is in) and breaks."""
+
+    async def astream(self, prompt, params):  # type: ignore[override]
+        from models.base import BackendError, StreamChunk
+
+        yield StreamChunk("part")
+        raise BackendError("scripted mid-stream failure")
+
+
+def test_the_stream_itself_tells_the_breaker_how_it_ended() -> None:
+    """Breaker bookkeeping lives in the pool: iterating a BackendStream to its end records
+    a success, a stream that breaks records a failure, with no formatter involved (the SSE
+    formatter used to do both)."""
+    async def main() -> None:
+        slot = BackendSlot("t", _BreaksMidStream(), SlotLimits(failure_threshold=5))
+        stream = await slot.open_stream("x", GenerationParams())
+        with pytest.raises(Exception, match="scripted mid-stream"):
+            async for _ in stream:
+                pass
+        await stream.aclose()
+        assert slot.failures == 1
+        ok = BackendSlot("t", FakeBackend(), SlotLimits(failure_threshold=5))
+        ok.failures = 2
+        stream = await ok.open_stream("x", GenerationParams())
+        assert "".join([c.text async for c in stream])
+        await stream.aclose()
+        assert ok.failures == 0
+
+    asyncio.run(main())
