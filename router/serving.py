@@ -11,7 +11,7 @@ import logging
 import random
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -61,6 +61,7 @@ class Route:
     # the request's tool calling fields (None: it sent none); given to the serving backend
     # when it can call tools, else dropped with a warning (settings `tools`)
     tools: P.ToolFields | None = None
+    params: GenerationParams | None = None  # the request's, built once (handle)
     side: bool = False  # a chat app's side request (title, tags, ...): not scored
     span_gate: str | None = None  # a span profile's request: the gate that decodes it
     # what the response reports of span decoding: {"gate": NAME}, and once the span decoder
@@ -361,9 +362,13 @@ class RouterService:
     def _params_for(self, route: Route, slot: BackendSlot,
                     body: P.ChatCompletionRequest | P.CompletionRequest,
                     i: int = 0) -> GenerationParams:
-        """:meth:`params`, with the request's tools when ``slot`` takes them; when it does
-        not, the route's warning says they were dropped."""
-        params = self.params(body, i)
+        """The request's parameters (built once, ``route.params``; choice ``i`` of ``n``
+        gets seed + i), with its tools when ``slot`` takes them; when it does not, the
+        route's warning says they were dropped. A copy whenever it differs, so a fallback
+        never inherits what was set for the backend before it."""
+        params = route.params if route.params is not None else self.params(body)
+        if i and body.seed is not None:
+            params = replace(params, seed=body.seed + i)
         tools = route.tools
         if tools is None:
             return params
@@ -375,7 +380,7 @@ class RouterService:
             route.warning = f"{', '.join(tools.sent)} ignored: {slot.name} cannot call tools"
         else:
             route.warning = None
-            tools.apply(params)
+            params = tools.apply(replace(params))
         return params
 
     # --- whole responses -------------------------------------------------------------
@@ -464,12 +469,13 @@ class RouterService:
             prompt, rreq = self.request_of(body)
             if body.stream and body.n > 1:
                 raise InvalidRequestError("n > 1 is not supported with stream", param="n")
-            self.params(body)  # validate sampling values before routing
+            params = self.params(body)  # built once, and validated before routing
             tools = self._tool_fields(body)
             opts = body.archroute
             route = await self.route(body.model, rreq, opts.threshold if opts else None,
                                      explain=bool(opts and opts.explain),
                                      gate=opts.gate if opts else None)
+            route.params = params
             if tools is not None:
                 self._plan_tools(route, tools)
             row.profile, row.policy, row.score = route.profile, route.policy, route.score

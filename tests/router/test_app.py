@@ -429,3 +429,25 @@ def test_a_backends_stray_value_error_is_a_backend_failure_not_a_400(fakes) -> N
     assert "backend_failed" in r.headers["x-archroute-fallback"]
     assert f.app.state.service.slots["transformer"].failures == 1
     assert "broadcast" not in r.text
+
+
+def test_generation_params_are_built_once_per_request(fakes, monkeypatch) -> None:
+    """One GenerationParams per request, reused across the n choices (seed + i) and a
+    fallback, never rebuilt from the body (they used to be built three times)."""
+    from router.serving import RouterService
+
+    f, client = fakes
+    built = []
+    original = RouterService.params
+
+    def counting(self, body, i=0):
+        built.append(i)
+        return original(self, body, i)
+
+    monkeypatch.setattr(RouterService, "params", counting)
+    f.transformer.fail(1)  # the first backend fails: the fallback reuses the same params
+    r = client.post("/v1/chat/completions", json={
+        "model": "archroute-rules", "messages": [{"role": "user", "content": "Repeat: a b c"}],
+        "n": 3, "seed": 7, "max_tokens": 4})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+    assert built == [0]
