@@ -252,13 +252,11 @@ class RouterService:
                          reasons=[f"span decoding: the gate {chosen} picks the model for each "
                                   "token"] if explain else None)
         policy = state.policies[name]
-        # one pass computes the score and the features the decision log records
-        scorer = policy.explain if self.decision_log is not None or explain else (
-            lambda r: (policy.score(r), {}))
+        # one scoring path, log or no log: the score and the features it came from
         if getattr(policy, "blocking", False) or len(rreq.text) > _INLINE_SCORE_CHARS:
-            score, feats = await asyncio.to_thread(scorer, rreq)
+            score, feats = await asyncio.to_thread(policy.explain, rreq)
         else:
-            score, feats = scorer(rreq)
+            score, feats = policy.explain(rreq)
         thr = state.thresholds[name] if threshold is None else threshold
         role = decide(score, thr)
         propensity, explored = 1.0, False
