@@ -223,8 +223,7 @@ PRONOUNS = frozenset(
 # the closed-class list (lexicon.py, shared with the analysis), as the letter runs counted here
 FUNCTION_WORDS = PRONOUNS | frozenset(w.encode() for w in lexicon.FUNCTION_WORDS if w.isalpha())
 QUESTION_WORDS = frozenset(b"what why how who whom whose which when where".split())
-COPY_CUES = ("quote", "repeat", "verbatim", "extract", "copy", "copies", "copied", "exactly",
-             "word for word", "reproduce", "same text", "duplicate", "restate")
+COPY_CUES = lexicon.COPY_CUES
 EDIT_CUES = ("fix this", "fix the", "rewrite", "translate", "convert", "refactor", "reformat",
              "edit", "rename", "correct the")
 COMPLETE_CUES = ("complete", "finish", "close the", "close all", "continue", "fill in",

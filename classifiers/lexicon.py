@@ -1,6 +1,7 @@
-"""Word lists shared by the token-level analysis (:mod:`classifiers.categories`) and the
-request features (:mod:`classifiers.features`): one copy of each, in a module that imports
-nothing, so the router's hot path does not load the analysis to read a list."""
+"""Word lists shared by the token-level analysis (:mod:`classifiers.categories`), the
+request features (:mod:`classifiers.features`) and the rules policy
+(:mod:`router.policies`): one copy of each, in a module that imports nothing, so the
+router's hot path does not load the analysis to read a list."""
 
 from __future__ import annotations
 
@@ -28,3 +29,12 @@ thereby hence thus also too very just only even else
 don't doesn't didn't can't cannot won't isn't aren't wasn't weren't hasn't haven't hadn't
 shouldn't wouldn't couldn't it's that's there's let's i'm you're we're they're i've you've
 """.split())
+
+# Words that ask for a copy of a given text (the ``copy_cue`` feature and the rules
+# policy's copy rule). Matched as whole words, case-insensitively, with inflections
+# ("quoted", "repeats"); multi-word cues as phrases ("word for word" also as
+# "word-for-word").
+COPY_CUES: tuple[str, ...] = (
+    "quote", "repeat", "verbatim", "extract", "copy", "copies", "copied", "exact", "exactly",
+    "word for word", "reproduce", "transcribe", "same text", "same words", "as written",
+    "unchanged", "duplicate", "restate", "echo")

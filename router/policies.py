@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from classifiers import lexicon
 from classifiers.request import RoutingRequest
 
 log = logging.getLogger(__name__)
@@ -186,9 +187,11 @@ class RandomPolicy(Policy):
 # The study's rules: the transformer wins on copying (repeated n-grams, explicit copy/quote/
 # extract requests) and on closing brackets (code, markup); the hybrid on meaning-bearing,
 # non-repeated text. Cheap text heuristics only, well under a millisecond per request.
+# the copy cues of classifiers/lexicon.py, as the features match them: whole words with
+# inflections, phrases with spaces or hyphens
 _COPY_CUES = re.compile(
-    r"\b(repeat|copy|quote|verbatim|word[- ]for[- ]word|exact(ly)?|extract|reproduce|"
-    r"transcribe|same (text|words)|as written|unchanged|echo)\b", re.IGNORECASE)
+    r"\b(" + "|".join(re.escape(c).replace(r"\ ", "[- ]") for c in lexicon.COPY_CUES)
+    + r")(s|es|d|ed|ing)?\b", re.IGNORECASE)
 _CODE_CUES = re.compile(
     r"```|\bdef \w+\(|\bclass \w+[:(]|\bfunction\b|\breturn\b|=>|;\s*$|</?[a-zA-Z][\w-]*[^>]*>|"
     r"\\begin\{|\{\s*\"", re.MULTILINE)

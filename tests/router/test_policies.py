@@ -144,3 +144,21 @@ def test_classifier_risk_operating_points() -> None:
         get_policy("classifier", operating_point="risk-0.3")
     with pytest.raises(ValueError, match="operating_point"):
         get_policy("classifier", operating_point="cheap")
+
+
+@pytest.mark.parametrize("text", [
+    "Repeat exactly: the cat sat on the mat.", "Copy the paragraph word-for-word.",
+    "Quote the second sentence.", "Please transcribe it unchanged.", "It echoes the same words.",
+    "Write a poem about the sea.", "The copyright notice is at the end.",
+    "Explain the exactness of floats.", "Reproduce the table as written.",
+])
+def test_rules_and_features_read_the_same_copy_cues(text: str) -> None:
+    """One list (classifiers/lexicon.py COPY_CUES) behind the rules policy's copy rule and
+    the classifier's copy_cue feature: they fire on the same texts (they used to disagree)."""
+    from classifiers.features import FEATURE_NAMES, extract
+    from router.policies import RulesPolicy
+
+    req = RoutingRequest.from_messages([{"role": "user", "content": text}])
+    rules = RulesPolicy().features(req)["copy_cue"] > 0
+    feature = extract(req)[FEATURE_NAMES.index("copy_cue")] > 0
+    assert rules == feature, text
