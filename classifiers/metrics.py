@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from classifiers.labels import MARGIN
+from classifiers.request import DEFAULT_THRESHOLD
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -33,7 +34,7 @@ def regret(route_transformer: np.ndarray, gap: np.ndarray) -> float:
 
 
 def router_metrics(p: np.ndarray, gap: np.ndarray, margin: float = MARGIN,
-                   center: float = 0.0, threshold: float = 0.5) -> dict[str, float]:
+                   center: float = 0.0, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
     """auc, accuracy, brier (requests beyond ``margin`` of ``center``), regret and
     routed_transformer (all requests; regret always against the true oracle, gap sign)."""
     p, gap = np.asarray(p, float), np.asarray(gap, float)

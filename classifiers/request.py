@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from models.base import ChatMessage
 
+# P(transformer better) >= this routes to the transformer, unless a profile or an artifact
+# says otherwise: the one default for the router, the policies and the metrics
+DEFAULT_THRESHOLD = 0.5
+
 
 @dataclass(frozen=True)
 class RoutingRequest:

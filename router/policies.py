@@ -25,12 +25,11 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from classifiers import lexicon
-from classifiers.request import RoutingRequest
+from classifiers.request import DEFAULT_THRESHOLD, RoutingRequest
 
 log = logging.getLogger(__name__)
 
 Decision = Literal["transformer", "hybrid"]
-DEFAULT_THRESHOLD = 0.5
 
 
 def decide(score: float, threshold: float = DEFAULT_THRESHOLD) -> Decision:
