@@ -34,18 +34,26 @@ from models.base import (
     StreamChunk,
 )
 from router.errors import OverloadedError, UnavailableError
+from router.settings import BackendSettings, Settings
 
 log = logging.getLogger(__name__)
 
 
+def _default(model: type, name: str):
+    """A settings field's default: the limits below are the settings', stated once there."""
+    return model.model_fields[name].default  # type: ignore[attr-defined]
+
+
 @dataclass
 class SlotLimits:
-    timeout_s: float = 60.0
-    max_concurrency: int = 1
-    max_queue: int = 8
-    queue_timeout_s: float = 30.0
-    failure_threshold: int = 3
-    cooldown_s: float = 30.0
+    """One backend slot's limits; each default is the router setting's (router/settings.py)."""
+
+    timeout_s: float = _default(BackendSettings, "timeout_s")
+    max_concurrency: int = 1  # the settings' default depends on the kind (BackendSettings.concurrency)
+    max_queue: int = _default(BackendSettings, "max_queue")
+    queue_timeout_s: float = _default(BackendSettings, "queue_timeout_s")
+    failure_threshold: int = _default(Settings, "failure_threshold")
+    cooldown_s: float = _default(Settings, "cooldown_s")
 
 
 def as_backend_error(name: str, exc: BaseException) -> BaseException:
