@@ -34,3 +34,13 @@ def fakes(tmp_path: Path) -> Iterator[tuple[Fakes, TestClient]]:
     f = Fakes(tmp_path)
     with TestClient(f.app) as client:
         yield f, client
+
+
+def assert_envelope(r, status: int, code: str | None = None) -> dict:
+    """The response has ``status`` and OpenAI's error envelope (and ``code``, if given)."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert err["code"] == code
+    return err

@@ -69,3 +69,13 @@ class Server:
 def reference_available() -> bool:
     ref = ROOT / "models" / "reference"
     return all((ref / a / "config.json").exists() for a in ("transformer", "hybrid"))
+
+
+def serve_config(config: dict, tmp: Path) -> Server:
+    """A real ``archroute serve`` process on ``config`` (written to ``tmp/router.yaml``),
+    ready; its log in ``tmp/router.log``. Stop it with ``.stop()``."""
+    import yaml
+
+    (tmp / "router.yaml").write_text(yaml.safe_dump(config))
+    return Server(["serve", "--config", str(tmp / "router.yaml")],
+                  log_path=tmp / "router.log").wait_ready()

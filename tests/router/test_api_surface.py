@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from classifiers.explain import describe, reasons
@@ -25,8 +24,8 @@ from router.app import create_app
 from router.decision_log import MIGRATIONS, DecisionLog, DecisionRow
 from router.settings import load_settings
 from router.side import is_side_request
-from tests.router.conftest import Fakes
-from tests.router.servers import Server, free_port
+from tests.router.conftest import Fakes, assert_envelope
+from tests.router.servers import Server, free_port, serve_config
 
 COPY = [{"role": "user", "content": "Repeat this exactly: the cat sat on the mat."}]
 PROSE = [{"role": "user", "content": "Write a short poem about the sea at dusk."}]
@@ -54,15 +53,6 @@ ROUTE_KEYS = {"object", "model", "profile", "policy", "score", "threshold", "dec
               "overhead_ms"}
 
 
-def assert_envelope(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    if code is not None:
-        assert err["code"] == code
-    return err
-
-
 def chat(client: TestClient, messages, model: str = "archroute", **kw) -> httpx.Response:
     return client.post("/v1/chat/completions", json={"model": model, "messages": messages, **kw})
 
@@ -86,9 +76,7 @@ def server(tmp_path_factory):
                                            "fake_reply": T_REPLY},
                            "hybrid": {"name": "h-fake", "kind": "fake", "fake_reply": H_REPLY}},
               "decision_log": str(tmp / "decisions.sqlite")}
-    (tmp / "router.yaml").write_text(yaml.safe_dump(config))
-    s = Server(["serve", "--config", str(tmp / "router.yaml")], log_path=tmp / "router.log")
-    s.wait_ready()
+    s = serve_config(config, tmp)
     yield s
     s.stop()
 

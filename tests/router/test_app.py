@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.base import RequestError
-from tests.router.conftest import Fakes
+from tests.router.conftest import Fakes, assert_envelope
 
 COPY = [{"role": "user", "content": "Repeat this exactly: the cat sat on the mat."}]
 PROSE = [{"role": "user", "content": "Write a short poem about the sea at dusk."}]
@@ -20,15 +20,6 @@ PROSE = [{"role": "user", "content": "Write a short poem about the sea at dusk."
 def chat(client: TestClient, messages=PROSE, model: str = "archroute-rules", **kw):
     return client.post("/v1/chat/completions", json={"model": model, "messages": messages, **kw},
                        headers=kw.pop("headers", None))
-
-
-def assert_envelope(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    if code is not None:
-        assert err["code"] == code
-    return err
 
 
 def test_routes_by_policy_and_says_so(fakes) -> None:

@@ -22,7 +22,7 @@ from router.decision_log import MIGRATIONS, DecisionLog, DecisionRow, read_log
 from router.feedback import FeedbackService
 from router.pool import BackendSlot, SlotLimits
 from router.settings import SettingsError
-from tests.router.conftest import Fakes, fake_settings
+from tests.router.conftest import Fakes, assert_envelope, fake_settings
 
 COPY = [{"role": "user", "content": "Repeat this exactly: the cat sat on the mat."}]
 PROSE = [{"role": "user", "content": "Write a short poem about the sea at dusk."}]
@@ -43,15 +43,6 @@ def chat(client: TestClient, messages=COPY, model: str = "explore", **kw):
 def rows(f: Fakes) -> list[dict]:
     f.app.state.service.decision_log.flush()
     return read_log(f.settings.decision_log)
-
-
-def assert_envelope(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    if code is not None:
-        assert err["code"] == code
-    return err
 
 
 # --- 1: propensities and exploration ----------------------------------------------------

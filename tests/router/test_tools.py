@@ -27,7 +27,6 @@ import httpx
 import openai
 import pytest
 import uvicorn
-import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -38,7 +37,7 @@ from models.upstream import OpenAIUpstreamBackend, SSEParser
 from router.app import create_app
 from router.model_server import create_model_app
 from router.settings import SettingsError, load_settings
-from tests.router.servers import Server, free_port
+from tests.router.servers import Server, free_port, serve_config
 
 # typed Any: the SDK's TypedDict parameters accept them as the JSON a client sends
 TOOLS: Any = [{"type": "function", "function": {
@@ -131,9 +130,7 @@ def router(upstream: Upstream, tmp_path_factory) -> Iterator[Server]:
                            "hybrid": {"name": "h-fake", "kind": "fake",
                                       "fake_reply": "from the hybrid"}},
               "decision_log": str(tmp / "decisions.sqlite")}
-    (tmp / "router.yaml").write_text(yaml.safe_dump(config))
-    s = Server(["serve", "--config", str(tmp / "router.yaml")], log_path=tmp / "router.log")
-    s.wait_ready()
+    s = serve_config(config, tmp)
     yield s
     s.stop()
 
