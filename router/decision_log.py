@@ -115,6 +115,13 @@ def redact_url(target: str) -> str:
 
 @dataclass
 class DecisionRow:
+    """One request's record, from start to log: the router builds it when the request
+    arrives, :meth:`router.serving.RouterService.route` records the decision in it, serving
+    adds the backend and the outcome, and the log stores it as is (one column per field,
+    :data:`SCHEMA` and :data:`MIGRATIONS`). The response's headers and ``archroute`` object
+    are read from it (:class:`router.serving.Route`). A new field is one line here, one
+    column in ``MIGRATIONS`` and, when clients should see it, one key in ``Route.body``."""
+
     request_id: str
     endpoint: str
     model: str

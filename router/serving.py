@@ -43,18 +43,16 @@ _INLINE_SCORE_CHARS = 20_000  # cheap policies score shorter texts on the loop i
 
 @dataclass
 class Route:
-    """What the router decided for one request."""
+    """One request's decision while it is served. The decision itself lives in ``row``,
+    the request's one record (:class:`~router.decision_log.DecisionRow`): :meth:`RouterService.route`
+    fills it in, serving adds the backend, the decision log stores it as is, and the
+    headers and the ``archroute`` object are read from it. Beside it, only what serving the
+    request needs: the roles to try, its parameters and tools, the reasons in words."""
 
-    model: str
-    profile: str | None = None
-    policy: str | None = None  # None: routing bypassed (a backend was named)
-    score: float | None = None
-    threshold: float | None = None
-    decision: str | None = None  # transformer | hybrid
+    row: DecisionRow
     order: list[str] = field(default_factory=list)  # roles to try, in order
-    features: dict[str, float] = field(default_factory=dict)
-    served_by: str | None = None  # backend name
-    fallback_from: str | None = None
+    # the backend that failed first while trying (the row records it once another served)
+    failed_first: str | None = None
     fallback_reason: str | None = None
     reasons: list[str] | None = None  # the features behind the score, in words (explain)
     warning: str | None = None  # sent as x-archroute-warning
@@ -62,47 +60,54 @@ class Route:
     # when it can call tools, else dropped with a warning (settings `tools`)
     tools: P.ToolFields | None = None
     params: GenerationParams | None = None  # the request's, built once (handle)
-    side: bool = False  # a chat app's side request (title, tags, ...): not scored
-    span_gate: str | None = None  # a span profile's request: the gate that decodes it
-    # what the response reports of span decoding: {"gate": NAME}, and once the span decoder
-    # has served it the totals (tokens per model, switches, catch-up); None after a fallback
-    span: dict | None = None
-    # P(the router chose `decision`): 1 for a deterministic decision, 1 - epsilon for the
-    # policy's pick under exploration, epsilon when exploration chose the other backend
-    propensity: float = 1.0
-    explored: bool = False
-    artifact: str | None = None  # the classifier artifact that scored it (sha256[:12])
+    # a span profile's request: the gate that decodes it (None: not span-decoded, or served
+    # by a fallback)
+    span_gate: str | None = None
+
+    @property
+    def span(self) -> dict | None:
+        """What the response reports of span decoding: the totals once the span decoder
+        has served it (``row.span``), ``{"gate": NAME}`` before that; None when the request
+        is not span-decoded or fell back."""
+        if self.row.span is not None:
+            return self.row.span
+        return {"gate": self.span_gate} if self.span_gate is not None else None
 
     def headers(self, overhead_ms: float) -> dict[str, str]:
-        h = {"x-archroute-backend": self.served_by or "",
-             "x-archroute-policy": self.policy or "direct",
+        r = self.row
+        h = {"x-archroute-backend": r.backend or "",
+             "x-archroute-policy": r.policy or "direct",
              "x-archroute-overhead-ms": f"{overhead_ms:.3f}"}
-        if self.profile:
-            h["x-archroute-profile"] = self.profile
-        if self.score is not None:
-            h["x-archroute-score"] = f"{self.score:.4f}"
-        if self.fallback_from:
-            h["x-archroute-fallback"] = f"{self.fallback_from}; reason={self.fallback_reason}"
+        if r.profile:
+            h["x-archroute-profile"] = r.profile
+        if r.score is not None:
+            h["x-archroute-score"] = f"{r.score:.4f}"
+        if r.fallback_from:
+            h["x-archroute-fallback"] = f"{r.fallback_from}; reason={self.fallback_reason}"
         if self.warning:
             h["x-archroute-warning"] = self.warning
-        if self.span is not None:
-            h["x-archroute-span"] = span_header(self.span)
+        span = self.span
+        if span is not None:
+            h["x-archroute-span"] = span_header(span)
         return h
 
     def body(self, overhead_ms: float) -> dict:
-        """The ``archroute`` object of a response (docs/router.md, "The decision")."""
+        """The ``archroute`` object of a response (docs/router.md, "The decision"): the
+        record's fields as the API names them."""
+        r = self.row
         out: dict[str, object] = {
-            "profile": self.profile, "policy": self.policy, "score": self.score,
-            "threshold": self.threshold, "decision": self.decision, "backend": self.served_by,
-            "fallback_from": self.fallback_from, "side_request": self.side,
-            "overhead_ms": round(overhead_ms, 3), "propensity": self.propensity,
-            "explored": self.explored}
-        if self.artifact is not None:
-            out["artifact"] = self.artifact
+            "profile": r.profile, "policy": r.policy, "score": r.score,
+            "threshold": r.threshold, "decision": r.decision, "backend": r.backend,
+            "fallback_from": r.fallback_from, "side_request": r.side,
+            "overhead_ms": round(overhead_ms, 3), "propensity": r.propensity,
+            "explored": r.explored}
+        if r.artifact is not None:
+            out["artifact"] = r.artifact
         if self.reasons is not None:
             out["reasons"] = self.reasons
-        if self.span is not None:
-            out["span"] = dict(self.span)
+        span = self.span
+        if span is not None:
+            out["span"] = dict(span)
         return out
 
 
@@ -210,21 +215,23 @@ class RouterService:
             return self.span.slot(route.span_gate)
         return self.slots[role]
 
-    async def route(self, model: str, rreq: RoutingRequest, threshold: float | None,
+    async def route(self, row: DecisionRow, rreq: RoutingRequest, threshold: float | None,
                     explain: bool = False, count: bool = True,
                     gate: str | None = None) -> Route:
-        """The decision for one request: a backend named directly, a chat app's side
-        request (served by ``side_requests`` unscored), the span decoder (a span profile;
-        ``gate`` overrides its gate), or the profile's policy. With ``explain``, the
-        features behind the score, in words (``Route.reasons``). A profile with
-        ``epsilon`` sends that share of requests to the other backend at random (only when
-        ``count``: a request the router serves), with the propensity in the route."""
+        """The decision for one request (``row.model`` is the model it asked for), recorded
+        in ``row``: a backend named directly, a chat app's side request (served by
+        ``side_requests`` unscored), the span decoder (a span profile; ``gate`` overrides its
+        gate), or the profile's policy. With ``explain``, the features behind the score, in
+        words (``Route.reasons``). A profile with ``epsilon`` sends that share of requests to
+        the other backend at random (only when ``count``: a request the router serves), with
+        the propensity in the record. A request refused here leaves ``row`` undecided."""
         state = self.state  # read once: a reload swaps it whole
+        model = row.model
         if model in self._by_name:
             role = self._by_name[model]
-            return Route(model, decision=role, order=[role],
-                         reasons=["the model names a backend: routing bypassed"] if explain
-                         else None)
+            _decided(row, role)
+            return Route(row, [role], reasons=["the model names a backend: routing bypassed"]
+                         if explain else None)
         found = self._profile(model)
         if found is None:
             known = sorted([*self.settings.profiles, *self._by_name, DEFAULT_ALIAS])
@@ -237,8 +244,8 @@ class RouterService:
                 "span profiles (policy: span) only", param="archroute.gate")
         side = self.settings.side_requests
         if side != "route" and rreq.kind == "chat" and is_side_request(rreq.last_user):
-            return Route(model, name, "side-request", decision=side, order=self._order(side),
-                         side=True,
+            _decided(row, side, name, "side-request", side=True)
+            return Route(row, self._order(side),
                          reasons=[f"a chat app's side request (title, tags, follow-ups): "
                                   f"served by the {side} without scoring"] if explain else None)
         if prof.span_gate is not None:
@@ -247,8 +254,8 @@ class RouterService:
             await self.span.prepare(chosen)  # a 400 when this pair cannot span-decode
             if count:
                 self.metrics.decisions.labels(prof.policy, SPAN_ROLE).inc()
-            return Route(model, name, prof.policy, decision=SPAN_ROLE,
-                         order=self._order(SPAN_ROLE), span_gate=chosen, span={"gate": chosen},
+            _decided(row, SPAN_ROLE, name, prof.policy)
+            return Route(row, self._order(SPAN_ROLE), span_gate=chosen,
                          reasons=[f"span decoding: the gate {chosen} picks the model for each "
                                   "token"] if explain else None)
         policy = state.policies[name]
@@ -259,27 +266,27 @@ class RouterService:
             score, feats = policy.explain(rreq)
         thr = state.thresholds[name] if threshold is None else threshold
         role = decide(score, thr)
-        propensity, explored = 1.0, False
-        if prof.epsilon:
-            propensity = 1.0 - prof.epsilon
-            if count and self._rng.random() < prof.epsilon:  # explore: the other backend
-                role, propensity, explored = _other(role), prof.epsilon, True
         # a classifier profile without its artifact scores with the rules: say so
         label = f"{prof.policy}+rules-fallback" if getattr(policy, "fallback_", False) else prof.policy
-        route = Route(model, name, label, score, thr, role, self._order(role),
-                      propensity=propensity, explored=explored)
-        route.features = feats
+        _decided(row, role, name, label)
+        row.score, row.threshold, row.features = score, thr, feats
+        if prof.epsilon:
+            row.propensity = 1.0 - prof.epsilon
+            if count and self._rng.random() < prof.epsilon:  # explore: the other backend
+                role = _other(role)
+                row.decision, row.propensity, row.explored = role, prof.epsilon, True
         art = artifact_of(policy)
         if art is not None and getattr(art, "sha256", None):
-            route.artifact = art.sha256[:12]  # type: ignore[attr-defined]
+            row.artifact = art.sha256[:12]  # type: ignore[attr-defined]
+        route = Route(row, self._order(role))
         if explain:
             route.reasons = reasons(feats, policy.contributions(feats))
-            if explored:
+            if row.explored:
                 route.reasons.append(f"exploration (epsilon {prof.epsilon:g}): sent to the "
                                      f"{role}, the backend the policy did not pick")
         if count:  # /v1/route asks without serving: not a decision the router carried out
             self.metrics.decisions.labels(prof.policy, role).inc()
-            if explored:
+            if row.explored:
                 self.metrics.explored.labels(name, role).inc()
         return route
 
@@ -296,8 +303,8 @@ class RouterService:
         errors.append(exc)
         self.metrics.backend_failures.labels(slot.name).inc()
         self.metrics.breaker_open.labels(slot.name).set(float(slot.state == "open"))
-        if route.fallback_from is None and len(route.order) > 1:
-            route.fallback_from = slot.name
+        if route.failed_first is None and len(route.order) > 1:
+            route.failed_first = slot.name
             route.fallback_reason = to_api_error(exc).code or "error"
         log.warning("backend %s failed (%s: %s)", slot.name, type(exc).__name__, exc)
 
@@ -310,12 +317,12 @@ class RouterService:
         return errors[0]
 
     def _served(self, route: Route, slot: BackendSlot) -> None:
-        route.served_by = slot.name
+        route.row.backend, route.row.fallback_from = slot.name, route.failed_first
         if slot.role != SPAN_ROLE:  # a span route that fell back: no span to report
-            route.span = None
+            route.span_gate = None
         self.metrics.served.labels(slot.name).inc()
-        if route.fallback_from:
-            self.metrics.fallbacks.labels(route.fallback_from, slot.name).inc()
+        if route.failed_first:
+            self.metrics.fallbacks.labels(route.failed_first, slot.name).inc()
         self.metrics.breaker_open.labels(slot.name).set(0.0)
 
     def deadline(self, route: Route) -> float:
@@ -447,13 +454,14 @@ class RouterService:
         t0 = time.perf_counter()
         _, rreq = self.request_of(body)
         opts = body.archroute
-        route = await self.route(body.model, rreq, opts.threshold if opts else None,
+        row = DecisionRow("", "route", body.model)  # not logged: nothing is served
+        route = await self.route(row, rreq, opts.threshold if opts else None,
                                  explain=True, count=False, gate=opts.gate if opts else None)
         role = route.order[0]
         slot = self._slot(route, role)
         out = route.body((time.perf_counter() - t0) * 1000)
         out.update(backend=slot.name, decision=role, fallback_from=None,
-                   available=slot.state != "open", features=route.features)
+                   available=slot.state != "open", features=row.features)
         return {"object": "archroute.route", "model": body.model, **out}
 
     async def handle(self, body: P.ChatCompletionRequest | P.CompletionRequest,
@@ -470,32 +478,26 @@ class RouterService:
             params = self.params(body)  # built once, and validated before routing
             tools = self._tool_fields(body)
             opts = body.archroute
-            route = await self.route(body.model, rreq, opts.threshold if opts else None,
+            route = await self.route(row, rreq, opts.threshold if opts else None,
                                      explain=bool(opts and opts.explain),
                                      gate=opts.gate if opts else None)
             route.params = params
             if tools is not None:
                 self._plan_tools(route, tools)
-            row.profile, row.policy, row.score = route.profile, route.policy, route.score
-            row.threshold, row.decision, row.features = route.threshold, route.decision, route.features
-            row.side = route.side
-            row.propensity, row.explored, row.artifact = (route.propensity, route.explored,
-                                                          route.artifact)
             if self.decision_log is not None and self.decision_log.log_prompts:
                 row.prompt = rreq.text
                 row.request = {"kind": rreq.kind, "max_tokens": rreq.max_tokens,
                                "messages": [{"role": m.role, "content": m.content}
                                             for m in rreq.messages]}
             if body.stream:
-                return await self._stream_response(route, prompt, body, row, t0)
+                return await self._stream_response(route, prompt, body, t0)
             results, spent = await self.generate(route, prompt, body)
         except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
             err = to_api_error(exc)
             self._finish(row, t0, None, err.status, err.message)
             raise err from exc
-        row.backend, row.fallback_from = route.served_by, route.fallback_from
-        if route.span is not None and route.span_gate is not None:
-            route.span = row.span = span_totals(route.span_gate, (r.span for r in results))
+        if route.span_gate is not None:
+            row.span = span_totals(route.span_gate, (r.span for r in results))
         row.prompt_tokens = results[0].prompt_tokens
         row.completion_tokens = sum(r.completion_tokens for r in results)
         total = time.perf_counter() - t0
@@ -512,23 +514,23 @@ class RouterService:
             payload = P.chat_response(*args, extra=extra,
                                       tool_calls=[r.tool_calls for r in results])
         if extra is not None:  # chat apps keep `usage` (Open WebUI shows it per message)
-            payload["usage"]["archroute_backend"] = route.served_by
+            payload["usage"]["archroute_backend"] = row.backend
         self._finish(row, t0, overhead_ms, 200, None)
         return JSONResponse(payload, headers=route.headers(overhead_ms))
 
     async def _stream_response(self, route: Route, prompt: Prompt,
                                body: P.ChatCompletionRequest | P.CompletionRequest,
-                               row: DecisionRow, t0: float) -> StreamingResponse:
+                               t0: float) -> StreamingResponse:
+        row = route.row
         stream = await self.open_stream(route, prompt, body)
         overhead_ms = (time.perf_counter() - t0) * 1000  # before the first byte only
-        row.backend, row.fallback_from = route.served_by, route.fallback_from
         chat = isinstance(body, P.ChatCompletionRequest)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         echo = getattr(body, "echo", False)
         ext = route.body(overhead_ms) if self.settings.decision_in_body else None
 
         def on_span(span: dict) -> None:
-            if route.span is not None and route.span_gate is not None:
+            if route.span_gate is not None:
                 row.span = span_totals(route.span_gate, [span])
 
         def on_end(status: int, error: str | None, n_prompt: int | None,
@@ -561,6 +563,14 @@ class RouterService:
 
 def _other(role: str) -> str:
     return "hybrid" if role == "transformer" else "transformer"
+
+
+def _decided(row: DecisionRow, decision: str, profile: str | None = None,
+             policy: str | None = None, side: bool = False) -> None:
+    """Record a decision in ``row``: deterministic (propensity 1) until exploration says
+    otherwise; ``policy`` None: routing bypassed (the request named a backend)."""
+    row.profile, row.policy, row.decision, row.side = profile, policy, decision, side
+    row.propensity, row.explored = 1.0, False
 
 
 def check_ready(service: RouterService) -> tuple[bool, dict]:

@@ -219,6 +219,37 @@ def test_decision_log_rows(tmp_path: Path) -> None:
     assert mode == ("wal",)
 
 
+def test_body_and_log_row_are_one_record(tmp_path: Path) -> None:
+    """The `archroute` object and the decision-log row come from one record (#13): every
+    field both show agrees, through a fallback and a streamed answer; a request every backend
+    failed logs no backend and no fallback."""
+    f = Fakes(tmp_path)
+    with TestClient(f.app) as client:
+        bodies = [chat(client, COPY).json()["archroute"]]
+        f.transformer.fail(1)
+        bodies.append(chat(client, COPY).json()["archroute"])
+        r = chat(client, COPY, stream=True)
+        first = next(json.loads(line[6:]) for line in r.text.splitlines()
+                     if line.startswith("data: {"))
+        bodies.append(first["archroute"])
+        bodies.append(chat(client, model="h-fake").json()["archroute"])
+        f.transformer.fail(1)
+        f.hybrid.fail(1)
+        assert_envelope(chat(client, COPY), 502)
+    f.app.state.service.decision_log.flush()
+    db = sqlite3.connect(tmp_path / "decisions.sqlite")
+    db.row_factory = sqlite3.Row
+    rows = [dict(r) for r in db.execute("SELECT * FROM decisions ORDER BY id")]
+    same = {"profile": "profile", "policy": "policy", "score": "score", "threshold": "threshold",
+            "decision": "decision", "backend": "backend", "fallback_from": "fallback_from",
+            "side_request": "side", "propensity": "propensity", "explored": "explored"}
+    for body, row in zip(bodies, rows, strict=False):
+        assert {k: body[k] for k in same} == {k: row[c] for k, c in same.items()}
+    assert bodies[1]["fallback_from"] == "t-fake" and bodies[3]["policy"] is None
+    assert rows[4]["decision"] == "transformer" and rows[4]["status"] == 502
+    assert rows[4]["backend"] is None and rows[4]["fallback_from"] is None
+
+
 def test_request_errors_do_not_fall_back(fakes) -> None:
     f, client = fakes
 
