@@ -58,8 +58,20 @@ class ChatMessage:
         return "\n".join([self.content, *calls] if self.content else calls)
 
 
-Prompt = str | Sequence[ChatMessage]
-"""A raw completion prompt (str) or a chat conversation (messages)."""
+@dataclass(frozen=True)
+class TokenIds:
+    """A prompt given as token ids, read exactly as given: no start token is added and no
+    template applied (what an engine's completions API takes as ``prompt: [ids]``). Only a
+    backend with ``accepts_token_ids`` takes one; the span decoder over two engines
+    (:mod:`models.span.remote`) continues an answer this way, with no re-tokenization at
+    the seams."""
+
+    ids: tuple[int, ...]
+
+
+Prompt = str | Sequence[ChatMessage] | TokenIds
+"""A raw completion prompt (str), a chat conversation (messages) or token ids."""
+
 
 
 class RequestError(ValueError):
@@ -135,6 +147,11 @@ class StreamChunk:
     span_roles: tuple[str, ...] | None = None
     span: dict[str, int | str] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    # the tokens decoded into this chunk (its text may lag behind them: held back while it
+    # could begin a stop sequence or a character) and their log-probabilities (nats), from a
+    # backend that decodes token by token (in-process); None when unknown
+    token_ids: tuple[int, ...] | None = None
+    token_logprobs: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -174,6 +191,12 @@ def plain_chat_prompt(messages: Sequence[ChatMessage]) -> str:
     return "\n\n".join(parts) + "\n\nAssistant:"
 
 
+def token_ids_refused(name: str) -> RequestError:
+    """The error for a :class:`TokenIds` prompt sent to a backend without a tokenizer."""
+    return RequestError(f"prompt: {name} takes text prompts, not token ids (token ids need a "
+                        "backend with the model's tokenizer in-process)")
+
+
 class BackendError(RuntimeError):
     """A backend failed to serve a request (the router may fall back to the other one)."""
 
@@ -192,6 +215,8 @@ class Backend(ABC):
     - ``render(prompt)``: the text the model sees for a prompt (a conversation through the
       chat template; by default :func:`plain_chat_prompt`);
     - ``encode(text)``: token ids, or None without a tokenizer;
+    - ``accepts_token_ids``: ``generate``/``stream`` take a :class:`TokenIds` prompt (an
+      in-process model); others refuse one with a :class:`RequestError`;
     - ``can_call_tools``: the backend takes tool definitions (``GenerationParams.tools``)
       and answers with tool calls (an upstream); False: the router never sends it tools and
       renders a conversation's tool calls as text (:meth:`ChatMessage.plain`).
@@ -202,6 +227,7 @@ class Backend(ABC):
     prefix_id: int | None = None
     can_score: bool = True  # False: score raises RequestError (the span decoder)
     can_call_tools: bool = False
+    accepts_token_ids: bool = False
 
     def __init__(self, name: str, max_concurrency: int = 1) -> None:
         self.name = name
@@ -239,6 +265,8 @@ class Backend(ABC):
 
     def render(self, prompt: Prompt) -> str:
         """The text the model is given for ``prompt`` (a string as is)."""
+        if isinstance(prompt, TokenIds):
+            raise token_ids_refused(self.name)
         return prompt if isinstance(prompt, str) else plain_chat_prompt(prompt)
 
     def encode(self, text: str) -> list[int] | None:

@@ -37,7 +37,9 @@ from models.base import (
     Prompt,
     ScoreResult,
     StreamChunk,
+    TokenIds,
     stated_architecture,
+    token_ids_refused,
 )
 
 _TOKEN = re.compile(r"\s*\S+|\s+$")
@@ -102,6 +104,8 @@ class FakeBackend(Backend):
 
     @staticmethod
     def _prompt_tokens(prompt: Prompt) -> int:
+        if isinstance(prompt, TokenIds):
+            raise token_ids_refused("the fake backend")
         text = prompt if isinstance(prompt, str) else "\n".join(m.content for m in prompt)
         return len(fake_tokens(text))
 
@@ -120,7 +124,7 @@ class FakeBackend(Backend):
         """Answer with the scripted tool calls: tools sent, not refused by ``tool_choice``,
         and the last turn is not a tool's result."""
         return (self.tool_calls is not None and bool(params.tools)
-                and params.tool_choice != "none" and not isinstance(prompt, str)
+                and params.tool_choice != "none" and not isinstance(prompt, str | TokenIds)
                 and bool(prompt) and prompt[-1].role != "tool")
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:

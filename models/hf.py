@@ -35,6 +35,7 @@ from models.base import (
     RequestError,
     ScoreResult,
     StreamChunk,
+    TokenIds,
     plain_chat_prompt,
 )
 from models.cost import LINEAR, CostModel
@@ -56,6 +57,8 @@ def detect_architecture(config: Any) -> str:
 class HFBackend(Backend):
     """A local transformers model served in-process. Thread-safe: forward passes are
     serialised by a lock (``max_concurrency`` bounds waiting callers in the router)."""
+
+    accepts_token_ids = True
 
     def __init__(self, name: str, path: str | Path, architecture: str | None = None,
                  device: str | None = None, max_concurrency: int = 1,
@@ -110,6 +113,8 @@ class HFBackend(Backend):
 
     # ---- prompts ---------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
+        if isinstance(prompt, TokenIds):  # read as ids (prompt_ids), never as text
+            return self.tokenizer.decode(list(prompt.ids))
         if isinstance(prompt, str):
             return prompt
         if getattr(self.tokenizer, "chat_template", None):
@@ -120,6 +125,19 @@ class HFBackend(Backend):
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The ids the model reads before the answer: ``[start token, *tokens of the rendered
+        prompt]``, or a :class:`TokenIds` prompt exactly as given (checked against the
+        vocabulary)."""
+        if not isinstance(prompt, TokenIds):
+            return [self.prefix_id, *self.encode(self.render(prompt))]
+        vocab = int(self.model.get_input_embeddings().num_embeddings)
+        bad = [i for i in prompt.ids if not 0 <= i < vocab]
+        if not prompt.ids or bad:
+            raise RequestError("prompt: token ids must be a non-empty list of ids in "
+                               f"[0, {vocab})" + (f"; got {bad[0]}" if bad else ""))
+        return list(prompt.ids)
 
     # ---- generation ------------------------------------------------------------------
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
@@ -139,7 +157,7 @@ class HFBackend(Backend):
         decodes to whole characters, and held back while it could begin a stop sequence."""
         import torch
 
-        ids = [self.prefix_id, *self.encode(self.render(prompt))]
+        ids = self.prompt_ids(prompt)
         room = self.context_length - len(ids)
         if room < 1:  # only a prompt that alone fills the context is the client's error
             raise RequestError(
@@ -158,8 +176,8 @@ class HFBackend(Backend):
                 for _ in range(max_new):
                     res = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kw: past})
                     past = getattr(res, "cache", None) or res.past_key_values
-                    nxt = sample_next(res.logits[0, -1].float().cpu(), params.temperature,
-                                      params.top_p, gen)
+                    logits = res.logits[0, -1].float().cpu()
+                    nxt = sample_next(logits, params.temperature, params.top_p, gen)
                     if nxt in self.eos_ids:
                         reason = "stop"
                         break
@@ -170,7 +188,8 @@ class HFBackend(Backend):
                         break
                     # one chunk per decode step (empty while text is held back), so a
                     # consumer that stops reading stops the decoding within one step
-                    yield StreamChunk(piece)
+                    lp = float(logits[nxt] - torch.logsumexp(logits, 0))
+                    yield StreamChunk(piece, token_ids=(nxt,), token_logprobs=(lp,))
                     input_ids = torch.tensor([[nxt]], device=self.device)
             except RequestError:
                 raise

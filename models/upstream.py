@@ -40,6 +40,7 @@ from models.base import (
     RequestError,
     ScoreResult,
     StreamChunk,
+    TokenIds,
     stated_architecture,
 )
 
@@ -241,8 +242,8 @@ class OpenAIUpstreamBackend(Backend):
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        if isinstance(prompt, str):
-            body["prompt"] = prompt
+        if isinstance(prompt, str | TokenIds):  # token ids: the engine reads them as given
+            body["prompt"] = prompt if isinstance(prompt, str) else list(prompt.ids)
             return "/completions", body
         body["messages"] = [{"role": m.role, "content": m.content}
                             if m.tool_calls is None and m.tool_call_id is None else _message(m)

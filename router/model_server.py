@@ -8,6 +8,12 @@ Log-probabilities: ``logprobs: k`` returns each token's own log-probability (nat
 ``top_logprobs`` holds only that token (no alternatives). With ``echo`` the prompt's tokens
 come first and the first token's log-probability is ``null``, as vLLM does.
 
+Token ids: a completion's ``prompt`` may be token ids (read as given, no start token added:
+an in-process model only), and with ``stream``, ``logprobs`` and vLLM's
+``return_tokens_as_token_ids`` every decoded token comes back as ``"token_id:N"`` with its
+log-probability, as vLLM streams them: what the span decoder over two engines needs
+(:mod:`models.span.remote`).
+
 Tool calling: a chat request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (legacy
 ``functions`` / ``function_call`` mapped to them) reach a backend that ``can_call_tools``
 (the fake with scripted tool calls: ``serve-model fake --fake-tool-calls JSON``), and its
@@ -129,9 +135,20 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
         chat = isinstance(body, P.ChatCompletionRequest)
         body.log_unknown(model_name)
         check_model(body.model)
+        ids = body.token_prompt() if isinstance(body, P.CompletionRequest) else None
+        if ids is not None and not backend.accepts_token_ids:
+            raise errors.InvalidRequestError(
+                f"prompt: {model_name} takes text prompts, not token ids", param="prompt")
         prompt = body.chat_messages() if isinstance(body, P.ChatCompletionRequest) \
-            else body.prompt_text()
+            else ids or body.prompt_text()
         echo = getattr(body, "echo", False)
+        if ids is not None and (echo or (getattr(body, "logprobs", None) is not None
+                                         and not body.stream)):
+            raise errors.InvalidRequestError(
+                "prompt: with token ids, echo is not supported and logprobs only with stream "
+                "and return_tokens_as_token_ids", param="prompt")
+        as_ids = (isinstance(body, P.CompletionRequest) and body.return_tokens_as_token_ids
+                  and body.logprobs is not None)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             if body.n > 1:
@@ -140,7 +157,8 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse_events(stream, rid=rid, model=model_name, chat=chat,
                                 include_usage=include_usage,
-                                echo=prompt if echo and isinstance(prompt, str) else "")
+                                echo=prompt if echo and isinstance(prompt, str) else "",
+                                token_ids=as_ids)
             return StreamingResponse(events, media_type="text/event-stream")
         results = []
         for i in range(body.n):

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from models.base import ChatMessage, GenerationParams
+from models.base import ChatMessage, GenerationParams, RequestError, TokenIds
 from router.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     model: str = Field(max_length=MAX_MODEL_CHARS)
-    prompt: str | list[str]
+    # text, a list of one text, or token ids (read as given: serve-model and engines only)
+    prompt: str | list[str] | list[int]
     best_of: int | None = Field(None, ge=1, le=20)
     echo: bool = False
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -285,17 +286,30 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
     suffix: str | None = None
+    # vLLM's extension: with ``stream`` and ``logprobs``, each token as "token_id:N"
+    return_tokens_as_token_ids: bool = False
 
     @field_validator("model", "prompt", "suffix")
     @classmethod
     def _unicode(cls, v, info):
         return no_surrogates(v, info.field_name)
 
+    def token_prompt(self) -> TokenIds | None:
+        """The prompt as :class:`TokenIds` when it was sent as token ids, else None."""
+        p = self.prompt
+        if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
+            return TokenIds(tuple(p))  # type: ignore[arg-type]
+        return None
+
     def prompt_text(self) -> str:
+        if self.token_prompt() is not None:
+            raise RequestError("prompt: token ids are read by `archroute serve-model` and by "
+                               "engines, not by the router, which routes on the text: send "
+                               "the prompt as text")
         if isinstance(self.prompt, list):
             if len(self.prompt) != 1:
                 raise ValueError("prompt: send one prompt per request (a list of one string)")
-            return self.prompt[0]
+            return str(self.prompt[0])
         return self.prompt
 
     def requested_max_tokens(self) -> int | None:

@@ -30,14 +30,17 @@ def event(obj: dict) -> str:
 
 async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
                      include_usage: bool = False, echo: str = "", ext: dict | None = None,
-                     on_end: OnEnd | None = None,
-                     on_span: OnSpan | None = None) -> AsyncIterator[str]:
+                     on_end: OnEnd | None = None, on_span: OnSpan | None = None,
+                     token_ids: bool = False) -> AsyncIterator[str]:
     """Chunks of ``stream`` as SSE lines. ``echo`` is sent first (completions with echo);
     ``ext`` (the ArchRoute decision) rides on the first event, and its ``backend`` on every
     later one (``archroute.backend``) and in the usage object (``usage.archroute_backend``).
     Span decoding adds ``archroute.span_model`` to an event whose text one model produced
     and the totals (``archroute.span``) to the event with ``finish_reason``. A chunk's tool
-    calls become an event with ``delta.tool_calls`` (as the backend gave them)."""
+    calls become an event with ``delta.tool_calls`` (as the backend gave them).
+    ``token_ids`` (completions; vLLM's ``return_tokens_as_token_ids`` with ``logprobs``):
+    every chunk that carries tokens becomes an event, its text empty while the text is held
+    back, with ``logprobs.tokens`` = ``["token_id:N", ...]`` and their log-probabilities."""
     created = int(time.time())
     tag = {"backend": ext["backend"]} if ext is not None else None
 
@@ -54,6 +57,7 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
     n_prompt: int | None = None
     n_completion: int | None = None
     totals: dict | None = None
+    sent = len(echo)  # characters of text sent so far (token_ids' text offsets)
     try:
         first = (P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""})
                  if chat else piece(echo))
@@ -62,7 +66,17 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
         yield event(first)
         finish = "stop"
         async for chunk in stream:
-            if chunk.text:
+            if token_ids and not chat and chunk.token_ids:
+                out = piece(chunk.text)
+                toks = [f"token_id:{t}" for t in chunk.token_ids]
+                lps = list(chunk.token_logprobs or [None] * len(toks))
+                out["choices"][0]["logprobs"] = {
+                    "tokens": toks, "token_logprobs": lps,
+                    "top_logprobs": [{t: lp} for t, lp in zip(toks, lps, strict=True)],
+                    "text_offset": [sent] * len(toks)}
+                sent += len(chunk.text)
+                yield event(out)
+            elif chunk.text:
                 roles = chunk.span_roles
                 yield event(piece(chunk.text, span_model=roles[0] if roles and len(roles) == 1
                                   else None))

@@ -124,8 +124,9 @@ def default_gate_name() -> str:
 
 def gate_prompt_ids(backend: HFBackend, prompt: Prompt) -> list[int]:
     """The ids the models read before the answer, ``[start token, *prompt tokens]``: what
-    the decoder gives ``gate.start`` (a teacher-forced evaluation gives it the same)."""
-    return [backend.prefix_id, *backend.encode(backend.render(prompt))]
+    the decoder gives ``gate.start`` (a teacher-forced evaluation gives it the same); a
+    :class:`~models.base.TokenIds` prompt as given."""
+    return backend.prompt_ids(prompt)
 
 
 def entropy_nats(logits: Any) -> float:

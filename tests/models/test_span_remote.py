@@ -1,0 +1,113 @@
+"""Span decoding over two real engine processes (``archroute serve-model`` on the shipped
+reference pair): greedy answers are token for token the in-process span decoder's; a switch
+closes the old stream and opens one request on the other engine; token-id prompts and
+token-id streams through serve-model; what cannot work is refused clearly."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from models.base import GenerationParams, RequestError, TokenIds
+from models.span.decoder import SpanBackend, SpanTrace
+from models.span.remote import RemoteSpanBackend, RemoteSpanError, RemoteTrace
+from models.upstream import OpenAIUpstreamBackend, UpstreamRequestError
+from tests.models.test_span_decoder import CODE, PROSE
+from tests.router.servers import Server, reference_available
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not reference_available(), reason="embedded reference pair not built yet")]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    t = Server(["serve-model", "reference:transformer", "--name", "ref-t", "--torch-threads", "1"])
+    h = Server(["serve-model", "reference:hybrid", "--name", "ref-h", "--torch-threads", "1"])
+    try:
+        yield t.wait_ready(), h.wait_ready()
+    finally:
+        t.stop()
+        h.stop()
+
+
+def remote(engines, reference_pair, gate: str = "copy-2") -> RemoteSpanBackend:
+    t, h = engines
+    return RemoteSpanBackend(OpenAIUpstreamBackend("t", t.url + "/v1", "ref-t", timeout=60),
+                             OpenAIUpstreamBackend("h", h.url + "/v1", "ref-h", timeout=60),
+                             reference_pair[0].tokenizer, gate,
+                             context_length=reference_pair[0].context_length)
+
+
+@pytest.mark.parametrize("gate", ["copy-2", "copy-1+brackets"])
+@pytest.mark.parametrize("prompt", [CODE, PROSE])
+def test_greedy_answer_is_the_in_process_decoders(engines, reference_pair, gate, prompt) -> None:
+    params = GenerationParams(max_tokens=40, temperature=0.0)
+    local_tr, remote_tr = SpanTrace(), RemoteTrace()
+    local = SpanBackend(*reference_pair, gate).generate(prompt, params, trace=local_tr)
+    got = remote(engines, reference_pair, gate).generate(prompt, params, trace=remote_tr)
+    assert remote_tr.token_ids == local_tr.token_ids
+    assert remote_tr.roles == local_tr.roles
+    assert got.text == local.text and got.finish_reason == local.finish_reason
+    assert got.span is not None and got.span["switches"] == local_tr.switches
+    # one request per run of one model: a switch opens exactly one new request
+    assert len(remote_tr.spans) == remote_tr.switches + 1
+    assert [s.role for s in remote_tr.spans] == [r for i, r in enumerate(remote_tr.roles)
+                                                 if i == 0 or r != remote_tr.roles[i - 1]]
+    assert sum(s.kept for s in remote_tr.spans) == len(remote_tr.token_ids)
+    if prompt is CODE and gate == "copy-2":
+        assert remote_tr.switches >= 2  # the copy gate does hand the code back and forth
+
+
+def test_stop_sequences_across_spans_and_seeded_sampling(engines, reference_pair) -> None:
+    b = remote(engines, reference_pair)
+    full = b.generate(CODE, GenerationParams(max_tokens=40, temperature=0.0))
+    stop = full.text[10:14]
+    cut = b.generate(CODE, GenerationParams(max_tokens=40, temperature=0.0, stop=[stop]))
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    p = GenerationParams(max_tokens=24, temperature=1.0, seed=7)
+    assert b.generate(PROSE, p).text == b.generate(PROSE, p).text
+
+
+def test_serve_model_reads_token_ids_and_streams_them(engines, reference_pair) -> None:
+    t, _ = engines
+    tb = reference_pair[0]
+    ids = tb.prompt_ids("def add(a, b):")
+    client = openai.OpenAI(base_url=t.url + "/v1", api_key="x")
+    stream = client.completions.create(model="ref-t", prompt=ids, max_tokens=6, temperature=0,
+                                       stream=True, logprobs=1,
+                                       extra_body={"return_tokens_as_token_ids": True})
+    toks = []
+    for ev in stream:
+        for ch in ev.choices:
+            if ch.logprobs and ch.logprobs.tokens:
+                toks += [int(x.split(":")[1]) for x in ch.logprobs.tokens]
+    want = tb.generate(TokenIds(tuple(ids)), GenerationParams(max_tokens=6, temperature=0))
+    assert tb.tokenizer.decode(toks) == want.text and len(toks) == want.completion_tokens
+    # a text prompt gets the start token; the same ids as a token prompt give the same answer
+    assert tb.generate("def add(a, b):", GenerationParams(max_tokens=6, temperature=0)).text == want.text
+    # errors are the client's, with the reason
+    for bad in ([10**9], []):
+        r = httpx.post(t.url + "/v1/completions", json={"model": "ref-t", "prompt": bad})
+        assert r.status_code == 400, r.text
+    r = httpx.post(t.url + "/v1/completions", json={"model": "ref-t", "prompt": ids, "echo": True})
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+
+
+def test_what_cannot_work_is_refused(engines, reference_pair) -> None:
+    with pytest.raises(RemoteSpanError, match="entropy"):
+        remote(engines, reference_pair, "learned")
+    with pytest.raises(RemoteSpanError, match="OpenAI-compatible"):
+        RemoteSpanBackend(reference_pair[0], reference_pair[1],  # type: ignore[arg-type]
+                          reference_pair[0].tokenizer, "copy-2")
+    with pytest.raises(RequestError, match="context length"):
+        remote(engines, reference_pair).generate("x " * 5000, GenerationParams(max_tokens=4))
+    fake = Server(["serve-model", "fake", "--name", "f"]).wait_ready()
+    try:
+        b = RemoteSpanBackend(OpenAIUpstreamBackend("f", fake.url + "/v1", "f"),
+                              OpenAIUpstreamBackend("f2", fake.url + "/v1", "f"),
+                              reference_pair[0].tokenizer, "copy-2")
+        with pytest.raises(UpstreamRequestError, match="token ids"):
+            b.generate("hello", GenerationParams(max_tokens=4))
+    finally:
+        fake.stop()
