@@ -62,20 +62,18 @@ def load_suite(spec: str, cfg: EvalConfig) -> tuple[Suite, PairTable | None]:
 
 
 def load_policies(names: Sequence[str] | None, kwargs: dict[str, dict]
-                  ) -> tuple[dict[str, Policy | None], dict[str, str]]:
-    """{name: Policy} for the router's registered policies (the oracle is the harness's own),
-    and {name: reason} for those that could not be built."""
+                  ) -> tuple[dict[str, Policy], dict[str, str]]:
+    """{name: Policy} for the router's registered policies (the oracle among them, scored
+    on the table's measured quality: :meth:`OraclePolicy.score_table`), and {name: reason}
+    for those that could not be built."""
     from router.policies import get_policy, list_policies
 
     wanted = list(names) if names else list_policies()
     if ORACLE not in wanted and not names:
         wanted.append(ORACLE)
-    out: dict[str, Policy | None] = {}  # None: the oracle
+    out: dict[str, Policy] = {}
     skipped: dict[str, str] = {}
     for name in wanted:
-        if name == ORACLE:
-            out[name] = None
-            continue
         try:
             out[name] = get_policy(name, **kwargs.get(name, {}))
         except Exception as exc:  # noqa: BLE001 - one broken policy must not stop the eval
@@ -124,8 +122,8 @@ def _point_metrics(scores, route, q, c) -> dict[str, float]:
 
 def policy_threshold(policy, cfg: EvalConfig) -> float:
     """The operating threshold of ``policy``: ``cfg.threshold`` when set (``--threshold``, for
-    every policy), else the policy's own ``default_threshold()`` (0.5 for the oracle, which
-    is the harness's own, and for a policy without the method)."""
+    every policy), else the policy's own ``default_threshold()`` (0.5 for the oracle, and
+    for a policy without the method)."""
     from router.policies import DEFAULT_THRESHOLD
 
     if cfg.threshold is not None:
@@ -134,9 +132,10 @@ def policy_threshold(policy, cfg: EvalConfig) -> float:
     return float(own()) if callable(own) else DEFAULT_THRESHOLD
 
 
-def evaluate_policies(table: PairTable, policies: Mapping[str, Policy | None], cfg: EvalConfig,
+def evaluate_policies(table: PairTable, policies: Mapping[str, Policy], cfg: EvalConfig,
                       progress: bool = True) -> tuple[list[PolicyResult], dict[str, np.ndarray]]:
     """Score every request with every policy, then sweep and bootstrap on ``table``."""
+    from evals.harness.oracle import OraclePolicy
     from router.policies import decide
 
     if cfg.cost not in table.costs:
@@ -150,9 +149,9 @@ def evaluate_policies(table: PairTable, policies: Mapping[str, Policy | None], c
     for name, pol in policies.items():
         t0 = time.perf_counter()
         params: dict[str, object]
-        if pol is None:  # the oracle
-            scores = M.oracle_scores(q, c)
-            params, note = {"scale": 0.1}, "knows each request's measured gap"
+        if isinstance(pol, OraclePolicy):  # scored on the measured quality, not requests
+            scores = pol.score_table(q, c)
+            params, note = {"scale": pol.scale}, "knows each request's measured gap"
         else:
             scores = np.asarray(pol.score_batch(reqs), dtype=float)
             params = pol.params()

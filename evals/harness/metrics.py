@@ -29,6 +29,7 @@ import numpy as np
 from classifiers.metrics import auc  # noqa: F401 - one AUC for the project (re-exported)
 
 T, H = 0, 1
+ORACLE_SCALE = 0.1  # quality units (nats/token) per unit of the oracle's log-odds
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,20 @@ def oracle_choice(q: np.ndarray, c: np.ndarray) -> np.ndarray:
     return (q[:, T] > q[:, H]) | ((q[:, T] == q[:, H]) & (c[:, T] < c[:, H]))
 
 
-def oracle_scores(q: np.ndarray, c: np.ndarray, scale: float = 0.1) -> np.ndarray:
-    """The oracle as a policy: sigmoid of the measured quality gap (q_T - q_H) / scale.
+def oracle_scores(q: np.ndarray, c: np.ndarray | None = None,
+                  scale: float = ORACLE_SCALE) -> np.ndarray:
+    """The oracle's scores (the one oracle: the registered ``oracle`` policy,
+    :class:`evals.harness.oracle.OraclePolicy`, scores with this too): sigmoid of the
+    measured quality gap (q_T - q_H) / scale, shape (n,).
 
     Monotone in the gap, so its sweep is the best ordering by gap; at threshold 0.5 it
-    routes each request to its better backend."""
+    routes each request to its better backend. With costs ``c``, a tie goes to the cheaper
+    backend (as in :func:`oracle_choice`); without, a tie scores 0.5 (the transformer)."""
     d = q[:, T] - q[:, H]
     s = 1.0 / (1.0 + np.exp(-np.clip(d / scale, -50, 50)))
-    tie = d == 0
-    s[tie] = np.where(c[tie, T] < c[tie, H], 0.5, 0.5 - 1e-9)
+    if c is not None:
+        tie = d == 0
+        s[tie] = np.where(c[tie, T] < c[tie, H], 0.5, 0.5 - 1e-9)
     return s
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evals.harness.config import EvalConfig
@@ -198,6 +199,26 @@ def test_oracle_policy_from_the_registry() -> None:
     assert decide(pol.score(a)) == "transformer" and decide(pol.score(b)) == "hybrid"
     with pytest.raises(KeyError, match="no measured gap"):
         pol.score(RoutingRequest.from_prompt("unseen"))
+
+
+def test_one_oracle_for_the_registry_and_the_harness() -> None:
+    """The registered oracle policy and the harness's oracle are one (#13): a request's score
+    is its row's score in the table, and the harness scores tables with the policy."""
+    from classifiers.request import RoutingRequest
+    from evals.harness import metrics as M
+    from evals.harness.oracle import OraclePolicy, request_key
+    from router.policies import get_policy
+
+    reqs = [RoutingRequest.from_prompt(t) for t in ("copy me", "explain me", "tie")]
+    gaps = [-0.3, 0.2, 0.0]  # loss_T - loss_H, nats/token
+    pol = get_policy("oracle", gaps={request_key(r): g for r, g in zip(reqs, gaps, strict=True)})
+    q = np.array([[-g, 0.0] for g in gaps])  # quality = minus the loss
+    assert [pol.score(r) for r in reqs] == pytest.approx(M.oracle_scores(q).tolist(), abs=1e-12)
+    c = np.tile([2.0, 1.0], (3, 1))
+    assert np.array_equal(pol.score_table(q, c), M.oracle_scores(q, c))
+    from evals.harness.evaluate import load_policies
+
+    assert isinstance(load_policies(["oracle"], {})[0]["oracle"], OraclePolicy)
 
 
 def test_default_suites_skip_a_missing_optional_package(tmp_path: Path, monkeypatch) -> None:
