@@ -100,6 +100,9 @@ class GenerationParams:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # decode past the end-of-sequence token (vLLM's ``ignore_eos``; benchmarks that need a
+    # fixed answer length); in-process backends and the engines' span decoder honour it
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -178,7 +178,7 @@ class HFBackend(Backend):
                     past = getattr(res, "cache", None) or res.past_key_values
                     logits = res.logits[0, -1].float().cpu()
                     nxt = sample_next(logits, params.temperature, params.top_p, gen)
-                    if nxt in self.eos_ids:
+                    if nxt in self.eos_ids and not params.ignore_eos:
                         reason = "stop"
                         break
                     out_ids.append(nxt)

@@ -239,6 +239,8 @@ class OpenAIUpstreamBackend(Backend):
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.ignore_eos:  # vLLM's extension (serve-model has it too)
+            body["ignore_eos"] = True
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

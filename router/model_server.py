@@ -118,7 +118,8 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
         asked = body.requested_max_tokens()
         out = GenerationParams(max_tokens=None if asked is None else min(asked, max_tokens_cap),
                                temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                               stop=body.stop_list())
+                               stop=body.stop_list(),
+                               ignore_eos=isinstance(body, P.CompletionRequest) and body.ignore_eos)
         if backend.can_call_tools and isinstance(body, P.ChatCompletionRequest):
             tools = body.tool_fields()
             if tools is not None:

@@ -286,8 +286,10 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
     suffix: str | None = None
-    # vLLM's extension: with ``stream`` and ``logprobs``, each token as "token_id:N"
+    # vLLM's extensions: with ``stream`` and ``logprobs``, each token as "token_id:N"; decode
+    # past the end-of-sequence token (serve-model honours both; the router ignores them)
     return_tokens_as_token_ids: bool = False
+    ignore_eos: bool = False
 
     @field_validator("model", "prompt", "suffix")
     @classmethod

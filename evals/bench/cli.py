@@ -13,6 +13,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "route": ("evals.bench.route_latency", "POST /v1/route latency by prompt length"),
     "backends": ("evals.bench.backends", "tokens/s and memory of the reference pair"),
     "span": ("evals.bench.span", "span decoding tokens/s per gate vs each model alone"),
+    "span-remote": ("evals.bench.span_remote",
+                    "span decoding over two engine processes vs each engine alone"),
 }
 
 

@@ -198,6 +198,8 @@ class RemoteSpanBackend(Backend):
                 "logprobs": 1, "return_tokens_as_token_ids": True}
             if params.seed is not None:
                 body["seed"] = params.seed + len(tr.spans) - 1
+            if params.ignore_eos:
+                body["ignore_eos"] = True
             s0 = time.perf_counter()
             nxt: Role = role
             try:
