@@ -1,6 +1,7 @@
 """``archroute serve`` (the router) and ``archroute serve-model`` (one backend as a server).
 
-Flags override the config file and the environment (see :mod:`router.settings`).
+Both read :mod:`router.settings` (serve-model its ``model_server`` section and the shared
+connection limits): defaults, then the config file, then the environment, then these flags.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from router.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +98,26 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_model(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve-model", help="serve one backend as an OpenAI-compatible server",
-                       description="One model behind /v1/completions (echo + logprobs too) and "
-                       "/v1/chat/completions, the way vLLM serves it.")
+    from router.settings import ModelServerSettings
+
+    default = {k: f.default for k, f in ModelServerSettings.model_fields.items()}
+    p = sub.add_parser(
+        "serve-model", help="serve one backend as an OpenAI-compatible server",
+        description="One model behind /v1/completions (echo + logprobs too) and "
+        "/v1/chat/completions, the way vLLM serves it. Its limits are the settings' "
+        "model_server section: defaults, then the config file's `model_server:`, then "
+        "ARCHROUTE_MODEL_SERVER__* variables (e.g. ARCHROUTE_MODEL_SERVER__MAX_QUEUE=128), "
+        "then these flags; the connection limits (header_timeout_s, body_timeout_s, "
+        "keep_alive_s, max_connections) and torch_threads are the top level's, as for serve.")
     p.add_argument("model", metavar="DIR_OR_SPEC",
                    help="a model directory, reference:transformer, reference:hybrid, or fake")
+    p.add_argument("--config", "-c", help="YAML or TOML settings file (or $ARCHROUTE_CONFIG); "
+                   "its model_server section: host, port, api_keys, max_concurrency, "
+                   + ", ".join(f"{k} ({default[k]})" for k in (
+                       "max_queue", "timeout_s", "max_body_bytes", "max_tokens_cap")))
     p.add_argument("--name", help="model name clients send (default: from the spec)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--host", help=f"bind address (default {default['host']})")
+    p.add_argument("--port", type=int, help=f"port (default {default['port']})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--architecture", choices=["transformer", "hybrid", "other"],
                    help="override the detected architecture")
@@ -110,7 +126,11 @@ def add_serve_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", dest="api_keys", action="append",
                    help="accept this key (visible in `ps`: prefer --api-key-file)")
     p.add_argument("--api-key-file", metavar="PATH", help="accept the keys in this file, one per line")
-    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads for an in-process model (default: torch's)")
+    p.add_argument("--print-settings", action="store_true",
+                   help="print the resolved model_server settings and connection limits "
+                        "(secrets redacted) and exit")
     p.add_argument("--fake-reply", default="Hello from the fake backend.",
                    help="reply of the 'fake' backend")
     p.add_argument("--fake-delay-s", type=float, default=0.0,
@@ -121,26 +141,29 @@ def add_serve_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve_model)
 
 
-def run_serve_model(args: argparse.Namespace) -> int:
+# top-level settings serve-model reads besides its own section (shared with the router)
+MODEL_SERVER_SHARED = ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_connections",
+                       "torch_threads")
 
+
+def model_server_settings(args: argparse.Namespace, api_keys: list[str]) -> Settings:
+    """serve-model's resolved settings (its ``model_server`` section and the shared
+    connection limits): defaults < ``--config`` file < environment < flags (``api_keys``:
+    those of --api-key and --api-key-file). Raises ``SettingsError``."""
+    from router.settings import load_settings
+
+    own: dict[str, Any] = {k: v for k in ("host", "port", "max_concurrency")
+                           if (v := getattr(args, k)) is not None}
+    if api_keys:
+        own["api_keys"] = api_keys
+    return load_settings(args.config, {"torch_threads": args.torch_threads, "model_server": own})
+
+
+def run_serve_model(args: argparse.Namespace) -> int:
     from models.registry import BackendSpecError, from_spec, parse_spec
     from router.model_server import create_model_app
+    from router.settings import SettingsError
 
-    spec: str = args.model
-    fields: dict[str, Any] = {"device": args.device}
-    if args.max_concurrency:
-        fields["max_concurrency"] = args.max_concurrency
-    if spec == "fake" or spec.startswith("fake:"):  # fake:REPLY names its reply itself
-        fields.update(fake_delay_s=args.fake_delay_s, fake_tool_calls=args.fake_tool_calls,
-                      **({"fake_reply": args.fake_reply} if spec == "fake" else {}))
-    try:
-        backend = from_spec(spec, role=args.architecture, name=args.name or parse_spec(spec)["name"],
-                            torch_threads=args.torch_threads, **fields)
-    except BackendSpecError as exc:
-        log.error("%s", exc)
-        return 2
-    log.info("serving %s as %r on %s:%d", backend.info(), args.name or backend.name,
-             args.host, args.port)
     keys = list(args.api_keys or [])
     if args.api_key_file:
         try:
@@ -148,9 +171,35 @@ def run_serve_model(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             log.error("--api-key-file: %s", exc)
             return 2
-    app = create_model_app(backend, args.name or backend.name, api_keys=keys or None,
-                           max_concurrency=args.max_concurrency)
+    try:
+        settings = model_server_settings(args, keys)
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
+    shown = settings.redacted()
+    shown = {"model_server": shown["model_server"], **{k: shown[k] for k in MODEL_SERVER_SHARED}}
+    if args.print_settings:
+        print(json.dumps(shown, indent=2))
+        return 0
+    log.info("settings: %s", json.dumps(shown))
+    ms = settings.model_server
+    spec: str = args.model
+    fields: dict[str, Any] = {"device": args.device}
+    if ms.max_concurrency:
+        fields["max_concurrency"] = ms.max_concurrency
+    if spec == "fake" or spec.startswith("fake:"):  # fake:REPLY names its reply itself
+        fields.update(fake_delay_s=args.fake_delay_s, fake_tool_calls=args.fake_tool_calls,
+                      **({"fake_reply": args.fake_reply} if spec == "fake" else {}))
+    try:
+        backend = from_spec(spec, role=args.architecture, name=args.name or parse_spec(spec)["name"],
+                            torch_threads=settings.torch_threads, **fields)
+    except BackendSpecError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("serving %s as %r on %s:%d", backend.info(), args.name or backend.name,
+             ms.host, ms.port)
+    app = create_model_app(backend, args.name or backend.name, ms)
     from router.server import serve
 
-    serve(app, args.host, args.port, log_level="info", access_log=False)
+    serve(app, ms.host, ms.port, settings, log_level="info", access_log=False)
     return 0

@@ -14,6 +14,10 @@ an in-process model only), and with ``stream``, ``logprobs`` and vLLM's
 log-probability, as vLLM streams them: what the span decoder over two engines needs
 (:mod:`models.span.remote`).
 
+Limits (``max_concurrency``, ``max_queue``, ``timeout_s``, ``max_body_bytes``,
+``max_tokens_cap``, ``api_keys``) are the settings' ``model_server`` section
+(:class:`router.settings.ModelServerSettings`), read like the router's.
+
 Tool calling: a chat request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (legacy
 ``functions`` / ``function_call`` mapped to them) reach a backend that ``can_call_tools``
 (the fake with scripted tool calls: ``serve-model fake --fake-tool-calls JSON``), and its
@@ -34,6 +38,7 @@ from router import errors
 from router import protocol as P
 from router.app import GuardMiddleware
 from router.pool import BackendSlot, SlotLimits
+from router.settings import ModelServerSettings
 from router.streaming import sse_events
 
 
@@ -84,16 +89,18 @@ async def completion_logprobs(backend: Backend, prompt: str, generated: str,
             "text_offset": offsets}
 
 
-def create_model_app(backend: Backend, name: str | None = None, api_keys: list[str] | None = None,
-                     max_concurrency: int | None = None, max_queue: int = 64,
-                     timeout_s: float = 600.0, max_body_bytes: int = 4_000_000,
-                     max_tokens_cap: int = 4096) -> FastAPI:
-    """A single-model server for ``backend``, which clients address as ``name``."""
+def create_model_app(backend: Backend, name: str | None = None,
+                     settings: ModelServerSettings | None = None) -> FastAPI:
+    """A single-model server for ``backend``, which clients address as ``name``, within the
+    limits of ``settings`` (the defaults when None)."""
     model_name = name or backend.name
+    limits = settings if settings is not None else ModelServerSettings()
+    max_tokens_cap = limits.max_tokens_cap
     slot = BackendSlot("model", backend, SlotLimits(
-        timeout_s=timeout_s, max_concurrency=max_concurrency or backend.max_concurrency,
-        max_queue=max_queue, queue_timeout_s=timeout_s, failure_threshold=10**9,
-        cooldown_s=1.0))
+        timeout_s=limits.timeout_s,
+        max_concurrency=limits.max_concurrency or backend.max_concurrency,
+        max_queue=limits.max_queue, queue_timeout_s=limits.timeout_s,
+        failure_threshold=10**9, cooldown_s=1.0))  # one model, no fallback: no breaker
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,8 +113,9 @@ def create_model_app(backend: Backend, name: str | None = None, api_keys: list[s
     app = FastAPI(title=f"ArchRoute model server: {model_name}", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     errors.install(app)
-    app.add_middleware(GuardMiddleware, api_keys=api_keys or [],  # type: ignore[arg-type]
-                       max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware,  # type: ignore[arg-type]
+                       api_keys=[k.get_secret_value() for k in limits.api_keys],
+                       max_body_bytes=limits.max_body_bytes)
 
     def check_model(model: str) -> None:
         if model != model_name:

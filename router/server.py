@@ -12,16 +12,20 @@ sees the request, so it also covers clients without a key.
 Limits (``router.settings.Settings``; defaults in brackets): ``header_timeout_s`` [10],
 ``body_timeout_s`` [30], ``keep_alive_s`` [75: longer than common clients' idle expiry, so
 the client, not the server, closes an idle connection and no request races a close],
-``max_connections`` [1024: beyond it new connections get 503].
+``max_connections`` [1024: beyond it new connections get 503]. ``archroute serve-model``
+serves with the same ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+if TYPE_CHECKING:
+    from router.settings import Settings
 
 _408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
         b"content-length: %d\r\n\r\n%s")
@@ -117,18 +121,15 @@ def _httptools_protocol():
     return GuardedHttpToolsProtocol
 
 
-def serve(app, host: str, port: int, settings=None, **kw: Any) -> None:
-    """``uvicorn.run`` with the guarded protocol and the settings' connection limits."""
+def serve(app, host: str, port: int, settings: Settings, **kw: Any) -> None:
+    """``uvicorn.run`` with the guarded protocol and the settings' connection limits (the
+    router's and serve-model's alike)."""
     import uvicorn
 
-    limits = {"header_timeout_s": 10.0, "body_timeout_s": 30.0, "keep_alive_s": 75.0,
-              "max_connections": 1024}
-    if settings is not None:
-        limits = {k: getattr(settings, k, v) for k, v in limits.items()}
     base = _httptools_protocol() or GuardedH11Protocol
     proto = type("ArchRouteHTTPProtocol", (base,),
-                 {"header_timeout_s": float(limits["header_timeout_s"]),
-                  "body_timeout_s": float(limits["body_timeout_s"])})
+                 {"header_timeout_s": float(settings.header_timeout_s),
+                  "body_timeout_s": float(settings.body_timeout_s)})
     uvicorn.run(app, host=host, port=port, http=proto,
-                timeout_keep_alive=int(limits["keep_alive_s"]),
-                limit_concurrency=int(limits["max_connections"]), **kw)
+                timeout_keep_alive=int(settings.keep_alive_s),
+                limit_concurrency=int(settings.max_connections), **kw)

@@ -179,6 +179,25 @@ def _default_profiles() -> dict[str, ProfileSettings]:
     }
 
 
+class ModelServerSettings(_Strict):
+    """``archroute serve-model`` (one backend as a server, :mod:`router.model_server`): its
+    own section, ``model_server``, read in the same order as the rest (defaults, the file's
+    ``model_server:``, ``ARCHROUTE_MODEL_SERVER__*``, flags). The connection limits
+    (``header_timeout_s`` ...) and ``torch_threads`` are the top level's, shared with the
+    router. One model, no fallback: it has no circuit breaker."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+    api_keys: list[SecretStr] = Field(default_factory=list)  # empty: no auth
+    max_concurrency: int | None = Field(None, ge=1)  # run at once; None: the backend's own
+    max_queue: int = Field(64, ge=0)  # requests waiting beyond that; more get 429
+    # a request's longest wait in the queue, then its longest call (whole, or between
+    # streamed chunks)
+    timeout_s: float = Field(600.0, gt=0)
+    max_body_bytes: int = Field(4_000_000, ge=1024)  # larger request bodies get 413
+    max_tokens_cap: int = Field(4096, ge=1)  # requested max_tokens above this are clamped
+
+
 class Settings(_Strict):
     """Everything the router reads. Defaults, commented, in one place."""
 
@@ -227,6 +246,8 @@ class Settings(_Strict):
     # backend when the backend chosen cannot call tools (and no fallback to one that cannot)
     tools: Literal["auto", "drop", "error"] = "auto"
     torch_threads: int | None = Field(None, ge=1)  # for in-process models; None: torch's default
+    # `archroute serve-model`'s own limits (the connection limits above are shared)
+    model_server: ModelServerSettings = Field(default_factory=ModelServerSettings)
 
     @field_validator("decision_log")
     @classmethod

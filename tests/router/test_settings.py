@@ -139,3 +139,44 @@ def test_decision_log_off_with_an_empty_string(tmp_path: Path, monkeypatch, caps
     capsys.readouterr()
     assert main(["serve", "--decision-log", "", "--print-settings"]) == 0
     assert json.loads(capsys.readouterr().out)["decision_log"] is None
+
+
+def test_serve_model_limits_in_the_settings_order(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`archroute serve-model` takes its limits from the settings' `model_server` section:
+    defaults < file < environment < flags, like the router; keys redacted (#13)."""
+    from router.cli import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("model_server: {port: 9100, max_queue: 10, timeout_s: 5}\n"
+                   "header_timeout_s: 7\n")
+    monkeypatch.setenv("ARCHROUTE_MODEL_SERVER__PORT", "9200")
+    monkeypatch.setenv("ARCHROUTE_MODEL_SERVER__MAX_QUEUE", "20")
+    monkeypatch.delenv("ARCHROUTE_CONFIG", raising=False)
+    capsys.readouterr()
+    assert main(["serve-model", "fake", "--config", str(cfg), "--port", "9300",
+                 "--api-key", "k-secret", "--print-settings"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ms = out["model_server"]
+    assert (ms["port"], ms["max_queue"], ms["timeout_s"]) == (9300, 20, 5.0)  # flag, env, file
+    assert ms["max_tokens_cap"] == 4096 and ms["host"] == "127.0.0.1"  # defaults
+    assert ms["api_keys"] == ["**********"] and out["header_timeout_s"] == 7.0
+    cfg.write_text("model_server: {queue_size: 10}\n")  # unknown keys are rejected
+    assert main(["serve-model", "fake", "--config", str(cfg), "--print-settings"]) == 2
+
+
+def test_serve_model_app_enforces_its_settings() -> None:
+    from fastapi.testclient import TestClient
+
+    from models.fake import FakeBackend
+    from router.model_server import create_model_app
+    from router.settings import ModelServerSettings
+
+    limits = ModelServerSettings(api_keys=["k"], max_body_bytes=2048, max_tokens_cap=1)
+    with TestClient(create_model_app(FakeBackend("m", default_reply="a b c"), "m", limits)) as c:
+        body = {"model": "m", "prompt": "hi", "max_tokens": 50}
+        assert c.post("/v1/completions", json=body).status_code == 401
+        auth = {"authorization": "Bearer k"}
+        r = c.post("/v1/completions", json=body, headers=auth)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+        big = {**body, "prompt": "x" * 4096}
+        assert c.post("/v1/completions", json=big, headers=auth).status_code == 413
