@@ -283,6 +283,12 @@ class Settings(_Strict):
 # --- loading -------------------------------------------------------------------------
 
 ENV_PREFIX = "ARCHROUTE_"
+# the project's other variables with the prefix, which are not settings (a data folder,
+# caches, the dev scripts' environments); any other ARCHROUTE_* must name a setting, so a
+# typo is an error rather than a silently ignored override
+NOT_SETTINGS = frozenset({"ARCHROUTE_CONFIG", "ARCHROUTE_CACHE", "ARCHROUTE_REQUESTS",
+                          "ARCHROUTE_TEST_ARTIFACTS", "ARCHROUTE_VENV", "ARCHROUTE_VLLM_VENV",
+                          "ARCHROUTE_VLLM_START_TIMEOUT", "ARCHROUTE_OPENWEBUI_VENV"})
 _LIST_FIELDS = {"api_keys"}
 
 
@@ -308,7 +314,7 @@ def _read_file(path: str | Path) -> dict[str, Any]:
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == "ARCHROUTE_CONFIG":
+        if not key.startswith(ENV_PREFIX) or key in NOT_SETTINGS:
             continue
         path = key[len(ENV_PREFIX):].lower().split("__")
         value: Any = ([v.strip() for v in raw.split(",") if v.strip()]

@@ -180,3 +180,13 @@ def test_serve_model_app_enforces_its_settings() -> None:
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
         big = {**body, "prompt": "x" * 4096}
         assert c.post("/v1/completions", json=big, headers=auth).status_code == 413
+
+
+def test_the_projects_other_variables_are_not_settings_but_typos_are_errors() -> None:
+    """ARCHROUTE_CACHE, ARCHROUTE_REQUESTS, ... configure other parts of the project and are
+    skipped; an ARCHROUTE_* that names no setting is refused with its name."""
+    s = load_settings(environ={"ARCHROUTE_CACHE": "/tmp/x", "ARCHROUTE_REQUESTS": "/data",
+                               "ARCHROUTE_VENV": ".venv", "ARCHROUTE_PORT": "9100"})
+    assert s.port == 9100
+    with pytest.raises(SettingsError, match="prot"):
+        load_settings(environ={"ARCHROUTE_PROT": "9100"})
