@@ -65,6 +65,15 @@ def test_completions_n_stop_echo_and_max_tokens(fakes) -> None:
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_token_id_prompt_is_the_clients_error_at_the_router(fakes) -> None:
+    """The router routes on text; token ids are for serve-model and engines."""
+    _, client = fakes
+    for model in ("archroute-rules", "t-fake"):
+        r = client.post("/v1/completions", json={"model": model, "prompt": [1, 2, 3]})
+        err = assert_envelope(r, 400)
+        assert err["type"] == "invalid_request_error" and "token ids" in err["message"]
+
+
 def test_models_and_health(fakes) -> None:
     _, client = fakes
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
