@@ -136,7 +136,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             log.info("profile %s: %r threshold %.3f", name, policies[name], thr)
         dlog = open_decision_log(settings)
         span = SpanService(built["transformer"], built["hybrid"],
-                           limits(settings, settings.backends["transformer"]), gates)
+                           limits(settings, settings.backends["transformer"]), gates,
+                           {role: bs.tokenizer for role, bs in settings.backends.items()})
         app.state.service = RouterService(settings, slots, policies, RouterMetrics(), dlog,
                                           span=span)
         try:

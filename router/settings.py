@@ -59,6 +59,9 @@ class BackendSettings(_Strict):
     base_url: str | None = None
     model: str | None = None
     api_key: SecretStr | None = None
+    # upstream: a local tokenizer directory of the engine's model; span profiles over two
+    # upstreams need it (router/span.py: the engines are sent token ids)
+    tokenizer: str | None = None
     # all kinds
     timeout_s: float = Field(60.0, gt=0)  # whole call, and each gap between streamed chunks
     # tool calling: None: the kind's own (upstream: passes tools on; hf: cannot); false: an
@@ -174,8 +177,9 @@ def _default_profiles() -> dict[str, ProfileSettings]:
         "archroute-rules": ProfileSettings(policy="rules", description="the study's rules"),
         "archroute-span": ProfileSettings(
             policy=SPAN_POLICY, policy_args={"gate": default_gate_name()},
-            description="span decoding: a gate picks the model per token (needs both "
-                        "backends in-process with one tokenizer)"),
+            description="span decoding: a gate picks the model per token (both backends "
+                        "in-process with one tokenizer, or two engines with their tokenizer "
+                        "set and a gate over tokens)"),
     }
 
 

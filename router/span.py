@@ -8,14 +8,24 @@ with ``"archroute": {"gate": NAME}``), each behind its own :class:`~router.pool.
 (role ``span``) with the transformer's limits. The decoder holds both models' forward locks
 while it generates, so span and single-model requests take turns on the models.
 
-A pair that cannot be span-decoded (an upstream, a fake, tokenizers that differ) makes each
-request to a span profile a 400 that says why; the rest of the router is unaffected.
+Two upstreams (OpenAI-compatible engines) are span-decoded by
+:class:`~models.span.remote.RemoteSpanBackend`: one completions request per span, token ids
+in and out, the stream closed when the gate switches. It needs the engines' tokenizer
+locally (``backends.transformer.tokenizer``, a tokenizer directory; the hybrid's, if set,
+must split text the same way) and a gate over tokens (``copy-k``, ``brackets``: the learned
+gate reads each model's entropy, which the completions API does not return).
+
+A pair that cannot be span-decoded (a fake, an in-process model beside an upstream,
+tokenizers that differ, engines without a tokenizer setting, an entropy gate on engines)
+makes each request to a span profile a 400 that says why; the rest of the router is
+unaffected.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from models.base import Backend
 from models.span.gates import GATES, Gate, UnknownGateError, get_gate
@@ -28,8 +38,9 @@ _UNCHECKED = object()
 
 def span_header(span: Mapping[str, object]) -> str:
     """``x-archroute-span``: ``transformer=12; hybrid=30; switches=5; catchup=17; gate=copy-2``
-    (only ``gate=...`` before the answer is known, i.e. on a stream)."""
-    keys = ("transformer", "hybrid", "switches", "catchup", "gate")
+    (over two engines ``requests=6; wasted=0`` in place of ``catchup``; only ``gate=...``
+    before the answer is known, i.e. on a stream)."""
+    keys = ("transformer", "hybrid", "switches", "catchup", "requests", "wasted", "gate")
     return "; ".join(f"{k}={span[k]}" for k in keys if k in span)
 
 
@@ -47,9 +58,13 @@ class SpanService:
     """The span slots of one router, by gate name, built on first use."""
 
     def __init__(self, transformer: Backend, hybrid: Backend, limits: SlotLimits,
-                 gates: Mapping[str, Gate] | None = None) -> None:
+                 gates: Mapping[str, Gate] | None = None,
+                 tokenizers: Mapping[str, str | None] | None = None) -> None:
         self.transformer = transformer
         self.hybrid = hybrid
+        # role -> a local tokenizer directory (upstreams: span decoding over engines)
+        self.tokenizers = {k: v for k, v in (tokenizers or {}).items() if v}
+        self._engine_tokenizer: Any = None
         self.limits = limits
         self.gates: dict[str, Gate] = dict(gates or {})  # the profiles' gates, loaded at start
         self.slots: dict[str, BackendSlot] = {}
@@ -70,10 +85,45 @@ class SpanService:
                 f"archroute.gate: unknown gate {name!r}; known gates: {', '.join(GATES)}",
                 param="archroute.gate")
 
+    def _engines(self) -> bool:
+        from models.upstream import OpenAIUpstreamBackend
+
+        return (isinstance(self.transformer, OpenAIUpstreamBackend)
+                and isinstance(self.hybrid, OpenAIUpstreamBackend))
+
+    def _tokenizer(self) -> Any:
+        """The engines' shared tokenizer, loaded once from the backends' ``tokenizer``
+        setting (both set: they must split text alike); a 400 that says what to set."""
+        if self._engine_tokenizer is not None:
+            return self._engine_tokenizer
+        if not self.tokenizers:
+            raise InvalidRequestError(
+                "span routing over two engines sends them token ids, so the router needs "
+                "their tokenizer: set backends.transformer.tokenizer to a local tokenizer "
+                "directory of the engines' model", param="model")
+        from transformers import AutoTokenizer
+
+        from models.span.decoder import PROBE
+
+        toks = {}
+        for role, path in self.tokenizers.items():
+            try:
+                toks[role] = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except Exception as exc:  # noqa: BLE001 - a bad path: say which
+                raise InvalidRequestError(f"backends.{role}.tokenizer: cannot load {path!r} "
+                                          f"({type(exc).__name__}: {exc})", param="model") from None
+        ids = {r: t(PROBE, add_special_tokens=False)["input_ids"] for r, t in toks.items()}
+        if len({tuple(v) for v in ids.values()}) > 1:
+            raise InvalidRequestError("span routing needs one tokenizer: the transformer's and "
+                                      "the hybrid's split the same text differently", param="model")
+        self._engine_tokenizer = next(iter(toks.values()))
+        return self._engine_tokenizer
+
     def _build(self, gate_name: str) -> BackendSlot:
         from models.span.decoder import SpanBackend
 
-        why = self._pair_problem()
+        engines = self._engines()
+        why = None if engines else self._pair_problem()
         if why is not None:
             raise InvalidRequestError(
                 f"span routing needs two in-process backends sharing a tokenizer: {why}. "
@@ -90,8 +140,24 @@ class SpanService:
                     f"archroute.gate: gate {gate_name!r} is not available on this router "
                     f"({type(exc).__name__}: {exc})", param="archroute.gate") from None
             self.gates[gate_name] = gate
+        if engines:
+            return self._remote_slot(gate)
         backend = SpanBackend(self.transformer, self.hybrid, gate,
                               max_concurrency=self.limits.max_concurrency)
+        return BackendSlot(SPAN_ROLE, backend, self.limits)
+
+    def _remote_slot(self, gate: Gate) -> BackendSlot:
+        from models.span.remote import RemoteSpanBackend, RemoteSpanError
+
+        tok = self._tokenizer()
+        n = getattr(tok, "model_max_length", None)
+        try:
+            backend = RemoteSpanBackend(
+                self.transformer, self.hybrid, tok, gate,  # type: ignore[arg-type]
+                context_length=n if isinstance(n, int) and n < 10**7 else None,
+                max_concurrency=self.limits.max_concurrency)
+        except RemoteSpanError as exc:
+            raise InvalidRequestError(str(exc), param="archroute.gate") from None
         return BackendSlot(SPAN_ROLE, backend, self.limits)
 
     async def prepare(self, gate_name: str) -> BackendSlot:

@@ -60,7 +60,7 @@ DEFAULT_GATE = "copy-2"  # when no trained gate ships (see default_gate_name)
 DEFAULT_GATE_DIR = Path(__file__).resolve().parent / "default_gate"
 # text both tokenizers must split identically (catches a normalizer or pre-tokenizer that
 # differs while the vocabularies are equal)
-_PROBE = "Hello, World!  x = [1, {'a': (2)}]\n\tdef f():\n    return \"ünïcödé\" — 数据 🙂 42."
+PROBE = "Hello, World!  x = [1, {'a': (2)}]\n\tdef f():\n    return \"ünïcödé\" — 数据 🙂 42."
 
 
 class IncompatiblePairError(ValueError):
@@ -103,7 +103,7 @@ def pair_mismatch(transformer: Backend, hybrid: Backend) -> str | None:
             return f"the {what} differ: {t.name} {a!r}, {h.name} {b!r}"
     if getattr(ta, "chat_template", None) != getattr(ha, "chat_template", None):
         return "the chat templates differ (a chat prompt would be two different token sequences)"
-    if t.encode(_PROBE) != h.encode(_PROBE):
+    if t.encode(PROBE) != h.encode(PROBE):
         return "the tokenizers split the same text differently (normalizer or pre-tokenizer)"
     return None
 

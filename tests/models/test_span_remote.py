@@ -111,3 +111,53 @@ def test_what_cannot_work_is_refused(engines, reference_pair) -> None:
             b.generate("hello", GenerationParams(max_tokens=4))
     finally:
         fake.stop()
+
+
+def test_router_span_profile_over_two_engines(engines, reference_pair, tmp_path) -> None:
+    """A real router process in front of the two engine processes: the span profile is
+    served by the engines' span decoder (the answer the in-process decoder gives), its
+    totals in the header and body; without the tokenizer setting, a 400 that says so."""
+    from models.reference import REFERENCE_DIR
+    from tests.router.servers import serve_config
+
+    t, h = engines
+    backends = {role: {"name": f"{role}-engine", "kind": "upstream", "base_url": srv.url + "/v1",
+                       "model": model, "call_tools": False}
+                for role, srv, model in (("transformer", t, "ref-t"), ("hybrid", h, "ref-h"))}
+    backends["transformer"]["tokenizer"] = str(REFERENCE_DIR / "transformer")
+    profiles = {"archroute-rules": {"policy": "rules"},
+                "span-copy": {"policy": "span", "policy_args": {"gate": "copy-2"}},
+                "span-learned": {"policy": "span", "policy_args": {"gate": "learned"}}}
+    router = serve_config({"backends": backends, "profiles": profiles,
+                           "default_profile": "archroute-rules", "decision_log": None}, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=router.url + "/v1", api_key="x")
+        raw = client.completions.with_raw_response.create(
+            model="span-copy", prompt=CODE, max_tokens=24, temperature=0)
+        r = raw.parse()
+        span = r.model_extra["archroute"]["span"]
+        assert span["gate"] == "copy-2" and span["requests"] == span["switches"] + 1
+        assert span["transformer"] + span["hybrid"] == r.usage.completion_tokens
+        assert raw.headers["x-archroute-span"] == "; ".join(
+            f"{k}={span[k]}" for k in ("transformer", "hybrid", "switches", "requests", "wasted",
+                                       "gate"))
+        local = SpanBackend(*reference_pair, "copy-2").generate(
+            CODE, GenerationParams(max_tokens=24, temperature=0.0))
+        assert r.choices[0].text == local.text
+        text = "".join(c.choices[0].text for c in client.completions.create(
+            model="span-copy", prompt=CODE, max_tokens=24, temperature=0, stream=True)
+            if c.choices)
+        assert text == local.text
+        with pytest.raises(openai.BadRequestError, match="entropy"):
+            client.completions.create(model="span-learned", prompt=CODE, max_tokens=4)
+    finally:
+        router.stop()
+    del backends["transformer"]["tokenizer"]
+    router = serve_config({"backends": backends, "profiles": profiles,
+                           "default_profile": "archroute-rules", "decision_log": None}, tmp_path)
+    try:
+        r2 = httpx.post(router.url + "/v1/completions",
+                        json={"model": "span-copy", "prompt": CODE, "max_tokens": 4})
+        assert r2.status_code == 400 and "tokenizer" in r2.json()["error"]["message"]
+    finally:
+        router.stop()

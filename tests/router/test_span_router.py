@@ -176,6 +176,17 @@ def test_upstream_pair_is_a_400(tmp_path):
     app = create_app(f.settings, backends=up)
     with TestClient(app) as client:
         r = client.post("/v1/completions", json={"model": "archroute-span", "prompt": "x"})
+        assert r.status_code == 400 and "backends.transformer.tokenizer" in r.json()["error"]["message"]
+
+
+def test_an_in_process_model_beside_an_upstream_is_a_400(reference_pair, tmp_path):
+    from models.upstream import OpenAIUpstreamBackend
+
+    f = Fakes(tmp_path)
+    pair = {"transformer": reference_pair[0],
+            "hybrid": OpenAIUpstreamBackend("h-up", "http://127.0.0.1:9/v1", "m")}
+    with TestClient(create_app(f.settings, backends=pair)) as client:
+        r = client.post("/v1/completions", json={"model": "archroute-span", "prompt": "x"})
         assert r.status_code == 400 and "OpenAIUpstreamBackend" in r.json()["error"]["message"]
 
 
