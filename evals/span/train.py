@@ -13,6 +13,10 @@ roles of ``copy-2``, each later round along the roles of the gate fitted so far,
 everything collected (DAgger-style). The threshold is the one that minimises the pooled loss
 of the last round's rollout on the training data (a sort and a cumulative sum).
 
+Data (:func:`evals.span.run.training_seqs`): the real suite's trainable files and requests
+cut from the reference corpus's train split (``corpus-train:<domain>``, one source per
+domain; the corpus suite is cut from the held-out split).
+
 Leave-one-source-out (:func:`loso_gates`): for each source a gate trained on the others, its
 threshold chosen on those others only.
 """

@@ -1,9 +1,12 @@
 """The learned gate: a small model on cheap causal features of a :class:`GateState`.
 
 At each answer step the gate computes a few features from what a decoder knows: the
-induction match (length, distance, whether it points into the prompt, whether the last
-token continued it, the copy run), the position in the answer, the class of the last
-token's text, the bracket depth, the last role, the entropy of the model that produced the
+induction match (length, one-hot and as a number, so that one split is any ``copy-k``;
+distance; whether it points into the prompt; whether the last token continued it and for how
+many tokens; the class of the token the earlier occurrence continued with, i.e. the token
+the copy predicts), the position in the answer, the class of the last token's text, the
+bracket depth, the line layout (indentation, tokens since the newline, newline and indented
+line shares of prompt and answer), the last role, the entropy of the model that produced the
 last token, and running shares (copied tokens, symbol-heavy tokens). It scores them and
 picks the transformer when the score exceeds the threshold. The score estimates
 ``log p_T(next) - log p_H(next)`` (nats: how much better the transformer will predict the
@@ -18,7 +21,7 @@ Features are sparse: :meth:`LearnedState.features` returns ``{name: value}`` wit
 active ones, so each name sits next to the code that computes it; :data:`FEATURES` lists
 them all (absent = 0).
 
-Artifact (JSON, no pickle): ``{"format": "archroute-span-gate", "version": 1, "kind":
+Artifact (JSON, no pickle): ``{"format": "archroute-span-gate", "version": 2, "kind":
 "trees" | "linear", "features": [...], "weights": {name: w}, "trees": [{"feature",
 "threshold", "left", "right", "value"}, ...], "threshold": t, "meta": {...}}``; the shipped
 default is ``models/span/default_gate/gate.json``, its training data's provenance (files,
@@ -35,7 +38,7 @@ from pathlib import Path
 from models.span.gates import MAX_MATCH, Gate, GateState, Role
 
 FORMAT = "archroute-span-gate"
-VERSION = 1
+VERSION = 2  # 2: the features after "answer_code" in FEATURES (older artifacts load)
 _TREE_KEYS = ("feature", "threshold", "left", "right", "value")
 DEFAULT_DIR = Path(__file__).resolve().parent / "default_gate"
 ARTIFACT = "gate.json"
@@ -71,6 +74,9 @@ FEATURES: tuple[str, ...] = (
     "match_in_prompt", "copy_hit", "hit_rate", "log_run", "copy_share", "log_step", "first",
     "log_prompt", *(f"class={c}" for c in CLASSES), "depth", "last_t", "ent_t", "ent_h",
     "ent_avg", "prompt_code", "answer_code",
+    # version 2: every copy-k in one split, the continuation the match predicts, the layout
+    "match_len", "log_hit_run", *(f"pred={c}" for c in CLASSES), "ent_last", "indent", "col",
+    "prompt_nl", "answer_nl", "prompt_indent",
 )
 CODE_CLASSES = frozenset({"open", "close", "punct", "digit"})  # symbol-heavy text: code, maths
 EMA = 0.2  # weight of the newest step in the running averages (hit_rate, ent_avg)
@@ -93,9 +99,39 @@ class LearnedState(GateState):
         self._prev_dist = self.matcher.match_dist
         self.prompt_code = 0.0  # share of the prompt's tokens in CODE_CLASSES
         self.answer_code = 0  # answer tokens so far in CODE_CLASSES
+        self.hit_run = 0  # consecutive answer tokens that continued the previous match
+        self.prompt_nl = 0.0  # share of the prompt's tokens holding a newline
+        self.answer_nl = 0  # answer tokens so far holding a newline
+        self.prompt_indent = 0.0  # share of the prompt's lines that start indented
+        self.col = 0  # tokens since the last newline (the prompt's included)
+        self.indent = 0  # leading blanks of the current line (the prompt's included)
+        self._lead = True  # still in the current line's leading blanks
+        self._lines = self._indented = 0  # lines with a visible character, indented ones
         if self._class_of is not None and len(prompt_ids):
             cls = self._class_of
-            self.prompt_code = sum(cls(t) in CODE_CLASSES for t in prompt_ids) / len(prompt_ids)
+            n = len(prompt_ids)
+            self.prompt_code = sum(cls(t) in CODE_CLASSES for t in prompt_ids) / n
+            self.prompt_nl = sum(cls(t) == "newline" for t in prompt_ids) / n
+            assert token_text is not None
+            for t in prompt_ids:
+                self._layout(token_text(t))
+            self.prompt_indent = self._indented / self._lines if self._lines else 0.0
+
+    def _layout(self, text: str) -> None:
+        """Advance the line state (column, indentation) over one token's text."""
+        for ch in text:
+            if ch == "\n":
+                self.col, self.indent, self._lead = -1, 0, True
+            elif self._lead:
+                if ch == " ":
+                    self.indent += 1
+                elif ch == "\t":
+                    self.indent += 4
+                else:
+                    self._lead = False
+                    self._lines += 1
+                    self._indented += self.indent > 0
+        self.col += 1
 
     def push(self, token_id: int, role: Role, entropy: float | None = None) -> None:
         prev_len, prev_dist = self.matcher.match_len, self._prev_dist
@@ -110,8 +146,15 @@ class LearnedState(GateState):
             self.copied += 1
         else:
             self.run = 0
-        if self._class_of is not None and self._class_of(token_id) in CODE_CLASSES:
-            self.answer_code += 1
+        self.hit_run = self.hit_run + 1 if self.hit else 0
+        if self._class_of is not None:
+            c = self._class_of(token_id)
+            if c in CODE_CLASSES:
+                self.answer_code += 1
+            elif c == "newline":
+                self.answer_nl += 1
+            assert self._text is not None
+            self._layout(self._text(token_id))
         if entropy is not None:
             self.ent_avg = entropy if self.ent_avg is None else \
                 self.ent_avg + EMA * (entropy - self.ent_avg)
@@ -123,6 +166,9 @@ class LearnedState(GateState):
         m = self.matcher
         if m.match_len:
             f[f"match={m.match_len}"] = 1.0
+            f["match_len"] = float(m.match_len)
+            if self._class_of is not None:  # the token the earlier occurrence continued with
+                f["pred=" + self._class_of(m.ids[len(m.ids) - m.match_dist])] = 1.0
             ld = math.log1p(m.match_dist)
             f["log_dist"] = ld
             f["match_x_log_dist"] = m.match_len * ld / MAX_MATCH
@@ -130,6 +176,7 @@ class LearnedState(GateState):
                 f["match_in_prompt"] = 1.0
         if self.hit:
             f["copy_hit"] = 1.0
+            f["log_hit_run"] = math.log1p(self.hit_run)
         if self.hit_rate:
             f["hit_rate"] = self.hit_rate
         if self.run:
@@ -145,6 +192,8 @@ class LearnedState(GateState):
         if self.depth:
             f["depth"] = float(min(self.depth, 3))
         ent = self.last_entropy
+        if ent is not None:
+            f["ent_last"] = ent
         if self.last_role == "transformer":
             f["last_t"] = 1.0
             if ent is not None:
@@ -157,6 +206,17 @@ class LearnedState(GateState):
             f["prompt_code"] = self.prompt_code
         if self.answer_code:
             f["answer_code"] = self.answer_code / self.step
+        if self._class_of is not None:
+            if self.indent:
+                f["indent"] = min(self.indent, 16) / 4
+            if self.col:
+                f["col"] = math.log1p(self.col)
+            if self.prompt_nl:
+                f["prompt_nl"] = self.prompt_nl
+            if self.answer_nl:
+                f["answer_nl"] = self.answer_nl / self.step
+            if self.prompt_indent:
+                f["prompt_indent"] = self.prompt_indent
         return f
 
     def score(self) -> float:

@@ -277,6 +277,8 @@ def test_shipped_gate_loads_and_is_fast() -> None:
     assert meta["trained_on"] and all(f["sha256"] and f["license"] for f in meta["trained_on"])
     assert not any(f["eval_only"] for f in meta["trained_on"])
     assert not any(r in f["file"] for f in meta["trained_on"] for r in ("arena", "gsm8k", "humaneval"))
+    corpus = [f for f in meta["trained_on"] if f.get("split")]  # the reference corpus: train only
+    assert corpus and all(f["split"] == "train" and "val" not in Path(f["file"]).name for f in corpus)
     st = g.start([0, *range(20, 60)], text)
     t0 = time.perf_counter()
     for t in range(20, 60):
@@ -304,6 +306,36 @@ def test_features_are_causal_and_named() -> None:
     f = st.features()
     assert f["match=2"] == 1.0 and f["match_in_prompt"] == 1.0 and f["copy_hit"] == 1.0
     assert f["ent_h"] == 0.5 and "last_t" not in f and f["log_run"] == pytest.approx(math.log(2))
+
+
+def test_version_2_features_emulate_copy_k_and_read_the_layout() -> None:
+    def txt(i: int) -> str:
+        return {0: "", 1: "def", 2: " f", 3: "(", 4: "):", 5: "\n", 6: "    ", 7: " return", 8: " x"}.get(i, " w")
+
+    prompt = [0, 1, 2, 3, 4, 5, 6, 7, 8, 5]  # "def f():\n     return x\n"
+    st = LearnedState(LearnedGate({}), prompt, txt)
+    f = st.features()
+    assert "indent" not in f and "col" not in f  # at a line start
+    assert f["match_len"] == 1.0 and f["pred=space"] == 1.0  # the prompt's first "\n" went on with "    "
+    assert f["prompt_nl"] == pytest.approx(2 / 10) and f["prompt_indent"] == pytest.approx(1 / 2)
+    st.push(1, "hybrid", 2.0)  # "def": matches the prompt's "def", which continued with " f"
+    f = st.features()
+    assert f["match_len"] == 1.0 and f["match=1"] == 1.0 and f["pred=word"] == 1.0
+    assert f["col"] == pytest.approx(math.log(2)) and f["ent_last"] == 2.0 and "copy_hit" not in f
+    st.push(2, "transformer", 0.5)  # " f": the match continues (length 2, "(" next)
+    f = st.features()
+    assert f["match_len"] == 2.0 and f["pred=open"] == 1.0 and f["copy_hit"] == 1.0
+    assert f["log_hit_run"] == pytest.approx(math.log(2)) and f["ent_last"] == 0.5
+    for t in (3, 4, 5, 6):  # "():\n    "
+        st.push(t, "transformer", 0.5)
+    f = st.features()
+    assert f["indent"] == 1.0 and f["match_len"] == 6.0 and f["answer_nl"] == pytest.approx(1 / 6)
+    assert f["log_hit_run"] == pytest.approx(math.log(6)) and set(f) <= set(FEATURES)
+    # numeric match length: one split at 1.5 is copy-2
+    tree = (["match_len", None, None], [1.5, 0.0, 0.0], [1, -1, -1], [2, -1, -1], [0.0, -1.0, 1.0])
+    g = LearnedGate({}, 0.0, trees=[tree])
+    s = _planted(2)
+    assert (rollout(g, s[0], text) == rollout(get_gate("copy-2"), s[0], text)).all()
 
 
 def test_fit_and_threshold_helpers() -> None:
@@ -388,6 +420,8 @@ def test_cli_errors(capsys, tmp_path: Path) -> None:
     assert rc == 2 and "--per-source" in err
     rc, err = _cli(["--report-only", str(tmp_path)], capsys)
     assert rc == 2 and "no results" in err
+    rc, err = _cli(["--train-corpus-per-domain", "0"], capsys)
+    assert rc == 2 and "--train-corpus-per-domain" in err
 
 
 def test_policy_stats_take() -> None:
@@ -480,3 +514,31 @@ def test_default_gates_skip_the_loso_ones_without_real_data(reference_pair, tmp_
     assert "learned-loso" not in res["gates"] and "copy-2" in res["gates"]
     with pytest.raises(SpanEvalError, match="real"):
         run_span_eval(SpanConfig(**base, gates=["learned-loso"]), progress=False, pair=reference_pair)
+
+
+def test_corpus_training_requests_come_from_the_train_split_only(tmp_path: Path) -> None:
+    from evals.span.run import SpanEvalError, corpus_provenance, train_corpus_suite
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "(x, y)", "[1, 2]", "{key: value}", "return"]
+    docs = [{"id": f"{dom}-{i}", "domain": dom, "source": dom,
+             "text": "\n".join(" ".join(rng.choice(words, 9)) + f" line {j} (end {j})"
+                               for j in range(80))}
+            for dom in ("code", "tex") for i in range(3)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    suite = train_corpus_suite(path, per_domain=5)
+    assert suite.name == "corpus-train" and 6 <= len(suite) <= 10
+    assert {r.domain for r in suite.requests} == {"corpus-train:code", "corpus-train:tex"}
+    assert {"continue", "explain", "repeat"} <= {r.kind for r in suite.requests}
+    (tmp_path / "val.jsonl").write_text(path.read_text())
+    with pytest.raises(SpanEvalError, match="held-out"):
+        train_corpus_suite(tmp_path / "val.jsonl")
+    from evals.span.run import SpanConfig, training_seqs
+
+    for bad, msg in ((tmp_path / "val.jsonl", "corpus suite's file"), (tmp_path / "no.jsonl", "missing")):
+        with pytest.raises(SpanEvalError, match=msg):  # refused before anything loads
+            training_seqs(SpanConfig(corpus=str(tmp_path / "val.jsonl"), train_corpus=str(bad)), None)
+    prov = corpus_provenance(path)
+    assert prov["split"] == "train" and prov["rows"] == 6 and len(prov["sha256"]) == 64
+    assert not prov["eval_only"] and "license" in prov
