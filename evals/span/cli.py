@@ -4,6 +4,7 @@
     archroute span-eval --suites real --per-source 100   # real requests, 100 per source file
     archroute span-eval --gates copy-2 learned learned-loso --out runs/span-eval
     archroute span-eval --train-gate models/span/default_gate --per-source 100
+    archroute span-eval --train-gate runs/gate --train-corpus none   # real requests only
     archroute span-eval --report-only runs/span-eval     # re-render a saved results.json
 
 Writes ``results.json``, ``report.md`` and PNG plots to ``--out``. Per-token scores are
@@ -33,6 +34,12 @@ def add_span_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (default runs/span-eval)")
     p.add_argument("--train-gate", metavar="OUT", help="train the learned gate on every trainable "
                    "source of the real suite, save it to OUT (a folder or .json) and exit")
+    p.add_argument("--train-corpus", metavar="PATH", help="the learned gate (--train-gate, "
+                   "learned-loso) also trains on requests cut from this corpus file by the corpus "
+                   "suite's generator (default data/corpus/train.jsonl, the reference corpus's "
+                   "train split; 'none' = the real requests only; a held-out file is refused)")
+    p.add_argument("--train-corpus-per-domain", type=int, metavar="N",
+                   help="requests cut per corpus domain for training (default 120)")
     p.add_argument("--transformer", help="transformer backend spec (default reference:transformer)")
     p.add_argument("--hybrid", help="hybrid backend spec (default reference:hybrid)")
     p.add_argument("--limit", type=int, help="first N requests of each suite")
@@ -52,8 +59,13 @@ def _config(a: argparse.Namespace):
 
     given = {k: getattr(a, k) for k in ("suites", "gates", "per_source", "out", "transformer",
                                         "hybrid", "limit", "bootstrap", "seed", "torch_threads",
-                                        "batch_size", "cache_dir", "use_cache")}
+                                        "batch_size", "cache_dir", "use_cache",
+                                        "train_corpus", "train_corpus_per_domain")}
+    if given["train_corpus"] is not None and given["train_corpus"].lower() == "none":
+        given["train_corpus"] = ""
     cfg = SpanConfig(**{k: v for k, v in given.items() if v is not None})
+    if cfg.train_corpus_per_domain < 1:
+        raise ValueError(f"--train-corpus-per-domain must be >= 1, got {cfg.train_corpus_per_domain}")
     if cfg.per_source < 1:
         raise ValueError(f"--per-source must be >= 1, got {cfg.per_source}")
     if cfg.limit is not None and cfg.limit < 1:

@@ -5,7 +5,8 @@ Gate names: any registered gate (:data:`models.span.gates.GATES`; ``learned`` is
 artifact, ``learned:PATH`` another one) and ``learned-loso``: the learned gate trained
 leave-one-source-out on the real suite's trainable files (each request is routed by a gate
 that never saw its source; requests from other suites or from evaluation-only files by the
-gate trained on every trainable source). Baselines (always-transformer, always-hybrid, the
+gate trained on every trainable source). Every learned gate also trains on requests cut from
+the reference corpus's train split (``SpanConfig.train_corpus``; in every fold). Baselines (always-transformer, always-hybrid, the
 request-level oracle, the 50/50 mixture, the per-token oracle) are always measured.
 """
 
@@ -43,6 +44,10 @@ FIXED = ("always-transformer", "always-hybrid")  # registry gates that repeat a 
 NOT_GATES = (*BASELINES,)  # never "the best causal gate": the mixture runs both models
 
 
+TRAIN_CORPUS = "corpus-train"  # the suite name (and source prefix) of the corpus training requests
+TRAIN_CORPUS_PER_DOMAIN = 120  # requests per corpus domain (spread over the five kinds)
+
+
 class SpanEvalError(ValueError):
     """A bad setting (unknown gate or suite, missing data); the CLI prints it and exits 2."""
 
@@ -58,6 +63,10 @@ class SpanConfig:
     hybrid: str = REFERENCE_SPECS["hybrid"]
     corpus: str = "data/corpus/val.jsonl"
     corpus_per_domain: int = 48
+    train_corpus: str | None = "data/corpus/train.jsonl"  # the learned gate also trains on
+    # requests cut from it (the reference corpus's TRAIN split; the corpus suite is cut from
+    # the held-out split); None = the real requests only
+    train_corpus_per_domain: int = TRAIN_CORPUS_PER_DOMAIN
     limit: int | None = None  # first N requests of each suite
     batch_size: int = 8
     torch_threads: int | None = 1
@@ -124,14 +133,64 @@ def load_pair(cfg: SpanConfig):
             from_spec(cfg.hybrid, role="hybrid", torch_threads=cfg.torch_threads))
 
 
+def train_corpus_suite(path: str | Path, per_domain: int = TRAIN_CORPUS_PER_DOMAIN):
+    """Requests cut from the reference corpus's TRAIN split by the corpus suite's own
+    generator (same kinds, same limits), every source named ``corpus-train:<domain>``. The
+    corpus suite is cut from the held-out split (``data/corpus/val.jsonl``, documents
+    disjoint by a hash of their id), so training on these never sees an evaluated document.
+    Refuses the held-out file by name."""
+    from dataclasses import replace
+
+    from evals.harness.builtin import corpus_suite, reference_token_counter
+    from evals.harness.suites import Suite
+
+    path = Path(path)
+    if "val" in path.stem.lower():
+        raise SpanEvalError(f"{path}: the gate never trains on the held-out corpus split "
+                            "(the corpus suite is cut from it)")
+    suite = corpus_suite(path, per_domain, reference_token_counter())
+    reqs = tuple(replace(r, domain=f"{TRAIN_CORPUS}:{r.domain}") for r in suite.requests)
+    return Suite(TRAIN_CORPUS, reqs, f"corpus-train ({path})", meta=suite.meta)
+
+
+def corpus_provenance(path: str | Path) -> dict:
+    """The training corpus file's name, sha256, size, rows and licences (from its manifest),
+    in the shape of :func:`classifiers.realdata.file_provenance`'s rows."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    lic: list[str] = []
+    man = path.parent / "manifest.json"
+    if man.is_file():
+        import json
+
+        lic = sorted({v.get("licence", "") for v in json.loads(man.read_text())["sources"].values()})
+    return {"file": str(path), "sha256": h.hexdigest(), "bytes": path.stat().st_size,
+            "rows": sum(1 for _ in path.open("rb")), "license": "; ".join(lic),
+            "eval_only": False, "split": "train"}
+
+
 def training_seqs(cfg: SpanConfig, pair, progress: bool = True,
                   scored: dict[str, list[ScoredSeq]] | None = None) -> tuple[list[ScoredSeq], list[dict]]:
-    """The real suite's requests from trainable files (evaluation-only and reserved files
-    left out), scored, and the provenance of those files (sha256, licence)."""
+    """The learned gate's training requests, scored, and the provenance of their files
+    (sha256, licence): the real suite's requests from trainable files (evaluation-only and
+    reserved files left out) and, with ``cfg.train_corpus``, requests cut from the
+    reference corpus's train split (:func:`train_corpus_suite`)."""
     from classifiers.realdata import EVAL_ONLY, RESERVED
     from evals.harness.builtin import real_suite
     from evals.harness.suites import SuiteError
 
+    if cfg.train_corpus:  # checked before anything is scored
+        if Path(cfg.train_corpus).resolve() == Path(cfg.corpus).resolve():
+            raise SpanEvalError(f"{cfg.train_corpus} is the corpus suite's file: the gate never "
+                                "trains on the split it is evaluated on")
+        if not Path(cfg.train_corpus).is_file():
+            raise SpanEvalError(f"{cfg.train_corpus}: the corpus train split is missing (build "
+                                "it with python -m models.training.corpus --out data/corpus)")
     try:
         suite = real_suite(per_source=cfg.per_source)
     except SuiteError as exc:
@@ -144,6 +203,11 @@ def training_seqs(cfg: SpanConfig, pair, progress: bool = True,
     keep = [s for s in seqs if s.source not in EVAL_ONLY
             and not any(r in s.source.lower() for r in RESERVED)]
     files = [f for f in suite.meta["files"] if Path(f["file"]).stem in {s.source for s in keep}]
+    if cfg.train_corpus:
+        extra = train_corpus_suite(cfg.train_corpus, cfg.train_corpus_per_domain)
+        keep += score_suite(extra.head(cfg.limit).requests, TRAIN_CORPUS, pair[0], pair[1],
+                            cfg.cache_dir, cfg.batch_size, progress, cfg.use_cache)
+        files.append(corpus_provenance(cfg.train_corpus))
     return keep, files
 
 
@@ -165,7 +229,9 @@ def gate_objects(names: Sequence[str], train: list[ScoredSeq] | None, token_text
         folds: dict[str, Gate]
         full: Gate
         if n == LOSO:
-            lfolds = loso_gates(train, token_text, progress=progress)
+            real = sorted({s.source for s in train if s.suite == "real"})  # the folds the
+            # real suite is judged by; the corpus-train requests are in every fold's training
+            lfolds = loso_gates(train, token_text, sources=real, progress=progress)
             lfull = train_gate(train, token_text, meta={"held_out": None})
             info[n] = {"folds": {k: {"threshold": g.threshold} for k, g in lfolds.items()},
                        "all_sources": {"threshold": lfull.threshold}}
