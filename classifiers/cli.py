@@ -3,7 +3,7 @@
     archroute label --n 2000 --out data/labels/reference.jsonl   # score answers on the pair
     archroute train --labels data/labels/reference.jsonl          # fit, evaluate, ship
 
-``label`` builds the request mix from the corpus (:mod:`classifiers.requests`) and measures
+``label`` builds the request mix from the corpus (:mod:`classifiers.synthetic_mix`) and measures
 each request's gap on a backend pair (:mod:`classifiers.labels`, cached and resumable).
 ``train`` on labels of real requests (``archroute label --requests``) measures transfer:
 leave-one-source-out per source and pooled (:mod:`classifiers.transfer`), a random split as
@@ -61,7 +61,7 @@ def add_label(sub: argparse._SubParsersAction) -> None:
 
 def run_label(args: argparse.Namespace) -> int:
     from classifiers.labels import MARGIN, LabelRequest, group_table, label_requests, summarize
-    from classifiers.requests import build_mix, load_documents
+    from classifiers.synthetic_mix import build_mix, load_documents
     from models.registry import from_spec
 
     if args.threads:

@@ -14,7 +14,7 @@ Backends with the same tokenizer score the same tokens, so the gap is the mean o
 per-token gaps. With different tokenizers each loss is over its own tokens; the gap is then
 the difference of total nats divided by the mean token count of the two.
 
-Requests are either the synthetic mix (:class:`~classifiers.requests.MixRequest`, a plain
+Requests are either the synthetic mix (:class:`~classifiers.synthetic_mix.MixRequest`, a plain
 prompt) or real requests (:class:`~classifiers.realdata.RealRequest`, a conversation): a
 conversation is rendered the way each backend renders it for generation
 (``Backend.render``: the chat template, or the plain fallback), and the reference is scored
@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classifiers.realdata import RealRequest
-from classifiers.requests import MixRequest
+from classifiers.synthetic_mix import MixRequest
 from models.base import Backend, ScoreResult
 
 log = logging.getLogger(__name__)

@@ -249,7 +249,7 @@ def label_request(rid: str, row: dict, reference: str):
     """The label request (``classifiers.labels``) for a logged decision and a reference: a
     chat request's conversation, or a completion's prompt."""
     from classifiers.realdata import RealRequest
-    from classifiers.requests import MixRequest
+    from classifiers.synthetic_mix import MixRequest
     from models.base import ChatMessage
 
     req = row.get("request")

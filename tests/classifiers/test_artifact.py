@@ -14,7 +14,7 @@ from classifiers.cli import run_train
 from classifiers.features import FEATURE_NAMES
 from classifiers.labels import label_requests
 from classifiers.request import RoutingRequest
-from classifiers.requests import build_mix
+from classifiers.synthetic_mix import build_mix
 from tests.classifiers.fakes import fake_pair, synthetic_docs
 
 

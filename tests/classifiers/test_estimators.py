@@ -19,7 +19,7 @@ from classifiers.estimators import (
 )
 from classifiers.features import FEATURE_NAMES
 from classifiers.labels import label_requests
-from classifiers.requests import build_mix
+from classifiers.synthetic_mix import build_mix
 from tests.classifiers.fakes import fake_pair, synthetic_docs
 
 ARRAY_CLASSIFIERS = [LightGBMRouter(n_estimators=50), LogisticRouter(), RulesRouter()]
