@@ -390,7 +390,7 @@ def build(cfg, role: str | None = None, torch_threads: int | None = None) -> HFB
     kwargs: dict = {"device": cfg.device, "torch_threads": torch_threads,
                     "max_concurrency": cfg.max_concurrency or 1}
     if cfg.path.startswith("reference:"):
-        from models.reference import load_reference
+        from models.reference_pair import load_reference
 
         return load_reference(cfg.path.split(":", 1)[1], name=cfg.name, **kwargs)
     arch = role if role in ("transformer", "hybrid", "other") else None

@@ -20,6 +20,6 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def reference_pair():
     """The shipped reference pair, loaded once per test session."""
-    from models.reference import load_reference_pair
+    from models.reference_pair import load_reference_pair
 
     return load_reference_pair()

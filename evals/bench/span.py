@@ -86,7 +86,7 @@ def run(a: argparse.Namespace) -> int:
     import torch
 
     from models.base import Backend, GenerationParams
-    from models.reference import load_reference
+    from models.reference_pair import load_reference
     from models.span.decoder import SpanBackend, SpanTrace
 
     torch.set_num_threads(a.threads)

@@ -37,7 +37,7 @@ def run(a: argparse.Namespace) -> int:
     import torch
 
     from models.base import Backend, GenerationParams
-    from models.reference import load_reference
+    from models.reference_pair import load_reference
     from models.span.decoder import SpanBackend
     from models.span.remote import RemoteSpanBackend, RemoteTrace
     from models.upstream import OpenAIUpstreamBackend

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-cell", type=int, default=48)
     p.add_argument("--out", type=Path, default=Path("models/reference/copy_probe.json"))
     a = p.parse_args(argv)
-    from models.reference import load_reference_pair
+    from models.reference_pair import load_reference_pair
 
     val = dict(np.load(a.run / "tokens_val.npz"))
     t, h = load_reference_pair()

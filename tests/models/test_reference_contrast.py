@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from models.reference import load_reference_pair
+from models.reference_pair import load_reference_pair
 
 MODULES = (json.decoder, textwrap, inspect)
 

@@ -117,7 +117,7 @@ def test_router_span_profile_over_two_engines(engines, reference_pair, tmp_path)
     """A real router process in front of the two engine processes: the span profile is
     served by the engines' span decoder (the answer the in-process decoder gives), its
     totals in the header and body; without the tokenizer setting, a 400 that says so."""
-    from models.reference import REFERENCE_DIR
+    from models.reference_pair import REFERENCE_DIR
     from tests.router.servers import serve_config
 
     t, h = engines

@@ -141,7 +141,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf():
-    from models.reference import load_reference
+    from models.reference_pair import load_reference
 
     return load_reference("transformer")
 
