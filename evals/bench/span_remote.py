@@ -121,8 +121,9 @@ def run(a: argparse.Namespace) -> int:
                      f" {sum(s.read for s in spans) / len(traces):14.0f}")
         print(line)
     print("\nx best: tokens/s over the faster engine alone. req/answer: requests per answer (one "
-          "per span). wasted/100: tokens an engine decoded after the gate had switched away "
-          "(dropped), per 100 answer tokens. span TTFT: median time from a span's request to "
+          "per span). wasted/100: tokens that reached the client after the gate had switched "
+          "away (dropped), per 100 answer tokens; what an engine decodes before it notices the "
+          "closed stream never reaches the client and is not counted. span TTFT: median time from a span's request to "
           "its first token (the price of a switch: connect, prefill, first step). re-read: "
           "tokens the engines prefilled per answer over all its spans; with prefix caching "
           "only the tokens each engine skipped would be computed.")
