@@ -40,6 +40,9 @@ def add_span_eval(sub: argparse._SubParsersAction) -> None:
                    "train split; 'none' = the real requests only; a held-out file is refused)")
     p.add_argument("--train-corpus-per-domain", type=int, metavar="N",
                    help="requests cut per corpus domain for training (default 120)")
+    p.add_argument("--train-functions", type=int, metavar="N",
+                   help="the learned gate also trains on N function-completion requests cut from "
+                        "the corpus train split's code (default 0)")
     p.add_argument("--transformer", help="transformer backend spec (default reference:transformer)")
     p.add_argument("--hybrid", help="hybrid backend spec (default reference:hybrid)")
     p.add_argument("--limit", type=int, help="first N requests of each suite")
@@ -60,12 +63,15 @@ def _config(a: argparse.Namespace):
     given = {k: getattr(a, k) for k in ("suites", "gates", "per_source", "out", "transformer",
                                         "hybrid", "limit", "bootstrap", "seed", "torch_threads",
                                         "batch_size", "cache_dir", "use_cache",
-                                        "train_corpus", "train_corpus_per_domain")}
+                                        "train_corpus", "train_corpus_per_domain",
+                                        "train_functions")}
     if given["train_corpus"] is not None and given["train_corpus"].lower() == "none":
         given["train_corpus"] = ""
     cfg = SpanConfig(**{k: v for k, v in given.items() if v is not None})
     if cfg.train_corpus_per_domain < 1:
         raise ValueError(f"--train-corpus-per-domain must be >= 1, got {cfg.train_corpus_per_domain}")
+    if cfg.train_functions < 0:
+        raise ValueError(f"--train-functions must be >= 0, got {cfg.train_functions}")
     if cfg.per_source < 1:
         raise ValueError(f"--per-source must be >= 1, got {cfg.per_source}")
     if cfg.limit is not None and cfg.limit < 1:

@@ -46,6 +46,7 @@ NOT_GATES = (*BASELINES,)  # never "the best causal gate": the mixture runs both
 
 TRAIN_CORPUS = "corpus-train"  # the suite name (and source prefix) of the corpus training requests
 TRAIN_CORPUS_PER_DOMAIN = 120  # requests per corpus domain (spread over the five kinds)
+TRAIN_FUNCTIONS = f"{TRAIN_CORPUS}:functions"  # source of the function-completion requests
 
 
 class SpanEvalError(ValueError):
@@ -67,6 +68,10 @@ class SpanConfig:
     # requests cut from it (the reference corpus's TRAIN split; the corpus suite is cut from
     # the held-out split); None = the real requests only
     train_corpus_per_domain: int = TRAIN_CORPUS_PER_DOMAIN
+    # function-completion requests cut from the same train split's code documents (the
+    # synthetic mix's complete_function kind: code up to a point inside a def, the answer
+    # continues it); 0 = none
+    train_functions: int = 0
     limit: int | None = None  # first N requests of each suite
     batch_size: int = 8
     torch_threads: int | None = 1
@@ -153,6 +158,39 @@ def train_corpus_suite(path: str | Path, per_domain: int = TRAIN_CORPUS_PER_DOMA
     return Suite(TRAIN_CORPUS, reqs, f"corpus-train ({path})", meta=suite.meta)
 
 
+def train_function_suite(path: str | Path, n: int, seed: int = 0):
+    """``n`` function-completion requests from the code documents of the corpus TRAIN split
+    (:func:`classifiers.synthetic_mix.make_request`, kind ``complete_function``), source
+    :data:`TRAIN_FUNCTIONS`; prompt + reference within the corpus suite's token limit.
+    Refuses the held-out file by name, as :func:`train_corpus_suite` does."""
+    import random
+
+    from classifiers.synthetic_mix import load_documents, make_request
+    from evals.harness.builtin import MAX_TOKENS, reference_token_counter
+    from evals.harness.suites import EvalRequest, Suite
+
+    path = Path(path)
+    if "val" in path.stem.lower():
+        raise SpanEvalError(f"{path}: the gate never trains on the held-out corpus split "
+                            "(the corpus suite is cut from it)")
+    docs = sorted((d for d in load_documents(path) if d["domain"] == "code"), key=lambda d: d["id"])
+    count = reference_token_counter()
+    rng = random.Random(seed)
+    reqs: list = []
+    seen: set[str] = set()
+    for i in range(n * 40):
+        if len(reqs) >= n or not docs:
+            break
+        r = make_request(docs[rng.randrange(len(docs))], "complete_function", rng, i)
+        if r is None or r.prompt in seen or (
+                count is not None and count(r.prompt) + count(r.answer) > MAX_TOKENS):
+            continue
+        seen.add(r.prompt)
+        reqs.append(EvalRequest(id=f"fn-{len(reqs):04d}", prompt=r.prompt, reference=r.answer,
+                                domain=TRAIN_FUNCTIONS, kind="complete_function"))
+    return Suite(TRAIN_CORPUS, tuple(reqs), f"corpus-train functions ({path})")
+
+
 def corpus_provenance(path: str | Path) -> dict:
     """The training corpus file's name, sha256, size, rows and licences (from its manifest),
     in the shape of :func:`classifiers.realdata.file_provenance`'s rows."""
@@ -208,6 +246,10 @@ def training_seqs(cfg: SpanConfig, pair, progress: bool = True,
         keep += score_suite(extra.head(cfg.limit).requests, TRAIN_CORPUS, pair[0], pair[1],
                             cfg.cache_dir, cfg.batch_size, progress, cfg.use_cache)
         files.append(corpus_provenance(cfg.train_corpus))
+        if cfg.train_functions:
+            fns = train_function_suite(cfg.train_corpus, cfg.train_functions, cfg.seed)
+            keep += score_suite(fns.head(cfg.limit).requests, TRAIN_CORPUS, pair[0], pair[1],
+                                cfg.cache_dir, cfg.batch_size, progress, cfg.use_cache)
     return keep, files
 
 

@@ -422,6 +422,8 @@ def test_cli_errors(capsys, tmp_path: Path) -> None:
     assert rc == 2 and "no results" in err
     rc, err = _cli(["--train-corpus-per-domain", "0"], capsys)
     assert rc == 2 and "--train-corpus-per-domain" in err
+    rc, err = _cli(["--train-functions", "-1"], capsys)
+    assert rc == 2 and "--train-functions" in err
 
 
 def test_policy_stats_take() -> None:
@@ -542,3 +544,24 @@ def test_corpus_training_requests_come_from_the_train_split_only(tmp_path: Path)
     prov = corpus_provenance(path)
     assert prov["split"] == "train" and prov["rows"] == 6 and len(prov["sha256"]) == 64
     assert not prov["eval_only"] and "license" in prov
+
+
+def test_function_completion_requests_come_from_the_train_splits_code(tmp_path: Path) -> None:
+    from evals.span.run import TRAIN_FUNCTIONS, SpanEvalError, train_function_suite
+
+    body = "\n".join(f"    total = total + item * {j}  # step {j}" for j in range(30))
+    docs = [{"id": f"code-{i}", "domain": "code", "source": "code",
+             "text": "\n\n".join(f"def f{i}_{k}(items):\n    total = 0\n{body}\n    return total"
+                                  for k in range(6))} for i in range(3)]
+    docs.append({"id": "tex-0", "domain": "tex", "source": "tex", "text": "\\section{A} " * 200})
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    suite = train_function_suite(path, 8)
+    assert len(suite) == 8 and {r.domain for r in suite.requests} == {TRAIN_FUNCTIONS}
+    assert {r.kind for r in suite.requests} == {"complete_function"}
+    assert all("def f" in r.prompt and r.reference for r in suite.requests)
+    assert len({r.prompt for r in suite.requests}) == 8
+    assert [r.prompt for r in train_function_suite(path, 8).requests] == [r.prompt for r in suite.requests]
+    (tmp_path / "val.jsonl").write_text(path.read_text())
+    with pytest.raises(SpanEvalError, match="held-out"):
+        train_function_suite(tmp_path / "val.jsonl", 4)
