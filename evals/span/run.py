@@ -186,7 +186,7 @@ def train_function_suite(path: str | Path, n: int, seed: int = 0):
                 count is not None and count(r.prompt) + count(r.answer) > MAX_TOKENS):
             continue
         seen.add(r.prompt)
-        reqs.append(EvalRequest(id=f"fn-{len(reqs):04d}", prompt=r.prompt, reference=r.answer,
+        reqs.append(EvalRequest(id=f"fn-{len(reqs):04d}:{r.doc_id}", prompt=r.prompt, reference=r.answer,
                                 domain=TRAIN_FUNCTIONS, kind="complete_function"))
     return Suite(TRAIN_CORPUS, tuple(reqs), f"corpus-train functions ({path})")
 
