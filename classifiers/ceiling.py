@@ -99,18 +99,12 @@ def in_distribution(rows: Sequence[dict], k: int = 5, seed: int = 0, n_boot: int
     share of the cell's own oracle gain (over the cell's better backend) it recovers at the
     expected-gap threshold (0.5) and at the best threshold for that cell in hindsight. It
     says whether the prompt carries the within-kind signal at all."""
-    from classifiers.features import extract
     from classifiers.metrics import auc as roc_auc
-    from classifiers.transfer import SHIPPED, _take, make_router, routing_request
+    from classifiers.transfer import SHIPPED, _take, feature_matrix, make_router, routing_request
 
     rows = sorted((r for r in rows if r["group"] not in EVAL_ONLY), key=lambda r: (r["group"], r["id"]))
     reqs = [routing_request(r) for r in rows]
-    it = reqs
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(reqs, desc="features", unit="req")
-    X = np.stack([extract(q) for q in it])
+    X = feature_matrix(reqs, progress)
     gap, lt, lh, _, units = label_arrays(rows)
     fold = np.random.default_rng(seed).integers(0, k, len(rows))
     p = np.zeros(len(rows))

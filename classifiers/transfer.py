@@ -53,6 +53,18 @@ def routing_request(row: dict) -> RoutingRequest:
     return RoutingRequest.from_prompt(row["prompt"])
 
 
+def feature_matrix(reqs: Sequence[RoutingRequest], progress: bool = True) -> np.ndarray:
+    """Every feature of every request, one row each (a progress bar with ``progress``)."""
+    from classifiers.features import extract
+
+    it: Sequence[RoutingRequest] = reqs
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(reqs, desc="features", unit="req")
+    return np.stack([extract(q) for q in it])
+
+
 def _take(reqs: Sequence[RoutingRequest], mask: np.ndarray) -> list[RoutingRequest]:
     """The requests where the boolean ``mask`` is set, in order."""
     return [reqs[int(i)] for i in np.flatnonzero(mask)]
@@ -505,19 +517,13 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     from pathlib import Path
 
     from classifiers.cli import _data_hash, _git_commit
-    from classifiers.features import extract
     from classifiers.labels import summarize
     from classifiers.realdata import file_provenance
 
     extra = [{**r, "group": MIX_GROUP} for r in extra_rows]
     rows = sorted([*rows, *extra], key=lambda r: (r["group"], r["id"]))  # the cache's order is its history
     reqs = [routing_request(r) for r in rows]
-    it = reqs
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(reqs, desc="features", unit="req")
-    X = np.stack([extract(q) for q in it])
+    X = feature_matrix(reqs, progress)
     gap, lt, lh, groups, units = label_arrays(rows)
     trainable = ~np.isin(groups, list(EVAL_ONLY))
     real = groups != MIX_GROUP
@@ -632,14 +638,13 @@ def fit_quick(rows: Sequence[dict], reqs: Sequence[RoutingRequest], out_dir, see
 
     from classifiers import artifact
     from classifiers.cli import _data_hash, _git_commit
-    from classifiers.features import extract
     from classifiers.labels import summarize
     from classifiers.risk import RISK_ALPHAS, RISK_DELTA, rate_threshold
 
     keep = [i for i, r in enumerate(rows) if r["group"] not in EVAL_ONLY]
     rows = [rows[i] for i in keep]
     reqs = [reqs[i] for i in keep]
-    X = np.stack([extract(q) for q in reqs])
+    X = feature_matrix(reqs, progress=False)
     gap, lt, lh, groups, units = label_arrays(rows)
     decisive = np.abs(gap) > MARGIN
     n_t, n_h = int((decisive & (gap < 0)).sum()), int((decisive & (gap > 0)).sum())
