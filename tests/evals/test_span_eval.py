@@ -514,8 +514,13 @@ def test_default_gates_skip_the_loso_ones_without_real_data(reference_pair, tmp_
     base = dict(suites=[str(suite)], bootstrap=0, cache_dir=str(tmp_path / "c"))
     res = run_span_eval(SpanConfig(**base), progress=False, pair=reference_pair)
     assert "learned-loso" not in res["gates"] and "copy-2" in res["gates"]
-    with pytest.raises(SpanEvalError, match="real"):
-        run_span_eval(SpanConfig(**base, gates=["learned-loso"]), progress=False, pair=reference_pair)
+    with pytest.raises(SpanEvalError, match="real"):  # real requests only: no corpus needed
+        run_span_eval(SpanConfig(**base, gates=["learned-loso"], train_corpus=""), progress=False,
+                      pair=reference_pair)
+    with pytest.raises(SpanEvalError, match="corpus train split is missing"):
+        run_span_eval(SpanConfig(**base, gates=["learned-loso"],
+                                 train_corpus=str(tmp_path / "no-train.jsonl")),
+                      progress=False, pair=reference_pair)
 
 
 def test_corpus_training_requests_come_from_the_train_split_only(tmp_path: Path) -> None:
