@@ -92,9 +92,8 @@ def run(a: argparse.Namespace) -> int:
     torch.set_num_threads(a.threads)
     t = load_reference("transformer", device=a.device)
     h = load_reference("hybrid", device=a.device)
-    for hb in (t, h):
-        hb.eos_ids = set()  # ignore_eos: every run decodes exactly --tokens tokens
-    params = GenerationParams(max_tokens=a.tokens, temperature=0.0)
+    # ignore_eos: every run decodes exactly --tokens tokens
+    params = GenerationParams(max_tokens=a.tokens, temperature=0.0, ignore_eos=True)
     n_prompt = {k: len(t.encode(p)) + 1 for k, p in PROMPTS.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {t.device}; "
           f"{len(PROMPTS)} prompts ({', '.join(f'{k} {n}' for k, n in n_prompt.items())} tokens), "

@@ -54,8 +54,6 @@ def run(a: argparse.Namespace) -> int:
             _wait(url, proc)
         t = load_reference("transformer")
         h = load_reference("hybrid")
-        for hb in (t, h):
-            hb.eos_ids = set()  # the in-process decoder: ignore_eos as the engines do
 
         def up(role: str) -> OpenAIUpstreamBackend:
             return OpenAIUpstreamBackend(role, urls[role] + "/v1", role, timeout=120)

@@ -321,7 +321,7 @@ class SpanBackend(Backend):
                     if tr.keep_logits:
                         tr.logits.append(logits)
                     nxt = sample_next(logits, params.temperature, params.top_p, gen)
-                    if nxt in self.eos_ids:
+                    if nxt in self.eos_ids and not params.ignore_eos:
                         reason = "stop"
                         break
                     ent = entropy_nats(logits)

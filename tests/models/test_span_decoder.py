@@ -260,3 +260,18 @@ def test_span_and_single_requests_take_turns_on_the_models(reference_pair):
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda b: b.generate(CODE, p).text, jobs * 2))
     assert together == alone * 2
+
+
+def test_ignore_eos_decodes_past_the_end_of_sequence(reference_pair):
+    """``ignore_eos`` (vLLM's, for fixed-length benchmarks) in the single backend and the
+    span decoder: with the greedy first token made an end-of-sequence token, the answer
+    ends at once without it and runs to max_tokens with it."""
+    t, h = (copy.copy(b) for b in reference_pair)
+    first = t.generate(CODE, GenerationParams(max_tokens=1, temperature=0.0)).text
+    eos = set(t.encode(first)[:1])
+    t.eos_ids, h.eos_ids = t.eos_ids | eos, h.eos_ids | eos
+    for b in (t, SpanBackend(t, h, "always-transformer")):
+        stop = b.generate(CODE, GenerationParams(max_tokens=6, temperature=0.0))
+        assert (stop.completion_tokens, stop.finish_reason) == (0, "stop")
+        run = b.generate(CODE, GenerationParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        assert (run.completion_tokens, run.finish_reason) == (6, "length")
