@@ -103,6 +103,9 @@ class GenerationParams:
     # decode past the end-of-sequence token (vLLM's ``ignore_eos``; benchmarks that need a
     # fixed answer length); in-process backends and the engines' span decoder honour it
     ignore_eos: bool = False
+    # each streamed token's log-probability (``StreamChunk.token_logprobs``) from a backend
+    # that decodes token by token; off by default: it costs a pass over the vocabulary a step
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:

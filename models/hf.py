@@ -113,15 +113,7 @@ class HFBackend(Backend):
 
     # ---- prompts ---------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
-        if isinstance(prompt, TokenIds):  # read as ids (prompt_ids), never as text
-            return self.tokenizer.decode(list(prompt.ids))
-        if isinstance(prompt, str):
-            return prompt
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.plain()} for m in prompt],
-                tokenize=False, add_generation_prompt=True)
-        return plain_chat_prompt(prompt)
+        return render_prompt(self.tokenizer, prompt)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -188,8 +180,9 @@ class HFBackend(Backend):
                         break
                     # one chunk per decode step (empty while text is held back), so a
                     # consumer that stops reading stops the decoding within one step
-                    lp = float(logits[nxt] - torch.logsumexp(logits, 0))
-                    yield StreamChunk(piece, token_ids=(nxt,), token_logprobs=(lp,))
+                    lp = (float(logits[nxt] - torch.logsumexp(logits, 0)),) if params.logprobs \
+                        else None
+                    yield StreamChunk(piece, token_ids=(nxt,), token_logprobs=lp)
                     input_ids = torch.tensor([[nxt]], device=self.device)
             except RequestError:
                 raise
@@ -272,6 +265,21 @@ class HFBackend(Backend):
             for r, i in enumerate(idx):
                 out[i] = tok_lp[r, :len(seqs[i]) - 1].astype(np.float32)
         return [x for x in out if x is not None]
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
+    """The text a model with ``tokenizer`` is given for ``prompt``: a string as is, a
+    conversation through the tokenizer's chat template (:func:`plain_chat_prompt` without
+    one). A :class:`TokenIds` prompt is read as ids (``prompt_ids``), never rendered."""
+    if isinstance(prompt, TokenIds):
+        raise RequestError("prompt: token ids are read as they are, not rendered as text")
+    if isinstance(prompt, str):
+        return prompt
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.plain()} for m in prompt],
+            tokenize=False, add_generation_prompt=True)
+    return plain_chat_prompt(prompt)
 
 
 def sample_next(logits, temperature: float, top_p: float, gen) -> int:

@@ -89,6 +89,13 @@ async def completion_logprobs(backend: Backend, prompt: str, generated: str,
             "text_offset": offsets}
 
 
+def token_ids_out(body: P.ChatCompletionRequest | P.CompletionRequest) -> bool:
+    """vLLM's streamed token ids: a completion with ``return_tokens_as_token_ids`` and
+    ``logprobs`` (each token comes back as ``"token_id:N"`` with its log-probability)."""
+    return (isinstance(body, P.CompletionRequest) and body.return_tokens_as_token_ids
+            and body.logprobs is not None and bool(body.stream))
+
+
 def create_model_app(backend: Backend, name: str | None = None,
                      settings: ModelServerSettings | None = None) -> FastAPI:
     """A single-model server for ``backend``, which clients address as ``name``, within the
@@ -127,7 +134,8 @@ def create_model_app(backend: Backend, name: str | None = None,
         out = GenerationParams(max_tokens=None if asked is None else min(asked, max_tokens_cap),
                                temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                stop=body.stop_list(),
-                               ignore_eos=isinstance(body, P.CompletionRequest) and body.ignore_eos)
+                               ignore_eos=isinstance(body, P.CompletionRequest) and body.ignore_eos,
+                               logprobs=token_ids_out(body))
         if backend.can_call_tools and isinstance(body, P.ChatCompletionRequest):
             tools = body.tool_fields()
             if tools is not None:
@@ -156,8 +164,7 @@ def create_model_app(backend: Backend, name: str | None = None,
             raise errors.InvalidRequestError(
                 "prompt: with token ids, echo is not supported and logprobs only with stream "
                 "and return_tokens_as_token_ids", param="prompt")
-        as_ids = (isinstance(body, P.CompletionRequest) and body.return_tokens_as_token_ids
-                  and body.logprobs is not None)
+        as_ids = token_ids_out(body)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             if body.n > 1:

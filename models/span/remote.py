@@ -53,7 +53,7 @@ from models.base import (
     StreamChunk,
     TokenIds,
 )
-from models.hf import StreamText
+from models.hf import StreamText, render_prompt
 from models.span.decoder import token_text_fn
 from models.span.gates import Gate, Role, get_gate
 from models.upstream import OpenAIUpstreamBackend
@@ -155,15 +155,11 @@ class RemoteSpanBackend(Backend):
         a :class:`TokenIds` prompt as given."""
         if isinstance(prompt, TokenIds):
             return list(prompt.ids)
-        if isinstance(prompt, str):
-            text = prompt
-        elif getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.plain()} for m in prompt],
-                tokenize=False, add_generation_prompt=True)
-        else:
-            text = self.render(prompt)
+        text = self.render(prompt)
         return [self.prefix_id, *self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def render(self, prompt: Prompt) -> str:
+        return render_prompt(self.tokenizer, prompt)
 
     # ---- generation ------------------------------------------------------------------
     async def astream(self, prompt: Prompt, params: GenerationParams,

@@ -77,11 +77,13 @@ def test_serve_model_reads_token_ids_and_streams_them(engines, reference_pair) -
     stream = client.completions.create(model="ref-t", prompt=ids, max_tokens=6, temperature=0,
                                        stream=True, logprobs=1,
                                        extra_body={"return_tokens_as_token_ids": True})
-    toks = []
+    toks, lps = [], []
     for ev in stream:
         for ch in ev.choices:
             if ch.logprobs and ch.logprobs.tokens:
                 toks += [int(x.split(":")[1]) for x in ch.logprobs.tokens]
+                lps += ch.logprobs.token_logprobs
+    assert len(lps) == len(toks) and all(lp is not None and lp <= 0.0 for lp in lps)
     want = tb.generate(TokenIds(tuple(ids)), GenerationParams(max_tokens=6, temperature=0))
     assert tb.tokenizer.decode(toks) == want.text and len(toks) == want.completion_tokens
     # a text prompt gets the start token; the same ids as a token prompt give the same answer
