@@ -23,6 +23,26 @@ the entropy (nats, :func:`entropy_nats`) of that model's next-token distribution
 temperature 1, whatever the sampling temperature: the teacher-forced evaluation computes the
 same quantities from full forwards, so the gate makes the same choices in both.
 
+**Drafted copy spans** (``draft_k`` > 0). When the gate hands the transformer the next token
+and the induction match (the gate's own :class:`~models.span.gates.InductionMatcher`, the
+last ``draft_min_match`` or more tokens seen earlier) predicts a continuation, up to
+``draft_k`` tokens of it are drafted (prompt lookup, n-gram drafting: the tokens that followed
+the earlier occurrence) and the transformer reads them in the same forward as its pending
+tokens, so one forward gives its logits at every drafted position (its KV cache grows by the
+draft; :meth:`_Cursor.keep` crops the rejected positions). Position by position the token is
+then sampled from those logits exactly as without drafting, the gate is pushed the token with
+that position's entropy and asked for the next position: the draft goes on while the token
+equals the drafted one **and** the gate keeps the transformer. So the gate decides every
+position and greedy output is token for token the undrafted decoder's (tested for every
+shipped gate); the hybrid catches up on the accepted tokens in one batched forward when next
+chosen, as on any transformer span. With temperature > 0 a token is one draw from the
+transformer's (temperature, top-p) distribution p, accepted when it equals the draft d: that
+is the speculative sampling rule for a point-mass draft (accept d with probability
+min(1, p(d)/1) = p(d); on rejection a draw from p with d's mass removed, renormalised), so
+the output distribution is unchanged, and since each position takes exactly one draw from
+the request's generator, a seeded answer is the undrafted decoder's too. The transformer
+alone (a single :class:`~models.hf.HFBackend`) never drafts: it is the baseline.
+
 Sampling, seeds (one ``torch.Generator`` seeded from ``params.seed``), stop sequences,
 ``max_tokens`` (None: up to the context, the smaller of the two) and streaming (one chunk per
 step, empty while text is held back) are :class:`models.hf.HFBackend`'s, through the same
@@ -51,13 +71,18 @@ from models.base import (
     StreamChunk,
 )
 from models.hf import HFBackend, StreamText, sample_next
-from models.span.gates import Gate, Role, get_gate
+from models.span.gates import MAX_MATCH, Gate, GateState, InductionMatcher, Role, get_gate
 
 log = logging.getLogger(__name__)
 
 ROLES: tuple[Role, Role] = ("transformer", "hybrid")
 DEFAULT_GATE = "copy-2"  # when no trained gate ships (see default_gate_name)
 DEFAULT_GATE_DIR = Path(__file__).resolve().parent / "default_gate"
+# drafted copy spans (SpanBackend(draft_k=...)): the most tokens one verify forward checks,
+# and the induction match (tokens) a draft needs; the router's defaults are in
+# router/settings.py (measured: docs/span.md)
+MAX_DRAFT_K = 32
+DEFAULT_DRAFT_MIN_MATCH = 2
 # text both tokenizers must split identically (catches a normalizer or pre-tokenizer that
 # differs while the vocabularies are equal)
 PROBE = "Hello, World!  x = [1, {'a': (2)}]\n\tdef f():\n    return \"ünïcödé\" — 数据 🙂 42."
@@ -137,6 +162,14 @@ def entropy_nats(logits: Any) -> float:
     return float(-(lp.exp() * lp).sum())
 
 
+def entropies_nats(logits: Any) -> Any:
+    """Entropies (nats) of softmax over each row of a 2-D tensor of next-token logits."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return -(lp.exp() * lp).sum(-1)
+
+
 def token_text_fn(tokenizer: Any) -> Callable[[int], str]:
     """A token id -> its text (memoised), for gates that read brackets."""
     memo: dict[int, str] = {}
@@ -159,6 +192,8 @@ class Forward:
     prefill: int  # of them, prompt tokens (a model's first forward)
     catchup: int  # of them, answer tokens the other model produced (read late, batched)
     seconds: float  # the forward and moving its last logits to the CPU
+    drafted: int = 0  # of them, drafted tokens after the sequence (verified by this forward)
+    accepted: int = 0  # of the drafted, those that became answer tokens read in this forward
 
 
 @dataclass
@@ -168,7 +203,9 @@ class SpanTrace:
     ``token_ids``/``roles``/``entropies`` cover the answer tokens (an end-of-sequence token
     ends the answer and is not one of them). With ``keep_logits``, ``logits[i]`` are the
     float32 next-token logits the chosen model gave at step i (a final end-of-sequence
-    step included).
+    step included) and ``logit_roles[i]`` that model. ``forwards`` has one entry per model
+    forward: one per step without drafting; with drafting a verify forward serves several
+    steps.
     """
 
     gate: str = ""
@@ -179,6 +216,8 @@ class SpanTrace:
     entropies: list[float] = field(default_factory=list)
     forwards: list[Forward] = field(default_factory=list)
     logits: list[Any] = field(default_factory=list)
+    logit_roles: list[Role] = field(default_factory=list)
+    draft_k: int = 0  # the decoder's draft setting (0: no drafting)
     seconds: float = 0.0  # the whole generation, prompt encoding included
 
     @property
@@ -189,13 +228,25 @@ class SpanTrace:
     def catchup(self) -> int:
         return sum(f.catchup for f in self.forwards)
 
+    @property
+    def drafted(self) -> int:
+        return sum(f.drafted for f in self.forwards)
+
+    @property
+    def accepted(self) -> int:
+        return sum(f.accepted for f in self.forwards)
+
     def summary(self) -> dict[str, int | str]:
         """The totals a response reports: gate, answer tokens per model, switches, catch-up
-        tokens (answer tokens a model read in a batch because the other produced them)."""
-        return {"gate": self.gate,
-                "transformer": sum(r == "transformer" for r in self.roles),
-                "hybrid": sum(r == "hybrid" for r in self.roles),
-                "switches": self.switches, "catchup": self.catchup}
+        tokens (answer tokens a model read in a batch because the other produced them); with
+        drafting on, the drafted tokens the transformer verified and how many it accepted."""
+        out: dict[str, int | str] = {
+            "gate": self.gate, "transformer": sum(r == "transformer" for r in self.roles),
+            "hybrid": sum(r == "hybrid" for r in self.roles),
+            "switches": self.switches, "catchup": self.catchup}
+        if self.draft_k:
+            out.update(drafted=self.drafted, accepted=self.accepted)
+        return out
 
 
 class _Cursor:
@@ -207,22 +258,62 @@ class _Cursor:
         self.past: Any = None
         self.seen = 0
 
-    def advance(self, seq: list[int], n_prompt: int, roles: list[Role]) -> tuple[Any, Forward]:
-        """Read ``seq[seen:]`` in one forward; the last position's logits (float32, CPU)."""
+    def advance(self, seq: list[int], n_prompt: int, roles: list[Role],
+                draft: list[int] | None = None) -> tuple[Any, Forward]:
+        """Read ``seq[seen:]`` (and the ``draft`` tokens after it) in one forward; the
+        next-token logits (float32, CPU) at the last position of ``seq`` and at each draft
+        position: a ``[1 + len(draft), vocab]`` tensor. The cache then holds the draft too
+        (:meth:`keep` rolls back what is not accepted)."""
         import torch
 
-        new = seq[self.seen:]
+        drafted = list(draft or ())
+        new = seq[self.seen:] + drafted
         t0 = time.perf_counter()
         res = self.b.model(input_ids=torch.tensor([new], device=self.b.device), use_cache=True,
                            **{self.b._cache_kw: self.past})
         self.past = getattr(res, "cache", None) or res.past_key_values
-        logits = res.logits[0, -1].float().cpu()
+        logits = res.logits[0, -(len(drafted) + 1):].float().cpu()
         seconds = time.perf_counter() - t0
         prefill = max(0, n_prompt - self.seen)
         answer_from = max(self.seen, n_prompt) - n_prompt
         catchup = sum(r != self.role for r in roles[answer_from:])
-        self.seen = len(seq)
-        return logits, Forward(self.role, len(new), prefill, catchup, seconds)
+        self.seen = len(seq) + len(drafted)
+        return logits, Forward(self.role, len(new), prefill, catchup, seconds,
+                               drafted=len(drafted))
+
+    def keep(self, n: int) -> None:
+        """Roll the cache back to its first ``n`` positions (drop rejected draft tokens)."""
+        if n < self.seen:
+            crop_cache(self.past, self.seen - n)
+            self.seen = n
+
+
+def crop_cache(cache: Any, tokens_to_remove: int) -> None:
+    """Drop the last ``tokens_to_remove`` positions of a transformers KV cache. A negative
+    argument to ``Cache.crop`` removes that many positions in every transformers version
+    (4.x read a positive one as the length to keep, 5.x refuses it)."""
+    if tokens_to_remove > 0:
+        cache.crop(-tokens_to_remove)
+
+
+def cache_length(cache: Any) -> int:
+    return int(cache.get_seq_length())
+
+
+def induction_draft(matcher: InductionMatcher, k: int, min_match: int) -> list[int]:
+    """Up to ``k`` tokens the induction match predicts (prompt lookup / n-gram drafting):
+    when the last ``>= min_match`` tokens occurred earlier, the tokens that followed that
+    earlier occurrence (its most recent one), continued periodically when the occurrence
+    is closer than ``k`` tokens (``a b a b`` drafts ``a b ...``). Empty without a match."""
+    if k <= 0 or matcher.match_len < min_match:
+        return []
+    ids, end = matcher.ids, len(matcher.ids)
+    start = end - matcher.match_dist  # just after the earlier occurrence
+    out: list[int] = []
+    for j in range(k):
+        i = start + j
+        out.append(ids[i] if i < end else out[i - end])
+    return out
 
 
 def _roles_in(char_roles: list[tuple[Role, ...]], start: int, end: int,
@@ -233,6 +324,31 @@ def _roles_in(char_roles: list[tuple[Role, ...]], start: int, end: int,
         for r in char_roles[i] if i < len(char_roles) else tail:
             seen[r] = None
     return tuple(seen)
+
+
+def check_draft(draft_k: int, draft_min_match: int) -> None:
+    """A ValueError naming the setting unless ``draft_k`` is in 0..MAX_DRAFT_K and
+    ``draft_min_match`` in 1..MAX_MATCH (integers, not booleans)."""
+    for what, v, lo, hi in (("draft_k", draft_k, 0, MAX_DRAFT_K),
+                            ("draft_min_match", draft_min_match, 1, MAX_MATCH)):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"{what}: must be an integer in {lo}..{hi}, got {v!r}")
+
+
+def _uncroppable(backend: HFBackend) -> str | None:
+    """Why ``backend``'s cache cannot drop positions (None: it can), from a 3-token probe."""
+    import torch
+
+    try:
+        with backend._forward_lock, torch.no_grad():
+            res = backend.model(input_ids=torch.tensor([[backend.prefix_id] * 3],
+                                                       device=backend.device), use_cache=True)
+            cache = getattr(res, "cache", None) or res.past_key_values
+            crop_cache(cache, 1)
+            n = cache_length(cache)
+    except Exception as exc:  # noqa: BLE001 - any failure: it cannot
+        return f"{backend.name}: {type(exc).__name__}: {exc}"
+    return None if n == 2 else f"{backend.name}: its cache kept {n} of 3 positions, not 2"
 
 
 class SpanBackend(Backend):
@@ -247,12 +363,21 @@ class SpanBackend(Backend):
     can_score = False
 
     def __init__(self, transformer: Backend, hybrid: Backend, gate: str | Gate = DEFAULT_GATE,
-                 name: str | None = None, max_concurrency: int = 1) -> None:
+                 name: str | None = None, max_concurrency: int = 1, draft_k: int = 0,
+                 draft_min_match: int = DEFAULT_DRAFT_MIN_MATCH) -> None:
+        check_draft(draft_k, draft_min_match)
         why = pair_mismatch(transformer, hybrid)
         if why is not None:
             raise IncompatiblePairError(
                 f"span decoding needs two in-process backends sharing a tokenizer: {why}")
         assert isinstance(transformer, HFBackend) and isinstance(hybrid, HFBackend)
+        self.draft_k = draft_k
+        self.draft_min_match = draft_min_match
+        if draft_k:
+            why = _uncroppable(transformer)
+            if why is not None:
+                raise IncompatiblePairError(f"draft_k: drafting needs a transformer whose cache "
+                                            f"can be rolled back: {why}")
         self.gate: Gate = get_gate(gate) if isinstance(gate, str) else gate
         super().__init__(name or f"span:{self.gate.name}", max_concurrency)
         self.transformer = transformer
@@ -298,52 +423,94 @@ class SpanBackend(Backend):
         gen = torch.Generator(device="cpu")
         gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
         tr = trace if trace is not None else SpanTrace()
-        tr.gate, tr.prompt_ids = self.gate.name, list(ids)
+        tr.gate, tr.prompt_ids, tr.draft_k = self.gate.name, list(ids), self.draft_k
         seq = list(ids)
         cursors = {"transformer": _Cursor("transformer", self.transformer),
                    "hybrid": _Cursor("hybrid", self.hybrid)}
         state = self.gate.start(ids, self._token_text)
+        # drafting reads the gate's induction matcher (every GateState keeps one over the
+        # whole sequence); a gate state without one gets its own
+        matcher = state.matcher if isinstance(state, GateState) else None
+        if self.draft_k and matcher is None:
+            matcher = InductionMatcher()
+            matcher.extend(ids)
+        own_matcher = matcher is not None and not isinstance(state, GateState)
         out = StreamText(self.transformer.tokenizer, params.stop)
         char_roles: list[tuple[Role, ...]] = []  # per character of out.text, its token's role(s)
         pending: list[Role] = []  # roles of tokens not yet decoded into whole characters
         reason = "length"
+        role: Role | None = None  # the gate's choice for the next token, once asked
+        done = False
         # both locks for the whole answer, always in this order (no deadlock between spans)
         with self.transformer._forward_lock, self.hybrid._forward_lock, torch.no_grad():
             try:
-                for _ in range(max_new):
-                    role = state.choose()
+                while not done and len(tr.token_ids) < max_new:
+                    if role is None:
+                        role = state.choose()
                     cursor = cursors.get(role)
                     if cursor is None:
                         raise BackendError(f"{self.name}: gate {self.gate.name!r} chose "
                                            f"{role!r}, not one of {ROLES}")
-                    logits, fwd = cursor.advance(seq, len(ids), tr.roles)
+                    draft: list[int] = []
+                    if role == "transformer" and self.draft_k and matcher is not None:
+                        # a verify forward gives one more token than it drafts: no draft
+                        # beyond the budget
+                        draft = induction_draft(matcher, min(self.draft_k,
+                                                             max_new - len(tr.token_ids) - 1),
+                                                self.draft_min_match)
+                    n_before = len(seq)
+                    logits_all, fwd = cursor.advance(seq, len(ids), tr.roles, draft)
                     tr.forwards.append(fwd)
-                    if tr.keep_logits:
-                        tr.logits.append(logits)
-                    nxt = sample_next(logits, params.temperature, params.top_p, gen)
-                    if nxt in self.eos_ids and not params.ignore_eos:
-                        reason = "stop"
-                        break
-                    ent = entropy_nats(logits)
-                    state.push(nxt, role, ent)
-                    seq.append(nxt)
-                    tr.token_ids.append(nxt)
-                    tr.roles.append(role)
-                    tr.entropies.append(ent)
-                    pending.append(role)
-                    n_text, was = len(out.text), out.emitted
-                    piece = out.push(nxt)
-                    if len(out.text) > n_text:
-                        who = tuple(dict.fromkeys(pending))
-                        char_roles.extend([who] * (len(out.text) - n_text))
-                        pending = []
-                    if piece is None:  # a stop sequence completed
-                        reason = "stop"
-                        break
-                    # one chunk per step (empty while held back): a consumer that stops
-                    # reading stops the decoding within one step
-                    yield StreamChunk(piece, span_roles=_roles_in(char_roles, was, out.emitted, ())
-                                      if piece else None)
+                    ents = entropies_nats(logits_all) if draft else None
+                    accepted = 0
+                    for j in range(len(draft) + 1):
+                        if j > 0:
+                            # the model read draft[j - 1], which became the last answer
+                            # token: the gate decides the next position as without drafting
+                            role = state.choose()
+                            if role != cursor.role:
+                                break
+                        logits = logits_all[j]
+                        if tr.keep_logits:
+                            tr.logits.append(logits)
+                            tr.logit_roles.append(cursor.role)
+                        # greedy: argmax equality; sampling: the speculative rule for a
+                        # point-mass draft (module docstring), one draw per token either way
+                        nxt = sample_next(logits, params.temperature, params.top_p, gen)
+                        if nxt in self.eos_ids and not params.ignore_eos:
+                            reason, done = "stop", True
+                            break
+                        ent = float(ents[j]) if ents is not None else entropy_nats(logits)
+                        state.push(nxt, cursor.role, ent)
+                        if own_matcher:
+                            assert matcher is not None
+                            matcher.push(nxt)
+                        seq.append(nxt)
+                        tr.token_ids.append(nxt)
+                        tr.roles.append(cursor.role)
+                        tr.entropies.append(ent)
+                        pending.append(cursor.role)
+                        n_text, was = len(out.text), out.emitted
+                        piece = out.push(nxt)
+                        if len(out.text) > n_text:
+                            who = tuple(dict.fromkeys(pending))
+                            char_roles.extend([who] * (len(out.text) - n_text))
+                            pending = []
+                        role = None
+                        if j < len(draft) and nxt == draft[j]:
+                            accepted = j + 1  # the cache holds this token at its position
+                        if piece is None:  # a stop sequence completed
+                            reason, done = "stop", True
+                            break
+                        # one chunk per step (empty while held back): a consumer that stops
+                        # reading stops the decoding within one step
+                        yield StreamChunk(piece, span_roles=_roles_in(
+                            char_roles, was, out.emitted, ()) if piece else None)
+                        if len(tr.token_ids) >= max_new or j >= len(draft) or nxt != draft[j]:
+                            break
+                    if draft:
+                        fwd.accepted = accepted
+                        cursor.keep(n_before + accepted)  # roll back the rejected drafts
             except (RequestError, BackendError):
                 raise
             except Exception as exc:  # noqa: BLE001 - surfaced as a backend failure

@@ -15,14 +15,16 @@ from models.base import GenerationParams, RequestError
 from models.fake import FakeBackend
 from models.hf import HFBackend
 from models.span.decoder import (
+    MAX_DRAFT_K,
     IncompatiblePairError,
     SpanBackend,
     SpanTrace,
     entropy_nats,
     gate_prompt_ids,
+    induction_draft,
     token_text_fn,
 )
-from models.span.gates import Gate, GateState, get_gate
+from models.span.gates import Gate, GateState, InductionMatcher, get_gate
 
 # code that repeats itself: the copy gates hand spans to the transformer and back
 CODE = ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
@@ -58,10 +60,13 @@ def check_against_full_forwards(span: SpanBackend, tr: SpanTrace) -> None:
     prompt and the answer so far; the token is their argmax; the entropy is theirs; and a
     replay of the gate over the final sequence makes the same choices."""
     by_role = {"transformer": span.transformer, "hybrid": span.hybrid}
-    roles = [*tr.roles, *([] if len(tr.logits) == len(tr.roles) else [tr.forwards[-1].role])]
-    assert len(tr.logits) == len(roles) == len(tr.forwards)
+    roles = tr.logit_roles
+    assert roles[:len(tr.roles)] == tr.roles and len(tr.logits) == len(roles)
+    assert len(roles) - len(tr.roles) in (0, 1)  # a final end-of-sequence step
+    if not tr.draft_k:  # one forward per step
+        assert len(tr.forwards) == len(roles)
+        assert [f.role for f in tr.forwards] == roles
     for i, (role, got) in enumerate(zip(roles, tr.logits, strict=True)):
-        assert tr.forwards[i].role == role
         ref = full_logits(by_role[role], tr.prompt_ids + tr.token_ids[:i])
         assert float((got - ref).abs().max()) < 1e-4, (i, role)
         if i < len(tr.token_ids):
@@ -275,3 +280,122 @@ def test_ignore_eos_decodes_past_the_end_of_sequence(reference_pair):
         assert (stop.completion_tokens, stop.finish_reason) == (0, "stop")
         run = b.generate(CODE, GenerationParams(max_tokens=6, temperature=0.0, ignore_eos=True))
         assert (run.completion_tokens, run.finish_reason) == (6, "length")
+
+
+# ---- drafted copy spans -------------------------------------------------------------------
+# a prompt the answer copies (the list to copy is in the prompt) and one it does not
+COPY = ("Copy the list exactly.\nList: apples, pears, plums, cherries, figs, dates, limes, "
+        "lemons, grapes, melons\nCopy: apples, pears, plums, cherries, figs, dates, limes, "
+        "lemons, grapes, melons\nList: red, green, blue, cyan, magenta, yellow, black, white"
+        "\nCopy:")
+SHIPPED_GATES = ["copy-1", "copy-2", "copy-4", "copy-2+brackets", "brackets", "learned",
+                 "always-transformer", "always-hybrid"]
+
+
+def _gate_or_skip(name: str) -> Gate:
+    try:
+        return get_gate(name)
+    except Exception as exc:  # noqa: BLE001 - no trained gate in this checkout
+        pytest.skip(f"gate {name} does not load: {exc}")
+
+
+def test_induction_draft_follows_the_earlier_occurrence():
+    m = InductionMatcher()
+    m.extend([5, 6, 7, 8, 9, 5, 6])  # "5 6" occurred before, followed by 7 8 9 5 6
+    assert induction_draft(m, 3, 2) == [7, 8, 9]
+    assert induction_draft(m, 7, 2) == [7, 8, 9, 5, 6, 7, 8]  # past the end: periodic
+    assert induction_draft(m, 3, 3) == []  # a match of 2 is too short for min_match 3
+    assert induction_draft(m, 0, 1) == []
+    m.push(1)  # no earlier 1
+    assert induction_draft(m, 4, 1) == []
+    m2 = InductionMatcher()
+    m2.extend([3, 4, 3, 4])
+    assert induction_draft(m2, 5, 2) == [3, 4, 3, 4, 3]
+
+
+@pytest.mark.parametrize("gate", SHIPPED_GATES)
+@pytest.mark.parametrize("prompt", [CODE, COPY, PROSE], ids=["code", "copy", "prose"])
+def test_drafting_leaves_the_greedy_answer_token_for_token(reference_pair, gate, prompt):
+    """The issue's bar: for every shipped gate, on prompts that copy and one that does not,
+    the drafted decoder's greedy answer is the undrafted one's, token for token and model
+    for model; where the transformer ran, drafts were verified and some accepted."""
+    g = _gate_or_skip(gate)
+    p = GenerationParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    plain, drafted = SpanTrace(), SpanTrace()
+    want = SpanBackend(*reference_pair, g).generate(prompt, p, trace=plain)
+    got = SpanBackend(*reference_pair, g, draft_k=6).generate(prompt, p, trace=drafted)
+    assert (drafted.token_ids, drafted.roles) == (plain.token_ids, plain.roles)
+    assert got.text == want.text and got.completion_tokens == 48
+    assert drafted.entropies == pytest.approx(plain.entropies, abs=1e-4)
+    assert {k: got.span[k] for k in want.span} == want.span
+    assert got.span["drafted"] == drafted.drafted and got.span["accepted"] == drafted.accepted
+    assert "drafted" not in want.span
+    if prompt is not PROSE and gate not in ("always-hybrid", "brackets"):
+        assert drafted.accepted > 0
+        assert len(drafted.forwards) < len(plain.forwards)  # fewer forwards for the same answer
+    if gate == "always-hybrid":
+        assert drafted.drafted == 0  # only the transformer drafts
+
+
+@pytest.mark.parametrize("gate", ["copy-2", "always-transformer", "learned"])
+def test_drafted_logits_are_full_forwards_after_rollbacks(reference_pair, gate):
+    """Every emitted token's logits (verify forwards included, after rejected drafts were
+    cropped from the KV cache) equal a fresh forward over the prompt and the answer so far,
+    and the gate replays to the same choices; the transformer's positions add up: it read
+    each position once, drafts that were rejected aside."""
+    span = SpanBackend(*reference_pair, _gate_or_skip(gate), draft_k=8)
+    tr = SpanTrace(keep_logits=True)
+    span.generate(CODE, GenerationParams(max_tokens=40, temperature=0.0), trace=tr)
+    check_against_full_forwards(span, tr)
+    assert tr.drafted > tr.accepted > 0  # drafts were rejected and rolled back
+    assert all(f.accepted <= f.drafted <= 8 for f in tr.forwards)
+
+
+def test_drafting_keeps_seeded_sampling_and_stops(reference_pair):
+    """Sampling: one draw per token from the request's generator, accepted when it equals
+    the draft (the speculative rule for a point-mass draft), so a seeded answer is the
+    undrafted decoder's; stop sequences and max_tokens cut a drafted span where they cut
+    an undrafted one; the stream concatenates to generate."""
+    plain = SpanBackend(*reference_pair, "copy-1")
+    drafted = SpanBackend(*reference_pair, "copy-1", draft_k=5)
+    full = plain.generate(CODE, GenerationParams(max_tokens=30, temperature=0.0))
+    for params in (GenerationParams(max_tokens=30, temperature=0.8, top_p=0.95, seed=s)
+                   for s in (1, 2, 3)):
+        a, b = plain.generate(CODE, params), drafted.generate(CODE, params)
+        assert (a.text, a.finish_reason) == (b.text, b.finish_reason)
+    stop = full.text[10:13]
+    for p in (GenerationParams(max_tokens=30, temperature=0.0, stop=[stop]),
+              GenerationParams(max_tokens=7, temperature=0.0)):
+        a, b = plain.generate(CODE, p), drafted.generate(CODE, p)
+        assert (a.text, a.completion_tokens, a.finish_reason) == (
+            b.text, b.completion_tokens, b.finish_reason)
+        chunks = list(drafted.stream(CODE, p))
+        assert "".join(c.text for c in chunks) == b.text
+        assert chunks[-1].span == b.span
+
+
+def test_accepting_a_point_mass_draft_keeps_the_distribution():
+    """The acceptance rule on its own: a draw from p accepted when it equals the draft d
+    accepts with probability p(d) and, rejected, is distributed as p without d: the
+    mixture is p itself (chi-square-free check on 20,000 draws, 4 outcomes)."""
+    from models.hf import sample_next
+
+    logits = torch.tensor([0.5, 1.5, -0.2, 0.9])
+    p = torch.softmax(logits, 0)
+    gen = torch.Generator().manual_seed(0)
+    d, n = 1, 20_000
+    draws = [sample_next(logits, 1.0, 1.0, gen) for _ in range(n)]
+    accepted = sum(x == d for x in draws) / n
+    assert accepted == pytest.approx(float(p[d]), abs=0.015)
+    rejected = torch.bincount(torch.tensor([x for x in draws if x != d]), minlength=4).float()
+    want = p.clone()
+    want[d] = 0
+    assert torch.allclose(rejected / rejected.sum(), want / want.sum(), atol=0.015)
+
+
+@pytest.mark.parametrize("kw", [{"draft_k": -1}, {"draft_k": MAX_DRAFT_K + 1},
+                                {"draft_k": True}, {"draft_k": 2.5},
+                                {"draft_min_match": 0}, {"draft_min_match": 9}])
+def test_draft_settings_out_of_range_are_refused(reference_pair, kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        SpanBackend(*reference_pair, "copy-2", **kw)
