@@ -9,6 +9,8 @@
     meta.json        feature names, calibration, the profiles' thresholds, margin, versions,
                      training data (files, sha256, licences), held-out metrics, and a
                      self-check (prompts with the predictions made at training time)
+    manifest.json    each model file's size and sha256, checked before any parser reads it
+                     (:mod:`classifiers.integrity`: atomic writes, isolated loads)
 
 The default artifact ships in ``classifiers/default/`` and is rebuilt by ``archroute train``.
 The router's classifier policy calls :func:`load_default` once and then
@@ -17,6 +19,8 @@ The router's classifier policy calls :func:`load_default` once and then
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import platform
@@ -28,6 +32,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from classifiers.features import FEATURE_NAMES, TASK_NAMES, extract, extract_task
+from classifiers.integrity import (
+    ArtifactError,
+    check_in_child,
+    check_manifest,
+    read_manifest,
+    sha256,
+    shown,
+    write_atomically,
+)
 from classifiers.request import RoutingRequest
 from classifiers.textrep import HashedTextModel
 
@@ -52,10 +65,6 @@ SELF_CHECK_PROMPTS = (
 )
 
 
-class ArtifactError(RuntimeError):
-    """The artifact is missing, incomplete, or built for different features."""
-
-
 @dataclass
 class RequestClassifier:
     """P(transformer serves better) and the expected gap from request text alone."""
@@ -67,10 +76,12 @@ class RequestClassifier:
     text: HashedTextModel | None = None
     path: Path | None = None  # the directory it was loaded from
     sha256: str | None = None  # of its files (see :func:`digest`): which artifact this is
+    file_digests: dict[str, str] = field(default_factory=dict)  # name -> sha256 of each file
 
     def identity(self) -> dict:
-        """What identifies this artifact to an operator: path, sha256, created_utc."""
-        return {"path": None if self.path is None else str(self.path), "sha256": self.sha256,
+        """What identifies this artifact to a client or operator: its folder's name, sha256
+        and created_utc (no server path)."""
+        return {"name": None if self.path is None else self.path.name, "sha256": self.sha256,
                 "created_utc": self.meta.get("created_utc")}
 
     @property
@@ -187,22 +198,16 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None,
     :class:`~classifiers.estimators.LightGBMGapRegressor` and a text model, whose logit is
     then the last feature) with ``meta`` to ``path``. ``calibration`` overrides the router's
     own Platt scaling (e.g. one fitted on out-of-source scores). ``feature_names`` is the
-    subset of :data:`FEATURE_NAMES` the model was fitted on, in order (default: all)."""
+    subset of :data:`FEATURE_NAMES` the model was fitted on, in order (default: all).
+
+    Atomic (:func:`classifiers.integrity.write_atomically`): the files and their manifest
+    are written to a temporary sibling folder, fsynced and renamed into place, so a reload
+    during training sees the old artifact or the new one, never a half-written one."""
     used = list(feature_names if feature_names is not None else FEATURE_NAMES)
     unknown = set(used) - set(FEATURE_NAMES)
     if unknown:
         raise ArtifactError(f"unknown features {sorted(unknown)}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "classifier.txt").write_text(router.booster_.model_to_string())
     shared = regressor is not None and regressor.booster_ is router.booster_  # stored once
-    for name, part in (("regressor.txt", None if shared else regressor), ("text_weights.npy", text)):
-        if part is None and (path / name).exists():
-            (path / name).unlink()
-    if regressor is not None and not shared:
-        (path / "regressor.txt").write_text(regressor.booster_.model_to_string())
-    if text is not None:
-        text.save(path / "text_weights.npy")
     calibration = tuple(calibration if calibration is not None else router.calibration_)
     names = [*used, TEXT_FEATURE] if text is not None else used
     clf = RequestClassifier(router.booster_, calibration,
@@ -219,96 +224,155 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None,
             "calibration": list(calibration), "versions": versions(),
             "regressor_is_classifier": shared,
             **(meta or {}), "self_check": check}
-    (path / "meta.json").write_text(json.dumps(full, indent=2) + "\n")
-    return path
+
+    def write(tmp: Path) -> list[str]:
+        (tmp / "classifier.txt").write_text(router.booster_.model_to_string())
+        if regressor is not None and not shared:
+            (tmp / "regressor.txt").write_text(regressor.booster_.model_to_string())
+        if text is not None:
+            text.save(tmp / "text_weights.npy")
+        (tmp / "meta.json").write_text(json.dumps(full, indent=2) + "\n")
+        return [n for n in MODEL_FILES if (tmp / n).exists()]
+
+    return write_atomically(path, write, ARTIFACT_FILES)
 
 
 ARTIFACT_FILES = ("meta.json", "classifier.txt", "regressor.txt", "text_weights.npy")
+MODEL_FILES = ARTIFACT_FILES[1:]  # read by native parsers: sizes and sha256 in the manifest
 STRICT_DRIFT = 1e-4  # a strict load refuses an artifact whose self-check moved more
 
 
-def digest(path: str | Path) -> str:
-    """sha256 over an artifact directory's files (names and bytes, in a fixed order)."""
-    import hashlib
-
+def _digest(blobs: dict[str, bytes]) -> str:
     h = hashlib.sha256()
     for name in ARTIFACT_FILES:
-        f = Path(path) / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+        if name in blobs:
+            h.update(name.encode() + b"\0" + blobs[name] + b"\0")
     return h.hexdigest()
 
 
-def load(path: str | Path, verify: bool = True, strict: bool = False) -> RequestClassifier:
+def digest(path: str | Path) -> str:
+    """sha256 over an artifact directory's files (names and bytes, in a fixed order; the
+    manifest is not among them, so signing an artifact does not change it)."""
+    return _digest({n: (Path(path) / n).read_bytes() for n in ARTIFACT_FILES
+                    if (Path(path) / n).is_file()})
+
+
+class _Named(io.BytesIO):
+    """Bytes read from a file, shown as the file's name in parsers' messages."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.shown = name
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def __format__(self, spec: str) -> str:
+        return self.shown
+
+
+def load(path: str | Path, verify: bool = True, strict: bool = False,
+         isolate: bool = True) -> RequestClassifier:
     """Load an artifact directory; raises :class:`ArtifactError` when it does not fit this
     build's features. ``verify`` replays the self-check (which also warms the feature
     tables and parsers) and logs a warning when predictions moved since training; with
     ``strict`` (a live reload) a self-check that moved by more than :data:`STRICT_DRIFT`, or
-    gives non-finite predictions, or is missing, is an :class:`ArtifactError` instead."""
+    gives non-finite predictions, or is missing, is an :class:`ArtifactError` instead.
+
+    Every file is read once; the model files' bytes are checked against ``manifest.json``
+    before LightGBM or numpy parses them, and then those same bytes are parsed. An artifact
+    without a manifest is first loaded and self-checked in a child process (``isolate``; see
+    :mod:`classifiers.integrity`), so a native abort on a corrupt file kills the child, not
+    this process."""
     import lightgbm as lgb
 
     path = Path(path)
+    where = shown(path)
     meta_file = path / "meta.json"
-    if not meta_file.exists() or not (path / "classifier.txt").exists():
-        raise ArtifactError(f"no classifier artifact at {path} (run `archroute train`)")
+    if not meta_file.is_file() or not (path / "classifier.txt").is_file():
+        raise ArtifactError(f"no classifier artifact at {where} (run `archroute train`)")
     try:
-        meta = json.loads(meta_file.read_text())
+        blobs = {n: (path / n).read_bytes() for n in ARTIFACT_FILES if (path / n).is_file()}
+    except OSError as exc:
+        raise ArtifactError(f"{where}: cannot read it ({type(exc).__name__})") from None
+    try:
+        meta = json.loads(blobs["meta.json"])
     except ValueError as exc:
-        raise ArtifactError(f"{meta_file}: not valid JSON: {exc}") from None
+        raise ArtifactError(f"{where}/meta.json: not valid JSON: {exc}") from None
     if not isinstance(meta, dict):
-        raise ArtifactError(f"{meta_file}: not a JSON object")
+        raise ArtifactError(f"{where}/meta.json: not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    text_file = path / "text_weights.npy"
+        raise ArtifactError(f"{where}: format {meta.get('format_version')}, expected {FORMAT_VERSION}")
     names = list(meta.get("feature_names", ()))
     has_text = bool(names) and names[-1] == TEXT_FEATURE
-    if (not names or has_text != text_file.exists()
+    if (not names or has_text != ("text_weights.npy" in blobs)
             or not set(names[:-1] if has_text else names) <= set(FEATURE_NAMES)):
-        raise ArtifactError(f"{path} was trained on different features than this build "
+        raise ArtifactError(f"{where} was trained on different features than this build "
                             "computes; rebuild it with `archroute train`")
+    manifest = read_manifest(path)
+    if manifest is not None:
+        check_manifest(path, manifest, blobs, MODEL_FILES)  # before any parser sees a byte
+    elif isolate:
+        log.warning("%s has no manifest: loading it in a child process first", where)
+        check_in_child(path, blobs, strict)
     try:
-        clf = lgb.Booster(model_str=(path / "classifier.txt").read_text())
-    except lgb.basic.LightGBMError as exc:
-        raise ArtifactError(f"{path / 'classifier.txt'}: not a LightGBM model: {exc}") from None
+        clf = lgb.Booster(model_str=blobs["classifier.txt"].decode())
+    except (lgb.basic.LightGBMError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{where}/classifier.txt: not a LightGBM model: {exc}") from None
     if clf.num_feature() != len(names):
-        raise ArtifactError(f"{path}: the model takes {clf.num_feature()} features but meta.json "
+        raise ArtifactError(f"{where}: the model takes {clf.num_feature()} features but meta.json "
                             f"names {len(names)}: trained on different features than this build "
                             "computes; rebuild it with `archroute train`")
-    reg_file = path / "regressor.txt"
     try:
         reg = (clf if meta.get("regressor_is_classifier")
-               else lgb.Booster(model_str=reg_file.read_text()) if reg_file.exists() else None)
-    except lgb.basic.LightGBMError as exc:
-        raise ArtifactError(f"{reg_file}: not a LightGBM model: {exc}") from None
+               else lgb.Booster(model_str=blobs["regressor.txt"].decode())
+               if "regressor.txt" in blobs else None)
+    except (lgb.basic.LightGBMError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{where}/regressor.txt: not a LightGBM model: {exc}") from None
     try:
-        text = HashedTextModel.load(text_file) if text_file.exists() else None
-    except ValueError as exc:
+        text = (HashedTextModel.load(_Named(blobs["text_weights.npy"],
+                                            f"{where}/text_weights.npy"))
+                if has_text else None)
+    except (ValueError, EOFError) as exc:
         raise ArtifactError(str(exc)) from None
     try:
         a, b = meta["calibration"]
         calibration = (float(a), float(b))
     except (KeyError, TypeError, ValueError):
-        raise ArtifactError(f"{meta_file}: no valid 'calibration'") from None
-    out = RequestClassifier(clf, calibration, reg, meta, text, path=path, sha256=digest(path))
+        raise ArtifactError(f"{where}/meta.json: no valid 'calibration'") from None
+    out = RequestClassifier(clf, calibration, reg, meta, text, path=path, sha256=_digest(blobs),
+                            file_digests={n: sha256(d) for n, d in blobs.items()})
     if strict and not meta.get("self_check"):
-        raise ArtifactError(f"{path}: no self-check in meta.json; cannot verify it")
+        raise ArtifactError(f"{where}: no self-check in meta.json; cannot verify it")
     if verify and meta.get("self_check"):
         try:
             reqs = [RoutingRequest.from_prompt(c["prompt"]) for c in meta["self_check"]]
             p = out.predict_proba(reqs)
             drift = float(np.max(np.abs(p - [c["p_transformer"] for c in meta["self_check"]])))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{path}: the self-check failed: {type(exc).__name__}: "
+            raise ArtifactError(f"{where}: the self-check failed: {type(exc).__name__}: "
                                 f"{exc}") from None
         if strict and not (np.isfinite(p).all() and drift <= STRICT_DRIFT):
-            raise ArtifactError(f"{path}: the self-check failed: predictions differ from "
+            raise ArtifactError(f"{where}: the self-check failed: predictions differ from "
                                 f"those recorded at training by up to {drift:.3g} (more than "
                                 f"{STRICT_DRIFT:g}; versions then {meta.get('versions')}, now "
                                 f"{versions()})")
         if drift > 1e-6:
             log.warning("%s: predictions differ from training by up to %.3g (versions: %s "
-                        "now %s)", path, drift, meta.get("versions"), versions())
+                        "now %s)", where, drift, meta.get("versions"), versions())
     return out
+
+
+def sign(path: str | Path) -> dict:
+    """Give an artifact made before manifests its ``manifest.json``, once it has loaded and
+    passed its self-check in a child process (a file that crashes the parser is never
+    signed). Returns the manifest."""
+    from classifiers.integrity import MANIFEST, write_manifest
+
+    path = Path(path)
+    (path / MANIFEST).unlink(missing_ok=True)
+    load(path, verify=True, strict=True, isolate=True)
+    return write_manifest(path, [n for n in MODEL_FILES if (path / n).is_file()])
 
 
 def load_default() -> RequestClassifier:
