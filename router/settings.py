@@ -214,6 +214,13 @@ class Settings(_Strict):
     failure_threshold: int = Field(3, ge=1)  # consecutive failures that open the breaker
     cooldown_s: float = Field(30.0, gt=0)  # breaker open this long, then one probe request
     api_keys: list[SecretStr] = Field(default_factory=list)  # empty: no auth
+    # /admin/* (POST /admin/reload): keys of their own, not the client keys above. With
+    # client keys and no admin keys, admin endpoints answer 403; with neither (local dev),
+    # they are open to loopback clients only
+    admin_api_keys: list[SecretStr] = Field(default_factory=list)
+    # folders POST /admin/reload may load an artifact from (relative: to the working
+    # directory); the shipped classifiers/default/ is always allowed
+    artifact_roots: list[str] = Field(default_factory=lambda: ["runs"])
     max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies get 413
     # connection limits (router/server.py): a request's head must arrive within
     # header_timeout_s of its first byte and its body within body_timeout_s of its head
@@ -293,7 +300,7 @@ ENV_PREFIX = "ARCHROUTE_"
 NOT_SETTINGS = frozenset({"ARCHROUTE_CONFIG", "ARCHROUTE_CACHE", "ARCHROUTE_REQUESTS",
                           "ARCHROUTE_TEST_ARTIFACTS", "ARCHROUTE_VENV", "ARCHROUTE_VLLM_VENV",
                           "ARCHROUTE_VLLM_START_TIMEOUT", "ARCHROUTE_OPENWEBUI_VENV"})
-_LIST_FIELDS = {"api_keys"}
+_LIST_FIELDS = {"api_keys", "admin_api_keys", "artifact_roots"}
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
