@@ -28,6 +28,7 @@ from models import registry
 from models.base import Backend
 from models.span.gates import get_gate
 from router import errors
+from router import feedback as F
 from router import protocol as P
 from router.decision_log import DecisionLog
 from router.feedback import FeedbackRequest, FeedbackService
@@ -59,7 +60,8 @@ def open_decision_log(settings: Settings) -> DecisionLog | None:
     if not settings.decision_log:
         return None
     return DecisionLog(settings.decision_log, settings.log_prompts,
-                       retention_days=settings.decision_log_retention_days)
+                       retention_days=settings.decision_log_retention_days,
+                       max_buffered_rows=settings.decision_log_buffer_rows)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -138,7 +140,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         span = SpanService(built["transformer"], built["hybrid"],
                            limits(settings, settings.backends["transformer"]), gates,
                            {role: bs.tokenizer for role, bs in settings.backends.items()})
-        app.state.service = RouterService(settings, slots, policies, RouterMetrics(), dlog,
+        app.state.service = RouterService(settings, slots, policies, RouterMetrics(dlog), dlog,
                                           span=span)
         try:
             yield
@@ -153,7 +155,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         """Feedback's scoring worker and live reloads (SIGHUP too), once the service is up."""
         async with lifespan(app):
             svc: RouterService = app.state.service
-            app.state.feedback = FeedbackService(svc, settings.feedback_queue_size)
+            app.state.feedback = FeedbackService.from_settings(svc, settings)
             app.state.reloader = reloader = Reloader(svc, settings)
             await app.state.feedback.start()
             loop = asyncio.get_running_loop()
@@ -174,6 +176,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     app = FastAPI(title="ArchRoute", lifespan=learning, docs_url=None, redoc_url=None)
     app.state.settings = settings
     errors.install(app)
+    F.install(app)  # feedback's 429 / 503 carry Retry-After
     app.add_middleware(GuardMiddleware,  # type: ignore[arg-type]
                        api_keys=[k.get_secret_value() for k in settings.api_keys],
                        max_body_bytes=settings.max_body_bytes)
@@ -216,7 +219,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     async def feedback(body: FeedbackRequest, request: Request) -> dict:
         """An outcome for a served response: a reward in [-1, 1], thumbs up/down (+1/-1),
         or a reference answer to score under both backends (docs/learning-loop.md)."""
-        return await request.app.state.feedback.submit(body)
+        return await request.app.state.feedback.submit(body, F.client_key(request))
 
     @app.get("/v1/feedback/{response_id}")
     async def feedback_of(response_id: str, request: Request) -> dict:

@@ -13,6 +13,13 @@ the rows of the last window can be lost in a crash. Feedback is different: it is
 and committed synchronously (:meth:`DecisionLog.add_feedback`, from a worker thread) before
 the client is told 200, so an acknowledged outcome is never lost.
 
+An outage of the database never stops serving: rows the writer cannot write stay in a
+bounded buffer (``max_buffered_rows``, the oldest dropped beyond it and counted in
+``dropped``) and are written when the database answers again (retried after 0.25 s, backing
+off to 5 s). The synchronous calls raise :class:`DecisionLogUnavailable` meanwhile. A new
+SQLite file is created readable by its owner only (0600): it holds prompts when
+``log_prompts``.
+
 Retention: with ``retention_days`` set, the writer thread deletes decisions older than that,
 and their feedback and labels, when it starts and then at most once per
 ``retention_interval_s`` (an hour). No prompt text is stored unless ``log_prompts``.
@@ -23,11 +30,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import re
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -102,6 +111,14 @@ INDEXES = ("CREATE INDEX IF NOT EXISTS decisions_request_id ON decisions (reques
 RETENTION_INTERVAL_S = 3600.0  # the writer prunes at most this often (and when it starts)
 _HURRY = object()  # queued by a reader waiting for a row: commit the current batch now
 _PG_LOCK = 7_270_016  # advisory lock id: replicas starting together create the schema once
+MAX_BUFFERED_ROWS = 10_000  # rows kept while the database is unreachable (then the oldest go)
+_RETRY_S = (0.25, 5.0)  # the writer's first retry after a failed write, and its longest wait
+
+
+class DecisionLogUnavailable(RuntimeError):
+    """The database cannot be reached or refused the statement for a reason of its own
+    (down, restarting, locked, disk full): retry later. Raised by the synchronous calls
+    (feedback); the writer buffers instead."""
 
 
 def is_postgres(target: str | Path) -> bool:
@@ -154,12 +171,16 @@ class DecisionRow:
 
 class _SQLite:
     param = "?"
+    errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def connect(self) -> sqlite3.Connection:
+        # a new file (and so its -wal and -shm files, which SQLite creates with the main
+        # file's mode) is the owner's only: it can hold prompts
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
@@ -201,11 +222,14 @@ class _Postgres:
 
     def __init__(self, url: str) -> None:
         try:
-            import psycopg  # noqa: F401
+            import psycopg
         except ImportError:
             raise RuntimeError("decision_log is a PostgreSQL URL but psycopg is not installed: "
                                "pip install 'archroute[postgres]' (psycopg[binary])") from None
         self.url = url
+        # a server that is down, restarting or dropped the connection
+        self.errors: tuple[type[Exception], ...] = (psycopg.OperationalError,
+                                                    psycopg.InterfaceError)
 
     def connect(self) -> Any:
         import psycopg
@@ -242,7 +266,8 @@ class DecisionLog:
     def __init__(self, path: str | Path, log_prompts: bool = False,
                  batch_window_s: float = 0.05, retention_days: float | None = None,
                  retention_interval_s: float = RETENTION_INTERVAL_S,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 max_buffered_rows: int = MAX_BUFFERED_ROWS) -> None:
         self.target = str(path)
         self.store = _store(path)
         self.path = Path(path) if isinstance(self.store, _SQLite) else None
@@ -251,10 +276,18 @@ class DecisionLog:
         self.retention_days = retention_days
         self.retention_interval_s = retention_interval_s
         self.clock = clock
+        self.max_buffered_rows = max_buffered_rows
         self._queue: queue.Queue[Any] = queue.Queue()
-        # request ids written but not yet committed: feedback for them waits for the commit
+        # request ids written but not committed yet (queued, in the writer's batch, or
+        # buffered): feedback for them waits for the commit
         self._pending: set[str] = set()
         self._committed = threading.Condition()
+        # rows a write failed for (the database is unreachable), oldest first, as
+        # (request id, row values): written again when it answers
+        self._backlog: deque[tuple[str, tuple]] = deque()
+        self._failures = 0  # consecutive failed writes
+        self._retry_at = 0.0  # monotonic: no write is tried before (backing off)
+        self.dropped = 0  # rows lost: beyond max_buffered_rows, or unwritten at close
         self._next_prune = 0.0
         self._sync = self.store.connect()  # fail at start, not at the first request
         self._sync_lock = threading.Lock()
@@ -265,10 +298,23 @@ class DecisionLog:
     def sql(self) -> Callable[[str], str]:
         return _pg if isinstance(self.store, _Postgres) else (lambda s: s)
 
+    @property
+    def buffered(self) -> int:
+        """Rows waiting for the database to come back."""
+        return len(self._backlog)
+
+    @property
+    def outage(self) -> bool:
+        """The writer's last write failed: its rows wait in the buffer."""
+        return self._failures > 0
+
     # --- decisions: the background writer ---------------------------------------------
     def write(self, row: DecisionRow) -> None:
         if not self.log_prompts:
             row.prompt = row.request = None
+        if self._queue.qsize() >= self.max_buffered_rows:  # the writer is stuck connecting
+            self._lose(1, "the writer's queue is full")
+            return
         with self._committed:
             self._pending.add(row.request_id)
         self._queue.put(row)
@@ -283,9 +329,13 @@ class DecisionLog:
         wake = None if self.retention_days is None else min(self.retention_interval_s, 60.0)
         stop = False
         while not stop:
+            wait = wake
+            if self._backlog:  # wake up to write it again
+                wait = max(0.01, min(wake or _RETRY_S[1], self._retry_at - time.monotonic()))
             try:
-                first = self._queue.get(timeout=wake)
+                first = self._queue.get(timeout=wait)
             except queue.Empty:
+                conn = self._write_backlog(conn, sql)
                 conn = self._maybe_prune(conn)
                 continue
             batch = [first]
@@ -295,7 +345,7 @@ class DecisionLog:
                     batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            rows, ids = [], []
+            ids = []
             for row in batch:
                 if row is _HURRY:
                     continue
@@ -308,26 +358,93 @@ class DecisionLog:
                 d["explored"] = None if d["explored"] is None else int(d["explored"])
                 for k in ("span", "request"):
                     d[k] = None if d[k] is None else json.dumps(d[k])
-                rows.append(tuple(d[c] for c in cols))
+                self._backlog.append((row.request_id, tuple(d[c] for c in cols)))
                 ids.append(row.request_id)
-            if rows:
-                conn = self._reconnect(conn)
-                try:
-                    if conn is None:
-                        raise RuntimeError("no connection")
-                    with self.store.transaction(conn) as cur:
-                        cur.executemany(sql, rows)
-                except Exception as exc:  # noqa: BLE001 - a log must never stop serving
-                    log.error("decision log: dropped %d rows: %s", len(rows), exc)
-                    conn = self._drop(conn)
-            with self._committed:
-                self._pending.difference_update(ids)
-                self._committed.notify_all()
+            if ids or stop:
+                conn = self._write_backlog(conn, sql, now=stop)
             for _ in batch:
                 self._queue.task_done()
             conn = self._maybe_prune(conn)
+        if self._backlog:
+            self._lose(len(self._backlog), "the database was unreachable at shutdown")
+            self._settled([rid for rid, _ in self._backlog])
+            self._backlog.clear()
         if conn is not None:
             conn.close()
+
+    def _write_backlog(self, conn: Any, sql: str, now: bool = False) -> Any:
+        """Write the buffered rows, oldest first, in transactions of up to 512; on a
+        failure keep them (up to ``max_buffered_rows``) and retry later, backing off."""
+        if not self._backlog or (not now and time.monotonic() < self._retry_at):
+            self._trim()
+            return conn
+        conn = self._reconnect(conn)
+        try:
+            if conn is None:
+                raise DecisionLogUnavailable("no connection")
+            while self._backlog:
+                chunk = [self._backlog[i] for i in range(min(512, len(self._backlog)))]
+                try:
+                    with self.store.transaction(conn) as cur:
+                        cur.executemany(sql, [values for _, values in chunk])
+                except self.store.errors:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the rows, not the database
+                    self._write_each(conn, sql, len(chunk), exc)
+                    continue
+                for _ in chunk:
+                    self._backlog.popleft()
+                self._settled([rid for rid, _ in chunk])
+        except Exception as exc:  # noqa: BLE001 - a log must never stop serving
+            self._failures += 1
+            delay = min(_RETRY_S[1], _RETRY_S[0] * 2 ** (self._failures - 1))
+            self._retry_at = time.monotonic() + delay
+            log.error("decision log: %d rows buffered (the database failed: %s: %s); "
+                      "retrying in %.2f s", len(self._backlog), type(exc).__name__, exc, delay)
+            self._trim()
+            with self._committed:  # readers waiting for a row stop waiting (outage)
+                self._committed.notify_all()
+            return self._drop(conn)
+        if self._failures:
+            log.warning("decision log: the database answers again; buffered rows written")
+        self._failures, self._retry_at = 0, 0.0
+        return conn
+
+    def _write_each(self, conn: Any, sql: str, n: int, exc: Exception) -> None:
+        """The first ``n`` buffered rows one at a time, after their batch was refused for
+        what it holds (say a NUL character PostgreSQL refuses in text): only the rows the
+        database refuses are dropped. A failure of the database itself propagates."""
+        log.warning("decision log: a batch of %d rows was refused (%s: %s); writing them "
+                    "one at a time", n, type(exc).__name__, exc)
+        for _ in range(n):
+            rid, values = self._backlog[0]
+            try:
+                with self.store.transaction(conn) as cur:
+                    cur.execute(sql, values)
+            except self.store.errors:
+                raise
+            except Exception as one:  # noqa: BLE001
+                self._lose(1, f"row {rid!r} refused: {type(one).__name__}: {one}")
+            self._backlog.popleft()
+            self._settled([rid])
+
+    def _trim(self) -> None:
+        over = len(self._backlog) - self.max_buffered_rows
+        if over > 0:
+            self._settled([self._backlog.popleft()[0] for _ in range(over)])
+            self._lose(over, f"more than {self.max_buffered_rows} rows buffered "
+                             "(max_buffered_rows)")
+
+    def _settled(self, ids: list[str]) -> None:
+        """These rows are committed (or lost): nobody need wait for them any longer."""
+        with self._committed:
+            self._pending.difference_update(ids)
+            self._committed.notify_all()
+
+    def _lose(self, n: int, why: str) -> None:
+        with self._committed:
+            self.dropped += n
+        log.error("decision log: dropped %d rows: %s (%d dropped so far)", n, why, self.dropped)
 
     def _reconnect(self, conn: Any) -> Any:
         if conn is not None and not getattr(conn, "closed", False):
@@ -377,7 +494,8 @@ class DecisionLog:
             return int(cur.rowcount or 0)
 
     def flush(self) -> None:
-        """Block until every row written so far is committed (tests, shutdown)."""
+        """Block until the writer has tried every row written so far: committed, or buffered
+        while the database is unreachable (tests, shutdown)."""
         self._queue.join()
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -390,36 +508,63 @@ class DecisionLog:
     # --- feedback: synchronous, committed before the caller answers --------------------
     @contextmanager
     def _tx(self) -> Iterator[Any]:
+        """A transaction on the synchronous connection; :class:`DecisionLogUnavailable` when
+        the database cannot be reached (the next call connects again)."""
         with self._sync_lock:
-            if getattr(self._sync, "closed", False):  # a PostgreSQL connection that broke
-                self._sync = self.store.connect()
-            with self.store.transaction(self._sync) as cur:
-                yield cur
+            try:
+                if getattr(self._sync, "closed", False):  # a PostgreSQL connection that broke
+                    self._sync = self.store.connect()
+                with self.store.transaction(self._sync) as cur:
+                    yield cur
+            except self.store.errors as exc:
+                raise DecisionLogUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if self._failures and self._retry_at:  # it answers again: the writer need not wait
+            self._retry_at = 0.0
+            self._queue.put(_HURRY)
 
     def _query(self, sql: str, args: tuple = ()) -> list[dict]:
         with self._tx() as cur:
             cur.execute(self.sql(sql), args)
             return self.store.rows(cur)
 
+    def is_pending(self, request_id: str) -> bool:
+        """This process wrote the row and has not committed it yet."""
+        with self._committed:
+            return request_id in self._pending
+
+    def hurry(self) -> None:
+        """Ask the writer to commit its current batch now (a reader waits for a row)."""
+        self._queue.put(_HURRY)
+
+    def lookup(self, request_id: str) -> dict | None:
+        """The served decision with this response id as committed now, or None: one query,
+        no waiting (:meth:`find` waits; the router's feedback waits without a thread).
+        :class:`DecisionLogUnavailable` while this process holds the row uncommitted (the
+        database was unreachable): it exists, but cannot be read yet."""
+        if self.is_pending(request_id):
+            raise DecisionLogUnavailable(f"the decision {request_id!r} is not written yet "
+                                         "(the database was unreachable)")
+        rows = self._query("SELECT request_id, time, endpoint, model, profile, policy, "
+                           "decision, backend, fallback_from, status, prompt, request, "
+                           "propensity, explored, side FROM decisions WHERE request_id = ? "
+                           "AND backend IS NOT NULL ORDER BY id DESC LIMIT 1", (request_id,))
+        return rows[0] if rows else None
+
     def find(self, request_id: str, wait_s: float = 2.0) -> dict | None:
-        """The served decision with this response id, or None. A row this process wrote
-        but has not committed yet is waited for (up to ``wait_s``); one another replica
-        wrote is looked for again after two batch windows (its writer's delay)."""
+        """:meth:`lookup`, blocking: a row this process wrote but has not committed yet is
+        waited for (up to ``wait_s``); one another replica wrote is looked for again after
+        two batch windows (its writer's delay). For scripts and tests: it holds its thread
+        while it waits."""
         with self._committed:
             if request_id in self._pending and wait_s > 0:
                 self._queue.put(_HURRY)  # don't wait out the batch window
-            self._committed.wait_for(lambda: request_id not in self._pending, wait_s)
-        sql = ("SELECT request_id, time, endpoint, model, profile, policy, decision, backend, "
-               "fallback_from, status, prompt, request, propensity, explored, side "
-               "FROM decisions WHERE request_id = ? AND backend IS NOT NULL "
-               "ORDER BY id DESC LIMIT 1")
-        for attempt in range(2):
-            rows = self._query(sql, (request_id,))
-            if rows:
-                return rows[0]
-            if attempt == 0:
-                time.sleep(4 * self.batch_window_s)
-        return None
+            self._committed.wait_for(lambda: request_id not in self._pending or self.outage,
+                                     wait_s)
+        row = self.lookup(request_id)
+        if row is None and wait_s > 0:
+            time.sleep(4 * self.batch_window_s)
+            row = self.lookup(request_id)
+        return row
 
     def add_feedback(self, request_id: str, reward: float, kind: str) -> tuple[str, float]:
         """Store a reward for a response: ``("new" | "duplicate" | "conflict", stored

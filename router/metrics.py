@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from router.decision_log import DecisionLog
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -11,9 +19,11 @@ _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 class RouterMetrics:
     """Requests, decisions per backend, fallbacks, latency and routing overhead (seconds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, decision_log: DecisionLog | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if decision_log is not None:
+            r.register(_DecisionLogCollector(decision_log))
         self.requests = Counter("archroute_requests", "requests by endpoint, model and status",
                                 ["endpoint", "model", "status"], registry=r)
         self.decisions = Counter("archroute_decisions", "routing decisions by chosen backend role",
@@ -40,3 +50,20 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DecisionLogCollector(Collector):
+    """The decision log's writer, read when scraped: rows buffered while the database is
+    unreachable, and rows lost (beyond the buffer's bound, or unwritten at shutdown)."""
+
+    def __init__(self, dlog: DecisionLog) -> None:
+        self.dlog = dlog
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("archroute_decision_log_buffered_rows",
+                                "decision rows waiting for the database to come back",
+                                value=self.dlog.buffered)
+        yield CounterMetricFamily("archroute_decision_log_dropped_rows",
+                                  "decision rows never written (the buffer was full, or the "
+                                  "database was unreachable at shutdown)",
+                                  value=self.dlog.dropped)

@@ -2,7 +2,7 @@
 
 Request fields follow the order of OpenAI's API reference. Fields ArchRoute does not act on
 are accepted and ignored (sampling penalties, logit_bias...); fields nobody knows are
-accepted too and their *names* logged. Tool calling fields (``tools``, ``tool_choice``,
+accepted too and their *names* logged (at most 16, each cut to 64 characters). Tool calling fields (``tools``, ``tool_choice``,
 ``parallel_tool_calls``, the legacy ``functions`` / ``function_call``; messages'
 ``tool_calls`` and ``tool_call_id``) are kept as sent:
 :meth:`ChatCompletionRequest.tool_fields` and :meth:`ChatCompletionRequest.chat_messages`
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from models.base import ChatMessage, GenerationParams, RequestError, TokenIds
-from router.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,20 @@ def no_surrogates_json(value: Any, field: str) -> Any:
     return value
 
 
+# unknown field names in the log: at most this many, each cut to this many characters (a
+# client chooses them: a 100 kB name must not become a 100 kB log line)
+MAX_LOGGED_FIELDS = 16
+MAX_LOGGED_NAME_CHARS = 64
+
+
+def loggable_name(name: str) -> str:
+    """A client-chosen name as it may appear in a log line: ``repr`` (no control characters
+    reach the log), cut to :data:`MAX_LOGGED_NAME_CHARS` with the length it had."""
+    if len(name) <= MAX_LOGGED_NAME_CHARS:
+        return repr(name)
+    return f"{name[:MAX_LOGGED_NAME_CHARS]!r}... ({len(name)} chars)"
+
+
 class _Open(BaseModel):
     """Accepts unknown fields (OpenAI adds them often); :meth:`log_unknown` names them."""
 
@@ -71,7 +85,11 @@ class _Open(BaseModel):
 
     def log_unknown(self, where: str) -> None:
         if self.model_extra:
-            log.info("%s: ignoring unknown fields %s", where, sorted(self.model_extra))
+            names = sorted(self.model_extra)
+            shown = ", ".join(loggable_name(n) for n in names[:MAX_LOGGED_FIELDS])
+            more = len(names) - MAX_LOGGED_FIELDS
+            log.info("%s: ignoring unknown fields [%s]%s", where, shown,
+                     f" and {more} more" if more > 0 else "")
 
 
 class ContentPart(BaseModel):
@@ -239,6 +257,24 @@ class ChatCompletionRequest(_Sampling):
     def _tool_unicode(cls, v, info):
         return no_surrogates_json(v, info.field_name)
 
+    # one check for every endpoint that takes this body (chat, /v1/route, serve-model): the
+    # legacy form and the current one at once is a 400 naming the legacy field
+    @field_validator("functions")
+    @classmethod
+    def _functions_or_tools(cls, v, info):
+        if v and info.data.get("tools"):
+            raise PydanticCustomError("tool_fields", "send tools or the legacy functions, "
+                                      "not both")
+        return v
+
+    @field_validator("function_call")
+    @classmethod
+    def _function_call_or_tool_choice(cls, v, info):
+        if v is not None and info.data.get("tool_choice") is not None:
+            raise PydanticCustomError("tool_fields", "send tool_choice or the legacy "
+                                      "function_call, not both")
+        return v
+
     def chat_messages(self) -> list[ChatMessage]:
         return [ChatMessage(m.role, m.text(), m.tool_calls, m.tool_call_id, m.name)
                 for m in self.messages]
@@ -248,7 +284,7 @@ class ChatCompletionRequest(_Sampling):
         what it sent, with the legacy ``functions`` (``[f]`` -> ``[{"type": "function",
         "function": f}]``) and ``function_call`` (``{"name": N}`` -> ``{"type": "function",
         "function": {"name": N}}``; ``"auto"`` / ``"none"`` as they are) mapped to ``tools``
-        and ``tool_choice``. Both forms at once: a 400."""
+        and ``tool_choice``. (Both forms at once never get here: validation refuses them.)"""
         if (not self.tools and not self.functions and self.tool_choice is None
                 and self.function_call is None and self.parallel_tool_calls is None):
             return None
@@ -258,14 +294,8 @@ class ChatCompletionRequest(_Sampling):
             return None
         tools, choice = self.tools or None, self.tool_choice
         if self.functions:
-            if tools:
-                raise InvalidRequestError("functions: send tools or the legacy functions, "
-                                          "not both", param="functions")
             tools = [{"type": "function", "function": f} for f in self.functions]
         if self.function_call is not None:
-            if choice is not None:
-                raise InvalidRequestError("function_call: send tool_choice or the legacy "
-                                          "function_call, not both", param="function_call")
             fc = self.function_call
             choice = ({"type": "function", "function": {"name": fc.get("name")}}
                       if isinstance(fc, dict) else fc)

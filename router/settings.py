@@ -238,10 +238,18 @@ class Settings(_Strict):
     decision_log: str | None = "archroute-decisions.sqlite"
     # decisions older than this (and their feedback) are deleted; None: kept forever
     decision_log_retention_days: float | None = Field(30.0, gt=0)
+    # decision rows kept in memory while the database is unreachable, written when it is
+    # back; beyond this the oldest are dropped (archroute_decision_log_dropped_rows_total)
+    decision_log_buffer_rows: int = Field(10_000, ge=1)
     log_prompts: bool = False  # store prompt text in the decision log
     # POST /v1/feedback with a reference answer: scored under both backends in the
     # background, at most this many waiting (more: 429)
     feedback_queue_size: int = Field(64, ge=1)
+    # /v1/feedback per API key (per client address without keys): a token bucket of
+    # feedback_burst requests refilled at feedback_rate_per_s; beyond it 429 + Retry-After
+    feedback_rate_per_s: float = Field(20.0, gt=0)
+    feedback_burst: int = Field(40, ge=1)
+    feedback_max_reference_chars: int = Field(32_768, ge=1)  # a longer reference: 400
     # exploration's random generator (profiles' epsilon); None: a fresh seed, logged at start
     exploration_seed: int | None = None
     decision_in_body: bool = True  # add the `archroute` object to response bodies
