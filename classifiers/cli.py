@@ -11,7 +11,7 @@ the secondary number, then fits on every trainable source and ships the artifact
 calibrated profile thresholds. On labels of the synthetic mix it fits on the training
 documents and evaluates on the held-out ones (AUC, accuracy, Brier, regret vs the oracle).
 Both print the results table, write it as JSON and Markdown, and save the LightGBM router
-as the artifact (default: the shipped one).
+as the artifact (default runs/classifier; the shipped classifiers/default only when named).
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ def run_label(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_OUT = "runs/classifier"  # not the shipped classifiers/default: name it to replace it
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
     from classifiers.artifact import DEFAULT_DIR
 
@@ -109,8 +112,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help=f"label file from `archroute label` (default {DEFAULT_LABELS}; with "
                         "--from-log: optional, added to the log's labels)")
     p.add_argument("--out", default=None,
-                   help=f"artifact directory to write (default {DEFAULT_DIR}, the shipped one; "
-                        "required with --from-log)")
+                   help=f"artifact directory to write (default {DEFAULT_OUT}; never the shipped "
+                        f"{DEFAULT_DIR} unless named here; required with --from-log)")
     p.add_argument("--from-log", metavar="DB", default=None,
                    help="train on the router's decision log (SQLite path or postgresql:// URL): "
                         "its requests with a scored reference (POST /v1/feedback with "
@@ -188,20 +191,20 @@ def run_train(args: argparse.Namespace) -> int:
         RulesRouter,
     )
     from classifiers.features import extract
-    from classifiers.labels import MARGIN, by_group, read_labels, summarize
+    from classifiers.labels import MARGIN, by_group, read_labels, require_labels, summarize
     from classifiers.metrics import reference_rows, router_metrics
     from classifiers.request import RoutingRequest
 
     if getattr(args, "from_log", None):
         return run_train_from_log(args)
     args.labels = args.labels or DEFAULT_LABELS
-    args.out = args.out or str(artifact.DEFAULT_DIR)
+    args.out = args.out or DEFAULT_OUT
     margin = MARGIN if args.margin is None else args.margin
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(models) - set(MODELS)
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {MODELS}")
-    rows = [r for r in read_labels(args.labels, latest_only=True) if r["gap"] == r["gap"]]
+    rows = [r for r in require_labels(args.labels, latest_only=True) if r["gap"] == r["gap"]]
     if not rows:
         raise SystemExit(f"no labels in {args.labels} (run `archroute label` first)")
     if "group" in rows[0]:  # real requests: leave-one-source-out, calibrated thresholds
@@ -363,7 +366,7 @@ def log_label_rows(db: str) -> tuple[list[dict], list, dict]:
 def run_train_from_log(args: argparse.Namespace) -> int:
     """``archroute train --from-log DB --out DIR [--labels FILE]``: the quick fit on the
     log's labelled requests (and the label file's, if given)."""
-    from classifiers.labels import read_labels
+    from classifiers.labels import require_labels
     from classifiers.transfer import fit_quick, routing_request
     from router.decision_log import redact_url
 
@@ -377,7 +380,8 @@ def run_train_from_log(args: argparse.Namespace) -> int:
                          f"{redact_url(str(args.from_log))}: {exc}") from None
     n_log = len(rows)
     if args.labels:
-        extra = [r for r in read_labels(args.labels, latest_only=True) if r["gap"] == r["gap"]]
+        extra = [r for r in require_labels(args.labels, latest_only=True)
+                 if r["gap"] == r["gap"]]
         if not extra or "group" not in extra[0]:
             raise SystemExit(f"--labels {args.labels}: no labels of real requests (with a "
                              "`group`) to add")

@@ -149,6 +149,26 @@ def fit_to_context(backend: Backend, prompt: str, answer: str,
                  "ref_tokens_full": len(a)}
 
 
+LABEL_COMMAND = ("archroute label --requests ../shared/data/requests "
+                 "--out data/labels/real.jsonl --threads 2")
+
+
+class MissingLabelsError(FileNotFoundError):
+    """A label file a command needs does not exist; the message names the command that
+    makes it."""
+
+
+def require_labels(path: str | Path, latest_only: bool = False) -> list[dict]:
+    """:func:`read_labels` for a file the caller cannot do without: a missing file is a
+    :class:`MissingLabelsError` that says how to make it (an empty list would surface later
+    as a confusing error far from its cause)."""
+    if not Path(path).exists():
+        raise MissingLabelsError(
+            f"label file {path} not found: make it with `{LABEL_COMMAND}` (about 13 minutes "
+            "on 2 cores; the real requests are ../shared/data/requests, docs/classifier.md)")
+    return read_labels(path, latest_only=latest_only)
+
+
 def read_labels(path: str | Path, latest_only: bool = False) -> list[dict]:
     """Rows of a label file (request fields + key, pair, fp (pair fingerprint), gap, losses,
     n_tokens, label). ``latest_only`` keeps the rows measured on the same weights as the

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from classifiers.features import extract
-    from classifiers.labels import read_labels
+    from classifiers.labels import require_labels
     from classifiers.realdata import EVAL_ONLY
     from classifiers.transfer import (
         SHIPPED,
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--n-cal", type=int, default=2000)
     a = ap.parse_args(argv)
-    rows = sorted((r for r in read_labels(a.labels, latest_only=True) if r["gap"] == r["gap"]),
+    rows = sorted((r for r in require_labels(a.labels, latest_only=True) if r["gap"] == r["gap"]),
                   key=lambda r: (r["group"], r["id"]))
     reqs = [routing_request(r) for r in rows]
     X = np.stack([extract(q) for q in reqs])

@@ -38,7 +38,7 @@ def _port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from classifiers.labels import read_labels
+    from classifiers.labels import require_labels
     from classifiers.realdata import EVAL_ONLY
     from evals.from_log import evaluate, report
     from router.decision_log import read_log
@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", action="store_true",
                     help="also time `archroute train --from-log --labels` (the quick fit)")
     a = ap.parse_args(argv)
-    rows = [r for r in read_labels(a.labels, latest_only=True)
+    try:
+        labelled = require_labels(a.labels, latest_only=True)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"python -m evals.learning_loop: {exc}") from None
+    rows = [r for r in labelled
             if r["gap"] == r["gap"] and r["group"] not in EVAL_ONLY and not r.get("ref_cut")]
     rng = np.random.default_rng(a.seed)
     rows = [rows[i] for i in sorted(rng.choice(len(rows), min(a.n, len(rows)), replace=False))]

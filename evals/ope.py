@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from classifiers.artifact import load_default
-    from classifiers.labels import read_labels
+    from classifiers.labels import require_labels
     from classifiers.transfer import routing_request
 
     ap = argparse.ArgumentParser(prog="python -m evals.ope", description=main.__doc__)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reward-noise", type=float, default=0.5,
                     help="sd of Gaussian noise on each reward (nats/token)")
     a = ap.parse_args(argv)
-    rows = [r for r in read_labels(a.labels, latest_only=True) if r["gap"] == r["gap"]]
+    rows = [r for r in require_labels(a.labels, latest_only=True) if r["gap"] == r["gap"]]
     rng = np.random.default_rng(0)
     rows = [rows[i] for i in sorted(rng.choice(len(rows), min(a.n, len(rows)), replace=False))]
     clf = load_default()

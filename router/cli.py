@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Any
 
 # name -> "module:attr"; attr is a function(subparsers) -> None that adds the subcommand
 # parser and sets ``func`` (a callable taking the parsed args, returning an exit code).
@@ -33,11 +34,20 @@ def _command_in(argv: list[str]) -> str | None:
     return None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with abbreviations off, here and in every subcommand's parser (subparsers
+    are made with the parent's class): ``--suite`` must not silently mean ``--suites``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in ``argv`` (default ``sys.argv[1:]``) is
     imported and built in full, the others are listed by name."""
     wanted = _command_in(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="archroute",
         description="ArchRoute: route each request to the transformer or the hybrid backend.",
     )
@@ -69,7 +79,25 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(args, "func", None)
     if func is None:
         parser.error(f"{args.command}: not available in this build")
-    return int(func(args) or 0)
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("archroute: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line; the traceback with -v
+        if args.verbose:
+            raise
+        print(f"archroute {args.command}: error: {one_line(exc)} (run with -v for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one readable line: its type when the message does not say much."""
+    msg = " ".join(str(exc).split())
+    if len(msg) > 500:
+        msg = msg[:500] + " ..."
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 if __name__ == "__main__":
