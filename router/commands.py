@@ -42,7 +42,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, help="torch threads for in-process models")
     p.add_argument("--print-settings", action="store_true",
                    help="print the resolved settings (secrets redacted) and exit")
+    add_pid_file(p)
     p.set_defaults(func=run_serve)
+
+
+def add_pid_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pid-file", metavar="PATH",
+                   help="write the process id here while serving (removed on exit): "
+                        "`kill -HUP $(cat PATH)` reaches this server and no other")
 
 
 def read_key_file(path: str) -> list[str]:
@@ -93,7 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from router.server import serve
 
     serve(create_app(settings), settings.host, settings.port, settings,
-          log_level="info", access_log=False)
+          pid_file=args.pid_file, log_level="info", access_log=False)
     return 0
 
 
@@ -138,6 +145,7 @@ def add_serve_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fake-tool-calls", metavar="JSON", type=json.loads, default=None,
                    help="the 'fake' backend calls tools: these calls (a JSON list of "
                         "{\"name\", \"arguments\"}) answer a request that sends tools")
+    add_pid_file(p)
     p.set_defaults(func=run_serve_model)
 
 
@@ -199,7 +207,15 @@ def run_serve_model(args: argparse.Namespace) -> int:
     log.info("serving %s as %r on %s:%d", backend.info(), args.name or backend.name,
              ms.host, ms.port)
     app = create_model_app(backend, args.name or backend.name, ms)
+    import signal
+
     from router.server import serve
 
-    serve(app, ms.host, ms.port, settings, log_level="info", access_log=False)
+    # SIGHUP reloads the router's artifact; serve-model has nothing to reload, and the
+    # default action (terminate) would kill it silently under a router that then answers 502
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP: serve-model has nothing to "
+                                                         "reload; still serving"))
+    serve(app, ms.host, ms.port, settings, pid_file=args.pid_file, log_level="info",
+          access_log=False)
     return 0

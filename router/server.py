@@ -19,6 +19,7 @@ serves with the same ones.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -121,11 +122,32 @@ def _httptools_protocol():
     return GuardedHttpToolsProtocol
 
 
-def serve(app, host: str, port: int, settings: Settings, **kw: Any) -> None:
+def serve(app, host: str, port: int, settings: Settings, pid_file: str | None = None,
+          **kw: Any) -> None:
     """``uvicorn.run`` with the guarded protocol and the settings' connection limits (the
-    router's and serve-model's alike)."""
+    router's and serve-model's alike); ``pid_file``: this process's id, written before
+    serving and removed after."""
+    import os
+    from pathlib import Path
+
     import uvicorn
 
+    if pid_file:
+        Path(pid_file).write_text(f"{os.getpid()}\n")
+        import signal
+
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler it
+        # found: this one, so the process leaves through ``finally`` (and the pid file goes)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        _run(uvicorn, app, host, port, settings, **kw)
+    finally:
+        pid = Path(pid_file) if pid_file else None
+        if pid is not None and pid.exists() and pid.read_text().strip() == str(os.getpid()):
+            pid.unlink()  # ours (another server may have taken the path since)
+
+
+def _run(uvicorn, app, host: str, port: int, settings: Settings, **kw: Any) -> None:
     base = _httptools_protocol() or GuardedH11Protocol
     proto = type("ArchRouteHTTPProtocol", (base,),
                  {"header_timeout_s": float(settings.header_timeout_s),

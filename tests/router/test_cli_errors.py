@@ -58,3 +58,30 @@ def test_train_default_out_is_not_the_shipped_artifact():
     args = build_parser(["train"]).parse_args(["train"])
     assert args.out is None  # resolved to DEFAULT_OUT when it runs
     assert (ROOT / DEFAULT_OUT).resolve() != DEFAULT_DIR.resolve()
+
+
+@pytest.mark.slow
+def test_pid_file_and_sighup(tmp_path):
+    """docs/learning-loop.md's reload by signal: ``kill -HUP $(cat PID_FILE)`` reaches that
+    router only; serve-model survives a SIGHUP (it used to die silently) and removes its pid
+    file when stopped."""
+    import signal
+    import time
+
+    import httpx
+
+    from tests.router.servers import Server
+
+    pid_file = tmp_path / "model.pid"
+    server = Server(["serve-model", "fake", "--pid-file", str(pid_file)]).wait_ready()
+    try:
+        assert int(pid_file.read_text()) == server.proc.pid
+        server.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert server.proc.poll() is None, "serve-model died on SIGHUP"
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                       json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+    finally:
+        server.stop()
+    assert not pid_file.exists()
