@@ -52,7 +52,8 @@ def limits(settings: Settings, bs: BackendSettings) -> SlotLimits:
                       cooldown_s=settings.cooldown_s)
 
 
-PROTECTED = ("/v1/", "/admin/")  # paths behind the API keys
+PROTECTED = ("/v1/",)  # paths behind the client API keys
+ADMIN = "/admin/"  # paths behind the admin API keys (GuardMiddleware.admin_refusal)
 
 
 def open_decision_log(settings: Settings) -> DecisionLog | None:
@@ -71,23 +72,60 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-class GuardMiddleware:
-    """API keys on ``/v1/*`` and ``/admin/*`` (401) and the request body limit (413), before
-    any parsing. Also stamps the request's arrival time for the overhead measurement."""
+def bearer(headers: dict[bytes, bytes]) -> bytes:
+    auth = headers.get(b"authorization", b"")
+    return auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int) -> None:
+
+class GuardMiddleware:
+    """Client API keys on ``/v1/*`` (401), admin API keys on ``/admin/*`` (401 / 403, see
+    :meth:`admin_refusal`) and the request body limit (413), before any parsing. Also stamps
+    the request's arrival time for the overhead measurement."""
+
+    def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int,
+                 admin_keys: list[str] | None = None) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys]
+        self.admin_keys = [k.encode() for k in admin_keys or ()]
         self.max_body = max_body_bytes
+
+    def admin_refusal(self, scope: Scope, token: bytes) -> errors.APIError | None:
+        """Why an ``/admin/*`` request is refused, or None. Admin keys configured: one of
+        them (a client key is a 403, anything else a 401). Client keys but no admin keys:
+        403 (admin endpoints are off until admin keys are set). Neither (local dev):
+        loopback clients only (else 403)."""
+        if self.admin_keys:
+            if any(hmac.compare_digest(token, k) for k in self.admin_keys):
+                return None
+            if token and any(hmac.compare_digest(token, k) for k in self.keys):
+                return errors.PermissionDeniedError(
+                    "admin endpoints take an admin API key (admin_api_keys), not a client "
+                    "API key")
+            return errors.AuthenticationError("missing admin API key" if not token
+                                              else "invalid admin API key")
+        if self.keys:
+            return errors.PermissionDeniedError(
+                "admin endpoints are off: client api_keys are configured but no "
+                "admin_api_keys; set admin_api_keys (ARCHROUTE_ADMIN_API_KEYS=k1,k2) to use "
+                "them")
+        client = scope.get("client")
+        if not is_loopback(client[0] if client else None):
+            return errors.PermissionDeniedError(
+                "admin endpoints: with no API keys configured, only loopback clients may use "
+                "them; set admin_api_keys to use them from elsewhere")
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope[T0_KEY] = time.perf_counter()
         headers = dict(scope["headers"])
-        if self.keys and scope["path"].startswith(PROTECTED):
-            auth = headers.get(b"authorization", b"")
-            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        if scope["path"].startswith(ADMIN):
+            refused = self.admin_refusal(scope, bearer(headers))
+            if refused is not None:
+                return await errors.error_response(refused)(scope, receive, send)
+        elif self.keys and scope["path"].startswith(PROTECTED):
+            token = bearer(headers)
             if not any(hmac.compare_digest(token, k) for k in self.keys):
                 msg = "missing API key" if not token else "invalid API key"
                 return await errors.error_response(errors.AuthenticationError(msg))(
@@ -179,7 +217,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     F.install(app)  # feedback's 429 / 503 carry Retry-After
     app.add_middleware(GuardMiddleware,  # type: ignore[arg-type]
                        api_keys=[k.get_secret_value() for k in settings.api_keys],
-                       max_body_bytes=settings.max_body_bytes)
+                       max_body_bytes=settings.max_body_bytes,
+                       admin_keys=[k.get_secret_value() for k in settings.admin_api_keys])
 
     def service(request: Request) -> RouterService:
         return request.app.state.service
@@ -187,15 +226,18 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     def t0(request: Request) -> float:
         return request.scope.get(T0_KEY, time.perf_counter())
 
-    @app.post("/v1/chat/completions")
+    E = errors.openapi_errors  # the error responses each route declares (OpenAPI)
+    generating = {**E(400, 401, 404, 413, 429, 502, 503, 504), **errors.OPENAPI_STREAM}
+
+    @app.post("/v1/chat/completions", responses=generating)
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         return await service(request).handle(body, t0(request))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=generating)
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         return await service(request).handle(body, t0(request))
 
-    @app.post("/v1/route")
+    @app.post("/v1/route", responses=E(400, 401, 404, 413))
     async def route_only(body: P.ChatCompletionRequest, request: Request) -> dict:
         """The routing decision for a chat request, without generating (for gateways that
         route with ArchRoute and call the backend themselves)."""
@@ -204,24 +246,24 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
             raise errors.to_api_error(exc) from exc
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=E(401))
     async def models(request: Request) -> dict:
         return {"object": "list", "data": service(request).models()}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=E(401, 404))
     async def model(model_id: str, request: Request) -> dict:
         for card in service(request).models():
             if card["id"] == model_id:
                 return card
         raise errors.ModelNotFoundError(f"model {model_id!r} not found", param="model")
 
-    @app.post("/v1/feedback")
+    @app.post("/v1/feedback", responses=E(400, 401, 404, 409, 413, 429, 503))
     async def feedback(body: FeedbackRequest, request: Request) -> dict:
         """An outcome for a served response: a reward in [-1, 1], thumbs up/down (+1/-1),
         or a reference answer to score under both backends (docs/learning-loop.md)."""
         return await request.app.state.feedback.submit(body, F.client_key(request))
 
-    @app.get("/v1/feedback/{response_id}")
+    @app.get("/v1/feedback/{response_id}", responses=E(401, 404, 503))
     async def feedback_of(response_id: str, request: Request) -> dict:
         """The feedback and reference label stored for a response."""
         return await request.app.state.feedback.outcome(response_id)
@@ -229,13 +271,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     @app.post("/admin/reload", include_in_schema=False)
     async def admin_reload(request: Request) -> dict:
         """Load a classifier artifact (``{"artifact": PATH}``; default: the shipped one) and
-        swap it in without a restart. Behind the API keys; with none configured, loopback
-        clients only."""
-        if not settings.api_keys and not is_loopback(request.client.host if request.client
-                                                      else None):
-            raise errors.PermissionDeniedError(
-                "/admin/reload: with no api_keys configured, only loopback clients may "
-                "reload; configure api_keys to reload from elsewhere")
+        swap it in without a restart. Behind the admin API keys (GuardMiddleware); a path
+        only from ``artifact_roots``."""
         raw = await request.body()
         try:
             data = json.loads(raw) if raw.strip() else {}

@@ -4,19 +4,26 @@
 with 400 invalid request, 401 auth, 403 not allowed, 404 unknown model (or response),
 409 conflicting feedback, 413 too large, 429 / 503 overloaded, 502 upstream failure, 504
 upstream timeout, 500 anything else.
+
+What a client reads is ours: a backend's or an exception's own text (an upstream's error
+body, a path, a library's message) is logged with the request id, never sent. Only
+:class:`~models.base.RequestError` (and request validation) is the client's fault (400);
+any other exception is a 500 ``internal_error``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.base import BackendError
+from models.base import BackendError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,7 @@ class APIError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 status: int | None = None) -> None:
+                 status: int | None = None, type: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -37,6 +44,8 @@ class APIError(Exception):
             self.code = code
         if status is not None:
             self.status = status
+        if type is not None:
+            self.type = type
 
 
 class InvalidRequestError(APIError):
@@ -81,21 +90,40 @@ class UpstreamTimeout(APIError):
     status, type, code = 504, "upstream_error", "backend_timeout"
 
 
-def to_api_error(exc: BaseException) -> APIError:
-    """Map any exception to the :class:`APIError` the client sees."""
+def _kind(exc: BaseException) -> str:
+    """The kind of a backend failure, without its text: ``HTTP 500`` for an upstream's
+    status, else the exception class (of the cause, for a wrapped one)."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return f"HTTP {status}"
+    cause = exc.__cause__
+    return type(cause if cause is not None and not isinstance(cause, APIError) else exc).__name__
+
+
+def to_api_error(exc: BaseException, backend: str | None = None,
+                 request_id: str | None = None) -> APIError:
+    """Map any exception to the :class:`APIError` the client sees; ``backend`` (its name)
+    and ``request_id`` go into the message and the log line. Text the client does not see
+    is logged with the request id."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, TimeoutError):  # incl. UpstreamTimeoutError, asyncio timeouts
-        return UpstreamTimeout(f"backend timed out: {exc}" if str(exc) else "backend timed out")
-    # RequestError: a backend says the request is wrong (too long for the model, refused by
-    # an upstream as invalid); a plain ValueError here comes from the router's own request
-    # checks (a backend's stray ValueError was made a BackendError by the pool)
-    if isinstance(exc, ValueError):
+    who = f"backend {backend}" if backend else "backend"
+    rid = request_id or "-"
+    if isinstance(exc, RequestError):  # the client's fault: too long, refused as invalid
+        if isinstance(getattr(exc, "status_code", None), int):  # an upstream's words
+            log.info("request %s: %s refused it: %s", rid, who, exc)
+            return InvalidRequestError(f"upstream {who} refused the request "
+                                       f"({_kind(exc)})")
         return InvalidRequestError(str(exc))
+    # a backend's failures are logged where they happen (the fallback loop in
+    # router/serving.py, with the request id; router/streaming.py mid-stream)
+    if isinstance(exc, TimeoutError):  # incl. UpstreamTimeoutError, asyncio timeouts
+        return UpstreamTimeout(f"{who} timed out")
     if isinstance(exc, BackendError):
-        return UpstreamError(f"backend failed: {exc}")
-    log.exception("unexpected error", exc_info=exc)
-    return APIError("internal error", status=500, code="internal_error")
+        up = "upstream " if isinstance(getattr(exc, "status_code", None), int) else ""
+        return UpstreamError(f"{up}{who} failed ({_kind(exc)})")
+    log.error("request %s: unexpected error", rid, exc_info=exc)
+    return APIError("internal error", status=500, type="server_error", code="internal_error")
 
 
 def envelope(err: APIError) -> dict:
@@ -103,7 +131,7 @@ def envelope(err: APIError) -> dict:
                       "code": err.code}}
 
 
-def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(exc: BaseException, headers: Mapping[str, str] | None = None) -> JSONResponse:
     err = to_api_error(exc)
     return JSONResponse(envelope(err), status_code=err.status, headers=headers)
 
@@ -140,11 +168,47 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 413:
             return error_response(RequestTooLargeError(str(exc.detail)))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(str(exc.detail), status=exc.status_code, code=code))
+        return error_response(APIError(str(exc.detail), status=exc.status_code, code=code),
+                              headers=exc.headers)  # a 405's Allow
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """OpenAI's error envelope: every error the router answers has this body."""
+
+    error: ErrorObject
+
+
+ERROR_MEANINGS = {
+    400: "invalid request", 401: "missing or invalid API key",
+    403: "not allowed (e.g. admin endpoints without an admin key)",
+    404: "unknown model or response id", 409: "conflicting feedback",
+    413: "request body over max_body_bytes", 429: "overloaded: no free slot or queue place",
+    502: "the backend failed", 503: "unavailable: backend cooling down, no slot in time",
+    504: "the backend timed out",
+}
+# a generating route's 200: JSON, or with ``stream: true`` server-sent events
+OPENAPI_STREAM: dict[int | str, dict] = {200: {
+    "description": "the completion (JSON); with `stream: true`, server-sent events "
+                   "(`data: {chunk}` lines, an error as one `data: {\"error\": ...}` event, "
+                   "always ending with `data: [DONE]`)",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def openapi_errors(*statuses: int) -> dict[int | str, dict]:
+    """``responses=`` for a route: each status with the error envelope's schema."""
+    return {s: {"model": ErrorEnvelope, "description": f"{ERROR_MEANINGS[s]} (OpenAI's "
+                "error envelope)"} for s in statuses}
 
 
 def openapi_without_422(app) -> None:

@@ -9,6 +9,12 @@ and thresholds replace the old ones in one assignment (:class:`router.serving.Ro
 Requests already routed finish with the backend the old policy chose; new ones use the new
 policy. A failing artifact changes nothing: the old one keeps serving and the caller gets
 the reason. Backends, slots and in-flight requests are not touched.
+
+A corrupt or half-written artifact cannot take the router down: its files are checked
+against its manifest before LightGBM reads a byte, and one without a manifest is loaded
+first in a child process (:mod:`classifiers.integrity`). A path given in the request must
+lie in ``artifact_roots`` (or be the shipped default), else 403; the answer names the
+artifact (folder name, sha256, created_utc), never a server path.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.errors import APIError, InvalidRequestError
+from router.errors import APIError, InvalidRequestError, PermissionDeniedError
 from router.policies import Policy, get_policy
 from router.serving import RoutingState, artifact_of
 
@@ -41,6 +47,23 @@ class ReloadRequest(BaseModel):
 
 class ReloadError(InvalidRequestError):
     code = "reload_failed"
+
+
+def allowed_artifact(settings: Settings, path: str) -> Path:
+    """``path`` resolved (symbolic links followed), when it lies in one of the settings'
+    ``artifact_roots`` (relative roots: to the working directory) or is the shipped
+    default; else :class:`PermissionDeniedError` (403)."""
+    from classifiers.artifact import DEFAULT_DIR
+
+    target = Path(path).resolve()
+    roots = [DEFAULT_DIR.resolve(), *(Path(r).resolve() for r in settings.artifact_roots)]
+    if not any(target == r or target.is_relative_to(r) for r in roots):
+        raise PermissionDeniedError(
+            f"artifact {path!r} is outside the folders reloads may load from "
+            f"(artifact_roots: {settings.artifact_roots}, and the shipped default); move it "
+            "there or add its folder to artifact_roots", param="artifact",
+            code="artifact_not_allowed")
+    return target
 
 
 def build_policies(settings: Settings, current: RoutingState,
@@ -92,18 +115,21 @@ class Reloader:
         profile's threshold. :class:`ReloadError` (400) when the artifact is refused."""
         from classifiers.artifact import ArtifactError
 
+        if path is not None:
+            allowed_artifact(self.settings, path)
         async with self._lock:
             t0 = time.perf_counter()
             try:
                 policies, default = await asyncio.to_thread(
                     build_policies, self.settings, self.service.state, path)
             except (ArtifactError, ValueError, OSError) as exc:
+                log.warning("reload of %s refused: %s", path or "the default", exc)
                 raise ReloadError(f"reload failed; the previous artifact keeps serving: "
                                   f"{exc}", param="artifact") from None
-            except Exception as exc:  # noqa: BLE001 - reported, never half-applied
+            except Exception:  # noqa: BLE001 - reported, never half-applied
                 log.exception("reload failed")
-                raise APIError(f"reload failed; the previous artifact keeps serving: "
-                               f"{type(exc).__name__}: {exc}", status=500,
+                raise APIError("reload failed (internal error, logged); the previous "
+                               "artifact keeps serving", status=500, type="server_error",
                                code="reload_failed") from None
             state = RoutingState.build(self.settings, policies)
             self.service.state = state  # one assignment: new requests see all of it

@@ -300,13 +300,16 @@ class RouterService:
 
     def _note_failure(self, route: Route, slot: BackendSlot, exc: BaseException,
                       errors: list[BaseException]) -> None:
-        errors.append(exc)
+        """Count and log (with the request id) a backend's failure; ``errors`` gets what the
+        client would see of it (router/errors.py: no backend or exception text)."""
+        errors.append(to_api_error(exc, slot.name, route.row.request_id))
         self.metrics.backend_failures.labels(slot.name).inc()
         self.metrics.breaker_open.labels(slot.name).set(float(slot.state == "open"))
         if route.failed_first is None and len(route.order) > 1:
             route.failed_first = slot.name
             route.fallback_reason = to_api_error(exc).code or "error"
-        log.warning("backend %s failed (%s: %s)", slot.name, type(exc).__name__, exc)
+        log.warning("request %s: backend %s failed (%s: %s)", route.row.request_id, slot.name,
+                    type(exc).__name__, exc)
 
     @staticmethod
     def _final_error(errors: list[BaseException]) -> BaseException:
@@ -440,12 +443,18 @@ class RouterService:
                    ) -> tuple[Prompt, RoutingRequest]:
         """(what the backend is given, what the policy sees) for a request body."""
         if isinstance(body, P.ChatCompletionRequest):
-            messages = body.chat_messages()
+            try:
+                messages = body.chat_messages()
+            except ValueError as exc:  # the request's own checks (router/protocol.py)
+                raise _client_error(exc) from None
             return messages, RoutingRequest(tuple(messages), body.requested_max_tokens(), "chat")
         if body.logprobs is not None:
             raise InvalidRequestError("logprobs: not supported by the router (call a "
                                       "backend's own server)", param="logprobs")
-        prompt = body.prompt_text()
+        try:
+            prompt = body.prompt_text()
+        except ValueError as exc:
+            raise _client_error(exc) from None
         return prompt, RoutingRequest.from_prompt(prompt, body.requested_max_tokens())
 
     async def decide_only(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> dict:
@@ -493,7 +502,7 @@ class RouterService:
                 return await self._stream_response(route, prompt, body, t0)
             results, spent = await self.generate(route, prompt, body)
         except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
-            err = to_api_error(exc)
+            err = to_api_error(exc, request_id=row.request_id)
             self._finish(row, t0, None, err.status, err.message)
             raise err from exc
         if route.span_gate is not None:
@@ -559,6 +568,12 @@ class RouterService:
             self.metrics.overhead.observe(overhead_ms / 1000)
         if self.decision_log is not None:
             self.decision_log.write(row)
+
+
+def _client_error(exc: ValueError) -> Exception:
+    """A request check's ValueError as the client's fault (400); a :class:`RequestError`
+    as it is. Only here: elsewhere a plain ValueError is a bug (500)."""
+    return exc if isinstance(exc, RequestError) else InvalidRequestError(str(exc))
 
 
 def _other(role: str) -> str:

@@ -441,7 +441,7 @@ def small_artifact(path: Path, flip: bool = False, thresholds=None) -> Path:
 def reloadable(tmp_path: Path):
     a = small_artifact(tmp_path / "a")
     b = small_artifact(tmp_path / "b", flip=True, thresholds={"quality": 0.4, "cost": 0.6})
-    f = Fakes(tmp_path, api_keys=[KEY],
+    f = Fakes(tmp_path, api_keys=[KEY], admin_api_keys=[KEY], artifact_roots=[str(tmp_path)],
               profiles={"auto": {"policy": "classifier"},
                         "cost": {"policy": "classifier", "policy_args": {"operating_point": "cost"}},
                         "pinned": {"policy": "classifier", "policy_args": {"artifact": str(a)}},
@@ -541,4 +541,4 @@ def test_without_keys_reload_is_for_loopback_clients_only(tmp_path: Path) -> Non
     with TestClient(f.app, client=("127.0.0.1", 50000)) as client:
         r = client.post("/admin/reload")  # the shipped default artifact
         assert r.status_code == 200, r.text
-        assert r.json()["artifact"]["path"] == str(artifact.DEFAULT_DIR)
+        assert r.json()["artifact"]["name"] == "default"  # no server path (#21 N10)

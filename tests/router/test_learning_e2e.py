@@ -35,7 +35,8 @@ LONG = [{"role": "user", "content": "word " * 400}]
 def start(tmp: Path, module: str = "router.cli", **config) -> Server:
     base = {"backends": {"transformer": {"name": "t-fake", "kind": "fake", "fake_delay_s": 0.02},
                          "hybrid": {"name": "h-fake", "kind": "fake", "fake_delay_s": 0.02}},
-            "api_keys": [KEY], "decision_log": str(tmp / "decisions.sqlite")}
+            "api_keys": [KEY], "admin_api_keys": [KEY], "artifact_roots": [str(tmp)],
+            "decision_log": str(tmp / "decisions.sqlite")}
     (tmp / "router.yaml").write_text(yaml.safe_dump({**base, **config}))
     args = ["--config", str(tmp / "router.yaml")]
     return Server(args if module != "router.cli" else ["serve", *args], module=module,
