@@ -60,9 +60,15 @@ def _extract(package: str, cache: Path) -> Path:
     if (root / ".done").exists():
         return root
     root.mkdir(parents=True, exist_ok=True)
+    log.info("fetching Debian package %s (apt-get download from this machine's Debian "
+             "archive; unpacked with dpkg-deb, nothing installed)", package)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", package], cwd=tmp, check=True,
-                       capture_output=True)
+        got = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True,
+                             text=True)
+        if got.returncode != 0:
+            raise SystemExit(
+                f"corpus: `apt-get download {package}` failed (it needs apt and a reachable "
+                f"Debian archive that carries {package}): {got.stderr.strip()[-300:]}")
         deb = next(Path(tmp).glob("*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     (root / ".done").touch()
