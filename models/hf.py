@@ -389,17 +389,18 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
 
 def build(cfg, role: str | None = None, torch_threads: int | None = None) -> HFBackend:
     """The registry's factory for kind ``hf`` (models/registry.py): ``path`` is a local model
-    directory or ``reference:transformer`` / ``reference:hybrid``; ``role``, when given, is
-    the architecture the operator states (else it is detected from the config)."""
+    directory (``reference:transformer`` / ``reference:hybrid`` go to
+    :func:`models.reference_pair.build`); ``role``, when given, is the architecture the
+    operator states (else it is detected from the config)."""
     from models.registry import BackendSpecError
 
     if not cfg.path:
         raise BackendSpecError(f"{cfg.name}: kind hf needs a path")
-    kwargs: dict = {"device": cfg.device, "torch_threads": torch_threads,
-                    "max_concurrency": cfg.max_concurrency or 1}
-    if cfg.path.startswith("reference:"):
-        from models.reference_pair import load_reference
-
-        return load_reference(cfg.path.split(":", 1)[1], name=cfg.name, **kwargs)
     arch = role if role in ("transformer", "hybrid", "other") else None
-    return HFBackend(cfg.name, cfg.path, architecture=arch, **kwargs)
+    return HFBackend(cfg.name, cfg.path, architecture=arch, **hf_kwargs(cfg, torch_threads))
+
+
+def hf_kwargs(cfg, torch_threads: int | None) -> dict:
+    """HFBackend's keyword arguments from a backend config (the registry's)."""
+    return {"device": cfg.device, "torch_threads": torch_threads,
+            "max_concurrency": cfg.max_concurrency or 1}

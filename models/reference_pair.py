@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.hf import HFBackend
+from models.hf import HFBackend, hf_kwargs
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 ARCHS = ("transformer", "hybrid")
@@ -32,8 +32,14 @@ def load_reference_pair(**kwargs) -> tuple[HFBackend, HFBackend]:
     return load_reference("transformer", **kwargs), load_reference("hybrid", **kwargs)
 
 
-def resolve_backend_spec(spec: str, **kwargs):
-    """Deprecated: :func:`models.registry.from_spec` (kept until the last caller moves)."""
-    from models.registry import from_spec
+def build(cfg, role: str | None = None, torch_threads: int | None = None) -> HFBackend:
+    """The registry's factory for kind ``hf`` with path ``reference:ARCH`` (the embedded
+    pair); the model's own architecture, whatever ``role`` says."""
+    from models.registry import BackendSpecError
 
-    return from_spec(spec, **kwargs)
+    del role
+    arch = cfg.path.split(":", 1)[1]
+    if arch not in ARCHS:
+        raise BackendSpecError(f"{cfg.path}: unknown reference model {arch!r}; expected "
+                               f"reference:{' or reference:'.join(ARCHS)}")
+    return load_reference(arch, name=cfg.name, **hf_kwargs(cfg, torch_threads))

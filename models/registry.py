@@ -20,7 +20,7 @@ line in :data:`KINDS` (the fake backend, ``models/fake.py`` ``build``, is the ex
 ``name``, ``kind``, ``path`` (hf), ``base_url``/``model``/``api_key`` (upstream),
 ``fake_reply``/``fake_delay_s``/``fake_tool_calls`` (fake), ``device``, ``timeout_s``,
 ``max_concurrency``, ``call_tools`` (False: an upstream that takes no tools; None: the
-kind's default, see ``Backend.can_call_tools``).
+kind's default, see ``Backend.can_call_tools``), ``max_response_bytes`` (upstream).
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ if TYPE_CHECKING:
 # the embedded reference pair's specs: every command's default backends
 REFERENCE_SPECS: dict[str, str] = {"transformer": "reference:transformer",
                                    "hybrid": "reference:hybrid"}
+# an upstream response body (or stream) larger than this is refused (kind upstream)
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 # kind -> "module:function(cfg, role, torch_threads) -> Backend"
+REFERENCE_BUILD = "models.reference_pair:build"  # kind hf, path reference:ARCH
 KINDS: dict[str, str] = {
     "hf": "models.hf:build",
     "upstream": "models.upstream:build",
@@ -79,6 +82,8 @@ class Config(Protocol):
     def fake_tool_calls(self) -> list[dict[str, Any]] | None: ...
     @property
     def call_tools(self) -> bool | None: ...
+    @property
+    def max_response_bytes(self) -> int: ...
 
 
 @dataclass
@@ -98,6 +103,7 @@ class BackendConfig:
     fake_delay_s: float = 0.0
     fake_tool_calls: list[dict[str, Any]] | None = None
     call_tools: bool | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
 
 def parse_spec(spec: str, role: str | None = None) -> dict[str, Any]:
@@ -129,6 +135,8 @@ def build(cfg: Config, role: str | None = None, torch_threads: int | None = None
     target = KINDS.get(cfg.kind)
     if target is None:
         raise BackendSpecError(f"unknown backend kind {cfg.kind!r}; known: {', '.join(KINDS)}")
+    if cfg.kind == "hf" and (cfg.path or "").startswith("reference:"):
+        target = REFERENCE_BUILD  # the embedded pair: kind hf from the shipped folder
     module, attr = target.split(":")
     return getattr(importlib.import_module(module), attr)(cfg, role, torch_threads)
 
