@@ -1,13 +1,21 @@
-"""Committed decision-log rows survive the process being killed."""
+"""The decision log's file: committed rows survive the process being killed, the file is its
+owner's only, and rows written while the database fails are buffered, then written."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from router.decision_log import DecisionLog, DecisionRow
+import pytest
+
+from router.decision_log import DecisionLog, DecisionLogUnavailable, DecisionRow, read_log
+from router.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,3 +43,83 @@ def test_prompts_only_when_enabled(tmp_path: Path) -> None:
     log.close()
     assert sqlite3.connect(tmp_path / "d.sqlite").execute(
         "SELECT prompt FROM decisions").fetchone() == ("hello",)
+
+
+def test_a_new_log_file_is_the_owners_only(tmp_path: Path) -> None:
+    """The log can hold prompts: created 0600 whatever the umask (issue #21, D11), and so
+    are SQLite's -wal and -shm files, which take the main file's mode."""
+    old = os.umask(0o022)
+    try:
+        dlog = DecisionLog(tmp_path / "d.sqlite", log_prompts=True)
+        dlog.write(DecisionRow("r", "chat", "m", prompt="a secret"))
+        dlog.flush()
+        made = sorted(p.name for p in tmp_path.iterdir())
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        dlog.close()
+    finally:
+        os.umask(old)
+    assert "d.sqlite-wal" in made
+    assert modes == dict.fromkeys(made, 0o600)
+
+
+class _Outage:
+    """Makes a log's database fail as an unreachable one does (the driver's operational
+    error), for every connection, until ``up()``."""
+
+    def __init__(self, dlog: DecisionLog) -> None:
+        self.down = False
+        real = dlog.store.transaction
+
+        @contextmanager
+        def transaction(conn):
+            if self.down:
+                raise sqlite3.OperationalError("disk I/O error")
+            with real(conn) as cur:
+                yield cur
+
+        dlog.store.transaction = transaction  # type: ignore[method-assign]
+
+
+def test_rows_written_during_an_outage_are_buffered_and_written_later(tmp_path: Path) -> None:
+    """Issue #21, N4: while the database fails, rows wait in a bounded buffer (the oldest
+    dropped beyond it, and counted) and are written when it answers again; the synchronous
+    calls say it is unavailable instead of failing any other way."""
+    path = tmp_path / "d.sqlite"
+    dlog = DecisionLog(path, max_buffered_rows=5)
+    outage = _Outage(dlog)
+    dlog.write(DecisionRow("before", "chat", "m", backend="h"))
+    dlog.flush()
+    outage.down = True
+    for i in range(8):
+        dlog.write(DecisionRow(f"r{i}", "chat", "m", backend="h"))
+        dlog.flush()  # one at a time: the buffer, not the writer's queue, is what fills
+    assert (dlog.buffered, dlog.dropped, dlog.outage) == (5, 3, True)
+    with pytest.raises(DecisionLogUnavailable):
+        dlog.add_feedback("before", 1.0, "reward")
+    with pytest.raises(DecisionLogUnavailable):  # buffered: it exists, not readable yet
+        dlog.lookup("r7")
+    scrape = RouterMetrics(dlog).render().decode()
+    assert "archroute_decision_log_dropped_rows_total 3.0" in scrape
+    assert "archroute_decision_log_buffered_rows 5.0" in scrape
+    outage.down = False
+    deadline = time.monotonic() + 15
+    while dlog.buffered:
+        assert time.monotonic() < deadline, "the buffered rows were not written"
+        time.sleep(0.05)
+    assert dlog.lookup("r7")["request_id"] == "r7"
+    dlog.close()
+    assert [r["request_id"] for r in read_log(path)] == ["before", "r3", "r4", "r5", "r6", "r7"]
+
+
+def test_waiting_for_a_row_stops_when_the_database_fails(tmp_path: Path) -> None:
+    dlog = DecisionLog(tmp_path / "d.sqlite")
+    outage = _Outage(dlog)
+    outage.down = True
+    dlog.write(DecisionRow("r", "chat", "m", backend="h"))
+    t = time.monotonic()
+    with pytest.raises(DecisionLogUnavailable):
+        dlog.find("r", wait_s=10.0)
+    assert time.monotonic() - t < 5.0
+    outage.down = False
+    dlog.close()
+    assert [r["request_id"] for r in read_log(tmp_path / "d.sqlite")] == ["r"]
