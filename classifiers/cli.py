@@ -150,19 +150,6 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
-def _data_hash(rows: list[dict]) -> str:
-    h = hashlib.sha256()
-    for r in sorted(rows, key=lambda r: r["key"]):
-        h.update(f"{r['key']}\t{r['gap']!r}\n".encode())
-    return h.hexdigest()
-
-
-def _git_commit() -> str:
-    from models.provenance import git_commit
-
-    return git_commit()
-
-
 def results_table(results: dict) -> str:
     """Markdown table of the held-out results (one row per model and reference policy)."""
     lines = ["| model | AUC | accuracy | Brier | regret (nats/token) | routed to transformer |",
@@ -191,9 +178,17 @@ def run_train(args: argparse.Namespace) -> int:
         RulesRouter,
     )
     from classifiers.features import extract
-    from classifiers.labels import MARGIN, by_group, read_labels, require_labels, summarize
+    from classifiers.labels import (
+        MARGIN,
+        by_group,
+        labels_hash,
+        read_labels,
+        require_labels,
+        summarize,
+    )
     from classifiers.metrics import reference_rows, router_metrics
     from classifiers.request import RoutingRequest
+    from models.provenance import git_commit
 
     if getattr(args, "from_log", None):
         return run_train_from_log(args)
@@ -303,9 +298,9 @@ def run_train(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(table + "\n")
     if router is not None:
-        meta = {"margin": margin, "center": center, "git_commit": _git_commit(),
+        meta = {"margin": margin, "center": center, "git_commit": git_commit(),
                 "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "training_data": {"labels": Path(args.labels).name, "sha256": _data_hash(rows),
+                "training_data": {"labels": Path(args.labels).name, "sha256": labels_hash(rows),
                                   "pair": rows[0].get("pair"), "n_train": int(fit_mask.sum()),
                                   "n_test": int(test.sum())},
                 "params": router.get_params(), "metrics": results["models"]["lightgbm (shipped)"],

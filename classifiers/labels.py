@@ -169,6 +169,14 @@ def require_labels(path: str | Path, latest_only: bool = False) -> list[dict]:
     return read_labels(path, latest_only=latest_only)
 
 
+def labels_hash(rows: list[dict]) -> str:
+    """sha256 of label rows (key and gap, in key order): what an artifact was trained on."""
+    h = hashlib.sha256()
+    for r in sorted(rows, key=lambda r: r["key"]):
+        h.update(f"{r['key']}\t{r['gap']!r}\n".encode())
+    return h.hexdigest()
+
+
 def read_labels(path: str | Path, latest_only: bool = False) -> list[dict]:
     """Rows of a label file (request fields + key, pair, fp (pair fingerprint), gap, losses,
     n_tokens, label). ``latest_only`` keeps the rows measured on the same weights as the

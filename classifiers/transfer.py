@@ -516,9 +516,9 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     import time
     from pathlib import Path
 
-    from classifiers.cli import _data_hash, _git_commit
-    from classifiers.labels import summarize
+    from classifiers.labels import labels_hash, summarize
     from classifiers.realdata import file_provenance
+    from models.provenance import git_commit
 
     extra = [{**r, "group": MIX_GROUP} for r in extra_rows]
     rows = sorted([*rows, *extra], key=lambda r: (r["group"], r["id"]))  # the cache's order is its history
@@ -573,10 +573,10 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     results["cost_budget"] = COST_BUDGET
     provenance = file_provenance(request_paths)
     used = set(groups)
-    meta = {"margin": MARGIN, "center": 0.0, "git_commit": _git_commit(),
+    meta = {"margin": MARGIN, "center": 0.0, "git_commit": git_commit(),
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "thresholds": final.thresholds_, "cost_budget_transformer_share": COST_BUDGET,
-            "training_data": {"kind": "real requests", "sha256": _data_hash(rows),
+            "training_data": {"kind": "real requests", "sha256": labels_hash(rows),
                               "pair": rows[0].get("pair"), "n_train": int(trainable.sum()),
                               "train_only_sources": results["train_only_sources"],
                               "files": [f for f in provenance if f["file"].removesuffix(".jsonl") in used]},
@@ -637,9 +637,9 @@ def fit_quick(rows: Sequence[dict], reqs: Sequence[RoutingRequest], out_dir, see
     import time
 
     from classifiers import artifact
-    from classifiers.cli import _data_hash, _git_commit
-    from classifiers.labels import summarize
+    from classifiers.labels import labels_hash, summarize
     from classifiers.risk import RISK_ALPHAS, RISK_DELTA, rate_threshold
+    from models.provenance import git_commit
 
     keep = [i for i, r in enumerate(rows) if r["group"] not in EVAL_ONLY]
     rows = [rows[i] for i in keep]
@@ -659,10 +659,10 @@ def fit_quick(rows: Sequence[dict], reqs: Sequence[RoutingRequest], out_dir, see
         final.thresholds_[f"risk-{a:g}"] = rate_threshold(final.oof_, lt, lh, a, RISK_DELTA)
     oof = routing_summary(final.oof_, final.thresholds_["quality"], gap, lt, lh, n_boot=200,
                           seed=seed)
-    meta = {"margin": MARGIN, "center": 0.0, "git_commit": _git_commit(),
+    meta = {"margin": MARGIN, "center": 0.0, "git_commit": git_commit(),
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "thresholds": final.thresholds_, "cost_budget_transformer_share": COST_BUDGET,
-            "training_data": {"kind": "quick fit", "sha256": _data_hash(list(rows)),
+            "training_data": {"kind": "quick fit", "sha256": labels_hash(list(rows)),
                               "n_train": len(rows),
                               "sources": dict(zip(*np.unique(groups, return_counts=True),
                                                   strict=True)),
