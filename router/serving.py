@@ -37,7 +37,7 @@ from router.streaming import sse_events
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALIAS = "archroute"  # `model: "archroute"` means the default profile
+DEFAULT_ALIAS = "archroute"  # `model: "archroute"` means the default profile (resolved at start)
 _INLINE_SCORE_CHARS = 20_000  # cheap policies score shorter texts on the loop itself
 
 
@@ -61,8 +61,9 @@ class Route:
     tools: P.ToolFields | None = None
     params: GenerationParams | None = None  # the request's, built once (handle)
     # a span profile's request: the gate that decodes it (None: not span-decoded, or served
-    # by a fallback)
+    # by a fallback) and the profile's drafted copy spans (draft_k, draft_min_match)
     span_gate: str | None = None
+    span_draft: tuple[int, int] = (0, 2)
 
     @property
     def span(self) -> dict | None:
@@ -154,6 +155,7 @@ class RouterService:
         self.exploration_seed = (settings.exploration_seed if settings.exploration_seed
                                  is not None else secrets.randbits(32))
         self._rng = random.Random(self.exploration_seed)
+        self.default_profile = self._resolve_default()
         exploring = {n: p.epsilon for n, p in settings.profiles.items() if p.epsilon}
         if exploring:
             log.info("exploration: %s, random seed %d", exploring, self.exploration_seed)
@@ -166,16 +168,45 @@ class RouterService:
     def thresholds(self) -> dict[str, float]:
         return self.state.thresholds
 
+    def _resolve_default(self) -> str:
+        """What `model: "archroute"` means on this router: ``default_profile`` when set;
+        unset, ``archroute-span`` where the pair can span-decode with its gate (the slot is
+        built now, so the first request does not wait for it), else the request classifier's
+        profile (``archroute-auto``); the choice and the reason are logged."""
+        candidates = self.settings.default_candidates()
+        if self.settings.default_profile is not None:
+            return candidates[0]
+        for name in candidates:
+            prof = self.settings.profiles[name]
+            if prof.span_gate is None:
+                log.info("model 'archroute' = profile %s (%s: per-request routing)", name,
+                         prof.policy)
+                return name
+            why = self.span.why_not(prof.span_gate, prof.span_draft)
+            if why is None:
+                log.info("model 'archroute' = profile %s (span decoding, gate %s, draft_k %d)",
+                         name, prof.span_gate, prof.span_draft[0])
+                return name
+            log.info("model 'archroute': profile %s cannot span-decode here (%s); trying the "
+                     "next", name, why)
+        return candidates[-1]
+
+    @property
+    def default_routing(self) -> str:
+        """``span`` when `model: "archroute"` is span-decoded, else ``request``."""
+        return "span" if self.settings.profiles[self.default_profile].span_gate else "request"
+
     # --- routing -------------------------------------------------------------------
     def models(self) -> list[dict]:
         """``/v1/models``: the default alias ``archroute`` first (chat apps list ids and let
         users pick one), then the profiles, then the backends by name."""
-        default = self.settings.default_profile
+        default = self.default_profile
         dp = self.settings.profiles[default]
         state = self.state
 
         def extra(name: str, p: ProfileSettings) -> dict:
-            out: dict = {"gate": p.span_gate} if p.span_gate is not None else {}
+            out: dict = ({"gate": p.span_gate, "draft_k": p.span_draft[0]}
+                         if p.span_gate is not None else {})
             if p.span_gate is None:
                 out["epsilon"] = p.epsilon
             art = artifact_of(state.policies[name]) if name in state.policies else None
@@ -186,7 +217,11 @@ class RouterService:
         out = [P.model_card(DEFAULT_ALIAS, "archroute", self.created, kind="profile",
                             policy=dp.policy, alias_of=default,
                             threshold=state.thresholds.get(default, dp.threshold),
-                            description=f"the default profile ({default})",
+                            routing=self.default_routing,
+                            description=f"the default profile ({default}): " + (
+                                "span decoding, a gate picks the model per token"
+                                if self.default_routing == "span" else
+                                "per-request routing"),
                             **extra(default, dp))]
         out += [P.model_card(name, "archroute", self.created, kind="profile", policy=p.policy,
                              threshold=state.thresholds.get(name, p.threshold),
@@ -200,7 +235,7 @@ class RouterService:
         return out
 
     def _profile(self, model: str) -> tuple[str, ProfileSettings] | None:
-        name = self.settings.default_profile if model == DEFAULT_ALIAS else model
+        name = self.default_profile if model == DEFAULT_ALIAS else model
         p = self.settings.profiles.get(name)
         return (name, p) if p is not None else None
 
@@ -212,7 +247,7 @@ class RouterService:
     def _slot(self, route: Route, role: str) -> BackendSlot:
         """The slot serving ``role`` for this route (a span route's gate has its own)."""
         if role == SPAN_ROLE and route.span_gate is not None:
-            return self.span.slot(route.span_gate)
+            return self.span.slot(route.span_gate, route.span_draft)
         return self.slots[role]
 
     async def route(self, row: DecisionRow, rreq: RoutingRequest, threshold: float | None,
@@ -251,11 +286,12 @@ class RouterService:
         if prof.span_gate is not None:
             chosen = prof.span_gate if gate is None else gate
             self.span.check_gate(chosen, prof.span_gate)
-            await self.span.prepare(chosen)  # a 400 when this pair cannot span-decode
+            await self.span.prepare(chosen, prof.span_draft)  # a 400 when it cannot span
             if count:
                 self.metrics.decisions.labels(prof.policy, SPAN_ROLE).inc()
             _decided(row, SPAN_ROLE, name, prof.policy)
             return Route(row, self._order(SPAN_ROLE), span_gate=chosen,
+                         span_draft=prof.span_draft,
                          reasons=[f"span decoding: the gate {chosen} picks the model for each "
                                   "token"] if explain else None)
         policy = state.policies[name]
@@ -295,8 +331,11 @@ class RouterService:
         asked = body.requested_max_tokens() or self.settings.default_max_tokens
         max_tokens = None if asked is None else min(asked, self.settings.max_tokens_cap)
         seed = None if body.seed is None else body.seed + i
+        # vLLM's ignore_eos on completions (decode to max_tokens: fixed-length benchmarks)
+        ignore_eos = isinstance(body, P.CompletionRequest) and body.ignore_eos
         return GenerationParams(max_tokens=max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, seed=seed, stop=body.stop_list())
+                                top_p=body.top_p, seed=seed, stop=body.stop_list(),
+                                ignore_eos=ignore_eos)
 
     def _note_failure(self, route: Route, slot: BackendSlot, exc: BaseException,
                       errors: list[BaseException]) -> None:

@@ -28,14 +28,28 @@ from pydantic import (
 )
 
 from models.registry import REFERENCE_SPECS, parse_spec
-from models.span.decoder import DEFAULT_GATE, default_gate_name
+from models.span.decoder import (
+    DEFAULT_DRAFT_MIN_MATCH,
+    DEFAULT_GATE,
+    check_draft,
+    default_gate_name,
+)
 from models.span.gates import GATES
 from router.policies import EVAL_ONLY, list_policies
 
 Role = Literal["transformer", "hybrid"]
 # a profile kind, not a scoring policy: its requests are span-decoded (router/span.py), a gate
-# choosing the model per token; ``policy_args: {gate: NAME}`` (default copy-2)
+# choosing the model per token; ``policy_args: {gate: NAME, draft_k: K, draft_min_match: M}``
+# (gate default copy-2; drafted copy spans, models/span/decoder.py: up to K tokens drafted from
+# an induction match of M or more tokens and verified in one transformer forward, 0 = off)
 SPAN_POLICY = "span"
+SPAN_ARGS = frozenset({"gate", "draft_k", "draft_min_match"})
+# the measured defaults (docs/span.md, "Drafted copy spans": `archroute bench span`)
+DEFAULT_DRAFT_K = 8
+# `model: "archroute"` when `default_profile` is unset: this span profile where the pair can
+# span-decode (router/serving.py), else the request classifier's profile
+DEFAULT_SPAN_PROFILE = "archroute-span"
+DEFAULT_REQUEST_PROFILE = "archroute-auto"
 
 
 class SettingsError(ValueError):
@@ -122,12 +136,25 @@ class ProfileSettings(_Strict):
             return None
         return str(self.policy_args.get("gate", DEFAULT_GATE))
 
+    @property
+    def span_draft(self) -> tuple[int, int]:
+        """A span profile's drafted copy spans: (draft_k, draft_min_match); (0, _) = off."""
+        if self.policy != SPAN_POLICY:
+            return (0, DEFAULT_DRAFT_MIN_MATCH)
+        return (self.policy_args.get("draft_k", DEFAULT_DRAFT_K),
+                self.policy_args.get("draft_min_match", DEFAULT_DRAFT_MIN_MATCH))
+
     @model_validator(mode="after")
     def _known_policy(self) -> ProfileSettings:
         if self.policy == SPAN_POLICY:
-            extra = sorted(set(self.policy_args) - {"gate"})
+            extra = sorted(set(self.policy_args) - SPAN_ARGS)
             if extra:
-                raise ValueError(f"span profile: unknown policy_args {extra}; only 'gate'")
+                raise ValueError(f"span profile: unknown policy_args {extra}; known: "
+                                 f"{sorted(SPAN_ARGS)}")
+            try:
+                check_draft(*self.span_draft)
+            except ValueError as exc:
+                raise ValueError(f"span profile: policy_args.{exc}") from None
             gate = self.policy_args.get("gate", DEFAULT_GATE)
             if not isinstance(gate, str) or not (gate in GATES or gate.startswith("learned:")):
                 import difflib
@@ -179,7 +206,8 @@ def _default_profiles() -> dict[str, ProfileSettings]:
             policy=SPAN_POLICY, policy_args={"gate": default_gate_name()},
             description="span decoding: a gate picks the model per token (both backends "
                         "in-process with one tokenizer, or two engines with their tokenizer "
-                        "set and a gate over tokens)"),
+                        "set and a gate over tokens); in-process, copy spans drafted and "
+                        "verified in one transformer forward (draft_k)"),
     }
 
 
@@ -209,7 +237,10 @@ class Settings(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     backends: dict[Role, BackendSettings] = Field(default_factory=_default_backends)
     profiles: dict[str, ProfileSettings] = Field(default_factory=_default_profiles)
-    default_profile: str = "archroute-auto"  # what `model: "archroute"` means
+    # what `model: "archroute"` means; None: "archroute-span" where the pair can span-decode
+    # (one tokenizer, in-process or engines with their tokenizer set), else "archroute-auto"
+    # (router/serving.py resolves it at start; /v1/models and each decision say which)
+    default_profile: str | None = None
     fallback: bool = True  # serve from the other backend if the chosen one fails first
     failure_threshold: int = Field(3, ge=1)  # consecutive failures that open the breaker
     cooldown_s: float = Field(30.0, gt=0)  # breaker open this long, then one probe request
@@ -283,10 +314,28 @@ class Settings(_Strict):
         clash = set(names) & (set(self.profiles) | {"archroute"})
         if clash:
             raise ValueError(f"names used twice (profiles, backends, 'archroute'): {sorted(clash)}")
-        if self.default_profile not in self.profiles:
+        if self.default_profile is not None and self.default_profile not in self.profiles:
             raise ValueError(f"default_profile {self.default_profile!r} is not a profile "
                              f"({sorted(self.profiles)})")
+        if not self.profiles:
+            raise ValueError("profiles: need at least one")
         return self
+
+    def default_candidates(self) -> list[str]:
+        """The profiles `model: "archroute"` may mean, in order of preference: the
+        configured ``default_profile``; unset, the span profile (``archroute-span``) and then
+        the request classifier's (``archroute-auto``, else the first profile that routes
+        whole requests, else the first profile). The router takes the first span profile the
+        pair can span-decode, or the first that is not a span profile."""
+        if self.default_profile is not None:
+            return [self.default_profile]
+        out = [DEFAULT_SPAN_PROFILE] if DEFAULT_SPAN_PROFILE in self.profiles else []
+        request = [n for n, p in self.profiles.items() if p.span_gate is None]
+        if DEFAULT_REQUEST_PROFILE in request:
+            out.append(DEFAULT_REQUEST_PROFILE)
+        elif request:
+            out.append(request[0])
+        return out or [next(iter(self.profiles))]
 
     def redacted(self) -> dict[str, Any]:
         """A JSON-able dict with every secret shown as ``**********`` (for logs, results),

@@ -38,9 +38,10 @@ _UNCHECKED = object()
 
 def span_header(span: Mapping[str, object]) -> str:
     """``x-archroute-span``: ``transformer=12; hybrid=30; switches=5; catchup=17; gate=copy-2``
-    (over two engines ``requests=6; wasted=0`` in place of ``catchup``; only ``gate=...``
+    (with drafted copy spans ``drafted=40; accepted=31`` after ``catchup``; over two engines ``requests=6; wasted=0`` in place of ``catchup``; only ``gate=...``
     before the answer is known, i.e. on a stream)."""
-    keys = ("transformer", "hybrid", "switches", "catchup", "requests", "wasted", "gate")
+    keys = ("transformer", "hybrid", "switches", "catchup", "drafted", "accepted", "requests",
+            "wasted", "gate")
     return "; ".join(f"{k}={span[k]}" for k in keys if k in span)
 
 
@@ -54,8 +55,12 @@ def span_totals(gate: str, spans: Iterable[Mapping[str, object] | None]) -> dict
     return out
 
 
+Draft = tuple[int, int]  # (draft_k, draft_min_match) of a span profile; draft_k 0: off
+NO_DRAFT: Draft = (0, 2)
+
+
 class SpanService:
-    """The span slots of one router, by gate name, built on first use."""
+    """The span slots of one router, by gate name and draft setting, built on first use."""
 
     def __init__(self, transformer: Backend, hybrid: Backend, limits: SlotLimits,
                  gates: Mapping[str, Gate] | None = None,
@@ -67,7 +72,7 @@ class SpanService:
         self._engine_tokenizer: Any = None
         self.limits = limits
         self.gates: dict[str, Gate] = dict(gates or {})  # the profiles' gates, loaded at start
-        self.slots: dict[str, BackendSlot] = {}
+        self.slots: dict[tuple[str, Draft], BackendSlot] = {}
         self._why: object = _UNCHECKED  # why the pair cannot be span-decoded (None: it can)
 
     def _pair_problem(self) -> str | None:
@@ -119,8 +124,8 @@ class SpanService:
         self._engine_tokenizer = next(iter(toks.values()))
         return self._engine_tokenizer
 
-    def _build(self, gate_name: str) -> BackendSlot:
-        from models.span.decoder import SpanBackend
+    def _build(self, gate_name: str, draft: Draft = NO_DRAFT) -> BackendSlot:
+        from models.span.decoder import IncompatiblePairError, SpanBackend
 
         engines = self._engines()
         why = None if engines else self._pair_problem()
@@ -142,8 +147,12 @@ class SpanService:
             self.gates[gate_name] = gate
         if engines:
             return self._remote_slot(gate)
-        backend = SpanBackend(self.transformer, self.hybrid, gate,
-                              max_concurrency=self.limits.max_concurrency)
+        try:
+            backend = SpanBackend(self.transformer, self.hybrid, gate,
+                                  max_concurrency=self.limits.max_concurrency,
+                                  draft_k=draft[0], draft_min_match=draft[1])
+        except (IncompatiblePairError, ValueError) as exc:  # a draft the pair cannot do
+            raise InvalidRequestError(str(exc), param="model") from None
         return BackendSlot(SPAN_ROLE, backend, self.limits)
 
     def _remote_slot(self, gate: Gate) -> BackendSlot:
@@ -160,15 +169,30 @@ class SpanService:
             raise InvalidRequestError(str(exc), param="archroute.gate") from None
         return BackendSlot(SPAN_ROLE, backend, self.limits)
 
-    async def prepare(self, gate_name: str) -> BackendSlot:
-        """The slot of ``gate_name``, built (in a thread: a gate may load a file) on first
-        use; a 400 when the pair cannot be span-decoded or the gate does not load."""
-        slot = self.slots.get(gate_name)
+    async def prepare(self, gate_name: str, draft: Draft = NO_DRAFT) -> BackendSlot:
+        """The slot of ``gate_name`` with ``draft``, built (in a thread: a gate may load a
+        file) on first use; a 400 when the pair cannot be span-decoded or the gate does not
+        load. Over two engines ``draft`` does not apply (the engines decode the spans)."""
+        key = (gate_name, draft if not self._engines() else NO_DRAFT)
+        slot = self.slots.get(key)
         if slot is None:
-            built = await asyncio.to_thread(self._build, gate_name)
-            slot = self.slots.setdefault(gate_name, built)
+            built = await asyncio.to_thread(self._build, *key)
+            slot = self.slots.setdefault(key, built)
         return slot
 
-    def slot(self, gate_name: str) -> BackendSlot:
-        """The slot :meth:`prepare` built for ``gate_name``."""
-        return self.slots[gate_name]
+    def slot(self, gate_name: str, draft: Draft = NO_DRAFT) -> BackendSlot:
+        """The slot :meth:`prepare` built for ``gate_name`` and ``draft``."""
+        return self.slots[(gate_name, draft if not self._engines() else NO_DRAFT)]
+
+    def why_not(self, gate_name: str, draft: Draft = NO_DRAFT) -> str | None:
+        """Why this router cannot span-decode with ``gate_name`` (None: it can; the slot is
+        then built and kept). Called at start, before the loop serves, to resolve what
+        ``model: "archroute"`` means."""
+        key = (gate_name, draft if not self._engines() else NO_DRAFT)
+        if key in self.slots:
+            return None
+        try:
+            self.slots[key] = self._build(*key)
+        except InvalidRequestError as exc:
+            return str(exc)
+        return None

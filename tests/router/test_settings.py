@@ -18,7 +18,10 @@ def test_defaults_are_the_embedded_pair() -> None:
     assert s.backends["transformer"].path == "reference:transformer"
     assert s.backends["hybrid"].path == "reference:hybrid"
     assert s.backends["hybrid"].concurrency == 1
-    assert s.default_profile in s.profiles
+    # `archroute`: unset, resolved at start: span where the pair can, else the classifier
+    assert s.default_profile is None
+    assert s.default_candidates() == ["archroute-span", "archroute-auto"]
+    assert s.profiles["archroute-span"].span_gate is not None
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("router-*.yaml")))

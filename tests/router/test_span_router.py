@@ -96,7 +96,8 @@ def test_gate_per_request_and_its_errors(pair_app, monkeypatch):
                                              "max_tokens": 6, "archroute": {"gate": "always-hybrid"}})
     span = r.json()["archroute"]["span"]
     assert span == {"gate": "always-hybrid", "transformer": 0, "switches": 0, "catchup": 0,
-                    "hybrid": r.json()["usage"]["completion_tokens"]}
+                    "hybrid": r.json()["usage"]["completion_tokens"], "drafted": 0,
+                    "accepted": 0}  # the profile drafts, but only for the transformer
     bad = client.post("/v1/chat/completions", json={"model": "archroute-span", "messages": CODE,
                                                     "archroute": {"gate": "copy-3x"}})
     err = bad.json()["error"]
@@ -207,12 +208,19 @@ def test_span_settings_are_checked_at_start():
     with pytest.raises(SettingsError, match="threshold"):
         load_settings(overrides={"profiles": {"s": {"policy": "span", "threshold": 0.5}},
                                  "default_profile": "s"}, environ={})
-    with pytest.raises(SettingsError, match="only 'gate'"):
+    with pytest.raises(SettingsError, match=r"unknown policy_args \['k'\]; known: .*draft_k"):
         load_settings(overrides={"profiles": {"s": {"policy": "span", "policy_args": {
             "k": 2}}}, "default_profile": "s"}, environ={})
+    for bad, what in (({"draft_k": 33}, "draft_k"), ({"draft_k": -1}, "draft_k"),
+                      ({"draft_k": "8"}, "draft_k"), ({"draft_min_match": 0}, "draft_min_match"),
+                      ({"draft_min_match": 9}, "draft_min_match")):
+        with pytest.raises(SettingsError, match=rf"policy_args\.{what}: must be an integer"):
+            load_settings(overrides={"profiles": {"s": {"policy": "span", "policy_args": bad}},
+                                     "default_profile": "s"}, environ={})
     s = load_settings(overrides={"profiles": {"s": {"policy": "span"}}, "default_profile": "s"},
                       environ={})
     assert s.profiles["s"].span_gate == "copy-2"
+    assert s.profiles["s"].span_draft == (8, 2)  # drafting on by default (measured)
 
 
 def test_default_gate_is_learned_only_when_it_ships_and_loads(tmp_path, monkeypatch):
@@ -233,3 +241,74 @@ def test_default_gate_is_learned_only_when_it_ships_and_loads(tmp_path, monkeypa
         assert decoder.default_gate_name() == "learned"
     finally:
         decoder.default_gate_name.cache_clear()
+
+
+# ---- `archroute` is span routing wherever the pair can ----------------------------------
+
+def test_archroute_is_span_decoding_on_the_embedded_pair(pair_app):
+    """No default_profile set: on two in-process models with one tokenizer `archroute` is
+    the span profile (drafted copy spans on), and /v1/models and each decision say so."""
+    client, db = pair_app
+    card = client.get("/v1/models").json()["data"][0]
+    assert (card["id"], card["alias_of"], card["routing"], card["policy"]) == (
+        "archroute", "archroute-span", "span", "span")
+    assert card["gate"] == decoder.default_gate_name() and card["draft_k"] == 8
+    r = client.post("/v1/completions", json={"model": "archroute", "prompt": CODE[0]["content"],
+                                             "max_tokens": 24, "temperature": 0,
+                                             "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    ext = r.json()["archroute"]
+    assert r.headers["x-archroute-profile"] == ext["profile"] == "archroute-span"
+    assert r.headers["x-archroute-policy"] == ext["policy"] == "span"
+    span = ext["span"]
+    assert span["transformer"] + span["hybrid"] == r.json()["usage"]["completion_tokens"] == 24
+    assert span["accepted"] <= span["drafted"]
+    assert parse_header(r.headers["x-archroute-span"])["drafted"] == str(span["drafted"])
+    assert log_rows(client, db)[-1]["profile"] == "archroute-span"
+    # the request profiles stay
+    auto = client.post("/v1/chat/completions", json={"model": "archroute-auto",
+                                                     "messages": CODE, "max_tokens": 4})
+    assert auto.json()["archroute"]["policy"] in ("classifier", "classifier+rules-fallback")
+    assert "span" not in auto.json()["archroute"]
+
+
+def test_drafting_through_the_router_leaves_the_greedy_answer(reference_pair, tmp_path):
+    """The same gate with and without drafted copy spans (two span profiles): the same
+    greedy answer, chunk by chunk in a stream too; only the drafted one reports drafts."""
+    t, h = reference_pair
+    gate = decoder.default_gate_name()
+    profiles = {"on": {"policy": "span", "policy_args": {"gate": gate, "draft_k": 6}},
+                "off": {"policy": "span", "policy_args": {"gate": gate, "draft_k": 0}}}
+    settings = load_settings(overrides={"profiles": profiles, "decision_log": ""}, environ={})
+    with TestClient(create_app(settings, backends={"transformer": t, "hybrid": h})) as client:
+        out = {}
+        for name in profiles:
+            req = {"model": name, "prompt": CODE[0]["content"], "max_tokens": 40,
+                   "temperature": 0, "ignore_eos": True}
+            whole = client.post("/v1/completions", json=req)
+            assert whole.status_code == 200, whole.text
+            assert whole.json()["usage"]["completion_tokens"] == 40  # ignore_eos honoured
+            streamed = client.post("/v1/completions", json={**req, "stream": True})
+            text = "".join(json.loads(line[6:])["choices"][0]["text"]
+                           for line in streamed.text.splitlines()
+                           if line.startswith("data: {") and json.loads(line[6:])["choices"])
+            out[name] = (whole.json()["choices"][0]["text"], text,
+                         whole.json()["archroute"]["span"])
+        assert out["on"][0] == out["off"][0] == out["on"][1] == out["off"][1]
+        on, off = out["on"][2], out["off"][2]
+        assert {k: on[k] for k in off} == off and on["accepted"] > 0 and "drafted" not in off
+
+
+def test_archroute_routes_per_request_where_the_pair_cannot_span(tmp_path):
+    """Fakes (not in-process models) cannot span-decode: `archroute` is the request
+    classifier's profile, and says so; a configured default_profile is taken as given."""
+    f = Fakes(tmp_path)
+    with TestClient(f.app) as client:
+        card = client.get("/v1/models/archroute").json()
+        assert (card["alias_of"], card["routing"]) == ("archroute-auto", "request")
+        r = client.post("/v1/chat/completions", json={"model": "archroute", "messages": CODE})
+        assert r.status_code == 200 and r.headers["x-archroute-profile"] == "archroute-auto"
+    f = Fakes(tmp_path, default_profile="archroute-rules")
+    with TestClient(f.app) as client:
+        card = client.get("/v1/models/archroute").json()
+        assert (card["alias_of"], card["routing"]) == ("archroute-rules", "request")
