@@ -222,7 +222,10 @@ def openapi_without_422(app) -> None:
             for path in schema.get("paths", {}).values():
                 for op in path.values():
                     responses = op.get("responses", {})
-                    if responses.pop("422", None) is not None:
+                    # a body or a query can fail validation (a 400); a str path parameter not
+                    checked = "requestBody" in op or any(
+                        p.get("in") != "path" for p in op.get("parameters", ()))
+                    if responses.pop("422", None) is not None and checked:
                         responses.setdefault("400", {"description": "invalid request, in "
                                                      "OpenAI's error envelope"})
             for name in ("HTTPValidationError", "ValidationError"):

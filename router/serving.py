@@ -445,8 +445,10 @@ class RouterService:
             try:
                 results = [await slot.generate(prompt, self._params_for(route, slot, body, i),
                                                deadline) for i in range(body.n)]
-            except (RequestError, asyncio.CancelledError):  # the client's fault, or it left
+            except asyncio.CancelledError:  # the client left
                 raise
+            except RequestError as exc:  # the client's fault: no fallback; in our words
+                raise to_api_error(exc, slot.name, route.row.request_id) from exc
             except Exception as exc:  # noqa: BLE001 - decide below: fall back or report
                 spent += time.perf_counter() - t
                 self._note_failure(route, slot, exc, errors)
@@ -467,8 +469,10 @@ class RouterService:
             try:
                 stream = await slot.open_stream(prompt, self._params_for(route, slot, body),
                                                 deadline)
-            except (RequestError, asyncio.CancelledError):  # the client's fault, or it left
+            except asyncio.CancelledError:  # the client left
                 raise
+            except RequestError as exc:  # the client's fault: no fallback; in our words
+                raise to_api_error(exc, slot.name, route.row.request_id) from exc
             except Exception as exc:  # noqa: BLE001
                 self._note_failure(route, slot, exc, errors)
                 continue

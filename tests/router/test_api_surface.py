@@ -774,3 +774,105 @@ def test_side_request_prompts_are_recognised(text: str) -> None:
 @pytest.mark.parametrize("text", NOT_SIDE)
 def test_ordinary_prompts_about_titles_are_not_side_requests(text: str) -> None:
     assert not is_side_request(text)
+
+
+# --- #21 D8: an OpenAPI document that says what the router answers; N8: what clients read
+# of failures is ours (the details go to the log, with the request id) ---------------------
+
+ENVELOPE_REF = "#/components/schemas/ErrorEnvelope"
+
+
+def test_openapi_declares_the_real_errors_and_media_types(fakes) -> None:
+    _, client = fakes
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = paths[path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "401", "404", "413", "429", "502", "503",
+                                  "504"}, path
+        for status, r in responses.items():
+            if status != "200":
+                assert r["content"]["application/json"]["schema"]["$ref"] == ENVELOPE_REF
+        assert {"application/json", "text/event-stream"} <= set(responses["200"]["content"])
+    assert set(paths["/v1/models/{model_id}"]["get"]["responses"]) == {"200", "401", "404"}
+    assert "422" not in json.dumps(paths)
+    env = schema["components"]["schemas"]
+    assert set(env["ErrorObject"]["properties"]) == {"message", "type", "param", "code"}
+    assert "HTTPValidationError" not in env
+    # and the declared envelope is what an error looks like
+    assert_envelope(chat(client, COPY, model="nope"), 404, "model_not_found")
+
+
+@pytest.mark.parametrize("method,path,allow", [
+    ("GET", "/v1/chat/completions", "POST"), ("DELETE", "/v1/models", "GET"),
+    ("PUT", "/admin/reload", "POST")])
+def test_405_names_the_allowed_methods(tmp_path: Path, method, path, allow) -> None:
+    f = Fakes(tmp_path)
+    with TestClient(f.app, client=("127.0.0.1", 50000)) as client:
+        r = client.request(method, path)
+    assert_envelope(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == allow
+
+
+def status_error(status: int, text: str):
+    from models.upstream import UpstreamRequestError, UpstreamStatusError
+
+    cls = UpstreamRequestError if status < 500 else UpstreamStatusError
+
+    def fail(prompt, params):
+        raise cls(f"upstream HTTP {status}: {text}", status)
+    return fail
+
+
+SECRET = "db password hunter2 at /srv/llm/config.py line 9"
+
+
+def test_upstream_error_text_is_logged_not_sent(fakes, caplog) -> None:
+    f, client = fakes
+    f.transformer.generate = f.hybrid.generate = status_error(500, SECRET)  # type: ignore
+    with caplog.at_level("INFO"):
+        r = chat(client, COPY, model="archroute-rules")
+    err = assert_envelope(r, 502, "backend_failed")
+    assert err["message"] == "upstream backend t-fake failed (HTTP 500)"  # the first one tried
+    assert "hunter2" not in r.text and "/srv" not in r.text
+    rid = r.headers.get("x-request-id")
+    logged = [m for m in caplog.messages if "hunter2" in m]
+    assert logged and all("chatcmpl-" in m for m in logged), caplog.messages
+    if rid:
+        assert any(rid in m for m in logged)
+
+    f.transformer.generate = f.hybrid.generate = status_error(400, SECRET)  # type: ignore
+    failures = f.app.state.service.slots["transformer"].failures
+    r = chat(client, COPY, model="archroute-rules")
+    err = assert_envelope(r, 400)
+    assert err["message"] == "upstream backend t-fake refused the request (HTTP 400)"
+    assert "hunter2" not in r.text
+    slot = f.app.state.service.slots["transformer"]
+    assert slot.failures == failures  # the request's fault: not counted, no fallback
+
+
+def test_only_request_errors_are_400_and_a_bug_is_a_500(fakes, caplog) -> None:
+    f, client = fakes
+    svc = f.app.state.service
+
+    async def bug(*a, **k):
+        raise ValueError(f"bug: {SECRET}")
+
+    # a content part that is not text: the request's fault, said as such
+    r = client.post("/v1/chat/completions", json={"model": "archroute-rules", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert "not supported" in assert_envelope(r, 400)["message"]
+    original = svc.route
+    svc.route = bug  # type: ignore[method-assign]
+    try:
+        with caplog.at_level("ERROR"):
+            for model in ("archroute-rules", "archroute-auto"):
+                r = chat(client, COPY, model=model)
+                err = assert_envelope(r, 500, "internal_error")
+                assert err["type"] == "server_error" and "hunter2" not in r.text
+            r = client.post("/v1/route", json={"model": "archroute", "messages": COPY})
+            assert_envelope(r, 500, "internal_error")
+    finally:
+        svc.route = original  # type: ignore[method-assign]
+    assert any("chatcmpl-" in m for m in caplog.messages if "unexpected error" in m)
+    assert chat(client, COPY, model="archroute-rules").status_code == 200
