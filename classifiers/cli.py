@@ -17,7 +17,6 @@ as the artifact (default runs/classifier; the shipped classifiers/default only w
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
@@ -190,8 +189,9 @@ def run_train(args: argparse.Namespace) -> int:
     from classifiers.request import RoutingRequest
     from models.provenance import git_commit
 
-    if getattr(args, "from_log", None):
-        return run_train_from_log(args)
+    if getattr(args, "from_log", None):  # router.learning.retrain runs those
+        raise SystemExit("archroute train --from-log: run it as `archroute train` (the "
+                         "router's learning loop, router/learning/retrain.py)")
     args.labels = args.labels or DEFAULT_LABELS
     args.out = args.out or DEFAULT_OUT
     margin = MARGIN if args.margin is None else args.margin
@@ -325,76 +325,3 @@ def quick_summary(res: dict, out: str) -> str:
             f"thresholds: {thr}\n"
             f"artifact -> {out} (sha256 {res['sha256'][:12]}, self-check passed); load it with "
             f"POST /admin/reload {{\"artifact\": \"{out}\"}}")
-
-
-def log_label_rows(db: str) -> tuple[list[dict], list, dict]:
-    """Label rows (the shape ``archroute label`` writes) for the decision log's requests
-    with a scored reference, the requests as the policy saw them, and counts of what was
-    left out. Chat apps' side requests are left out (the classifier never scores them)."""
-    from classifiers.labels import label_class
-    from evals.from_log import routing_request
-    from router.decision_log import read_log
-
-    rows, reqs, left = [], [], {"side request": 0, "no prompt": 0}
-    for r in read_log(db):
-        gap = r.get("gap")
-        if r.get("label_status") != "done" or gap is None or gap != gap:
-            continue
-        if r.get("side"):
-            left["side request"] += 1
-            continue
-        q = routing_request(r)
-        if q is None:
-            left["no prompt"] += 1
-            continue
-        rid = r["request_id"]
-        part = int(hashlib.sha256(rid.encode()).hexdigest(), 16) % 4  # 4 inner group folds
-        rows.append({"id": rid, "key": f"{rid}:log", "group": "decision-log",
-                     "kind": f"part{part}", "gap": float(gap),
-                     "loss_transformer": float(r["loss_transformer"]),
-                     "loss_hybrid": float(r["loss_hybrid"]), "label": label_class(float(gap)),
-                     "pair": None})
-        reqs.append(q)
-    return rows, reqs, left
-
-
-def run_train_from_log(args: argparse.Namespace) -> int:
-    """``archroute train --from-log DB --out DIR [--labels FILE]``: the quick fit on the
-    log's labelled requests (and the label file's, if given)."""
-    from classifiers.labels import require_labels
-    from classifiers.transfer import fit_quick, routing_request
-    from router.decision_log import redact_url
-
-    if not args.out:
-        raise SystemExit("archroute train --from-log: give --out DIR (the shipped artifact "
-                         "is not overwritten from a log)")
-    try:
-        rows, reqs, left = log_label_rows(args.from_log)
-    except Exception as exc:  # noqa: BLE001 - a missing file, a database that refuses
-        raise SystemExit(f"archroute train --from-log: cannot read "
-                         f"{redact_url(str(args.from_log))}: {exc}") from None
-    n_log = len(rows)
-    if args.labels:
-        extra = [r for r in require_labels(args.labels, latest_only=True)
-                 if r["gap"] == r["gap"]]
-        if not extra or "group" not in extra[0]:
-            raise SystemExit(f"--labels {args.labels}: no labels of real requests (with a "
-                             "`group`) to add")
-        rows += extra
-        reqs += [routing_request(r) for r in extra]
-    skipped = ", ".join(f"{v} {k}" for k, v in left.items() if v)
-    print(f"{n_log} labelled requests from the log{f' (left out: {skipped})' if skipped else ''}"
-          f"{f', {len(rows) - n_log} from {args.labels}' if args.labels else ''}")
-    if n_log == 0 and not args.labels:
-        raise SystemExit("archroute train --from-log: the log holds no scored references "
-                         "(POST /v1/feedback with a `reference`, on a router with "
-                         "log_prompts: true); feedback rewards alone are not training labels: "
-                         "evaluate with `archroute eval --from-log` instead")
-    try:
-        res = fit_quick(rows, reqs, args.out, args.seed,
-                        {"decision_log": redact_url(str(args.from_log)), "n_from_log": n_log,
-                         "labels": Path(args.labels).name if args.labels else None})
-    except ValueError as exc:
-        raise SystemExit(f"archroute train --from-log: {exc}") from None
-    print(quick_summary(res, args.out))
-    return 0

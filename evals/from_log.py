@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from classifiers.request import RoutingRequest
+from router.learning.logrows import routing_request
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +37,6 @@ REWARDS = ("auto", "feedback", "loss")
 
 class LogEvalError(ValueError):
     """The log cannot answer the question (no prompts, no rewards, nothing eligible)."""
-
-
-def routing_request(row: dict) -> RoutingRequest | None:
-    """The request as the policy saw it, from a logged row (None without its prompt)."""
-    req = row.get("request")
-    if isinstance(req, dict) and req.get("messages"):
-        if req.get("kind") == "chat":
-            return RoutingRequest.from_messages(req["messages"], req.get("max_tokens"))
-        return RoutingRequest.from_prompt(req["messages"][0]["content"], req.get("max_tokens"))
-    if row.get("prompt") is not None:  # logged before the request column: text only
-        return RoutingRequest.from_prompt(row["prompt"])
-    return None
 
 
 def action_reward(row: dict, kind: str) -> float | None:

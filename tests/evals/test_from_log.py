@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from classifiers import artifact
-from classifiers.cli import run_train
 from evals.from_log import LogEvalError, eligible, evaluate
 from evals.from_log import run as run_from_log
 from router.decision_log import DecisionLog, DecisionRow, read_log
+from router.learning.retrain import run_train
 
 COPY_ASK = "Repeat this exactly: {}"
 NEW_ASK = "Write a short poem about {}."
