@@ -1,24 +1,78 @@
-"""``archroute bench span``: the span decoder's speed against each model alone.
+"""``archroute bench span``: the span decoder's speed against each model alone, with and
+without drafted copy spans, in-process and through the router.
 
 Greedy decoding of the same prompts to the same length (the end-of-sequence token is
-ignored, as vLLM's ``ignore_eos`` does, so every run decodes exactly ``--tokens`` tokens):
-each model alone (``HFBackend``), then the span decoder per gate: ``copy-2``, ``learned``
-when a trained gate loads, ``always-transformer`` (the decoder's own overhead: one model,
-no switch) and ``alternate-1`` (a worst case: a switch at every token, so every step is a
-catch-up forward). Per configuration: tokens/s over all prompts (prompt prefill included:
-span decoding defers the second model's prefill into the answer, so excluding "time to the
-first token" would flatter it), the ratio to the faster single model, switches and catch-up
-tokens per 100 answer tokens, and where the span decoder's time goes: the first prefill,
-decode steps (one token), catch-up forwards (the other model's tokens, and a model's
-deferred prompt prefill at its first take-over) and the rest (sampling, entropy, gate,
-detokenization). Figures, not a test: median of ``--repeats`` runs per prompt.
+ignored, as vLLM's ``ignore_eos`` does, so every run decodes exactly ``--tokens`` tokens).
+Two groups of chat prompts: **copy-heavy** (a code fix, a refactor, a quote-heavy answer,
+the earlier version's list to copy: prompts whose answers should repeat much of the prompt)
+and **general** (a story, an explanation, a list: fresh text). Per group: each model alone (``HFBackend``, never drafted: the baseline), then the
+span decoder per gate (default ``copy-2``, ``learned`` when a trained gate loads,
+``always-transformer``), each without drafting and with each ``--draft-k``. Per
+configuration: tokens/s over the group's prompts (prompt prefill included: span decoding
+defers the second model's prefill into the answer, so excluding "time to the first token"
+would flatter it), the ratio to the transformer alone, drafted and accepted tokens per 100
+answer tokens, switches and catch-up tokens per 100, and where the span decoder's time goes:
+the first prefill, decode steps (one token), verify forwards (a transformer forward that
+checks a draft), catch-up forwards (the other model's tokens, and a model's deferred prompt
+prefill at its first take-over) and the rest (sampling, entropy, gate, detokenization).
+Configurations are interleaved run by run so that load that comes and goes falls on all of
+them alike; median of ``--repeats`` runs per prompt. Every drafted answer is checked token
+for token against the same gate undrafted (a mismatch is printed and the exit status is 1).
+
+``--router``: the same prompts through a real router (uvicorn on a loopback socket, the
+embedded pair in-process, ``/v1/completions`` over HTTP with the chat prompt rendered as the
+router renders a chat request, ``temperature: 0``, ``ignore_eos``, ``--router-tokens``
+tokens): ``archroute`` (what the default resolves to),
+the same span profile with ``draft_k: 0``, and each backend by name (the transformer alone,
+the hybrid alone); the answers of ``archroute`` and its undrafted twin must be equal.
+Figures, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from typing import Any
 
+CODE_FIX = (
+    "Fix the bug in this function. Reply with the whole corrected function.\n\n"
+    "def count_words(path):\n"
+    "    counts = {}\n"
+    "    with open(path) as f:\n"
+    "        for line in f:\n"
+    "            for word in line.split():\n"
+    "                word = word.lower().strip('.,;:!?')\n"
+    "                counts[word] = counts.get(word, 0) + 1\n"
+    "    return sorted(counts.items(), key=lambda kv: kv[1])[:10]\n\n"
+    "It should return the ten most frequent words, most frequent first.")
+REFACTOR = (
+    "Rename the variable `tmp` to `total` everywhere in this code and return the code.\n\n"
+    "def mean(values):\n"
+    "    tmp = 0\n"
+    "    for v in values:\n"
+    "        tmp = tmp + v\n"
+    "    return tmp / len(values)\n\n"
+    "def variance(values):\n"
+    "    m = mean(values)\n"
+    "    tmp = 0\n"
+    "    for v in values:\n"
+    "        tmp = tmp + (v - m) ** 2\n"
+    "    return tmp / len(values)\n")
+QUOTES = (
+    "Quote the two sentences of this passage that mention the harbour, word for word.\n\n"
+    "The town woke slowly. Fishing boats left the harbour before dawn, their lamps still "
+    "lit. In the square the baker opened his shutters and the smell of bread drifted down "
+    "the street. By noon the harbour was quiet again, and the gulls sat on the empty "
+    "moorings waiting for the boats to return. Children ran past the church on their way "
+    "to school.")
+GENERAL = {
+    "story": "Write a short story about an old lighthouse keeper and a storm.",
+    "explain": "Explain why the sky is blue, in a few plain sentences for a child.",
+    "list": "Give me some ideas for a rainy weekend at home with friends.",
+}
+# the raw (unrendered) prompts of the earlier version, which `archroute bench span-remote`
+# still measures
 PROMPTS = {
     "code": ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
              "fibonacci(n - 2)\n\n\ndef factorial(n):\n    if n < 2:\n        return 1\n    return "
@@ -32,47 +86,40 @@ PROMPTS = {
              " lemons, grapes, melons\nList: red, green, blue, cyan, magenta, yellow, black, "
              "white\nCopy:"),
 }
+GROUPS: dict[str, dict[str, str]] = {
+    "copy-heavy": {"code-fix": CODE_FIX, "refactor": REFACTOR, "quotes": QUOTES,
+                   "copy-list": PROMPTS["copy"]},
+    "general": GENERAL,
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=64, help="answer tokens per run")
+    p.add_argument("--tokens", type=int, default=64, help="answer tokens per run (in-process)")
     p.add_argument("--repeats", type=int, default=3, help="runs per prompt (median)")
     p.add_argument("--gates", default=None,
                    help="comma-separated gates (default: copy-2, learned if it loads, "
-                        "always-transformer, alternate-1)")
+                        "always-transformer)")
+    p.add_argument("--draft-k", default="8",
+                   help="comma-separated draft lengths to measure beside no drafting "
+                        "(default 8, the router's default)")
+    p.add_argument("--draft-min-match", type=int, default=None,
+                   help="induction match a draft needs (default: the router's, 2)")
+    p.add_argument("--router", action="store_true",
+                   help="also measure through a real router (HTTP on loopback)")
+    p.add_argument("--router-only", action="store_true", help="only the router measurement")
+    p.add_argument("--router-tokens", type=int, default=128,
+                   help="answer tokens per request through the router")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-
-
-def _alternate_gate():
-    """A gate that switches at every token (the catch-up worst case)."""
-    from models.span.gates import Gate, GateState
-
-    class Alternate(Gate):
-        name = "alternate-1"
-
-        def start(self, prompt_ids, token_text=None) -> GateState:
-            class S(GateState):
-                def choose(self):
-                    return "transformer" if self.step % 2 == 0 else "hybrid"
-
-            return S(prompt_ids, token_text)
-
-    return Alternate()
 
 
 def _gates(names: str | None) -> list:
     from models.span.gates import get_gate
 
-    if names is None:
-        wanted = ["copy-2", "learned", "always-transformer", "alternate-1"]
-    else:
-        wanted = [n.strip() for n in names.split(",") if n.strip()]
+    wanted = (["copy-2", "learned", "always-transformer"] if names is None
+              else [n.strip() for n in names.split(",") if n.strip()])
     out = []
     for n in wanted:
-        if n == "alternate-1":
-            out.append(_alternate_gate())
-            continue
         try:
             out.append(get_gate(n))
         except Exception as exc:  # noqa: BLE001 - a learned gate that is not trained here
@@ -82,88 +129,213 @@ def _gates(names: str | None) -> list:
     return out
 
 
+def _messages(text: str) -> list:
+    from models.base import ChatMessage
+
+    return [ChatMessage("user", text)]
+
+
+def _shares(traces: list) -> dict[str, float]:
+    """Seconds per kind of forward over ``traces`` (and the rest: sampling, gate, text)."""
+    out = {"prefill": 0.0, "decode": 0.0, "verify": 0.0, "catchup": 0.0}
+    for tr in traces:
+        out["prefill"] += tr.forwards[0].seconds
+        for f in tr.forwards[1:]:
+            kind = ("catchup" if f.catchup or f.prefill else "verify" if f.drafted
+                    else "decode")
+            out[kind] += f.seconds
+    out["other"] = sum(tr.seconds for tr in traces) - sum(out.values())
+    return out
+
+
+def run_in_process(a: argparse.Namespace, t: Any, h: Any) -> int:
+    from models.base import GenerationParams
+    from models.span.decoder import DEFAULT_DRAFT_MIN_MATCH, SpanBackend, SpanTrace
+
+    ks = [int(k) for k in str(a.draft_k).split(",") if k.strip() and int(k) > 0]
+    mm = a.draft_min_match or DEFAULT_DRAFT_MIN_MATCH
+    params = GenerationParams(max_tokens=a.tokens, temperature=0.0, ignore_eos=True)
+    configs: dict[str, Any] = {"transformer alone": t, "hybrid alone": h}
+    for gate in _gates(a.gates):
+        for k in [0, *ks]:
+            configs[f"{gate.name}" + (f" +draft {k}" if k else "")] = SpanBackend(
+                t, h, gate, draft_k=k, draft_min_match=mm)
+    for b in configs.values():  # warm-up
+        b.generate(_messages("Hello"), GenerationParams(max_tokens=4, temperature=0.0))
+    bad = 0
+    print(f"\nIn-process: {a.tokens} answer tokens per prompt, greedy, eos ignored, median of "
+          f"{a.repeats} runs, configurations interleaved; draft_min_match {mm}")
+    for group, prompts in GROUPS.items():
+        runs: dict[str, dict[str, list]] = {c: {p: [] for p in prompts} for c in configs}
+        for _ in range(a.repeats):
+            for pname, text in prompts.items():
+                for cname, b in configs.items():
+                    tr = SpanTrace() if isinstance(b, SpanBackend) else None
+                    t0 = time.perf_counter()
+                    b.generate(_messages(text), params, **({"trace": tr} if tr else {}))
+                    runs[cname][pname].append((time.perf_counter() - t0, tr))
+        median = {c: [sorted(rs, key=lambda r: r[0])[len(rs) // 2] for rs in by_p.values()]
+                  for c, by_p in runs.items()}
+        n = len(prompts) * a.tokens
+        tps = {c: n / sum(sec for sec, _ in med) for c, med in median.items()}
+        base = tps["transformer alone"]
+        print(f"\n[{group}: {', '.join(prompts)}]")
+        print(f"{'configuration':28s} {'tok/s':>7s} {'x T':>5s} {'x H':>5s} {'T share':>7s} "
+              f"{'drafted':>7s} {'accepted':>8s} {'switch':>6s} {'catchup':>7s}   "
+              f"time: prefill decode verify catchup other")
+        for cname in configs:
+            v = tps[cname]
+            line = f"{cname:28s} {v:7.1f} {v / base:5.2f} {v / tps['hybrid alone']:5.2f}"
+            if cname.endswith(" alone"):
+                print(line)
+                continue
+            traces = [tr for _, tr in median[cname]]
+            n_t = sum(r == "transformer" for tr in traces for r in tr.roles)
+            sh = _shares(traces)
+            spent = sum(sh.values())
+            print(line + f" {100 * n_t / n:6.0f}% {100 * sum(tr.drafted for tr in traces) / n:7.1f}"
+                  f" {100 * sum(tr.accepted for tr in traces) / n:8.1f}"
+                  f" {100 * sum(tr.switches for tr in traces) / n:6.1f}"
+                  f" {100 * sum(tr.catchup for tr in traces) / n:7.1f}   " + " ".join(
+                      f"{100 * sh[k] / spent:{w}.0f}%" for k, w in
+                      (("prefill", 6), ("decode", 5), ("verify", 5), ("catchup", 6),
+                       ("other", 4))))
+        # drafting must not change a greedy answer: every drafted run against its gate's
+        for cname, by_p in runs.items():
+            if "+draft" not in cname:
+                continue
+            plain = runs[cname.split(" +draft")[0]]
+            for pname, rs in by_p.items():
+                want = plain[pname][0][1].token_ids
+                for _, tr in rs:
+                    if tr.token_ids != want:
+                        bad += 1
+                        print(f"MISMATCH: {cname} on {pname}: the answer differs from "
+                              "the undrafted gate's")
+    print("\nx T / x H: tokens/s over the transformer / the hybrid alone. T share: answer "
+          "tokens the transformer produced. drafted, accepted, switch, catchup: per 100 "
+          "answer tokens (accepted: drafted tokens that became answer tokens in their verify "
+          "forward). time: shares of the span decoder's time (catchup includes a model's "
+          "deferred prompt prefill at its first take-over; verify: transformer forwards that "
+          "checked a draft, its pending tokens included).")
+    print("greedy answers with drafting identical to without: "
+          + ("yes, every run" if not bad else f"NO, {bad} runs differ"))
+    return 1 if bad else 0
+
+
+def run_router(a: argparse.Namespace, t: Any, h: Any) -> int:
+    """Through a real router on a loopback socket: archroute (the resolved default), its
+    span profile undrafted, and each backend alone, interleaved."""
+    import logging
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from router.app import create_app
+    from router.settings import load_settings
+
+    defaults = load_settings(environ={})
+    span_args = dict(defaults.profiles["archroute-span"].policy_args)
+    profiles = {name: p.model_dump(mode="json", exclude_defaults=True)
+                for name, p in defaults.profiles.items()}
+    profiles["span-undrafted"] = {"policy": "span", "policy_args": {**span_args, "draft_k": 0}}
+    settings = load_settings(overrides={"profiles": profiles, "decision_log": "",
+                                        "max_tokens_cap": max(2048, a.router_tokens)},
+                             environ={})
+    logging.getLogger("router").setLevel(logging.WARNING)
+    app = create_app(settings, backends={"transformer": t, "hybrid": h})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for _ in range(600):
+                try:
+                    if c.get("/v1/models").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            card = c.get("/v1/models/archroute").json()
+            print(f"\nThrough the router ({url}): model archroute = {card['alias_of']} "
+                  f"({card.get('routing')}; gate {card.get('gate')}, draft_k "
+                  f"{card.get('draft_k')}); {a.router_tokens} tokens per answer, greedy, "
+                  f"ignore_eos, median of {a.repeats}, interleaved")
+            models = ["archroute", "span-undrafted", t.name, h.name]
+            bad = 0
+            for group, prompts in GROUPS.items():
+                secs: dict[str, dict[str, list[float]]] = {m: {p: [] for p in prompts}
+                                                           for m in models}
+                texts: dict[str, dict[str, str]] = {m: {} for m in models}
+                spans: dict[str, dict[str, dict]] = {m: {} for m in models}
+                for m in models:  # warm-up
+                    c.post("/v1/completions", json={"model": m, "prompt": "Hi",
+                                                    "max_tokens": 2})
+                for _ in range(a.repeats):
+                    for pname, text in prompts.items():
+                        for m in models:
+                            t0 = time.perf_counter()
+                            r = c.post("/v1/completions", json={
+                                "model": m, "prompt": t.render(_messages(text)),
+                                "max_tokens": a.router_tokens, "temperature": 0,
+                                "ignore_eos": True})
+                            secs[m][pname].append(time.perf_counter() - t0)
+                            r.raise_for_status()
+                            body = r.json()
+                            assert body["usage"]["completion_tokens"] == a.router_tokens, body
+                            texts[m][pname] = body["choices"][0]["text"]
+                            spans[m][pname] = body.get("archroute", {}).get("span") or {}
+                n = len(prompts) * a.router_tokens
+                tps = {m: n / sum(statistics.median(v) for v in by_p.values())
+                       for m, by_p in secs.items()}
+                base = tps[t.name]
+                print(f"[{group}]")
+                for m in models:
+                    sp = [s for s in spans[m].values() if s]
+                    extra = ""
+                    if sp:
+                        tot = {k: sum(int(s.get(k, 0)) for s in sp) for k in
+                               ("transformer", "switches", "catchup", "drafted", "accepted")}
+                        extra = (f"  T share {100 * tot['transformer'] / n:3.0f}%, drafted "
+                                 f"{100 * tot['drafted'] / n:5.1f}, accepted "
+                                 f"{100 * tot['accepted'] / n:5.1f}, switches "
+                                 f"{100 * tot['switches'] / n:4.1f}, catch-up "
+                                 f"{100 * tot['catchup'] / n:5.1f} /100")
+                    print(f"  {m:24s} {tps[m]:7.1f} tok/s  x T {tps[m] / base:5.2f}{extra}")
+                for m in ("archroute", "span-undrafted", h.name):
+                    print(f"  {m} x T per prompt: " + ", ".join(
+                        f"{p} {statistics.median(secs[t.name][p]) / statistics.median(secs[m][p]):.2f}"
+                        for p in prompts))
+                same = texts["archroute"] == texts["span-undrafted"]
+                bad += not same
+                print(f"  archroute's answers equal span-undrafted's: {'yes' if same else 'NO'}")
+            return 1 if bad else 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def run(a: argparse.Namespace) -> int:
     import torch
 
-    from models.base import Backend, GenerationParams
     from models.reference_pair import load_reference
-    from models.span.decoder import SpanBackend, SpanTrace
 
     torch.set_num_threads(a.threads)
     t = load_reference("transformer", device=a.device)
     h = load_reference("hybrid", device=a.device)
-    # ignore_eos: every run decodes exactly --tokens tokens
-    params = GenerationParams(max_tokens=a.tokens, temperature=0.0, ignore_eos=True)
-    n_prompt = {k: len(t.encode(p)) + 1 for k, p in PROMPTS.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {t.device}; "
-          f"{len(PROMPTS)} prompts ({', '.join(f'{k} {n}' for k, n in n_prompt.items())} tokens), "
-          f"{a.tokens} answer tokens each, greedy, eos ignored, median of {a.repeats} runs, "
-          "configurations interleaved")
-    configs: dict[str, Backend] = {f"{t.name} alone": t, f"{h.name} alone": h}
-    for gate in _gates(a.gates):
-        configs[f"span {gate.name}"] = SpanBackend(t, h, gate)
-    for b in configs.values():  # warm-up
-        b.generate(PROMPTS["prose"], GenerationParams(max_tokens=4, temperature=0.0))
-
-    # runs[config][prompt]: (seconds, trace or None); round-robin so that load that comes
-    # and goes on a shared machine falls on every configuration alike
-    runs: dict[str, dict[str, list]] = {c: {p: [] for p in PROMPTS} for c in configs}
-    for _ in range(a.repeats):
-        for pname, prompt in PROMPTS.items():
-            for cname, b in configs.items():
-                tr = SpanTrace() if isinstance(b, SpanBackend) else None
-                t0 = time.perf_counter()
-                b.generate(prompt, params, **({"trace": tr} if tr is not None else {}))
-                runs[cname][pname].append((time.perf_counter() - t0, tr))
-    median = {c: [sorted(rs, key=lambda r: r[0])[len(rs) // 2] for rs in by_p.values()]
-              for c, by_p in runs.items()}
-    n = len(PROMPTS) * a.tokens
-    tps = {c: n / sum(sec for sec, _ in med) for c, med in median.items()}
-    single = {b.name: tps[f"{b.name} alone"] for b in (t, h)}
-    best = max(single.values())
-
-    print(f"\n{'configuration':28s} {'tok/s':>7s} {'x best':>7s} {'T share':>7s} {'x mix':>6s} "
-          f"{'switch/100':>10s} {'catchup/100':>11s} {'prefill':>8s} {'decode':>7s} "
-          f"{'catchup':>8s} {'other':>6s}")
-    for name, v in single.items():
-        print(f"{name + ' alone':28s} {v:7.1f} {v / best:7.2f}")
-    per_forward: list[tuple[str, list]] = []
-    for cname in configs:
-        if not cname.startswith("span "):
-            continue
-        traces = [tr for _, tr in median[cname]]
-        forwards = [f for tr in traces for f in tr.forwards[1:]]
-        per_forward.append((cname, forwards))
-        sw = sum(tr.switches for tr in traces)
-        cu = sum(tr.catchup for tr in traces)
-        n_t = sum(r == "transformer" for tr in traces for r in tr.roles)
-        share = {"prefill": sum(tr.forwards[0].seconds for tr in traces),
-                 "decode": sum(f.seconds for f in forwards if f.tokens == 1 and not f.catchup),
-                 "catchup": sum(f.seconds for f in forwards if f.catchup or f.prefill)}
-        share["other"] = sum(tr.seconds for tr in traces) - sum(share.values())
-        # what the same tokens would take on each model alone, at its own speed
-        mix = n / (n_t / single[t.name] + (n - n_t) / single[h.name])
-        spent = sum(share.values())
-        print(f"{cname:28s} {tps[cname]:7.1f} {tps[cname] / best:7.2f} {100 * n_t / n:6.0f}% "
-              f"{tps[cname] / mix:6.2f} {100 * sw / n:10.1f} {100 * cu / n:11.1f} " + " ".join(
-                  f"{100 * share[k] / spent:{w}.0f}%" for k, w in
-                  (("prefill", 7), ("decode", 6), ("catchup", 7), ("other", 5))))
-    print(f"\n{'ms per forward (tokens read)':28s} {'T decode':>9s} {'T catch-up':>14s} "
-          f"{'H decode':>9s} {'H catch-up':>14s}")
-    for name, fs in per_forward:
-        cells = []
-        for role in ("transformer", "hybrid"):
-            dec = [f.seconds for f in fs if f.role == role and f.tokens == 1]
-            cat = [f for f in fs if f.role == role and f.catchup and not f.prefill]
-            cells.append(f"{1000 * sum(dec) / len(dec):9.2f}" if dec else f"{'-':>9s}")
-            cells.append(f"{1000 * sum(f.seconds for f in cat) / len(cat):7.2f} "
-                         f"({sum(f.tokens for f in cat) / len(cat):4.1f})" if cat else f"{'-':>14s}")
-        print(f"{name:28s} " + " ".join(cells))
-    print("\nx best: tokens/s over the faster model alone. T share: answer tokens the "
-          "transformer produced. x mix: tokens/s over what those tokens cost on each model "
-          "alone (1.00: switching costs nothing). switch/100, catchup/100: per 100 answer "
-          "tokens. prefill/decode/catchup/other: shares of the span decoder's time (catchup "
-          "includes a model's deferred prompt prefill at its first take-over). ms per forward: "
-          "decode steps (1 token) and catch-up forwards (its own last token and the other "
-          "model's since; deferred prefills left out), mean tokens read in brackets.")
-    return 0
+          f"prompt tokens: " + ", ".join(
+              f"{p} {len(t.prompt_ids(_messages(x)))}" for g in GROUPS.values()
+              for p, x in g.items()))
+    rc = 0
+    if not a.router_only:
+        rc |= run_in_process(a, t, h)
+    if a.router or a.router_only:
+        rc |= run_router(a, t, h)
+    return rc
