@@ -1,9 +1,10 @@
-"""Schemathesis against the router on the embedded pair, as a real uvicorn process (#12):
-generated requests from the router's own OpenAPI schema (valid and invalid bodies, odd
-paths, wrong methods) give no server error, and every error is in OpenAI's envelope.
+"""Schemathesis against the router on the embedded pair, as a real uvicorn process (#12,
+#21): generated requests from the router's own OpenAPI schema (valid and invalid bodies, odd
+paths, wrong methods) give no server error, every error is in OpenAI's envelope, and every
+405 names the allowed methods (``Allow``).
 
-The documented full run (docs/router.md) uses ``--max-examples 300`` (about 3,300 requests);
-this test runs a smaller one so CI stays quick."""
+The documented full run (docs/router.md) uses ``--max-examples 300``; this one uses 60,
+over 1,000 requests (#21 asks for at least that many), so CI stays within a few minutes."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def envelope_errors(har_path: Path) -> tuple[collections.Counter, list[tuple[int, str]]]:
-    """Status counts of every response in a HAR file, and the errors not in the envelope."""
+    """Status counts of every response in a HAR file, and the errors not in the envelope
+    (or, for a 405, without an ``Allow`` header)."""
     har = json.loads(har_path.read_text())
     status: collections.Counter = collections.Counter()
     bad = []
@@ -39,6 +41,9 @@ def envelope_errors(har_path: Path) -> tuple[collections.Counter, list[tuple[int
             try:
                 ok = set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
             except (ValueError, KeyError, TypeError):
+                ok = False
+            if sc == 405 and not any(h["name"].lower() == "allow"
+                                     for h in e["response"]["headers"]):
                 ok = False
             if not ok:
                 bad.append((sc, text[:200]))
@@ -65,6 +70,6 @@ def test_generated_requests_give_no_server_error(tmp_path: Path) -> None:
         router.stop()
     assert run.returncode == 0, run.stdout[-3000:]
     status, bad = envelope_errors(next((tmp_path / "r").glob("har-*.json")))
-    assert sum(status.values()) >= 500, status
+    assert sum(status.values()) >= 1000, status
     assert not any(s >= 500 for s in status), status
     assert bad == [], bad[:5]
