@@ -1,5 +1,7 @@
 """A backend that is any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, or
-``archroute serve-model``), spoken to over HTTP with httpx.
+``archroute serve-model``), spoken to over HTTP with aiohttp: natively on the event loop
+(the router's path); the blocking methods (CLI commands, scripts) run the same code on the
+backend's own loop in a daemon thread.
 
 A completion prompt (``str``) goes to ``/completions``, a conversation to
 ``/chat/completions``. ``score`` uses ``/completions`` with ``echo: true, logprobs: 1,
@@ -13,20 +15,30 @@ messages, and the answer's ``message.tool_calls`` (streamed: ``delta.tool_calls`
 upstream sends them) come back with ``finish_reason`` ``tool_calls``. An answer's tool calls
 are read only when the request sent tools.
 
-Every failure becomes a :class:`~models.base.BackendError` (timeouts an
-:class:`UpstreamTimeoutError`, HTTP errors an :class:`UpstreamStatusError`), so the router can
-fall back. The async methods are native asyncio, never a thread.
+Transport: HTTP framing, pooling and parsing are the libraries' (aiohttp's C parser accepts
+interim ``1xx`` responses and never pools a connection holding unread bytes). One
+``aiohttp.ClientSession`` per backend, made on first use inside the serving loop, keeps up
+to ``max_concurrency`` connections alive for ``KEEPALIVE_EXPIRY_S``; a request is never sent
+twice (aiohttp retries only idempotent methods; every call here is a POST), and redirects
+are not followed. A response body past ``max_response_bytes`` (streamed ones too) is
+refused. Every failure becomes a :class:`~models.base.BackendError` in one place
+(:meth:`OpenAIUpstreamBackend.errors`): timeouts an :class:`UpstreamTimeoutError`, HTTP
+errors an :class:`UpstreamStatusError`, an oversized body a :class:`ResponseTooLargeError`,
+so the router can fall back. A stream that ends without ``data: [DONE]`` but with its body
+complete ends normally; a stream cut off mid-body is an error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
+from typing import Any, TypeVar, cast
 
-import httpx
+import aiohttp
 
-from models import http1
 from models.base import (
     Architecture,
     Backend,
@@ -43,8 +55,13 @@ from models.base import (
     TokenIds,
     stated_architecture,
 )
+from models.registry import DEFAULT_MAX_RESPONSE_BYTES
 
-KEEPALIVE_EXPIRY_S = 4.0  # idle upstream connections are dropped after this
+# idle upstream connections are dropped after this, before a server's usual 5 s keep-alive
+# closes them under us (no requests racing a close, no CLOSE-WAIT sockets piling up)
+KEEPALIVE_EXPIRY_S = 4.0
+T = TypeVar("T")
+DRAIN_S = 1.0  # after `data: [DONE]`, wait this long for the body's end (then pool the conn)
 
 
 class UpstreamTimeoutError(BackendError, TimeoutError):
@@ -62,6 +79,10 @@ class UpstreamStatusError(BackendError):
 class UpstreamRequestError(UpstreamStatusError, RequestError):
     """The upstream refused the request itself (HTTP 400/413/422, e.g. longer than its
     context): the request's fault, so the router answers 400 and does not fall back."""
+
+
+class ResponseTooLargeError(BackendError):
+    """The upstream's response body (or stream) passed ``max_response_bytes``."""
 
 
 def _finish(reason: object) -> FinishReason:
@@ -85,16 +106,52 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _error_text(resp: httpx.Response | http1.Response) -> str:
+def _error_text(content: bytes) -> str:
     try:
-        err = json.loads(resp.content).get("error")
+        err = json.loads(content).get("error")
         if isinstance(err, dict):
             return str(err.get("message", err))
         if err:
             return str(err)
     except (ValueError, AttributeError):
         pass
-    return resp.content[:300].decode("utf-8", "replace")
+    return content[:300].decode("utf-8", "replace")
+
+
+class BodyReader:
+    """Counts a response body against ``limit`` bytes as it arrives and cuts it into lines
+    (SSE framing: without their ``\n`` / ``\r\n``). ``add(data)`` for a whole body,
+    ``lines(data)`` for a stream, ``rest()`` for the last line without a line end."""
+
+    __slots__ = ("name", "limit", "size", "_parts")
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.size = 0
+        self._parts: list[bytes] = []
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise ResponseTooLargeError(f"{self.name}: the upstream's response is over "
+                                        f"{self.limit} bytes")
+        self._parts.append(data)
+
+    def body(self) -> bytes:
+        return b"".join(self._parts)
+
+    def lines(self, data: bytes) -> list[str]:
+        self.add(data)
+        if b"\n" not in data:
+            return []
+        *lines, tail = b"".join(self._parts).split(b"\n")
+        self._parts = [tail] if tail else []
+        return [line.rstrip(b"\r").decode("utf-8", "replace") for line in lines]
+
+    def rest(self) -> list[str]:
+        tail, self._parts = b"".join(self._parts), []
+        return [tail.rstrip(b"\r").decode("utf-8", "replace")] if tail else []
 
 
 def select_continuation(text: str, prompt_len: int, end: int, tokens: list[str],
@@ -165,18 +222,33 @@ class SSEParser:
                            self.usage.get("completion_tokens"))
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, except that a pooled connection that received bytes while it
+    idled (an upstream pushing an unsolicited response, aiohttp issue #13656) is closed
+    instead of being handed to the next request, which would read them as its answer."""
+
+    async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
+        while True:
+            conn = await super().connect(*args, **kwargs)
+            if conn.protocol is None or not conn.protocol.should_close:
+                return conn
+            conn.close()
+
+
 class OpenAIUpstreamBackend(Backend):
     """An OpenAI-compatible server at ``base_url`` (including ``/v1``), serving ``model``.
 
     ``timeout`` (s) bounds a whole non-streamed call and each gap between streamed chunks;
-    ``connect_timeout`` (s) bounds connecting. ``architecture`` is what the operator states
-    about the model (the server does not say).
+    ``connect_timeout`` (s) bounds connecting; ``max_response_bytes`` bounds a response body
+    (a stream's too). ``architecture`` is what the operator states about the model (the
+    server does not say).
     """
 
     def __init__(self, name: str, base_url: str, model: str, api_key: str | None = None,
                  architecture: Architecture = "other", timeout: float = 60.0,
                  connect_timeout: float = 5.0, max_concurrency: int = 64,
-                 call_tools: bool = True) -> None:
+                 call_tools: bool = True,
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         super().__init__(name, max_concurrency)
         # False: the server takes no tools (e.g. vLLM without --enable-auto-tool-choice);
         # the router then drops a request's tools for it (or refuses them, `tools: error`)
@@ -186,46 +258,139 @@ class OpenAIUpstreamBackend(Backend):
         self.architecture = architecture
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self._api_key = api_key
-        self._client: httpx.Client | None = None
-        self._pool: http1.HTTP1Pool | None = None
+        self.max_response_bytes = max_response_bytes
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+        self._sync_loop: asyncio.AbstractEventLoop | None = None  # the blocking methods'
+        self._sync_lock = threading.Lock()
 
-    # --- plumbing ------------------------------------------------------------------
-    def _client_args(self) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        # idle connections are dropped after 4 s, before a server's usual 5 s keep-alive
-        # closes them under us (no requests racing a close, no CLOSE-WAIT sockets piling up)
-        limits = httpx.Limits(max_connections=self.max_concurrency,
-                              max_keepalive_connections=self.max_concurrency,
-                              keepalive_expiry=KEEPALIVE_EXPIRY_S)
-        return {"base_url": self.base_url, "headers": headers, "limits": limits,
-                "timeout": httpx.Timeout(self.timeout, connect=self.connect_timeout)}
-
+    # --- transport -----------------------------------------------------------------
     @property
-    def client(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(**self._client_args())
-        return self._client
+    def session(self) -> aiohttp.ClientSession:
+        """The backend's aiohttp session for the running event loop (the serving loop, or
+        the blocking methods' own), made on first use there and kept for its requests."""
+        loop = asyncio.get_running_loop()
+        s = self._sessions.get(loop)
+        if s is None or s.closed:
+            for gone in [lp for lp in self._sessions if lp.is_closed()]:
+                del self._sessions[gone]  # a script's finished asyncio.run
+            connector = _Connector(limit=self.max_concurrency,
+                                   keepalive_timeout=KEEPALIVE_EXPIRY_S)
+            s = self._sessions[loop] = aiohttp.ClientSession(
+                headers=self._headers, connector=connector, raise_for_status=False,
+                trust_env=False)
+        return s
 
-    @property
-    def pool(self) -> http1.HTTP1Pool:
-        """The async connection pool (made on first use, inside the serving event loop)."""
-        if self._pool is None:
-            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-            self._pool = http1.HTTP1Pool(self.base_url, headers, self.max_concurrency,
-                                         KEEPALIVE_EXPIRY_S, self.connect_timeout, self.timeout)
-        return self._pool
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the blocking methods' event loop (a daemon thread, started on
+        first use) and wait for its result."""
+        with self._sync_lock:
+            if self._sync_loop is None:
+                self._sync_loop = asyncio.new_event_loop()
+                threading.Thread(target=_run_loop, args=(self._sync_loop,), daemon=True,
+                                 name=f"upstream-{self.name}").start()
+            loop = self._sync_loop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Close the blocking methods' session and stop their thread."""
+        with self._sync_lock:
+            loop, self._sync_loop = self._sync_loop, None
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
 
     async def aclose(self) -> None:
-        self.close()
-        if self._pool is not None:
-            await self._pool.aclose()
-            self._pool = None
+        """Close the running loop's session (and the blocking methods' one)."""
+        s = self._sessions.pop(asyncio.get_running_loop(), None)
+        if s is not None:
+            await s.close()
+        if self._sync_loop is not None and self._sync_loop is not asyncio.get_running_loop():
+            await asyncio.to_thread(self.close)
+
+    def _wrap(self, exc: Exception) -> BackendError:
+        if isinstance(exc, TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
+            return UpstreamTimeoutError(f"{self.name}: upstream timed out ({type(exc).__name__})")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return BackendError(f"{self.name}: upstream unreachable: {type(exc).__name__}: {exc}")
+        if isinstance(exc, aiohttp.ClientError):
+            return BackendError(f"{self.name}: upstream connection failed: "
+                                f"{type(exc).__name__}: {exc}")
+        return BackendError(f"{self.name}: bad upstream response: {type(exc).__name__}: {exc}")
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """The one place a transport or parsing failure becomes a :class:`BackendError`
+        (a :class:`BackendError` or :class:`RequestError` raised inside passes unchanged)."""
+        try:
+            yield
+        except (BackendError, RequestError):
+            raise
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError,
+                TypeError) as exc:
+            raise self._wrap(exc) from exc
+
+    def _check(self, status: int, content: bytes) -> None:
+        """An error status (or a redirect, which is not followed) raises."""
+        if status >= 300:
+            cls = UpstreamRequestError if status in (400, 413, 422) else UpstreamStatusError
+            raise cls(f"{self.name}: upstream HTTP {status}: {_error_text(content)}", status)
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, at most ``max_response_bytes``."""
+        reader = self._reader(resp.content_length)
+        async for data in resp.content.iter_any():
+            reader.add(data)
+        return reader.body()
+
+    def _reader(self, length: int | None) -> BodyReader:
+        if length is not None and length > self.max_response_bytes:
+            raise ResponseTooLargeError(f"{self.name}: the upstream's response is {length} "
+                                        f"bytes, over {self.max_response_bytes}")
+        return BodyReader(self.name, self.max_response_bytes)
+
+    @contextlib.asynccontextmanager
+    async def _open(self, path: str, body: dict, stream: bool
+                    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The response to a POST with its head read and its status checked. Leaving the
+        block with the body read to its end pools the connection; otherwise it is closed.
+        A whole answer must come within ``timeout``; a stream's every read."""
+        timeout = aiohttp.ClientTimeout(
+            total=None if stream else self.timeout, sock_connect=self.connect_timeout,
+            sock_read=self.timeout)
+        async with self.session.post(self.base_url + path, data=json.dumps(body).encode(),
+                                     timeout=timeout, allow_redirects=False) as resp:
+            if resp.status >= 300:
+                self._check(resp.status, await self._read(resp))
+            yield resp
+
+    async def _post(self, path: str, body: dict) -> dict:
+        """A whole JSON answer."""
+        async with self._open(path, body, stream=False) as resp:
+            content = await self._read(resp)
+        return json.loads(content)
+
+    @contextlib.asynccontextmanager
+    async def sse_lines(self, path: str, body: dict) -> AsyncIterator[AsyncIterator[str]]:
+        """POST ``body`` (a streaming request) to ``path``; the block gets the response's
+        lines as they arrive. Each wait for data is bounded by ``timeout``, the whole body
+        by ``max_response_bytes``; failures are :class:`BackendError`. Leaving the block
+        before the body's end closes the connection (an engine sees its client go and
+        stops decoding)."""
+        with self.errors():
+            async with self._open(path, body, stream=True) as resp:
+                yield self._lines(resp)
+
+    async def _lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+        with self.errors():
+            reader = self._reader(resp.content_length)
+            async for data in resp.content.iter_any():
+                for line in reader.lines(data):
+                    yield line
+            for line in reader.rest():
+                yield line
 
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.architecture, location=f"{self.base_url} ({self.model})")
@@ -258,20 +423,6 @@ class OpenAIUpstreamBackend(Backend):
             body["parallel_tool_calls"] = params.parallel_tool_calls
         return "/chat/completions", body
 
-    def _wrap(self, exc: Exception) -> BackendError:
-        if isinstance(exc, httpx.TimeoutException | http1.HTTPTimeout):
-            return UpstreamTimeoutError(f"{self.name}: upstream timed out ({type(exc).__name__})")
-        if isinstance(exc, httpx.HTTPError | http1.HTTPConnectError):
-            return BackendError(f"{self.name}: upstream unreachable: {type(exc).__name__}: {exc}")
-        return BackendError(f"{self.name}: bad upstream response: {exc}")
-
-    def _check(self, resp: httpx.Response | http1.Response) -> None:
-        if resp.status_code >= 400:
-            cls = UpstreamRequestError if resp.status_code in (400, 413, 422) else UpstreamStatusError
-            raise cls(
-                f"{self.name}: upstream HTTP {resp.status_code}: {_error_text(resp)}",
-                resp.status_code)
-
     @staticmethod
     def _result(path: str, data: dict, tools: bool = False) -> GenerationResult:
         """A whole answer; with ``tools`` (the request sent them) its tool calls too."""
@@ -300,95 +451,61 @@ class OpenAIUpstreamBackend(Backend):
         return select_continuation(text, len(prompt), len(prompt) + len(continuation),
                                    lp["tokens"], lp["token_logprobs"], lp["text_offset"])
 
-    # --- sync ----------------------------------------------------------------------
-    def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
-        path, body = self._body(prompt, params, stream=False)
-        try:
-            resp = self.client.post(path, json=body)
-            self._check(resp)
-            return self._result(path, resp.json(), "tools" in body)
-        except BackendError:
-            raise
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise self._wrap(exc) from exc
-
-    def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
-        path, body = self._body(prompt, params, stream=True)
-        try:
-            with self.client.stream("POST", path, json=body) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    self._check(resp)
-                parser = SSEParser(self.name, chat=path != "/completions", tools="tools" in body)
-                for line in resp.iter_lines():
-                    yield from parser.feed(line)
-                    if parser.done:
-                        break
-                yield parser.final()
-        except BackendError:
-            raise
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            raise self._wrap(exc) from exc
-
-    def score(self, prompt: str, continuation: str) -> ScoreResult:
-        body = self._score_body(prompt, continuation)
-        try:
-            resp = self.client.post("/completions", json=body)
-            self._check(resp)
-            return self._score_result(prompt, continuation, resp.json())
-        except BackendError:
-            raise
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise self._wrap(exc) from exc
-
-    # --- async (native) --------------------------------------------------------------
-    _ASYNC_ERRORS = (http1.HTTPTimeout, http1.HTTPConnectError, ValueError, KeyError,
-                     IndexError, TypeError)
-
-    async def _apost(self, path: str, body: dict) -> dict:
-        resp = await self.pool.post(path, json.dumps(body).encode())
-        self._check(resp)
-        return json.loads(resp.content)
-
+    # --- async (native, on the event loop) -------------------------------------------
     async def agenerate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         path, body = self._body(prompt, params, stream=False)
-        try:
-            return self._result(path, await self._apost(path, body), "tools" in body)
-        except BackendError:
-            raise
-        except self._ASYNC_ERRORS as exc:
-            raise self._wrap(exc) from exc
+        with self.errors():
+            return self._result(path, await self._post(path, body), "tools" in body)
 
     async def astream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        """The chunks, then a last one with the finish reason and usage. A body that ends
+        without ``data: [DONE]`` ends the stream as well (finish reason as sent, else
+        ``stop``); one cut off mid-body raises."""
         path, body = self._body(prompt, params, stream=True)
-        try:
-            async with self.pool.stream(path, json.dumps(body).encode()) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    self._check(resp)
-                parser = SSEParser(self.name, chat=path != "/completions", tools="tools" in body)
-                async for line in resp.aiter_lines():
+        parser = SSEParser(self.name, chat=path != "/completions", tools="tools" in body)
+        with self.errors():
+            async with self.sse_lines(path, body) as lines:
+                async for line in lines:
                     for chunk in parser.feed(line):
                         yield chunk
                     if parser.done:
                         break
-                if parser.done:  # the rest of the body (the last chunk's terminator)
-                    async for _ in resp.aiter_raw():
-                        pass
-                yield parser.final()
-        except BackendError:
-            raise
-        except self._ASYNC_ERRORS as exc:
-            raise self._wrap(exc) from exc
+                if parser.done:  # the answer is whole: read the body's end to pool the conn
+                    with contextlib.suppress(BackendError, TimeoutError):
+                        async with asyncio.timeout(DRAIN_S):
+                            async for _ in lines:
+                                pass
+            yield parser.final()
 
     async def ascore(self, prompt: str, continuation: str) -> ScoreResult:
         body = self._score_body(prompt, continuation)
+        with self.errors():
+            return self._score_result(prompt, continuation,
+                                      await self._post("/completions", body))
+
+    # --- blocking (CLI commands, scripts): the same path, on the backend's own loop ------
+    def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
+        return self._run(self.agenerate(prompt, params))
+
+    def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
+        chunks = cast(AsyncGenerator[StreamChunk, None], self.astream(prompt, params))
+
+        async def step() -> StreamChunk | None:
+            return await anext(chunks, None)
+
         try:
-            return self._score_result(prompt, continuation, await self._apost("/completions", body))
-        except BackendError:
-            raise
-        except self._ASYNC_ERRORS as exc:
-            raise self._wrap(exc) from exc
+            while (chunk := self._run(step())) is not None:
+                yield chunk
+        finally:
+            self._run(chunks.aclose())
+
+    def score(self, prompt: str, continuation: str) -> ScoreResult:
+        return self._run(self.ascore(prompt, continuation))
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    loop.run_forever()
+    loop.close()
 
 
 def build(cfg, role: str | None = None, torch_threads: int | None = None) -> OpenAIUpstreamBackend:
@@ -403,4 +520,5 @@ def build(cfg, role: str | None = None, torch_threads: int | None = None) -> Ope
     return OpenAIUpstreamBackend(cfg.name, cfg.base_url, cfg.model, api_key=key,
                                  architecture=stated_architecture(role), timeout=cfg.timeout_s,
                                  max_concurrency=cfg.max_concurrency or 64,
-                                 call_tools=cfg.call_tools is not False)
+                                 call_tools=cfg.call_tools is not False,
+                                 max_response_bytes=cfg.max_response_bytes)

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from models.registry import REFERENCE_SPECS, parse_spec
+from models.registry import DEFAULT_MAX_RESPONSE_BYTES, REFERENCE_SPECS, parse_spec
 from models.span.decoder import (
     DEFAULT_DRAFT_MIN_MATCH,
     DEFAULT_GATE,
@@ -76,6 +76,8 @@ class BackendSettings(_Strict):
     # upstream: a local tokenizer directory of the engine's model; span profiles over two
     # upstreams need it (router/span.py: the engines are sent token ids)
     tokenizer: str | None = None
+    # upstream: a response body (or stream) larger than this is refused (502); 64 MiB
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
     # all kinds
     timeout_s: float = Field(60.0, gt=0)  # whole call, and each gap between streamed chunks
     # tool calling: None: the kind's own (upstream: passes tools on; hf: cannot); false: an

@@ -198,12 +198,9 @@ class RemoteSpanBackend(Backend):
                 body["ignore_eos"] = True
             s0 = time.perf_counter()
             nxt: Role = role
-            try:
-                async with up.pool.stream("/completions", json.dumps(body).encode()) as resp:
-                    if resp.status_code >= 400:
-                        await resp.aread()
-                        up._check(resp)
-                    async for line in resp.aiter_lines():
+            with up.errors():
+                async with up.sse_lines("/completions", body) as lines:
+                    async for line in lines:
                         if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                             continue
                         ids, finish = _event_tokens(json.loads(line[5:]), up.name)
@@ -235,10 +232,6 @@ class RemoteSpanBackend(Backend):
                                 reason = "stop"
                             done = True  # end of sequence, or the engine's own limit
                             break
-            except BackendError:
-                raise
-            except up._ASYNC_ERRORS as exc:
-                raise up._wrap(exc) from exc
             span.seconds = time.perf_counter() - s0
             if not done and nxt == role:  # the stream ended without a finish reason
                 raise BackendError(f"{up.name}: the stream ended early")
