@@ -224,7 +224,10 @@ class LearnedState(GateState):
         return self.gate.predict(self.features())
 
     def choose(self) -> Role:
-        return "transformer" if self.score() > self.gate.threshold else "hybrid"
+        thr, cost = self.gate.threshold, self.gate.switch_cost
+        if cost and self.last_role is not None:  # a switch must gain its cost (hysteresis)
+            thr += cost if self.last_role == "hybrid" else -cost
+        return "transformer" if self.score() > thr else "hybrid"
 
 
 Tree = tuple[list, list, list, list, list]  # (feature or None at a leaf, threshold, left, right, value)
@@ -242,13 +245,20 @@ def tree_value(tree: Tree, f: dict[str, float]) -> float:
 
 class LearnedGate(Gate):
     """``transformer`` when ``sum(weights[f] * x[f]) + sum(tree(x)) > threshold``: a linear
-    model, a small tree ensemble (trees), or both."""
+    model, a small tree ensemble (trees), or both.
+
+    ``switch_cost`` (nats, >= 0; 0 = none) prices a switch: after a hybrid token the
+    transformer takes over only when the score exceeds ``threshold + switch_cost``, after a
+    transformer token the hybrid only when it falls to ``threshold - switch_cost`` or below
+    (hysteresis: the predicted advantage must pay for the catch-up a switch costs). The
+    first answer token uses ``threshold``. Chosen on the training sources
+    (``python -m evals.span.switch_cost``; docs/span.md)."""
 
     needs_text = True
 
     def __init__(self, weights: dict[str, float], threshold: float = 0.0,
                  meta: dict | None = None, name: str = "learned",
-                 trees: list[Tree] | None = None) -> None:
+                 trees: list[Tree] | None = None, switch_cost: float = 0.0) -> None:
         used = set(weights) | {f for t in trees or () for f in t[0] if f is not None}
         unknown = used - set(FEATURES)
         if unknown:
@@ -256,6 +266,9 @@ class LearnedGate(Gate):
         self.weights = {k: float(v) for k, v in weights.items()}
         self.trees: list[Tree] = [tuple(list(a) for a in t) for t in trees or ()]  # type: ignore[misc]
         self.threshold = float(threshold)
+        if not switch_cost >= 0:
+            raise ValueError(f"learned gate: switch_cost must be >= 0, got {switch_cost!r}")
+        self.switch_cost = float(switch_cost)
         self.meta = dict(meta or {})
         self.name = name
         self._classes: tuple[Callable[[int], str], Callable[[int], str]] | None = None
@@ -295,7 +308,7 @@ class LearnedGate(Gate):
         return {"format": FORMAT, "version": VERSION, "kind": self.kind,
                 "features": list(FEATURES), "weights": self.weights,
                 "trees": [dict(zip(_TREE_KEYS, t, strict=True)) for t in self.trees],
-                "threshold": self.threshold, "meta": self.meta}
+                "threshold": self.threshold, "switch_cost": self.switch_cost, "meta": self.meta}
 
     def save(self, path: str | Path) -> Path:
         """Write ``gate.json`` (into ``path`` when it is a directory or has no suffix),
@@ -316,7 +329,7 @@ class LearnedGate(Gate):
             raise ValueError(f"learned gate version {d['version']} is newer than this code ({VERSION})")
         trees = [tuple(t[k] for k in _TREE_KEYS) for t in d.get("trees", [])]
         return cls(d.get("weights", {}), d.get("threshold", 0.0), d.get("meta"), name,
-                   trees)  # type: ignore[arg-type]
+                   trees, d.get("switch_cost", 0.0))  # type: ignore[arg-type]
 
 
 def load_learned_gate(path: str | Path | None = None) -> LearnedGate:
