@@ -237,14 +237,14 @@ def train(run: Path, arch: str, cfg: SFTConfig, init: Path | None = None, thread
         per_row = (tok_loss.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)
         for r, i in enumerate(rows):
             groups.setdefault(task_group(examples[i]["task"]), []).append(float(per_row[r]))
-        rec = {"step": step, "loss": float(loss), "lr": lr_at(step - 1, cfg),
+        rec = {"step": step, "loss": float(loss.detach()), "lr": lr_at(step - 1, cfg),
                "grad_norm": float(gnorm), "width": int(ids.shape[1]),
                "tok_per_s": tokens / (time.time() - t0),
                **{f"loss_{k}": float(np.mean(v)) for k, v in groups.items()}}
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", refresh=False)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
@@ -274,8 +274,28 @@ def export(run: Path, out: Path) -> None:
         tok.save_pretrained(dest)
         shutil.copy(run / arch / "metrics.jsonl", out / f"sft_metrics_{arch}.jsonl")
         shutil.copy(run / arch / "sft_config.json", out / "sft_config.json")
-    shutil.copy(run / "sft_data.json", out / "sft_data.json")
+    (out / "sft_data.json").write_text(json.dumps(data_record(run), indent=1))
     log.info("exported to %s", out)
+
+
+def data_record(run: Path) -> dict:
+    """``RUN/sft_data.json`` plus what the steps run actually read: per request file the
+    ids seen (a run shorter than its data reads a prefix), per task the examples seen.
+    Every id built into the data stays listed under ``ids`` (the exclusion list)."""
+    record = json.loads((run / "sft_data.json").read_text())
+    conf = json.loads((run / "transformer" / "sft_config.json").read_text())
+    cfg = SFTConfig(**{k: v for k, v in conf.items() if k in SFTConfig.__dataclass_fields__})
+    examples = read_examples(run)
+    seen = {i for rows in batch_order(examples, cfg) for i in rows}
+    seen_ids = {examples[i]["id"] for i in seen}
+    for info in record["requests"]["files"].values():
+        info["seen_in_training"] = sum(i in seen_ids for i in info["ids"])
+    tasks: dict[str, int] = {}
+    for i in seen:
+        tasks[examples[i]["task"]] = tasks.get(examples[i]["task"], 0) + 1
+    record["seen_in_training"] = {"steps": cfg.steps, "batch_size": cfg.batch_size,
+                                  "examples": len(seen), "by_task": dict(sorted(tasks.items()))}
+    return record
 
 
 def plot(run: Path, out: Path, window: int = 20) -> None:
