@@ -139,7 +139,8 @@ def test_kill_upstream_falls_back(stack) -> None:
 
 @pytest.mark.skipif(not reference_available(), reason="embedded reference pair not built yet")
 def test_default_router_on_the_embedded_pair(tmp_path) -> None:
-    """`archroute serve` with no config serves the in-process reference pair."""
+    """`archroute serve` with no config serves the in-process reference pair, and
+    `archroute` is span routing on it (the request classifier stays as archroute-auto)."""
     router = Server(["serve", "--decision-log", str(tmp_path / "d.sqlite")],
                     env={"ARCHROUTE_TORCH_THREADS": "1"}, log_path=tmp_path / "router.log")
     try:
@@ -147,9 +148,14 @@ def test_default_router_on_the_embedded_pair(tmp_path) -> None:
         c = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
         raw = c.chat.completions.with_raw_response.create(
             model="archroute", messages=COPY, max_tokens=8, temperature=0)
-        assert raw.headers["x-archroute-backend"] in ("reference-transformer", "reference-hybrid")
+        assert raw.headers["x-archroute-profile"] == "archroute-span"
+        assert raw.headers["x-archroute-backend"].startswith("span:")
         resp = raw.parse()
         assert 1 <= resp.usage.completion_tokens <= 8
+        assert c.models.retrieve("archroute").model_extra["routing"] == "span"
+        raw = c.chat.completions.with_raw_response.create(
+            model="archroute-auto", messages=COPY, max_tokens=8, temperature=0)
+        assert raw.headers["x-archroute-backend"] in ("reference-transformer", "reference-hybrid")
         stream = c.completions.create(model="reference-hybrid", prompt="def main(", max_tokens=8,
                                       temperature=0, stream=True)
         assert isinstance("".join(ch.choices[0].text for ch in stream), str)
