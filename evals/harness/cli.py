@@ -7,6 +7,8 @@
     archroute eval --report-only eval-out            # re-render a saved results.json
     archroute eval --from-log archroute-decisions.sqlite --policy classifier --threshold 0.6
                                                      # off-policy, from the router's own log
+    archroute eval --simulate-shift --sources mbpp --limit 400
+                                                     # the learning loop on a new source
 
 Writes ``results.json`` (typed, with provenance), ``requests.jsonl`` (per-request table),
 ``report.md``, ``report.html`` and PNG plots to ``--out``.
@@ -67,6 +69,22 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    "for the target policy and DR's direct model (default: the shipped one)")
     g.add_argument("--json", dest="json_out", metavar="FILE",
                    help="with --from-log: also write the estimates as JSON")
+    h = p.add_argument_group("shift simulation: does the learning loop learn a new source "
+                             "safely? (docs/learning-loop.md)")
+    h.add_argument("--simulate-shift", action="store_true",
+                   help="train on all sources but one, stream that one through the learning "
+                        "loop (exploration, references, guard, gate, refit); every source in turn")
+    h.add_argument("--labels", default="data/labels/real.jsonl",
+                   help="with --simulate-shift: the label file (default data/labels/real.jsonl)")
+    h.add_argument("--sources", nargs="+", help="with --simulate-shift: only these sources as "
+                   "the new one (default: every source); --limit N keeps N labels per source")
+    h.add_argument("--epsilon", type=float, default=0.1,
+                   help="with --simulate-shift: exploration share (0 to 0.5, default 0.1)")
+    h.add_argument("--retrain-every", type=int, default=50,
+                   help="with --simulate-shift: a loop step every N labels (default 50)")
+    h.add_argument("--refit", choices=("warm", "scratch", "base"), default="warm",
+                   help="with --simulate-shift: candidates warm-started from the base model "
+                        "(default), fitted from nothing, or the base with a fresh guard only")
     p.set_defaults(func=run)
 
 
@@ -94,6 +112,12 @@ def run(a: argparse.Namespace) -> int:
         return run_from_log(a.from_log, a.policy, a.threshold, a.profile, a.reward, a.artifact,
                             n_boot=1000 if a.bootstrap is None else a.bootstrap,
                             seed=a.seed or 0, json_out=a.json_out)
+    if a.simulate_shift:
+        from evals.shift import run as run_shift
+
+        return run_shift(a.labels, a.out, a.sources, a.limit, a.epsilon, a.retrain_every,
+                         a.refit, a.seed or 0, 300 if a.bootstrap is None else a.bootstrap,
+                         progress=not a.no_progress)
     if a.report_only:
         res = EvalResult.load(Path(a.report_only) / "results.json")
         paths = write_report(res, a.report_only)
