@@ -126,6 +126,13 @@ def to_api_error(exc: BaseException, backend: str | None = None,
     return APIError("internal error", status=500, type="server_error", code="internal_error")
 
 
+def client_error(exc: ValueError) -> Exception:
+    """A ValueError from a request's own checks (the methods of router/protocol.py's
+    request models) as the client's fault: a 400. Only there; elsewhere a plain ValueError
+    is a bug (500, :func:`to_api_error`)."""
+    return exc if isinstance(exc, RequestError) else InvalidRequestError(str(exc))
+
+
 def envelope(err: APIError) -> dict:
     return {"error": {"message": err.message, "type": err.type, "param": err.param,
                       "code": err.code}}

@@ -156,8 +156,11 @@ def create_model_app(backend: Backend, name: str | None = None,
         if ids is not None and not backend.accepts_token_ids:
             raise errors.InvalidRequestError(
                 f"prompt: {model_name} takes text prompts, not token ids", param="prompt")
-        prompt = body.chat_messages() if isinstance(body, P.ChatCompletionRequest) \
-            else ids or body.prompt_text()
+        try:
+            prompt = body.chat_messages() if isinstance(body, P.ChatCompletionRequest) \
+                else ids or body.prompt_text()
+        except ValueError as exc:  # the request's own checks: a 400 (router/errors.py)
+            raise errors.client_error(exc) from None
         echo = getattr(body, "echo", False)
         if ids is not None and (echo or (getattr(body, "logprobs", None) is not None
                                          and not body.stream)):

@@ -25,6 +25,7 @@ from router.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     UnavailableError,
+    client_error,
     to_api_error,
 )
 from router.metrics import RouterMetrics
@@ -489,7 +490,7 @@ class RouterService:
             try:
                 messages = body.chat_messages()
             except ValueError as exc:  # the request's own checks (router/protocol.py)
-                raise _client_error(exc) from None
+                raise client_error(exc) from None
             return messages, RoutingRequest(tuple(messages), body.requested_max_tokens(), "chat")
         if body.logprobs is not None:
             raise InvalidRequestError("logprobs: not supported by the router (call a "
@@ -497,7 +498,7 @@ class RouterService:
         try:
             prompt = body.prompt_text()
         except ValueError as exc:
-            raise _client_error(exc) from None
+            raise client_error(exc) from None
         return prompt, RoutingRequest.from_prompt(prompt, body.requested_max_tokens())
 
     async def decide_only(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> dict:
@@ -611,12 +612,6 @@ class RouterService:
             self.metrics.overhead.observe(overhead_ms / 1000)
         if self.decision_log is not None:
             self.decision_log.write(row)
-
-
-def _client_error(exc: ValueError) -> Exception:
-    """A request check's ValueError as the client's fault (400); a :class:`RequestError`
-    as it is. Only here: elsewhere a plain ValueError is a bug (500)."""
-    return exc if isinstance(exc, RequestError) else InvalidRequestError(str(exc))
 
 
 def _other(role: str) -> str:

@@ -876,3 +876,16 @@ def test_only_request_errors_are_400_and_a_bug_is_a_500(fakes, caplog) -> None:
         svc.route = original  # type: ignore[method-assign]
     assert any("chatcmpl-" in m for m in caplog.messages if "unexpected error" in m)
     assert chat(client, COPY, model="archroute-rules").status_code == 200
+
+
+def test_serve_model_request_checks_stay_400s() -> None:
+    """`archroute serve-model` shares the mapper: a request's own checks are 400s there too
+    (a plain ValueError elsewhere is a 500 now, #21)."""
+    from router.model_server import create_model_app
+
+    with TestClient(create_model_app(FakeBackend("m"))) as client:
+        r = client.post("/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+        assert "not supported" in assert_envelope(r, 400)["message"]
+        r = client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"]})
+        assert "one prompt per request" in assert_envelope(r, 400)["message"]
