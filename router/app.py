@@ -280,7 +280,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         except (ValueError, TypeError) as exc:
             raise errors.InvalidRequestError(f"/admin/reload: expected {{\"artifact\": "
                                              f"PATH}} or no body: {exc}") from None
-        return await request.app.state.reloader.reload(body.artifact)
+        return await request.app.state.reloader.reload(body.artifact, body.force)
 
     @app.get("/health")
     async def health() -> dict:

@@ -404,3 +404,48 @@ class ClassifierPolicy(Policy):
 
     def score(self, req: RoutingRequest) -> float:
         return self.score_batch([req])[0]
+
+
+@register("guarded")
+class GuardedPolicy(ClassifierPolicy):
+    """The classifier behind its guard (``router/learning/guard.py``): never below the best
+    single backend measured on labelled traffic. An artifact made by the learning loop
+    (``archroute train --from-log``, the loop's candidates) carries ``guard.json``; then each
+    request goes to its cluster's best single backend unless the artifact's predicted gain
+    clears the cluster's guarded threshold, and a request unlike every cluster goes to the
+    best single backend overall. The score is that decision (1.0 transformer, 0.0 hybrid;
+    threshold 0.5). Without a guard file it is the plain classifier policy."""
+
+    description = "classifier behind the guard: never below the best single backend"
+
+    def __init__(self, cost_weight: float = 0.0, artifact: str | None = None,
+                 operating_point: str = "quality", model: object | None = None) -> None:
+        super().__init__(cost_weight, artifact, operating_point, model)
+        from router.learning.guard import load
+
+        folder = getattr(self.model_, "path", None)
+        self.guard_ = load(folder) if folder is not None else None  # ValueError: refused
+        if self.guard_ is not None and getattr(self.model_, "regressor", None) is None:
+            raise ValueError("guarded: the artifact has a guard but no gap regressor")
+        self.blocking = self.guard_ is not None  # clustering + the regressor: a worker thread
+
+    def default_threshold(self) -> float:
+        return 0.5 if self.guard_ is not None else super().default_threshold()
+
+    def _guarded(self, reqs: Sequence[RoutingRequest], X) -> list[float]:
+        from router.learning.guard import cluster_features
+
+        assert self.guard_ is not None
+        gap = self.model_.gap_from_features(X)  # type: ignore[attr-defined]
+        return [float(a) for a in self.guard_.actions(cluster_features(reqs), gap)]
+
+    def explain(self, req: RoutingRequest) -> tuple[float, dict[str, float]]:
+        if self.guard_ is None:
+            return super().explain(req)
+        X, feats = self.model_.named_features(req)  # type: ignore[attr-defined]
+        return self._guarded([req], X)[0], feats
+
+    def score_batch(self, reqs: Sequence[RoutingRequest]) -> list[float]:
+        if self.guard_ is None or not reqs:
+            return super().score_batch(reqs)
+        return self._guarded(reqs, self.model_.features(list(reqs)))  # type: ignore[attr-defined]

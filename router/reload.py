@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from router.errors import APIError, InvalidRequestError, PermissionDeniedError
+from router.errors import APIError, ConflictError, InvalidRequestError, PermissionDeniedError
 from router.policies import Policy, get_policy
 from router.serving import RoutingState, artifact_of
 
@@ -39,10 +39,18 @@ log = logging.getLogger(__name__)
 
 
 class ReloadRequest(BaseModel):
-    """``POST /admin/reload`` body (optional): ``{"artifact": PATH}``."""
+    """``POST /admin/reload`` body (optional): ``{"artifact": PATH}``; ``force`` skips the
+    learning loop's gate for an artifact trained on the decision log."""
 
     model_config = ConfigDict(extra="forbid")
     artifact: str | None = Field(None, min_length=1, max_length=4096)
+    force: StrictBool = False
+
+
+class GateRefusedError(ConflictError):
+    """A log-trained candidate the DR gate did not let through (router/learning/gate.py)."""
+
+    code = "gate_refused"
 
 
 class ReloadError(InvalidRequestError):
@@ -66,6 +74,43 @@ def allowed_artifact(settings: Settings, path: str) -> Path:
     return target
 
 
+GATED_POLICIES = ("classifier", "guarded")  # profiles whose artifact a reload replaces
+
+
+def gate_check(settings: Settings, current: RoutingState, policies: dict[str, Policy],
+               default: Any, default_profile: str | None = None) -> dict | None:
+    """The learning loop's gate (router/learning/gate.py) for a log-trained artifact: on the
+    decision log's held-back labelled requests, the new policy of the profile that serves
+    ``model: "archroute"`` (else the first classifier profile that uses the artifact) must
+    beat the serving one, the 95% CI of the paired DR difference above zero. None when the
+    artifact was not trained on a log; :class:`GateRefusedError` (409) when it fails."""
+    from router.decision_log import read_log
+    from router.learning import gate
+
+    if not gate.log_trained(getattr(default, "meta", {}) or {}):
+        return None
+    names = [n for n, p in settings.profiles.items() if p.policy in GATED_POLICIES
+             and "artifact" not in p.policy_args and n in policies and n in current.policies]
+    if not names:
+        return None
+    name = default_profile if default_profile in names else names[0]
+    if settings.decision_log is None:
+        raise GateRefusedError("the artifact was trained on a decision log, and this router "
+                               "has none to judge it on: reload with {\"force\": true} to "
+                               "serve it anyway", param="artifact")
+    fresh = RoutingState.build(settings, policies)
+    res = gate.judge(read_log(settings.decision_log), current.policies[name],
+                     current.thresholds[name], policies[name], fresh.thresholds[name])
+    if not res.passed:
+        est = ("" if res.serving != res.serving else f", DR on the log's held-back requests: "
+               f"serving {res.serving:+.4f}, candidate {res.candidate:+.4f} nats/token")
+        raise GateRefusedError(
+            f"the gate refused the candidate; the previous artifact keeps serving (profile "
+            f"{name}{est}): {res.reason}. Reload with {{\"force\": true}} to serve it anyway",
+            param="artifact")
+    return {"profile": name, **res.to_dict()}
+
+
 def build_policies(settings: Settings, current: RoutingState,
                    path: str | None) -> tuple[dict[str, Policy], Any]:
     """New policies for every profile (classifier profiles with freshly loaded artifacts,
@@ -87,14 +132,14 @@ def build_policies(settings: Settings, current: RoutingState,
     for name, prof in settings.profiles.items():
         if name not in current.policies:  # span profiles have no policy
             continue
-        if prof.policy != "classifier":
+        if prof.policy not in GATED_POLICIES:
             policies[name] = current.policies[name]
             continue
         args = dict(prof.policy_args)
         own = args.get("artifact")
         model = load(Path(own)) if own else default
         try:
-            policies[name] = get_policy("classifier", **args, model=model)
+            policies[name] = get_policy(prof.policy, **args, model=model)
         except ValueError as exc:
             raise A.ArtifactError(f"profile {name}: {exc}") from None
     return policies, default
@@ -109,10 +154,13 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()  # signal-started reloads, kept until done
         self.reloads = 0
+        self.gate_refusals = 0
 
-    async def reload(self, path: str | None = None) -> dict:
+    async def reload(self, path: str | None = None, force: bool = False) -> dict:
         """Load, check and swap in; the result names the artifact and each classifier
-        profile's threshold. :class:`ReloadError` (400) when the artifact is refused."""
+        profile's threshold. :class:`ReloadError` (400) when the artifact is refused;
+        :class:`GateRefusedError` (409) when a log-trained artifact does not pass the
+        learning loop's gate (unless ``force``)."""
         from classifiers.artifact import ArtifactError
 
         if path is not None:
@@ -131,6 +179,23 @@ class Reloader:
                 raise APIError("reload failed (internal error, logged); the previous "
                                "artifact keeps serving", status=500, type="server_error",
                                code="reload_failed") from None
+            gated = None
+            if not force:
+                try:
+                    gated = await asyncio.to_thread(
+                        gate_check, self.settings, self.service.state, policies, default,
+                        self.service.default_profile)
+                except GateRefusedError as exc:
+                    self.gate_refusals += 1
+                    log.warning("reload of %s refused by the gate: %s", path, exc.message)
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a log that cannot be read: no evidence
+                    self.gate_refusals += 1
+                    log.exception("the gate could not judge %s", path)
+                    raise GateRefusedError(
+                        f"the gate could not judge the candidate ({type(exc).__name__}); the "
+                        "previous artifact keeps serving. Reload with {\"force\": true} to "
+                        "serve it anyway", param="artifact") from None
             state = RoutingState.build(self.settings, policies)
             self.service.state = state  # one assignment: new requests see all of it
             self.reloads += 1
@@ -143,6 +208,8 @@ class Reloader:
             out = {"object": "archroute.reload", "artifact": default.identity(),
                    "profiles": profiles,
                    "seconds": round(time.perf_counter() - t0, 3)}
+            if gated is not None or force:
+                out["gate"] = gated if gated is not None else "skipped (force)"
             log.info("reloaded the classifier: %s (%s s)", default.identity(), out["seconds"])
             return out
 

@@ -147,3 +147,29 @@ def arrays(rows: Sequence[dict]) -> dict[str, np.ndarray]:
     action = np.array([int(r["decision"] == "transformer") for r in rows])
     return {"action": action, "propensity": np.array([float(r["propensity"]) for r in rows]),
             "reward": -np.where(action == 1, lt, lh), "q_t": -lt, "q_h": -lh}
+
+
+def log_trained(meta: dict) -> bool:
+    """Whether an artifact was trained on a decision log (then a reload is gated)."""
+    td = meta.get("training_data") or {}
+    return bool(td.get("decision_log")) or bool(td.get("n_from_log"))
+
+
+def judge(rows: Sequence[dict], serving, serving_threshold: float, candidate,
+          candidate_threshold: float, seed: int = 0) -> GateResult:
+    """The gate on a decision log's held-back labelled rows for two scoring policies
+    (anything with ``score_batch``; the transformer when score >= threshold)."""
+    from router.learning.logrows import routing_request
+
+    held = log_rows(rows, held=True)
+    reqs = [routing_request(r) for r in held]
+    keep = [i for i, q in enumerate(reqs) if q is not None]
+    held, reqs = [held[i] for i in keep], [reqs[i] for i in keep]
+    if not held:
+        return compare(np.zeros(0, int), np.zeros(0, int), np.zeros(0), np.ones(0),
+                       np.zeros(0), np.zeros(0), np.zeros(0), seed=seed)
+    s = (np.asarray(serving.score_batch(reqs)) >= serving_threshold).astype(int)
+    c = (np.asarray(candidate.score_batch(reqs)) >= candidate_threshold).astype(int)
+    a = arrays(held)
+    return compare(s, c, a["action"], a["propensity"], a["reward"], a["q_t"], a["q_h"],
+                   seed=seed)

@@ -24,7 +24,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     from classifiers import cli
 
     cli.add_train(sub)
-    sub.choices["train"].set_defaults(func=run_train)
+    p = sub.choices["train"]
+    p.add_argument("--refit", choices=("scratch", "warm"), default="scratch",
+                   help="with --from-log: fit the shipped variant from nothing (default), or "
+                        "warm-start from the shipped artifact (--base) and write its guard "
+                        "(guard.json, for profiles with policy: guarded)")
+    p.add_argument("--base", metavar="DIR", help="with --refit warm: the artifact to start "
+                   "from (default: the shipped classifiers/default/)")
+    p.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -40,8 +47,10 @@ def log_label_rows(db: str) -> tuple[list[dict], list, dict]:
     with a scored reference, the requests as the policy saw them, and counts of what was
     left out. Chat apps' side requests are left out (the classifier never scores them)."""
     from classifiers.labels import label_class
+    from router.learning.gate import held_back
 
-    rows, reqs, left = [], [], {"side request": 0, "no prompt": 0}
+    rows, reqs = [], []
+    left = {"side request": 0, "no prompt": 0, "held back for the reload gate": 0}
     for r in read_log(db):
         gap = r.get("gap")
         if r.get("label_status") != "done" or gap is None or gap != gap:
@@ -54,6 +63,9 @@ def log_label_rows(db: str) -> tuple[list[dict], list, dict]:
             left["no prompt"] += 1
             continue
         rid = r["request_id"]
+        if held_back(str(rid)):  # the gate's evidence: never trained on
+            left["held back for the reload gate"] += 1
+            continue
         part = int(hashlib.sha256(rid.encode()).hexdigest(), 16) % 4  # 4 inner group folds
         rows.append({"id": rid, "key": f"{rid}:log", "group": "decision-log",
                      "kind": f"part{part}", "gap": float(gap),
@@ -97,6 +109,8 @@ def run_train_from_log(args: argparse.Namespace) -> int:
                          "(POST /v1/feedback with a `reference`, on a router with "
                          "log_prompts: true); feedback rewards alone are not training labels: "
                          "evaluate with `archroute eval --from-log` instead")
+    if getattr(args, "refit", "scratch") == "warm":
+        return _train_warm(args, rows, reqs, n_log)
     try:
         res = fit_quick(rows, reqs, args.out, args.seed,
                         {"decision_log": redact_url(str(args.from_log)), "n_from_log": n_log,
@@ -104,4 +118,27 @@ def run_train_from_log(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"archroute train --from-log: {exc}") from None
     print(quick_summary(res, args.out))
+    return 0
+
+
+def _train_warm(args: argparse.Namespace, rows: list[dict], reqs: list, n_log: int) -> int:
+    """``--refit warm``: :func:`router.learning.candidate.fit_candidate` from the base."""
+    import numpy as np
+
+    from classifiers import artifact as A
+    from router.learning.candidate import fit_candidate
+
+    try:
+        base = A.load(args.base, verify=True, strict=True) if args.base else A.load_default()
+        res = fit_candidate(base, reqs, np.array([r["loss_transformer"] for r in rows]),
+                            np.array([r["loss_hybrid"] for r in rows]),
+                            [r["id"] for r in rows], args.out, args.seed or 0, "warm",
+                            {"decision_log": redact_url(str(args.from_log)),
+                             "n_from_log": n_log})
+    except (ValueError, A.ArtifactError) as exc:
+        raise SystemExit(f"archroute train --from-log --refit warm: {exc}") from None
+    g = res["guard"]
+    print(f"kept: {res['kept']} (held-out loss {res['held_out_loss']}); guard: best single "
+          f"{g['best_single']}, {len(g['clusters'])} clusters; {res['fit_s']:.1f} s; "
+          f"self-check passed; artifact {args.out}")
     return 0

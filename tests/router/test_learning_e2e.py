@@ -240,7 +240,8 @@ def test_the_loop_explore_feedback_evaluate_retrain_reload(tmp_path: Path) -> No
         out = tmp_path / "retrained"
         res = archroute("train", "--from-log", str(db), "--out", str(out))
         assert res.returncode == 0, res.stderr[-3000:]
-        assert "self-check passed" in res.stdout and "80 labelled requests" in res.stdout
+        assert "self-check passed" in res.stdout and "labelled requests from the log" in res.stdout
+        assert "held back for the reload gate" in res.stdout
         sha = artifact.digest(out)
         with Load(router.url, n=8) as load:
             time.sleep(0.5)
