@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,8 @@ def simulate_source(rows: Sequence[dict], source: str, workdir: Path, *, epsilon
         live = loop.live
         assert live is not None
         route = live.actions(ev_reqs, ev_F).astype(bool)
-        p = np.asarray(live.clf.p_transformer_from_features(live.clf.features(ev_reqs)))
+        clf: Any = live.clf
+        p = np.asarray(clf.p_transformer_from_features(clf.features(ev_reqs)))
         s = routing_summary(p, 0.5, ev_gap, ev_lt, ev_lh, n_boot=n_boot, seed=seed, route=route)
         evals.append({"labels": n_labels, "live": live.name, "n_eval": s["n"],
                       "regret": s["regret_vs_best"], "regret_ci": s["regret_vs_best_ci"],
@@ -115,7 +117,7 @@ def simulate_source(rows: Sequence[dict], source: str, workdir: Path, *, epsilon
             "eval_losses": {"lt": ev_lt.tolist(), "lh": ev_lh.tolist()}}
 
 
-def _at(res: dict, checkpoint: int) -> dict | None:
+def _at(res: dict, checkpoint: int) -> Any:
     """The evaluation after ``checkpoint`` labels (or after all the stream had, if fewer)."""
     evs = [e for e in res["evaluations"] if e["labels"] <= checkpoint]
     return evs[-1] if evs else None
@@ -131,7 +133,7 @@ def pooled(results: Sequence[dict], checkpoint: int, n_boot: int, seed: int) -> 
         return None
     lt = np.concatenate([r["eval_losses"]["lt"] for r, _ in parts])
     lh = np.concatenate([r["eval_losses"]["lh"] for r, _ in parts])
-    route = np.concatenate([np.asarray(e["route"], bool) for _, e in parts])
+    route = np.concatenate([np.array(e["route"], dtype=bool) for _, e in parts])
     s = routing_summary(route.astype(float), 0.5, lt - lh, lt, lh, n_boot=n_boot, seed=seed,
                         route=route)
     return {"ogr": s["recovered"], "ogr_ci": s["recovered_ci"], "regret": s["regret_vs_best"],
