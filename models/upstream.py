@@ -38,6 +38,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar, cast
 
 import aiohttp
+import yarl
 
 from models.base import (
     Architecture,
@@ -263,6 +264,7 @@ class OpenAIUpstreamBackend(Backend):
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+        self._urls: dict[str, yarl.URL] = {}  # path -> parsed URL (parsed once)
         self._sync_loop: asyncio.AbstractEventLoop | None = None  # the blocking methods'
         self._sync_lock = threading.Lock()
 
@@ -360,8 +362,11 @@ class OpenAIUpstreamBackend(Backend):
         timeout = aiohttp.ClientTimeout(
             total=None if stream else self.timeout, sock_connect=self.connect_timeout,
             sock_read=self.timeout)
-        async with self.session.post(self.base_url + path, data=json.dumps(body).encode(),
-                                     timeout=timeout, allow_redirects=False) as resp:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = yarl.URL(self.base_url + path)
+        async with self.session.post(url, data=json.dumps(body).encode(), timeout=timeout,
+                                     allow_redirects=False) as resp:
             if resp.status >= 300:
                 self._check(resp.status, await self._read(resp))
             yield resp

@@ -358,7 +358,8 @@ ENV_PREFIX = "ARCHROUTE_"
 # typo is an error rather than a silently ignored override
 NOT_SETTINGS = frozenset({"ARCHROUTE_CONFIG", "ARCHROUTE_CACHE", "ARCHROUTE_REQUESTS",
                           "ARCHROUTE_TEST_ARTIFACTS", "ARCHROUTE_VENV", "ARCHROUTE_VLLM_VENV",
-                          "ARCHROUTE_VLLM_START_TIMEOUT", "ARCHROUTE_OPENWEBUI_VENV"})
+                          "ARCHROUTE_VLLM_START_TIMEOUT", "ARCHROUTE_OPENWEBUI_VENV",
+                          "ARCHROUTE_LITELLM_VENV"})
 _LIST_FIELDS = {"api_keys", "admin_api_keys", "artifact_roots"}
 
 

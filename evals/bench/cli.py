@@ -8,7 +8,8 @@ import importlib
 # name -> ("module:function", help). function(args) -> int; each module also defines
 # ``add_arguments(parser)`` for its own options.
 BENCHES: dict[str, tuple[str, str]] = {
-    "router": ("evals.bench.router_overhead", "router overhead vs calling the upstream directly"),
+    "router": ("evals.bench.router_overhead", "router overhead vs calling the upstream directly "
+               "(--peer litellm: LiteLLM's proxy side by side)"),
     "classifier": ("evals.bench.classifier_latency", "decision latency by prompt length"),
     "route": ("evals.bench.route_latency", "POST /v1/route latency by prompt length"),
     "backends": ("evals.bench.backends", "tokens/s and memory of the reference pair"),
