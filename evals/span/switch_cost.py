@@ -36,25 +36,25 @@ import numpy as np
 
 
 def forward_costs(t, h, n_ctx: int = 150, k: int = 8, reps: int = 30) -> dict[str, float]:
-    """Seconds per forward on the pair, median of ``reps``: decode steps (1 token after
+    """Seconds per forward on the pair, median of ``reps`` (the five kinds interleaved, so
+    that load that comes and goes falls on all alike): decode steps (1 token after
     ``n_ctx``), catch-up forwards (5 tokens), a transformer verify forward (1 + ``k``)."""
     import torch
 
-    def timed(b, n_new: int) -> float:
-        out = []
-        ids = torch.tensor([[b.prefix_id] + [300] * (n_ctx - 1)])
-        with torch.no_grad():
-            for _ in range(reps):
+    kinds = {"t_decode": (t, 1), "t_catchup": (t, 5), "t_verify": (t, 1 + k),
+             "h_decode": (h, 1), "h_catchup": (h, 5)}
+    out: dict[str, list[float]] = {name: [] for name in kinds}
+    with torch.no_grad():
+        for _ in range(reps):
+            for name, (b, n_new) in kinds.items():
+                ids = torch.tensor([[b.prefix_id] + [300] * (n_ctx - 1)])
                 res = b.model(input_ids=ids, use_cache=True)
                 cache = getattr(res, "cache", None) or res.past_key_values
                 new = torch.tensor([[301] * n_new])
                 t0 = time.perf_counter()
                 b.model(input_ids=new, use_cache=True, **{b._cache_kw: cache})
-                out.append(time.perf_counter() - t0)
-        return statistics.median(out)
-
-    return {"t_decode": timed(t, 1), "t_catchup": timed(t, 5), "t_verify": timed(t, 1 + k),
-            "h_decode": timed(h, 1), "h_catchup": timed(h, 5)}
+                out[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in out.items()}
 
 
 def simulate(gate, seq, token_text, draft_k: int, min_match: int) -> tuple[np.ndarray, int]:
