@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     seqs, files = training_seqs(cfg, pair, progress=False)
     gate = load_learned_gate(a.gate)
     text = token_texts(pair[0])
-    fc = forward_costs(*pair, k=a.draft_k)
+    fc = forward_costs(pair[0], pair[1], k=a.draft_k)
     print(f"{len(seqs)} training requests ({sum(len(s) for s in seqs):,} answer tokens; "
           f"sources: {', '.join(sorted({s.source.split(':')[0] for s in seqs}))})")
     print("forward costs (ms, median of 30): " + ", ".join(
