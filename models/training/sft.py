@@ -8,11 +8,18 @@ on the answer tokens only, and every answer ends with end-of-sequence. The data
 (models/training/sft_data.py): a fixed hash-based part of the shared real requests and
 synthetic copy / writing instructions cut from the corpus TRAIN split.
 
-    python -m models.training.sft data  --run runs/sft/run          # examples + sft_data.json
-    python -m models.training.sft train --run runs/sft/run --arch transformer --steps 600
-    python -m models.training.sft train --run runs/sft/run --arch hybrid --steps 600
-    python -m models.training.sft export --run runs/sft/run --out runs/sft
-    python -m models.training.sft plot --run runs/sft/run --out models/reference/sft_loss_curves.png
+The shipped recipe has two phases, each for both models (models/reference/SFT.md)::
+
+    S="python -m models.training.sft"
+    $S data --run runs/sft/run --steps 600        # 9,600 examples; 450 steps read 7,200
+    for a in transformer hybrid; do $S train --run runs/sft/run --arch $a --steps 450 --threads 1; done
+    $S data --run runs/sft/run2 --steps 500 --seed 2222 --real-share 0 \
+        --shares repeat=0.45,fix_bug=0.45,rename=0.04,reindent=0.03,extract_lines=0.03 \
+        --replay runs/sft/run --replay-n 2000
+    for a in transformer hybrid; do $S train --run runs/sft/run2 --arch $a --steps 500 \
+        --seed 2222 --warmup 20 --threads 1 --init runs/sft/run/$a/final; done
+    $S export --run runs/sft/run2 --out runs/sft
+    $S plot --run runs/sft/run --run runs/sft/run2 --out models/reference/sft_loss_curves.png
 
 ``train`` checkpoints every ``--ckpt-every`` steps and resumes from the last checkpoint when
 rerun with the same arguments; it logs the loss (all, and per task group) to
@@ -93,31 +100,42 @@ def task_group(task: str) -> str:
     return "copy" if task in sft_data.COPY_TASKS else "write"
 
 
-def build_data(run: Path, cfg: SFTConfig, corpus: Path, requests_dir: Path) -> dict:
+def build_data(run: Path, cfg: SFTConfig, corpus: Path, requests_dir: Path,
+               shares: dict[str, float] | None = None, replay: Path | None = None,
+               replay_n: int = 0) -> dict:
     """Write ``RUN/examples.jsonl`` (the encoded examples in training order) and
-    ``RUN/sft_data.json`` (what was used: request ids and file hashes, synthetic counts)."""
+    ``RUN/sft_data.json`` (what was used: request ids and file hashes, synthetic counts).
+
+    ``shares`` overrides the synthetic task mix (sft_data.TASK_SHARES); ``replay`` mixes in
+    ``replay_n`` examples of an earlier run's examples.jsonl (a second phase keeps what the
+    first taught; their request ids are the earlier run's, recorded again here)."""
     tok = load_tokenizer()
 
     def fits(ex: sft_data.Example) -> bool:
         return len(encode_example(tok, ex)[0]) <= cfg.max_len
 
     real, record = sft_data.load_real_requests(requests_dir, cfg.real_share, fits)
+    old: list[dict] = []
+    if replay is not None:
+        old = random.Random(cfg.seed).sample(read_examples(replay), replay_n)
+        record = json.loads((replay / "sft_data.json").read_text())["requests"]
     docs = sft_data.load_corpus(corpus, "train")
     builder = sft_data.SyntheticBuilder(docs, lambda s: len(tok(s, add_special_tokens=False)["input_ids"]),
                                         seed=cfg.seed)
-    n_syn = max(0, cfg.steps * cfg.batch_size - len(real))
-    synthetic = [ex for ex in builder.build(sft_data.task_counts(n_syn)) if fits(ex)]
-    examples = real + synthetic
-    random.Random(cfg.seed).shuffle(examples)
+    n_syn = max(0, cfg.steps * cfg.batch_size - len(real) - len(old))
+    synthetic = [ex for ex in builder.build(sft_data.task_counts(n_syn, shares or sft_data.TASK_SHARES))
+                 if fits(ex)]
+    rows = old + [{"id": ex.id, "task": ex.task, "doc": ex.doc,
+                   **dict(zip(("ids", "answer_start"), encode_example(tok, ex), strict=True))}
+                  for ex in real + synthetic]
+    random.Random(cfg.seed).shuffle(rows)
     run.mkdir(parents=True, exist_ok=True)
     with open(run / "examples.jsonl", "w") as fh:
-        for ex in examples:
-            ids, start = encode_example(tok, ex)
-            fh.write(json.dumps({"id": ex.id, "task": ex.task, "doc": ex.doc, "ids": ids,
-                                 "answer_start": start}) + "\n")
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
     counts: dict[str, int] = {}
-    for ex in examples:
-        counts[ex.task] = counts.get(ex.task, 0) + 1
+    for row in rows:
+        counts[row["task"]] = counts.get(row["task"], 0) + 1
     manifest = json.loads((corpus / "manifest.json").read_text())
     record = {
         "issue": 22, "seed": cfg.seed, "max_len": cfg.max_len,
@@ -126,12 +144,13 @@ def build_data(run: Path, cfg: SFTConfig, corpus: Path, requests_dir: Path) -> d
                       "corpus_docs_used": len({ex.doc for ex in synthetic}),
                       "counts": {k: v for k, v in sorted(counts.items()) if not k.startswith("real:")}},
         "real_counts": {k: v for k, v in sorted(counts.items()) if k.startswith("real:")},
-        "examples": len(examples),
+        "examples": len(rows),
+        "replay": {"from": str(replay), "n": len(old)} if replay is not None else None,
     }
     (run / "sft_data.json").write_text(json.dumps(record, indent=1))
     (run / "corpus_path.txt").write_text(str(corpus.resolve()))
-    log.info("data: %d examples (%d real, %d synthetic) -> %s", len(examples), len(real),
-             len(synthetic), run / "examples.jsonl")
+    log.info("data: %d examples (%d real, %d synthetic, %d replayed) -> %s", len(rows), len(real),
+             len(synthetic), len(old), run / "examples.jsonl")
     return record
 
 
@@ -298,27 +317,37 @@ def data_record(run: Path) -> dict:
     return record
 
 
-def plot(run: Path, out: Path, window: int = 20) -> None:
-    """Training loss per task group (moving average of ``window`` steps), both models."""
+def plot(runs: list[Path], out: Path, window: int = 20) -> None:
+    """Training loss per task group (moving average of ``window`` steps), both models;
+    several runs (phases, each from the previous one's weights) are drawn one after another."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
-    for arch, style in zip(ARCHS, ("-", "--"), strict=True):
-        path = run / arch / "metrics.jsonl"
-        if not path.exists():
-            continue
-        rows = [json.loads(x) for x in path.read_text().splitlines()]
-        for ax, key in zip(axes, ("loss_copy", "loss_write", "loss_real"), strict=True):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if not pts:
+    offset = 0
+    for n, run in enumerate(runs):
+        last = 0
+        for arch, color in zip(ARCHS, ("C0", "C1"), strict=True):
+            path = run / arch / "metrics.jsonl"
+            if not path.exists():
                 continue
-            s, v = np.asarray(pts).T
-            k = min(window, len(v))
-            ax.plot(s[k - 1:], np.convolve(v, np.ones(k) / k, "valid"), style, label=arch)
-            ax.set_title(key.replace("loss_", "") + " examples")
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+            last = max(last, rows[-1]["step"])
+            for ax, key in zip(axes, ("loss_copy", "loss_write", "loss_real"), strict=True):
+                pts = [(r["step"] + offset, r[key]) for r in rows if key in r]
+                if not pts:
+                    continue
+                s, v = np.asarray(pts).T
+                k = min(window, len(v))
+                ax.plot(s[k - 1:], np.convolve(v, np.ones(k) / k, "valid"), color=color,
+                        label=arch if n == 0 else None)
+                ax.set_title(key.replace("loss_", "") + " examples")
+        offset += last
+        if n < len(runs) - 1:
+            for ax in axes:
+                ax.axvline(offset, color="grey", lw=0.8)
     for ax in axes:
         ax.set_xlabel("step")
         ax.set_ylabel("answer loss (nats/token)")
@@ -341,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     d.add_argument("--requests", type=Path, default=sft_data.REQUESTS_DIR)
     d.add_argument("--record", type=Path, help="also copy sft_data.json here")
+    d.add_argument("--shares", help="synthetic task mix, e.g. repeat=0.5,fix_bug=0.5 "
+                                    "(default: sft_data.TASK_SHARES)")
+    d.add_argument("--replay", type=Path, help="an earlier run whose examples are mixed in")
+    d.add_argument("--replay-n", type=int, default=0, help="how many of them")
     t.add_argument("--arch", choices=ARCHS, required=True)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--init", type=Path, help="start weights (default models/reference/ARCH)")
@@ -349,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--run", type=Path, default=Path("runs/sft/run"))
     e.add_argument("--out", type=Path, default=Path("runs/sft"))
     pl = sub.add_parser("plot", help="loss curves of both models")
-    pl.add_argument("--run", type=Path, default=Path("runs/sft/run"))
+    pl.add_argument("--run", type=Path, action="append",
+                    help="run folder; repeat for phases in order (default runs/sft/run)")
     pl.add_argument("--out", type=Path, default=Path("models/reference/sft_loss_curves.png"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -358,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                      if k in SFTConfig.__dataclass_fields__ and v is not None}
         cfg = SFTConfig(**overrides)
         if a.cmd == "data":
-            record = build_data(a.run, cfg, a.corpus, a.requests)
+            shares = ({k: float(v) for k, v in (x.split("=") for x in a.shares.split(","))}
+                      if a.shares else None)
+            record = build_data(a.run, cfg, a.corpus, a.requests, shares, a.replay, a.replay_n)
             if a.record:
                 a.record.write_text(json.dumps(record, indent=1))
         else:
@@ -369,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "export":
         export(a.run, a.out)
     else:
-        plot(a.run, a.out)
+        plot(a.run or [Path("runs/sft/run")], a.out)
     return 0
 
 
