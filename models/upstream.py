@@ -359,9 +359,10 @@ class OpenAIUpstreamBackend(Backend):
         """The response to a POST with its head read and its status checked. Leaving the
         block with the body read to its end pools the connection; otherwise it is closed.
         A whole answer must come within ``timeout``; a stream's every read."""
-        timeout = aiohttp.ClientTimeout(
-            total=None if stream else self.timeout, sock_connect=self.connect_timeout,
-            sock_read=self.timeout)
+        timeout = (aiohttp.ClientTimeout(sock_connect=self.connect_timeout,
+                                         sock_read=self.timeout) if stream
+                   else aiohttp.ClientTimeout(total=self.timeout,
+                                              sock_connect=self.connect_timeout))
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = yarl.URL(self.base_url + path)

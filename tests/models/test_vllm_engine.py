@@ -187,7 +187,7 @@ def test_stream_matches_generate(up, hf, bos) -> None:
 
 
 def test_async_paths(up, hf, bos) -> None:
-    """agenerate / astream / ascore: the http1 pool the router itself uses."""
+    """agenerate / astream / ascore: the aiohttp path the router itself uses."""
     prompt = PROMPTS[0]
     expected = hf.generate(prompt, GREEDY).text
     pair = PAIRS[0]
