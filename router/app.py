@@ -32,6 +32,7 @@ from router import feedback as F
 from router import protocol as P
 from router.decision_log import DecisionLog
 from router.feedback import FeedbackRequest, FeedbackService
+from router.json_body import json_content_type
 from router.metrics import RouterMetrics
 from router.policies import get_policy
 from router.pool import BackendSlot, SlotLimits
@@ -119,6 +120,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope[T0_KEY] = time.perf_counter()
+        json_content_type(scope)  # curl -d sends a form's content type: read JSON as JSON
         headers = dict(scope["headers"])
         if scope["path"].startswith(ADMIN):
             refused = self.admin_refusal(scope, bearer(headers))

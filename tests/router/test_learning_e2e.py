@@ -195,13 +195,14 @@ def test_the_loop_explore_feedback_evaluate_retrain_reload(tmp_path: Path) -> No
     profiles = {"archroute-auto": {"policy": "classifier", "epsilon": 0.2},
                 "archroute-rules": {"policy": "rules"}}
     router = start(tmp_path, module="tests.router.learning_server", log_prompts=True,
-                   profiles=profiles, exploration_seed=11)
+                   profiles=profiles, exploration_seed=11,
+                   feedback_rate_per_s=1000, feedback_burst=1000)  # one client, 160 posts
     try:
         served = []
         with httpx.Client(base_url=router.url, headers=AUTH, timeout=30) as c:
             for msgs, ref, better in requests_(40):
                 body = c.post("/v1/chat/completions",
-                              json={"model": "archroute", "messages": msgs}).json()
+                              json={"model": "archroute-auto", "messages": msgs}).json()
                 served.append((body["id"], ref, better, body["archroute"]))
                 # a reference to score, and the user's verdict on the backend that answered
                 r = c.post("/v1/feedback", json={"id": body["id"], "reference": ref})
@@ -247,6 +248,12 @@ def test_the_loop_explore_feedback_evaluate_retrain_reload(tmp_path: Path) -> No
             time.sleep(0.5)
             r = httpx.post(router.url + "/admin/reload", headers=AUTH, timeout=60,
                            json={"artifact": str(out)})
+            if r.status_code == 409:  # the reload gate: too little held-back evidence here
+                err = r.json()["error"]
+                assert err["code"] == "gate_refused" and "force" in err["message"], r.text
+                assert models(router.url)["archroute-auto"]["artifact"]["sha256"] != sha
+                r = httpx.post(router.url + "/admin/reload", headers=AUTH, timeout=60,
+                               json={"artifact": str(out), "force": True})
             time.sleep(0.5)
         assert r.status_code == 200, r.text
         assert load.errors == [] and {s for s, _, _ in load.results} == {200}
@@ -257,7 +264,7 @@ def test_the_loop_explore_feedback_evaluate_retrain_reload(tmp_path: Path) -> No
         fresh = requests_(10, offset=5)
         for msgs, _, better in fresh:
             d = httpx.post(router.url + "/v1/route", headers=AUTH,
-                           json={"model": "archroute", "messages": msgs}).json()
+                           json={"model": "archroute-auto", "messages": msgs}).json()
             assert d["artifact"] == sha[:12]
             right += d["decision"] == better
         assert right >= 0.9 * len(fresh), right

@@ -71,7 +71,7 @@ def test_a_truncated_artifact_is_a_400_and_the_old_one_serves(tmp_path: Path) ->
     try:
         before = serving(router)
         for path, needle in ((cut, "2000 bytes, expected 162118"),
-                             (old, "crashed the loader (an isolated load was killed by SIGABRT)")):
+                             (old, "crashed the loader (an isolated load was killed by SIG")):  # ABRT or SEGV
             r = reload(router, path)
             assert r.status_code == 400, r.text
             err = r.json()["error"]
@@ -152,7 +152,7 @@ def test_sighup_with_a_truncated_artifact_keeps_the_old_one(tmp_path: Path) -> N
                 time.sleep(0.1)
             text = log.read_text()
             assert "previous artifact keeps serving" in text
-            assert ("2000 bytes, expected" if signed else "SIGABRT") in text
+            assert ("2000 bytes, expected" if signed else "killed by SIG") in text  # SIGABRT or SIGSEGV
             assert router.proc.poll() is None
             assert serving(router, "pinned") == before
             assert serving(router, "auto") == before  # the default was not swapped either
