@@ -31,7 +31,7 @@ from router.errors import (
 from router.metrics import RouterMetrics
 from router.policies import Policy, decide
 from router.pool import BackendSlot, BackendStream
-from router.settings import ProfileSettings, Settings
+from router.settings import DEPRECATED_PROFILES, ProfileSettings, Settings
 from router.side import is_side_request
 from router.span import SPAN_ROLE, SpanService, span_header, span_totals
 from router.streaming import sse_events
@@ -57,6 +57,7 @@ class Route:
     fallback_reason: str | None = None
     reasons: list[str] | None = None  # the features behind the score, in words (explain)
     warning: str | None = None  # sent as x-archroute-warning
+    deprecated: str | None = None  # sent as x-archroute-deprecated (a deprecated model name)
     # the request's tool calling fields (None: it sent none); given to the serving backend
     # when it can call tools, else dropped with a warning (settings `tools`)
     tools: P.ToolFields | None = None
@@ -88,6 +89,8 @@ class Route:
             h["x-archroute-fallback"] = f"{r.fallback_from}; reason={self.fallback_reason}"
         if self.warning:
             h["x-archroute-warning"] = self.warning
+        if self.deprecated:
+            h["x-archroute-deprecated"] = self.deprecated
         span = self.span
         if span is not None:
             h["x-archroute-span"] = span_header(span)
@@ -254,6 +257,19 @@ class RouterService:
     async def route(self, row: DecisionRow, rreq: RoutingRequest, threshold: float | None,
                     explain: bool = False, count: bool = True,
                     gate: str | None = None) -> Route:
+        """:meth:`_route`, with a deprecated profile name (``DEPRECATED_PROFILES``, when
+        the router has no profile of that name) served as the profile it became, and said
+        in an ``x-archroute-deprecated`` header."""
+        model = row.model
+        target = DEPRECATED_PROFILES.get(model)
+        if target is None or model in self.settings.profiles or target not in self.settings.profiles:
+            return await self._route(row, rreq, threshold, explain, count, gate, model)
+        route = await self._route(row, rreq, threshold, explain, count, gate, target)
+        route.deprecated = (f"model {model!r} is deprecated: it is {target!r}, use that name")
+        return route
+
+    async def _route(self, row: DecisionRow, rreq: RoutingRequest, threshold: float | None,
+                     explain: bool, count: bool, gate: str | None, model: str) -> Route:
         """The decision for one request (``row.model`` is the model it asked for), recorded
         in ``row``: a backend named directly, a chat app's side request (served by
         ``side_requests`` unscored), the span decoder (a span profile; ``gate`` overrides its
@@ -262,7 +278,6 @@ class RouterService:
         the other backend at random (only when ``count``: a request the router serves), with
         the propensity in the record. A request refused here leaves ``row`` undecided."""
         state = self.state  # read once: a reload swaps it whole
-        model = row.model
         if model in self._by_name:
             role = self._by_name[model]
             _decided(row, role)

@@ -193,24 +193,36 @@ def _default_backends() -> dict[Role, BackendSettings]:
 
 def _default_profiles() -> dict[str, ProfileSettings]:
     return {
+        "archroute-span": ProfileSettings(
+            policy=SPAN_POLICY, policy_args={"gate": default_gate_name(),
+                                             "draft_k": DEFAULT_DRAFT_K,
+                                             "draft_min_match": DEFAULT_DRAFT_MIN_MATCH},
+            description="pick for quality: span routing, a gate picks the model per token "
+                        "(both backends in-process with one tokenizer, or two engines with "
+                        "their tokenizer set); copy spans drafted and verified in one "
+                        "transformer forward (draft_k). What `archroute` means where the pair "
+                        "can span"),
         "archroute-auto": ProfileSettings(
             policy="classifier", policy_args={"operating_point": "quality"},
-            description="the default: classifier at its quality threshold"),
-        "archroute-quality": ProfileSettings(
-            policy="classifier", policy_args={"operating_point": "quality"},
-            description="classifier at the threshold with the least expected loss"),
+            description="pick for whole-request routing (engines that cannot span, one "
+                        "backend per answer): the request classifier at its quality "
+                        "threshold; learns from the decision log"),
         "archroute-cost": ProfileSettings(
             policy="classifier", policy_args={"operating_point": "cost"},
-            description="classifier: best quality with at most the artifact's budget of "
-                        "requests on the transformer (the backend with a KV cache)"),
-        "archroute-rules": ProfileSettings(policy="rules", description="the study's rules"),
-        "archroute-span": ProfileSettings(
-            policy=SPAN_POLICY, policy_args={"gate": default_gate_name()},
-            description="span decoding: a gate picks the model per token (both backends "
-                        "in-process with one tokenizer, or two engines with their tokenizer "
-                        "set and a gate over tokens); in-process, copy spans drafted and "
-                        "verified in one transformer forward (draft_k)"),
+            description="pick for cost: the classifier's best quality with at most the "
+                        "artifact's budget of requests on the transformer (the backend with a "
+                        "KV cache)"),
+        "archroute-rules": ProfileSettings(
+            policy="rules", description="a baseline without a trained model: the study's "
+                                        "rules (copy and code cues to the transformer)"),
     }
+
+
+# old profile names that still work: served as the profile they became, with an
+# x-archroute-deprecated header (router/serving.py); a configured profile of that name wins
+DEPRECATED_PROFILES: dict[str, str] = {
+    "archroute-quality": DEFAULT_REQUEST_PROFILE,  # was the same as archroute-auto
+}
 
 
 class ModelServerSettings(_Strict):

@@ -193,3 +193,21 @@ def test_the_projects_other_variables_are_not_settings_but_typos_are_errors() ->
     assert s.port == 9100
     with pytest.raises(SettingsError, match="prot"):
         load_settings(environ={"ARCHROUTE_PROT": "9100"})
+
+
+def test_the_embedded_config_is_the_no_config_default():
+    """configs/router-embedded.yaml says it is what `archroute serve` does with no config
+    (issue #27 item 8: it lacked the span profile): it names every setting but
+    default_profile (unset by design), and each has its default value, but the decision
+    log's path."""
+    import yaml
+
+    from router.settings import Settings
+
+    path = ROOT / "configs" / "router-embedded.yaml"
+    assert set(Settings.model_fields) - set(yaml.safe_load(path.read_text())) == {
+        "default_profile"}
+    from_file = load_settings(str(path), environ={}).model_dump(mode="json")
+    default = load_settings(environ={}).model_dump(mode="json")
+    diff = {k for k in default if k != "decision_log" and from_file[k] != default[k]}
+    assert not diff, {k: (from_file[k], default[k]) for k in diff}

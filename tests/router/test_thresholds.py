@@ -105,7 +105,7 @@ def test_service_resolves_each_profiles_threshold(art: Path, tmp_path: Path) -> 
         assert thr["c-zero"] == 0.0  # ... even 0 (not mistaken for "unset")
         assert thr["r-default"] == 0.5 and thr["r-explicit"] == 0.9
         # the built-in profiles, with no artifact to load: the rules fallback's 0.5
-        assert thr["archroute-quality"] == thr["archroute-cost"] == 0.5
+        assert thr["archroute-auto"] == thr["archroute-cost"] == 0.5
 
         cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
         for name, t in thr.items():
@@ -142,12 +142,19 @@ def test_default_profiles_use_the_default_artifacts_operating_points(
     with TestClient(f.app) as client:
         cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
         assert cards["archroute-auto"]["threshold"] == 0.37
-        assert cards["archroute-quality"]["threshold"] == 0.37
+        assert "archroute-quality" not in cards  # deprecated: archroute-auto
         assert cards["archroute-cost"]["threshold"] == 0.81
         assert cards["archroute-rules"]["threshold"] == 0.5
         r = client.post("/v1/chat/completions", json={"model": "archroute", "messages": PROSE})
         assert r.json()["archroute"]["profile"] == "archroute-auto"
         assert r.json()["archroute"]["threshold"] == 0.37
+        # the old name still works, as the profile it became, and says so
+        r = client.post("/v1/chat/completions", json={"model": "archroute-quality",
+                                                      "messages": PROSE})
+        assert r.status_code == 200, r.text
+        assert r.json()["archroute"]["profile"] == "archroute-auto"
+        assert r.json()["archroute"]["threshold"] == 0.37
+        assert "use that name" in r.headers["x-archroute-deprecated"]
 
 
 def test_startup_log_names_the_resolved_threshold(art: Path, tmp_path: Path, caplog) -> None:
