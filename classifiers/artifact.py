@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import platform
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,3 +379,24 @@ def sign(path: str | Path) -> dict:
 def load_default() -> RequestClassifier:
     """The shipped classifier (``classifiers/default/``)."""
     return load(DEFAULT_DIR)
+
+
+def _child(argv: list[str]) -> int:
+    """``python -m classifiers.artifact DIR [--strict]``: load DIR unisolated and print
+    one result line (:func:`classifiers.integrity.check_in_child` runs it)."""
+    from classifiers import artifact  # this module runs as __main__: the imported one's classes
+    from classifiers.integrity import _MARK
+
+    folder = Path(argv[0])
+    try:
+        clf = artifact.load(folder, verify=True, strict="--strict" in argv[1:], isolate=False)
+        result: dict = {"files": clf.file_digests}
+    except artifact.ArtifactError as exc:  # this module runs as __main__: the imported class
+        result = {"error": str(exc)}
+    sys.stdout.write("\n" + _MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child(sys.argv[1:]))

@@ -193,7 +193,7 @@ def check_in_child(folder: Path, blobs: Mapping[str, bytes], strict: bool,
     """Load and self-check the artifact at ``folder`` in a child Python process; refuse it
     (:class:`ArtifactError`) when the child dies (a native abort), times out, or reports an
     error, or when the bytes it read differ from ``blobs`` (the files changed meanwhile)."""
-    cmd = [sys.executable, "-m", "classifiers.integrity", str(folder)]
+    cmd = [sys.executable, "-m", "classifiers.artifact", str(folder)]
     if strict:
         cmd.append("--strict")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -222,23 +222,3 @@ def check_in_child(folder: Path, blobs: Mapping[str, bytes], strict: bool,
     if theirs != ours:
         raise ArtifactError(f"{where}: its files changed while it was being checked; "
                             "refused (try again once it is written)")
-
-
-def _child(argv: list[str]) -> int:
-    """``python -m classifiers.integrity DIR [--strict]``: load DIR unisolated and print
-    one result line (see :func:`check_in_child`)."""
-    from classifiers import artifact
-
-    folder = Path(argv[0])
-    try:
-        clf = artifact.load(folder, verify=True, strict="--strict" in argv[1:], isolate=False)
-        result: dict = {"files": clf.file_digests}
-    except artifact.ArtifactError as exc:  # this module runs as __main__: the imported class
-        result = {"error": str(exc)}
-    sys.stdout.write("\n" + _MARK + json.dumps(result) + "\n")
-    sys.stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_child(sys.argv[1:]))

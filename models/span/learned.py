@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from models.span.gates import MAX_MATCH, Gate, GateState, Role
+from models.span.gate_base import MAX_MATCH, Gate, GateState, Role
 
 FORMAT = "archroute-span-gate"
 VERSION = 2  # 2: the features after "answer_code" in FEATURES (older artifacts load)
