@@ -45,8 +45,6 @@ from models.base import (
     Backend,
     BackendError,
     BackendInfo,
-    ChatMessage,
-    FinishReason,
     GenerationParams,
     GenerationResult,
     Prompt,
@@ -56,6 +54,8 @@ from models.base import (
     TokenIds,
     stated_architecture,
 )
+from models.openai_wire import SSEParser as SSEParser
+from models.openai_wire import error_text, finish_reason, select_continuation, wire_message
 from models.registry import DEFAULT_MAX_RESPONSE_BYTES
 
 # idle upstream connections are dropped after this, before a server's usual 5 s keep-alive
@@ -84,39 +84,6 @@ class UpstreamRequestError(UpstreamStatusError, RequestError):
 
 class ResponseTooLargeError(BackendError):
     """The upstream's response body (or stream) passed ``max_response_bytes``."""
-
-
-def _finish(reason: object) -> FinishReason:
-    if reason == "length":
-        return "length"
-    return "tool_calls" if reason == "tool_calls" else "stop"
-
-
-def _message(m: ChatMessage) -> dict[str, Any]:
-    """A conversation turn with tool calling fields as OpenAI's message: role, content
-    (null for an assistant turn that only calls tools), ``tool_calls``, ``tool_call_id`` and
-    a tool turn's ``name`` (a turn without them is ``{"role", "content"}``, as before)."""
-    content = (m.content or None) if m.tool_calls else m.content
-    out: dict[str, Any] = {"role": m.role, "content": content}
-    if m.tool_calls is not None:
-        out["tool_calls"] = m.tool_calls
-    if m.tool_call_id is not None:
-        out["tool_call_id"] = m.tool_call_id
-        if m.name is not None:
-            out["name"] = m.name
-    return out
-
-
-def _error_text(content: bytes) -> str:
-    try:
-        err = json.loads(content).get("error")
-        if isinstance(err, dict):
-            return str(err.get("message", err))
-        if err:
-            return str(err)
-    except (ValueError, AttributeError):
-        pass
-    return content[:300].decode("utf-8", "replace")
 
 
 class BodyReader:
@@ -153,74 +120,6 @@ class BodyReader:
     def rest(self) -> list[str]:
         tail, self._parts = b"".join(self._parts), []
         return [tail.rstrip(b"\r").decode("utf-8", "replace")] if tail else []
-
-
-def select_continuation(text: str, prompt_len: int, end: int, tokens: list[str],
-                        logprobs: list[float | None], offsets: list[int]) -> ScoreResult:
-    """Keep the echoed tokens that cover characters ``[prompt_len, end)`` of ``text``.
-
-    A token straddling the prompt/continuation boundary counts as continuation (it predicts
-    continuation characters). Raises :class:`BackendError` when a kept token has no
-    log-probability (the first token of the text: give a non-empty prompt).
-    """
-    del text  # offsets index into it; kept in the signature for clarity
-    keep_t: list[str] = []
-    keep_l: list[float] = []
-    for i, (tok, lp, off) in enumerate(zip(tokens, logprobs, offsets, strict=True)):
-        tok_end = offsets[i + 1] if i + 1 < len(offsets) else off + len(tok)
-        if off >= end or tok_end <= prompt_len:
-            continue
-        if lp is None:
-            raise BackendError("upstream gave no log-probability for the first continuation "
-                               "token (the text's first token); score with a non-empty prompt")
-        keep_t.append(tok)
-        keep_l.append(float(lp))
-    return ScoreResult(keep_t, keep_l)
-
-
-class SSEParser:
-    """Turns an OpenAI SSE stream, line by line, into :class:`StreamChunk` objects.
-
-    ``feed(line)`` returns the chunks that line yields; ``done`` is set by ``data: [DONE]``;
-    ``final()`` is the last chunk, with the finish reason and the usage counts if sent.
-    """
-
-    def __init__(self, name: str, chat: bool, tools: bool = False) -> None:
-        self.name = name
-        self.chat = chat
-        self.tools = tools  # the request sent tools: read deltas' tool_calls too
-        self.done = False
-        self.finish: FinishReason = "stop"
-        self.usage: dict = {}
-
-    def feed(self, line: str) -> list[StreamChunk]:
-        if self.done or not line.startswith("data:"):
-            return []
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            self.done = True
-            return []
-        data = json.loads(payload)
-        if "error" in data:
-            raise BackendError(f"{self.name}: upstream stream error: {data['error']}")
-        self.usage = data.get("usage") or self.usage
-        out = []
-        for choice in data.get("choices") or []:
-            piece = ((choice.get("delta") or {}).get("content") if self.chat
-                     else choice.get("text"))
-            if choice.get("finish_reason"):
-                self.finish = _finish(choice["finish_reason"])
-            if piece:
-                out.append(StreamChunk(piece))
-            if self.tools:
-                calls = (choice.get("delta") or {}).get("tool_calls")
-                if calls:
-                    out.append(StreamChunk("", tool_calls=calls))
-        return out
-
-    def final(self) -> StreamChunk:
-        return StreamChunk("", self.finish, self.usage.get("prompt_tokens"),
-                           self.usage.get("completion_tokens"))
 
 
 class _Connector(aiohttp.TCPConnector):
@@ -338,7 +237,7 @@ class OpenAIUpstreamBackend(Backend):
         """An error status (or a redirect, which is not followed) raises."""
         if status >= 300:
             cls = UpstreamRequestError if status in (400, 413, 422) else UpstreamStatusError
-            raise cls(f"{self.name}: upstream HTTP {status}: {_error_text(content)}", status)
+            raise cls(f"{self.name}: upstream HTTP {status}: {error_text(content)}", status)
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         """The whole body, at most ``max_response_bytes``."""
@@ -419,7 +318,7 @@ class OpenAIUpstreamBackend(Backend):
             body["prompt"] = prompt if isinstance(prompt, str) else list(prompt.ids)
             return "/completions", body
         body["messages"] = [{"role": m.role, "content": m.content}
-                            if m.tool_calls is None and m.tool_call_id is None else _message(m)
+                            if m.tool_calls is None and m.tool_call_id is None else wire_message(m)
                             for m in prompt]
         if params.tools is not None:
             body["tools"] = params.tools
@@ -437,7 +336,7 @@ class OpenAIUpstreamBackend(Backend):
         usage = data.get("usage") or {}
         out = GenerationResult(text or "", int(usage.get("prompt_tokens", 0)),
                                int(usage.get("completion_tokens", 0)),
-                               _finish(choice.get("finish_reason")))
+                               finish_reason(choice.get("finish_reason")))
         if tools and path != "/completions":
             out.tool_calls = choice["message"].get("tool_calls") or None
         return out
