@@ -16,7 +16,7 @@ The shipped recipe has two phases, each for both models (models/reference/SFT.md
     $S data --run runs/sft/run2 --steps 500 --seed 2222 --real-share 0 \
         --shares repeat=0.45,fix_bug=0.45,rename=0.04,reindent=0.03,extract_lines=0.03 \
         --replay runs/sft/run --replay-n 2000
-    for a in transformer hybrid; do $S train --run runs/sft/run2 --arch $a --steps 500 \
+    for a in transformer hybrid; do $S train --run runs/sft/run2 --arch $a --steps 400 \
         --seed 2222 --warmup 20 --threads 1 --init runs/sft/run/$a/final; done
     $S export --run runs/sft/run2 --out runs/sft
     $S plot --run runs/sft/run --run runs/sft/run2 --out models/reference/sft_loss_curves.png
@@ -269,7 +269,7 @@ def train(run: Path, arch: str, cfg: SFTConfig, init: Path | None = None, thread
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
             os.replace(tmp, ckpt)
             log.info("%s step %d/%d loss %.3f (%.0f tok/s incl. padding)", arch, step, cfg.steps,
-                     float(loss), rec["tok_per_s"])
+                     rec["loss"], rec["tok_per_s"])
     bar.close()
     final = out / "final"
     model.save_pretrained(final, safe_serialization=True)
