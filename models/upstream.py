@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar, cast
 
@@ -166,6 +167,7 @@ class OpenAIUpstreamBackend(Backend):
         self._urls: dict[str, yarl.URL] = {}  # path -> parsed URL (parsed once)
         self._sync_loop: asyncio.AbstractEventLoop | None = None  # the blocking methods'
         self._sync_lock = threading.Lock()
+        self._sync_stop: weakref.finalize | None = None
 
     # --- transport -----------------------------------------------------------------
     @property
@@ -189,19 +191,21 @@ class OpenAIUpstreamBackend(Backend):
         first use) and wait for its result."""
         with self._sync_lock:
             if self._sync_loop is None:
-                self._sync_loop = asyncio.new_event_loop()
-                threading.Thread(target=_run_loop, args=(self._sync_loop,), daemon=True,
+                loop = self._sync_loop = asyncio.new_event_loop()
+                threading.Thread(target=_run_loop, args=(loop,), daemon=True,
                                  name=f"upstream-{self.name}").start()
+                # closed by close(), or when the backend is collected or the process exits
+                self._sync_stop = weakref.finalize(self, _stop_loop, loop, self._sessions)
             loop = self._sync_loop
         return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     def close(self) -> None:
         """Close the blocking methods' session and stop their thread."""
         with self._sync_lock:
-            loop, self._sync_loop = self._sync_loop, None
-        if loop is not None:
-            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result()
-            loop.call_soon_threadsafe(loop.stop)
+            self._sync_loop = None
+            stop, self._sync_stop = self._sync_stop, None
+        if stop is not None:
+            stop()
 
     async def aclose(self) -> None:
         """Close the running loop's session (and the blocking methods' one)."""
@@ -411,6 +415,17 @@ class OpenAIUpstreamBackend(Backend):
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_forever()
     loop.close()
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop,
+               sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession]) -> None:
+    """Close the session on the blocking methods' loop, then stop the loop."""
+    session = sessions.pop(loop, None)
+    if session is not None and not loop.is_closed():
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(session.close(), loop).result(5)
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(loop.stop)
 
 
 def build(cfg, role: str | None = None, torch_threads: int | None = None) -> OpenAIUpstreamBackend:
