@@ -288,6 +288,12 @@ class Backend(ABC):
         async clients override it."""
         self.close()
 
+    async def aprobe(self) -> str | None:
+        """Why this backend cannot be reached now, or None (default: always reachable; an
+        upstream asks its server). Cheap: the router calls it at start-up and from
+        ``/ready`` while a backend is unreachable."""
+        return None
+
     # --- async wrappers (never block the event loop) ------------------------------
     async def agenerate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         return await asyncio.to_thread(self.generate, prompt, params)

@@ -275,6 +275,17 @@ class OpenAIUpstreamBackend(Backend):
                 self._check(resp.status, await self._read(resp))
             yield resp
 
+    async def aprobe(self) -> str | None:
+        """``GET /models`` within 3 s: None when the server answers at all (an error status
+        too: it is up, perhaps asking for a key), else why not, in one line."""
+        try:
+            async with self.session.get(self.base_url + "/models", allow_redirects=False,
+                                        timeout=aiohttp.ClientTimeout(total=3.0)) as resp:
+                await resp.read()
+            return None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return f"{self.base_url} unreachable ({type(exc).__name__})"
+
     async def _post(self, path: str, body: dict) -> dict:
         """A whole JSON answer."""
         async with self._open(path, body, stream=False) as resp:

@@ -37,7 +37,7 @@ from router.metrics import RouterMetrics
 from router.policies import get_policy
 from router.pool import BackendSlot, SlotLimits
 from router.reload import Reloader, ReloadRequest
-from router.serving import RouterService, check_ready
+from router.serving import RouterService, check_ready, probe_backends
 from router.settings import BackendSettings, Settings
 from router.span import SpanService
 
@@ -198,6 +198,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             app.state.feedback = FeedbackService.from_settings(svc, settings)
             app.state.reloader = reloader = Reloader(svc, settings)
             await app.state.feedback.start()
+            await probe_backends(svc)  # a warning per backend that cannot be reached
             loop = asyncio.get_running_loop()
             hup = False
             try:  # the main thread of a real server; not under a test client's thread
@@ -290,7 +291,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        ok, states = check_ready(service(request))
+        ok, states = await check_ready(service(request))
         return JSONResponse({"ready": ok, "backends": states}, status_code=200 if ok else 503)
 
     @app.get("/metrics")

@@ -146,6 +146,7 @@ class RouterService:
                  policies: dict[str, Policy], metrics: RouterMetrics,
                  decision_log: DecisionLog | None, span: SpanService | None = None) -> None:
         self.settings = settings
+        self.unreachable: dict[str, str] = {}  # backend name -> why (probe_backends)
         self.slots = slots
         # span profiles' slots, built on first use over the two backends (router/span.py)
         self.span = span if span is not None else SpanService(
@@ -641,11 +642,36 @@ def _decided(row: DecisionRow, decision: str, profile: str | None = None,
     row.propensity, row.explored = 1.0, False
 
 
-def check_ready(service: RouterService) -> tuple[bool, dict]:
-    """Ready when at least one backend is loaded and not cooling down."""
+async def probe_backends(service: RouterService, log_down: bool = True) -> None:
+    """Ask every backend whether it can be reached (:meth:`Backend.aprobe`, concurrently);
+    ``service.unreachable`` gets the ones that cannot, with why. At start-up each is a
+    warning: a router in front of a server that is not there should say so."""
+    slots = list(service.slots.values())
+    found = await asyncio.gather(*(s.backend.aprobe() for s in slots), return_exceptions=True)
+    for slot, why in zip(slots, found, strict=True):
+        if isinstance(why, BaseException):
+            why = f"probe failed ({type(why).__name__})"
+        if why is None:
+            service.unreachable.pop(slot.name, None)
+            continue
+        if log_down and slot.name not in service.unreachable:
+            log.warning("backend %s: %s; requests routed to it will fail over or fail",
+                        slot.name, why)
+        service.unreachable[slot.name] = why
+
+
+async def check_ready(service: RouterService) -> tuple[bool, dict]:
+    """Ready when at least one backend is loaded, reachable and not cooling down. Backends
+    found unreachable are asked again (and reported with why while they stay so)."""
+    if service.unreachable:
+        await probe_backends(service, log_down=False)
     states = {s.name: {"role": role, "state": s.state, "in_flight": s.in_flight,
                        "waiting": s.waiting} for role, s in service.slots.items()}
-    return any(v["state"] != "open" for v in states.values()), states
+    for name, why in service.unreachable.items():
+        if name in states:
+            states[name]["unreachable"] = why
+    return any(v["state"] != "open" and "unreachable" not in v
+               for v in states.values()), states
 
 
 __all__ = ["APIError", "RouterService", "Route", "RoutingState", "check_ready"]

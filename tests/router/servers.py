@@ -25,8 +25,9 @@ class Server:
     ``url`` is its base URL."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 log_path: Path | None = None, module: str = "router.cli") -> None:
-        self.port = free_port()
+                 log_path: Path | None = None, module: str = "router.cli",
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
                     "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
