@@ -101,6 +101,9 @@ def run(a: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         return fail(exc)
     log.info("span-eval settings: %s", json.dumps(cfg.to_dict(), sort_keys=True))
+    print("archroute span-eval: the default suites take about 6-7 minutes on 2 cores "
+          "(scoring every request with both models; cached scores make a rerun faster); "
+          "progress below", file=sys.stderr)
     if a.train_gate:
         try:
             path, gate = train_default(cfg, a.train_gate, progress=not a.no_progress, argv=sys.argv)
