@@ -59,7 +59,7 @@ def add_label(sub: argparse._SubParsersAction) -> None:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from classifiers.labels import MARGIN, LabelRequest, group_table, label_requests, summarize
+    from classifiers.labels import MARGIN, LabelSource, group_table, label_requests, summarize
     from classifiers.synthetic_mix import build_mix, load_documents
     from models.registry import from_spec
 
@@ -68,7 +68,7 @@ def run_label(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     margin = MARGIN if args.margin is None else args.margin
-    mix: Sequence[LabelRequest]
+    mix: Sequence[LabelSource]
     if args.requests:
         from classifiers.realdata import RequestFileError, read_requests
 

@@ -14,11 +14,14 @@ Backends with the same tokenizer score the same tokens, so the gap is the mean o
 per-token gaps. With different tokenizers each loss is over its own tokens; the gap is then
 the difference of total nats divided by the mean token count of the two.
 
-Requests are either the synthetic mix (:class:`~classifiers.synthetic_mix.MixRequest`, a plain
-prompt) or real requests (:class:`~classifiers.realdata.RealRequest`, a conversation): a
-conversation is rendered the way each backend renders it for generation
-(``Backend.render``: the chat template, or the plain fallback), and the reference is scored
-after it.
+A label is measured on one type, :class:`LabelRequest`: a conversation or a plain prompt, and
+the reference answer. ``archroute label`` makes it from the synthetic mix
+(:class:`~classifiers.synthetic_mix.MixRequest`, a plain prompt) or real requests
+(:class:`~classifiers.realdata.RealRequest`, a conversation); the router makes it from a
+logged request and a client's reference (``POST /v1/feedback``,
+:mod:`router.learning.references`). A conversation is rendered the way each backend renders
+it for generation (``Backend.render``: the chat template, or the plain fallback), and the
+reference is scored after it.
 
 Context: when prompt + reference exceed a backend's context, the reference is cut to fit
 (at least :data:`MIN_ANSWER_TOKENS` of it are kept; the prompt is then cut from the left by
@@ -38,24 +41,70 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from classifiers.realdata import RealRequest
 from classifiers.synthetic_mix import MixRequest
-from models.base import Backend, ScoreResult
+from models.base import Backend, ChatMessage, ScoreResult
 
 log = logging.getLogger(__name__)
 
 MARGIN = 0.05  # nats/token; |gap| at or below it is a tie
 MIN_ANSWER_TOKENS = 128  # a reference cut to fit the context keeps at least this many tokens
 CLASSES = ("hybrid", "transformer")  # class 1 = the transformer serves the request better
-LabelRequest = MixRequest | RealRequest
+LabelSource = MixRequest | RealRequest  # what `archroute label` reads (a file's rows)
 
 
-def _size(req: LabelRequest) -> int:
-    if isinstance(req, MixRequest):
-        return len(req.prompt) + len(req.answer)
-    return sum(len(m.content) for m in req.messages) + len(req.reference)
+@dataclass(frozen=True)
+class LabelRequest:
+    """What a label is measured on: a request and its reference answer. The request is a
+    conversation (``messages``, rendered by each backend) or, with ``prompt`` set, a plain
+    prompt (scored as is). Build it with :meth:`chat`, :meth:`completion` or :meth:`of`."""
+
+    id: str
+    reference: str
+    messages: tuple[ChatMessage, ...] = ()
+    prompt: str | None = None
+
+    @classmethod
+    def chat(cls, id: str, messages: Sequence[ChatMessage], reference: str) -> LabelRequest:
+        return cls(id, reference, tuple(messages))
+
+    @classmethod
+    def completion(cls, id: str, prompt: str, reference: str) -> LabelRequest:
+        return cls(id, reference, prompt=prompt)
+
+    @classmethod
+    def of(cls, req: LabelSource | LabelRequest) -> LabelRequest:
+        """A mix request (a plain prompt) or a real one (a conversation), as labelled."""
+        if isinstance(req, LabelRequest):
+            return req
+        if isinstance(req, MixRequest):
+            return cls.completion(req.id, req.prompt, req.answer)
+        return cls.chat(req.id, req.messages, req.reference)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.prompt is None
+
+    def text_for(self, backend: Backend) -> tuple[str, str]:
+        """(prompt text, reference) as ``backend`` scores them: a plain prompt as is, a
+        conversation rendered the way the backend renders it for generation."""
+        if self.prompt is not None:
+            return self.prompt, self.reference
+        return backend.render(list(self.messages)), self.reference
+
+    def key_text(self) -> str:
+        """The request's text as the label cache keys it."""
+        if self.prompt is not None:
+            return self.prompt
+        return json.dumps([{"role": m.role, "content": m.content} for m in self.messages])
+
+    def size(self) -> int:
+        """Characters of request and reference (chunks group similar sizes)."""
+        text = self.prompt if self.prompt is not None else "".join(m.content for m in self.messages)
+        return len(text) + len(self.reference)
 
 
 def copy_share(answer_ids, prompt: str, backend: Backend, n: int = 4) -> float | None:
@@ -112,18 +161,8 @@ def backend_fingerprint(backend: Backend) -> str:
 
 def request_key(req: LabelRequest, pair: str) -> str:
     """Cache key: the request id, its text and the backend pair's fingerprint."""
-    text = req.prompt if isinstance(req, MixRequest) else json.dumps(req.to_json()["messages"])
-    answer = req.answer if isinstance(req, MixRequest) else req.reference
-    h = hashlib.sha256(f"{pair}\0{text}\0{answer}".encode()).hexdigest()[:16]
+    h = hashlib.sha256(f"{pair}\0{req.key_text()}\0{req.reference}".encode()).hexdigest()[:16]
     return f"{req.id}:{h}"
-
-
-def prompt_for(req: LabelRequest, backend: Backend) -> tuple[str, str]:
-    """(prompt text, reference) as ``backend`` scores them: a plain prompt as is, a
-    conversation rendered the way the backend renders it for generation."""
-    if isinstance(req, MixRequest):
-        return req.prompt, req.answer
-    return backend.render(list(req.messages)), req.reference
 
 
 def fit_to_context(backend: Backend, prompt: str, answer: str,
@@ -222,22 +261,30 @@ def _drop_partial_line(path: Path) -> None:
         f.truncate(keep)
 
 
+def scoring_pairs(req: LabelRequest, transformer: Backend, hybrid: Backend,
+                  ) -> tuple[tuple[str, str], tuple[str, str], dict]:
+    """((prompt, reference) for the transformer, the same for the hybrid, flags). The
+    reference is cut to fit both backends' contexts (the shorter cut is scored by both, so a
+    shared tokenizer still scores the same tokens)."""
+    (p1, a), (p2, _) = req.text_for(transformer), req.text_for(hybrid)
+    a1, f1 = fit_to_context(transformer, p1, a)
+    a2, f2 = fit_to_context(hybrid, p2, a)
+    cut = a1 if len(a1) <= len(a2) else a2
+    full = [f["ref_tokens_full"] for f in (f1, f2) if f["ref_tokens_full"] is not None]
+    flags = {"ref_cut": len(cut) < len(a), "prompt_cut": f1["prompt_cut"] or f2["prompt_cut"],
+             "ref_chars_scored": len(cut), "ref_tokens_full": full[0] if full else None}
+    return (p1, cut), (p2, cut), flags
+
+
 def _pairs(requests: Sequence[LabelRequest], idx: list[int], transformer: Backend,
            hybrid: Backend) -> tuple[list, list, list[dict]]:
-    """(transformer pairs, hybrid pairs, flags) for a chunk. The reference is cut to fit
-    both backends' contexts (the shorter cut is scored by both, so a shared tokenizer still
-    scores the same tokens)."""
+    """(transformer pairs, hybrid pairs, flags) for a chunk (:func:`scoring_pairs`)."""
     pt, ph, flags = [], [], []
     for i in idx:
-        (p1, a), (p2, _) = prompt_for(requests[i], transformer), prompt_for(requests[i], hybrid)
-        a1, f1 = fit_to_context(transformer, p1, a)
-        a2, f2 = fit_to_context(hybrid, p2, a)
-        cut = a1 if len(a1) <= len(a2) else a2
-        pt.append((p1, cut))
-        ph.append((p2, cut))
-        full = [f["ref_tokens_full"] for f in (f1, f2) if f["ref_tokens_full"] is not None]
-        flags.append({"ref_cut": len(cut) < len(a), "prompt_cut": f1["prompt_cut"] or f2["prompt_cut"],
-                      "ref_chars_scored": len(cut), "ref_tokens_full": full[0] if full else None})
+        a, b, fl = scoring_pairs(requests[i], transformer, hybrid)
+        pt.append(a)
+        ph.append(b)
+        flags.append(fl)
     return pt, ph, flags
 
 
@@ -264,12 +311,14 @@ def _score_chunk(idx: list[int], requests: Sequence[LabelRequest], transformer: 
     return kept, st, sh, kf
 
 
-def label_requests(requests: Sequence[LabelRequest], transformer: Backend, hybrid: Backend,
+def label_requests(sources: Sequence[LabelSource], transformer: Backend, hybrid: Backend,
                    cache: str | Path | None = None, margin: float = MARGIN,
                    chunk_size: int = 32, progress: bool = True) -> list[dict]:
     """Score every request's answer under both backends; returns one row per request (in
-    order; requests a backend refuses are skipped and logged). Rows already in ``cache``
-    (same request text and pair) are reused; new rows are appended to it after each chunk."""
+    order; requests a backend refuses are skipped and logged): the request's own fields
+    (``to_json``) and its label. Rows already in ``cache`` (same request text and pair) are
+    reused; new rows are appended to it after each chunk."""
+    requests = [LabelRequest.of(r) for r in sources]
     pair = f"{transformer.name}|{hybrid.name}"
     fingerprint = f"{backend_fingerprint(transformer)}\0{backend_fingerprint(hybrid)}"
     fp = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
@@ -280,7 +329,7 @@ def label_requests(requests: Sequence[LabelRequest], transformer: Backend, hybri
     # a run stopped early has labelled a representative part of the mix, not the short end
     block = 8 * chunk_size
     todo = [i for b in range(0, len(todo), block) for i in
-            sorted(todo[b:b + block], key=lambda i: _size(requests[i]))]
+            sorted(todo[b:b + block], key=lambda i: requests[i].size())]
     log.info("labelling %d requests on %s (%d cached)", len(todo), pair, len(requests) - len(todo))
     out_file = None
     if cache and todo:
@@ -299,11 +348,12 @@ def label_requests(requests: Sequence[LabelRequest], transformer: Backend, hybri
             lines = []
             for i, t, h, fl in zip(idx, st, sh, flags, strict=True):
                 gap = gap_of(t, h)
-                row = {**requests[i].to_json(), "key": keys[i], "pair": pair, "fp": fp, "gap": gap,
+                row = {**sources[i].to_json(), "key": keys[i], "pair": pair, "fp": fp, "gap": gap,
                        "loss_transformer": t.loss, "loss_hybrid": h.loss,
                        "n_tokens": len(t.logprobs), "label": label_class(gap, margin), **fl}
-                if isinstance(requests[i], RealRequest):
-                    row["copy4_share"] = copy_share(t.token_ids, prompt_for(requests[i], transformer)[0],
+                if requests[i].is_chat:
+                    row["copy4_share"] = copy_share(t.token_ids,
+                                                    requests[i].text_for(transformer)[0],
                                                     transformer)
                 cached[keys[i]] = row
                 lines.append(json.dumps(row) + "\n")

@@ -2,7 +2,7 @@
 loads the backends and policies; all state lives in ``app.state``.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``POST /v1/feedback`` (outcomes, :mod:`router.feedback`), ``POST /admin/reload`` (a new
+``POST /v1/feedback`` (outcomes, :mod:`router.learning.feedback`), ``POST /admin/reload`` (a new
 classifier artifact without a restart, :mod:`router.reload`; also on SIGHUP),
 ``GET /health`` (liveness), ``GET /ready`` (a backend can serve), ``GET /metrics``.
 """
@@ -28,11 +28,11 @@ from models import registry
 from models.base import Backend
 from models.span.gates import get_gate
 from router import errors
-from router import feedback as F
 from router import protocol as P
 from router.decision_log import DecisionLog
-from router.feedback import FeedbackRequest, FeedbackService
 from router.json_body import json_content_type
+from router.learning import feedback as F
+from router.learning.feedback import FeedbackRequest, FeedbackService
 from router.metrics import RouterMetrics
 from router.policies import get_policy
 from router.pool import BackendSlot, SlotLimits

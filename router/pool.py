@@ -21,8 +21,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from models.base import (
     Backend,
@@ -31,12 +32,16 @@ from models.base import (
     GenerationResult,
     Prompt,
     RequestError,
+    ScoreResult,
     StreamChunk,
 )
 from router.errors import OverloadedError, UnavailableError
 from router.settings import BackendSettings, Settings
 
 log = logging.getLogger(__name__)
+
+_SPARE_POLL_S = 0.02  # how often spare-only work looks for spare capacity (BackendSlot.score)
+_R = TypeVar("_R")
 
 
 def _default(model: type, name: str):
@@ -166,8 +171,30 @@ class BackendSlot:
                        deadline: float | None = None) -> GenerationResult:
         """One whole generation within ``timeout_s`` (and before ``deadline``, the request's
         end-to-end limit as a monotonic time); updates the breaker."""
+        return await self._call(lambda: self.backend.agenerate(prompt, params), deadline)
+
+    async def score(self, prompt: str, continuation: str, deadline: float | None = None,
+                    spare_only: bool = False) -> ScoreResult:
+        """``continuation`` scored after ``prompt`` (``Backend.ascore``) like a request: a
+        slot taken, within ``timeout_s`` and ``deadline``, the breaker told. With
+        ``spare_only`` (work that must never delay a request: labels from references) it
+        first waits until the backend has spare capacity: breaker closed, nobody queued, a
+        free slot."""
+        if spare_only:
+            while not self.has_spare():
+                await asyncio.sleep(_SPARE_POLL_S)
+        return await self._call(lambda: self.backend.ascore(prompt, continuation), deadline)
+
+    def has_spare(self) -> bool:
+        """No request waits, a slot is free and the breaker is closed."""
+        return (self.state == "closed" and self.waiting == 0
+                and self.in_flight < self.limits.max_concurrency)
+
+    async def _call(self, start: Callable[[], Awaitable[_R]], deadline: float | None) -> _R:
+        """``start()`` with a slot held, within ``timeout_s`` and ``deadline``; the breaker
+        hears the verdict (a :class:`RequestError` or a client gone is none)."""
         is_probe = await self.acquire(deadline)
-        task = asyncio.ensure_future(self.backend.agenerate(prompt, params))
+        task = asyncio.ensure_future(start())
         task.add_done_callback(lambda _t: self.release())
         try:
             budget = max(0.0, self._budget(self.limits.timeout_s, deadline))

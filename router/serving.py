@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import secrets
 import time
 from dataclasses import dataclass, field, replace
 
@@ -28,6 +26,7 @@ from router.errors import (
     client_error,
     to_api_error,
 )
+from router.learning.exploration import Explorer
 from router.metrics import RouterMetrics
 from router.policies import Policy, decide
 from router.pool import BackendSlot, BackendStream
@@ -146,8 +145,8 @@ class RouterService:
                  policies: dict[str, Policy], metrics: RouterMetrics,
                  decision_log: DecisionLog | None, span: SpanService | None = None) -> None:
         self.settings = settings
-        self.unreachable: dict[str, str] = {}  # backend name -> why (probe_backends)
         self.slots = slots
+        self.unreachable: dict[str, str] = {}  # backend name -> why (probe_backends)
         # span profiles' slots, built on first use over the two backends (router/span.py)
         self.span = span if span is not None else SpanService(
             slots["transformer"].backend, slots["hybrid"].backend, slots["transformer"].limits)
@@ -157,9 +156,8 @@ class RouterService:
         self._by_name = {s.name: role for role, s in slots.items()}
         self.created = int(time.time())  # the models' `created`: when this router started
         # exploration (profiles' epsilon): one seeded generator per service, seed logged
-        self.exploration_seed = (settings.exploration_seed if settings.exploration_seed
-                                 is not None else secrets.randbits(32))
-        self._rng = random.Random(self.exploration_seed)
+        self.explorer = Explorer(settings.exploration_seed)
+        self.exploration_seed = self.explorer.seed
         self.default_profile = self._resolve_default()
         exploring = {n: p.epsilon for n, p in settings.profiles.items() if p.epsilon}
         if exploring:
@@ -323,11 +321,9 @@ class RouterService:
         label = f"{prof.policy}+rules-fallback" if getattr(policy, "fallback_", False) else prof.policy
         _decided(row, role, name, label)
         row.score, row.threshold, row.features = score, thr, feats
-        if prof.epsilon:
-            row.propensity = 1.0 - prof.epsilon
-            if count and self._rng.random() < prof.epsilon:  # explore: the other backend
-                role = _other(role)
-                row.decision, row.propensity, row.explored = role, prof.epsilon, True
+        choice = self.explorer.choose(role, _other(role), prof.epsilon, draw=count)
+        role = choice.role
+        row.decision, row.propensity, row.explored = role, choice.propensity, choice.explored
         art = artifact_of(policy)
         if art is not None and getattr(art, "sha256", None):
             row.artifact = art.sha256[:12]  # type: ignore[attr-defined]

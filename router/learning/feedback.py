@@ -33,9 +33,9 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -49,24 +49,40 @@ from router.errors import (
     OverloadedError,
     UnavailableError,
 )
+from router.learning.references import ScoringSlot, label_request, measure
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    from models.base import ScoreResult
     from router.decision_log import DecisionLog
-    from router.pool import BackendSlot
-    from router.serving import RouterService
-    from router.settings import Settings
 
 log = logging.getLogger(__name__)
 
 THUMBS = {"up": 1.0, "down": -1.0}
 DB_THREADS = 4  # feedback's own threads for decision log calls (lookups, commits)
-_SPARE_POLL_S = 0.02  # how often scoring looks for spare backend capacity
 _PENDING_POLL_S = 0.005  # how often a lookup looks whether the writer committed its row
 _T = TypeVar("_T")
+
+
+class Served(Protocol):
+    """What feedback needs of the router (:class:`router.serving.RouterService`): its
+    decision log and its backends' slots by role."""
+
+    @property
+    def decision_log(self) -> DecisionLog | None: ...
+
+    @property
+    def slots(self) -> Mapping[str, ScoringSlot]: ...
+
+
+class FeedbackSettings(Protocol):
+    """The router settings feedback reads (:class:`router.settings.Settings`)."""
+
+    feedback_queue_size: int
+    feedback_rate_per_s: float
+    feedback_burst: int
+    feedback_max_reference_chars: int
 
 
 class FeedbackRequest(BaseModel):
@@ -164,7 +180,7 @@ class FeedbackService:
     """Feedback for one router: validation, the rate limit, storage on its own threads, and
     the reference-scoring queue with its one worker task."""
 
-    def __init__(self, service: RouterService, queue_size: int = 64,
+    def __init__(self, service: Served, queue_size: int = 64,
                  rate_per_s: float = 20.0, burst: int = 40,
                  max_reference_chars: int = 32_768) -> None:
         self.service = service
@@ -178,7 +194,7 @@ class FeedbackService:
         self.scored = 0  # references scored by this process (tests, logs)
 
     @classmethod
-    def from_settings(cls, service: RouterService, settings: Settings) -> FeedbackService:
+    def from_settings(cls, service: Served, settings: FeedbackSettings) -> FeedbackService:
         return cls(service, settings.feedback_queue_size, settings.feedback_rate_per_s,
                    settings.feedback_burst, settings.feedback_max_reference_chars)
 
@@ -345,62 +361,9 @@ class FeedbackService:
                 self.queue.task_done()
 
     async def _score(self, rid: str, reference: str) -> dict:
-        from classifiers.labels import fit_to_context, gap_of, prompt_for
-
         assert self.dlog is not None
         row = await self._find(self.dlog, rid, 0.0)
         if row is None:
             raise LookupError("the decision is gone (retention)")
-        req = label_request(rid, row, reference)
-        t, h = self.service.slots["transformer"], self.service.slots["hybrid"]
-
-        def pairs() -> tuple[tuple[str, str], tuple[str, str]]:
-            (p1, a), (p2, _) = prompt_for(req, t.backend), prompt_for(req, h.backend)
-            a1, _f1 = fit_to_context(t.backend, p1, a)
-            a2, _f2 = fit_to_context(h.backend, p2, a)
-            cut = a1 if len(a1) <= len(a2) else a2  # both score the same text
-            return (p1, cut), (p2, cut)
-
-        pt, ph = await self._db(pairs)
-        st = await self._score_on(t, *pt)
-        sh = await self._score_on(h, *ph)
-        gap = gap_of(st, sh)
-        if not math.isfinite(gap):
-            raise ValueError("the reference has no tokens to score")
-        return {"loss_transformer": st.loss, "loss_hybrid": sh.loss, "gap": gap,
-                "n_tokens": len(st.logprobs), "pair": f"{t.name}|{h.name}"}
-
-    async def _score_on(self, slot: BackendSlot, prompt: str, continuation: str) -> ScoreResult:
-        """Score on a backend only with spare capacity: no request waiting for it, a free
-        slot and its breaker closed; until then wait (requests go first). The call holds a
-        slot like a request would, within the backend's ``timeout_s``."""
-        while not (slot.state == "closed" and slot.waiting == 0
-                   and slot.in_flight < slot.limits.max_concurrency):
-            await asyncio.sleep(_SPARE_POLL_S)
-        await slot.acquire()
-        t0 = time.perf_counter()
-        task = asyncio.ensure_future(slot.backend.ascore(prompt, continuation))
-        task.add_done_callback(lambda _t: slot.release())
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), slot.limits.timeout_s)
-        finally:
-            log.debug("scored a reference on %s in %.3f s", slot.name, time.perf_counter() - t0)
-
-
-def label_request(rid: str, row: dict, reference: str):
-    """The label request (``classifiers.labels``) for a logged decision and a reference: a
-    chat request's conversation, or a completion's prompt."""
-    from classifiers.realdata import RealRequest
-    from classifiers.synthetic_mix import MixRequest
-    from models.base import ChatMessage
-
-    req = row.get("request")
-    if isinstance(req, str):
-        import json
-
-        req = json.loads(req)
-    if req and req.get("kind") == "chat":
-        msgs = tuple(ChatMessage(m["role"], m["content"]) for m in req["messages"])
-        return RealRequest(rid, "decision-log", "router", "chat", msgs, reference)
-    prompt = req["messages"][0]["content"] if req else row["prompt"]
-    return MixRequest(rid, "", "", "completion", "train", prompt, reference)
+        return await measure(label_request(rid, row, reference), self.service.slots["transformer"],
+                             self.service.slots["hybrid"], self._db)

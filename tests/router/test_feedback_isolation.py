@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from router.decision_log import DecisionLog
-from router.feedback import FeedbackRequest, FeedbackService
+from router.learning.feedback import FeedbackRequest, FeedbackService
 from tests.router.conftest import Fakes, assert_envelope
 from tests.router.servers import serve_config
 

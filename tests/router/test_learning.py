@@ -19,7 +19,7 @@ from classifiers import artifact
 from classifiers.estimators import LightGBMRouter
 from models.fake import FakeBackend
 from router.decision_log import MIGRATIONS, DecisionLog, DecisionRow, read_log
-from router.feedback import FeedbackService
+from router.learning.feedback import FeedbackService
 from router.pool import BackendSlot, SlotLimits
 from router.settings import SettingsError
 from tests.router.conftest import Fakes, assert_envelope, fake_settings
@@ -335,19 +335,14 @@ def test_a_full_scoring_queue_is_a_429_and_serving_goes_on(tmp_path: Path) -> No
 
 
 def test_scoring_waits_for_spare_capacity() -> None:
-    """A reference is scored only when no request waits and a slot is free."""
+    """A reference is scored only when no request waits and a slot is free
+    (``BackendSlot.score(spare_only=True)``, what labels from references use)."""
 
     async def main() -> list[str]:
         backend = FakeBackend("t", "transformer")
         slot = BackendSlot("transformer", backend, SlotLimits(max_concurrency=1))
-
-        class Svc:
-            decision_log = None
-            slots = {"transformer": slot}
-
-        svc = FeedbackService(Svc())  # type: ignore[arg-type]
         await slot.acquire()  # a request is being served
-        task = asyncio.create_task(svc._score_on(slot, "p", " a b"))
+        task = asyncio.create_task(slot.score("p", " a b", spare_only=True))
         await asyncio.sleep(0.15)
         seen = [m for m, _ in backend.calls]
         slot.release()
@@ -356,6 +351,27 @@ def test_scoring_waits_for_spare_capacity() -> None:
         return seen
 
     assert asyncio.run(main()) == []  # nothing scored while the slot was busy
+
+
+def test_label_request_of_a_logged_row_is_the_label_type() -> None:
+    """The router labels live traffic with ``archroute label``'s own request type: a chat row
+    as a conversation, a completion row as a plain prompt, each keyed like the CLI keys it."""
+    from classifiers.labels import LabelRequest, request_key
+    from classifiers.realdata import RealRequest
+    from models.base import ChatMessage
+    from router.learning.references import label_request
+
+    chat_row = {"request": {"kind": "chat", "messages": [{"role": "user", "content": "hi"}]}}
+    got = label_request("r1", chat_row, "hello")
+    assert got == LabelRequest.chat("r1", [ChatMessage("user", "hi")], "hello") and got.is_chat
+    real = RealRequest("r1", "g", "s", "k", (ChatMessage("user", "hi"),), "hello")
+    assert request_key(got, "pair") == request_key(LabelRequest.of(real), "pair")
+    comp = label_request("r2", {"request": {"kind": "completion", "messages": [
+        {"role": "user", "content": "Once"}]}}, " upon")
+    assert comp.prompt == "Once" and not comp.is_chat
+    assert comp.text_for(FakeBackend("t")) == ("Once", " upon")
+    old = label_request("r3", {"request": None, "prompt": "text only"}, "x")
+    assert old == LabelRequest.completion("r3", "text only", "x")
 
 
 def test_acknowledged_references_are_scored_after_a_restart(tmp_path: Path) -> None:
