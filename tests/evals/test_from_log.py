@@ -138,14 +138,24 @@ def train_args(db: Path, out: Path | None, labels: str | None = None) -> argpars
                               labels=labels, seed=0)
 
 
+def log_counts(printed: str) -> tuple[int, int]:
+    """(requests trained on, requests held back for the reload gate) as train prints them."""
+    import re
+
+    m = re.search(r"(\d+) labelled requests from the log \(left out: (\d+) held back", printed)
+    assert m, printed
+    return int(m.group(1)), int(m.group(2))
+
+
 def test_train_from_log_fits_and_self_checks(tmp_path: Path, capsys) -> None:
     write_log(tmp_path / "d.sqlite", n=120)
     out = tmp_path / "art"
     assert run_train(train_args(tmp_path / "d.sqlite", out)) == 0
     printed = capsys.readouterr().out
-    assert "120 labelled requests from the log" in printed and "self-check passed" in printed
+    n, held = log_counts(printed)
+    assert n + held == 120 and 0 < held < 60 and "self-check passed" in printed
     clf = artifact.load(out, verify=True, strict=True)
-    assert clf.meta["training_data"]["n_from_log"] == 120
+    assert clf.meta["training_data"]["n_from_log"] == n  # the reload gate's rows held back
     assert set(clf.thresholds) >= {"quality", "cost", "risk-0.1"}
     from classifiers.request import RoutingRequest
 
@@ -197,4 +207,6 @@ def test_quick_train_on_a_label_file_and_with_a_log(tmp_path: Path, capsys) -> N
     write_log(tmp_path / "d.sqlite", n=40)
     assert run_train(train_args(tmp_path / "d.sqlite", tmp_path / "both", str(labels))) == 0
     out = capsys.readouterr().out
-    assert "40 labelled requests from the log, 80 from" in out and "120 labelled requests" in out
+    n, held = log_counts(out)
+    assert n + held == 40 and "held back for the reload gate), 80 from" in out
+    assert f"{n + 80} labelled requests" in out
