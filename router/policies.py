@@ -51,6 +51,7 @@ class Policy:
     description: str = ""
     blocking: bool = False  # True when score() can take over ~1 ms: the router then runs it
     #                          in a worker thread instead of on its event loop
+    fallback_: bool = False  # True: a trained policy without its artifact, scoring by rules
 
     def score(self, req: RoutingRequest) -> float:
         """P(transformer is the better backend for ``req``), in [0, 1]."""
@@ -78,6 +79,11 @@ class Policy:
         """The threshold a profile uses when it sets none (a trained policy returns the one
         chosen on validation data for its operating point)."""
         return DEFAULT_THRESHOLD
+
+    def artifact_identity(self) -> dict | None:
+        """The trained artifact this policy scores with, as clients see it (name, sha256,
+        created_utc); None when it scores without one."""
+        return None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
@@ -355,6 +361,10 @@ class ClassifierPolicy(Policy):
             log.warning("classifier artifact unavailable (%s: %s); falling back to the rules "
                         "policy", type(exc).__name__, exc)
             return None
+
+    def artifact_identity(self) -> dict | None:
+        identity = getattr(self.model_, "identity", None)  # a test may pass a bare model
+        return identity() if callable(identity) else None
 
     def params(self) -> dict[str, object]:
         return {"cost_weight": self.cost_weight, "artifact": self.artifact,

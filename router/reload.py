@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from router.errors import APIError, ConflictError, InvalidRequestError, PermissionDeniedError
 from router.policies import Policy, get_policy
-from router.serving import RoutingState, artifact_of
+from router.serving import RoutingState
 
 if TYPE_CHECKING:
     from router.serving import RouterService
@@ -201,10 +201,10 @@ class Reloader:
             self.reloads += 1
             profiles = {}
             for name, pol in policies.items():
-                art = artifact_of(pol)
+                art = pol.artifact_identity()
                 if art is not None:
                     profiles[name] = {"threshold": state.thresholds[name],
-                                      "artifact": getattr(art, "sha256", None)}
+                                      "artifact": art.get("sha256")}
             out = {"object": "archroute.reload", "artifact": default.identity(),
                    "profiles": profiles,
                    "seconds": round(time.perf_counter() - t0, 3)}

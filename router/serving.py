@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from classifiers.explain import reasons
 from classifiers.request import RoutingRequest
 from models.base import GenerationParams, GenerationResult, Prompt, RequestError
 from router import protocol as P
@@ -28,43 +27,63 @@ from router.errors import (
 )
 from router.learning.exploration import Explorer
 from router.metrics import RouterMetrics
-from router.policies import Policy, decide
+from router.policies import Policy
 from router.pool import BackendSlot, BackendStream
+from router.routing import (
+    Ask,
+    Resolution,
+    check_gate,
+    named_backend,
+    other_role,
+    scored,
+    side_request,
+    span_profile,
+)
 from router.settings import DEPRECATED_PROFILES, ProfileSettings, Settings
-from router.side import is_side_request
-from router.span import SPAN_ROLE, SpanService, span_header, span_totals
+from router.span import SPAN_ROLE, Draft, SpanService, span_header, span_totals
 from router.streaming import sse_events
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "archroute"  # `model: "archroute"` means the default profile (resolved at start)
-_INLINE_SCORE_CHARS = 20_000  # cheap policies score shorter texts on the loop itself
 
 
 @dataclass
 class Route:
-    """One request's decision while it is served. The decision itself lives in ``row``,
-    the request's one record (:class:`~router.decision_log.DecisionRow`): :meth:`RouterService.route`
-    fills it in, serving adds the backend, the decision log stores it as is, and the
-    headers and the ``archroute`` object are read from it. Beside it, only what serving the
-    request needs: the roles to try, its parameters and tools, the reasons in words."""
+    """One request while it is served. Its routing decision is ``decision``, immutable
+    (:class:`~router.routing.Resolution`), already written into ``row``, the request's one
+    record (:class:`~router.decision_log.DecisionRow`); serving adds the backend, the decision
+    log stores the row as is, and the headers and the ``archroute`` object are read from
+    it. Beside them, only what serving the request changes: the roles to try, what failed
+    first, its parameters and tools, warnings."""
 
     row: DecisionRow
+    decision: Resolution
     order: list[str] = field(default_factory=list)  # roles to try, in order
     # the backend that failed first while trying (the row records it once another served)
     failed_first: str | None = None
     fallback_reason: str | None = None
-    reasons: list[str] | None = None  # the features behind the score, in words (explain)
     warning: str | None = None  # sent as x-archroute-warning
     deprecated: str | None = None  # sent as x-archroute-deprecated (a deprecated model name)
     # the request's tool calling fields (None: it sent none); given to the serving backend
     # when it can call tools, else dropped with a warning (settings `tools`)
     tools: P.ToolFields | None = None
     params: GenerationParams | None = None  # the request's, built once (handle)
-    # a span profile's request: the gate that decodes it (None: not span-decoded, or served
-    # by a fallback) and the profile's drafted copy spans (draft_k, draft_min_match)
-    span_gate: str | None = None
-    span_draft: tuple[int, int] = (0, 2)
+    # the gate that decodes it: the decision's, until a fallback serves it (None then)
+    span_gate: str | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.span_gate = self.decision.span_gate
+
+    @property
+    def span_draft(self) -> Draft:
+        return self.decision.span_draft
+
+    @property
+    def reasons(self) -> list[str] | None:
+        """The decision in words (``explain``), None when not asked for."""
+        r = self.decision.reasons
+        return None if r is None else list(r)
 
     @property
     def span(self) -> dict | None:
@@ -130,12 +149,6 @@ class RoutingState:
         return cls(policies, {name: p.threshold if p.threshold is not None
                               else policies[name].default_threshold()
                               for name, p in settings.profiles.items() if name in policies})
-
-
-def artifact_of(policy: Policy) -> object | None:
-    """The classifier artifact a policy scores with (None: not a classifier, or its rules
-    fallback)."""
-    return getattr(policy, "model_", None)
 
 
 class RouterService:
@@ -212,9 +225,9 @@ class RouterService:
                          if p.span_gate is not None else {})
             if p.span_gate is None:
                 out["epsilon"] = p.epsilon
-            art = artifact_of(state.policies[name]) if name in state.policies else None
-            if art is not None and hasattr(art, "identity"):
-                out["artifact"] = art.identity()
+            art = state.policies[name].artifact_identity() if name in state.policies else None
+            if art is not None:
+                out["artifact"] = art
             return out
 
         out = [P.model_card(DEFAULT_ALIAS, "archroute", self.created, kind="profile",
@@ -245,7 +258,7 @@ class RouterService:
     def _order(self, role: str) -> list[str]:
         if role == SPAN_ROLE:  # a failed span decoder falls back like any backend
             return [role, "transformer"] if self.settings.fallback else [role]
-        return [role, _other(role)] if self.settings.fallback else [role]
+        return [role, other_role(role)] if self.settings.fallback else [role]
 
     def _slot(self, route: Route, role: str) -> BackendSlot:
         """The slot serving ``role`` for this route (a span route's gate has its own)."""
@@ -256,88 +269,44 @@ class RouterService:
     async def route(self, row: DecisionRow, rreq: RoutingRequest, threshold: float | None,
                     explain: bool = False, count: bool = True,
                     gate: str | None = None) -> Route:
-        """:meth:`_route`, with a deprecated profile name (``DEPRECATED_PROFILES``, when
-        the router has no profile of that name) served as the profile it became, and said
-        in an ``x-archroute-deprecated`` header."""
-        model = row.model
-        target = DEPRECATED_PROFILES.get(model)
-        if target is None or model in self.settings.profiles or target not in self.settings.profiles:
-            return await self._route(row, rreq, threshold, explain, count, gate, model)
-        route = await self._route(row, rreq, threshold, explain, count, gate, target)
-        route.deprecated = (f"model {model!r} is deprecated: it is {target!r}, use that name")
-        return route
-
-    async def _route(self, row: DecisionRow, rreq: RoutingRequest, threshold: float | None,
-                     explain: bool, count: bool, gate: str | None, model: str) -> Route:
         """The decision for one request (``row.model`` is the model it asked for), recorded
-        in ``row``: a backend named directly, a chat app's side request (served by
-        ``side_requests`` unscored), the span decoder (a span profile; ``gate`` overrides its
-        gate), or the profile's policy. With ``explain``, the features behind the score, in
-        words (``Route.reasons``). A profile with ``epsilon`` sends that share of requests to
-        the other backend at random (only when ``count``: a request the router serves), with
-        the propensity in the record. A request refused here leaves ``row`` undecided."""
+        in ``row``: :meth:`resolve`, with a deprecated profile name (``DEPRECATED_PROFILES``,
+        when the router has no profile of that name) served as the profile it became, and
+        said in an ``x-archroute-deprecated`` header. ``count`` False (``/v1/route``): no
+        exploration, nothing counted. A request refused here leaves ``row`` undecided."""
+        model, deprecated = row.model, None
+        target = DEPRECATED_PROFILES.get(model)
+        if (target is not None and model not in self.settings.profiles
+                and target in self.settings.profiles):
+            model, deprecated = target, f"model {model!r} is deprecated: it is {target!r}, use that name"
+        decision = await self.resolve(Ask(model, rreq, threshold, explain, count, gate))
+        decision.record(row)
+        if decision.counted is not None:  # a decision the router carries out
+            self.metrics.decisions.labels(decision.counted, decision.role).inc()
+            if decision.explored:
+                self.metrics.explored.labels(decision.profile, decision.role).inc()
+        order = self._order(decision.role) if decision.fallback else [decision.role]
+        return Route(row, decision, order, deprecated=deprecated)
+
+    async def resolve(self, ask: Ask) -> Resolution:
+        """The resolvers of :mod:`router.routing`, in order: a backend named directly, then
+        the profile's (a 404 for an unknown model): a chat app's side request, the span
+        decoder, or the profile's policy."""
         state = self.state  # read once: a reload swaps it whole
-        if model in self._by_name:
-            role = self._by_name[model]
-            _decided(row, role)
-            return Route(row, [role], reasons=["the model names a backend: routing bypassed"]
-                         if explain else None)
-        found = self._profile(model)
+        named = named_backend(ask, self._by_name)
+        if named is not None:
+            return named
+        found = self._profile(ask.model)
         if found is None:
             known = sorted([*self.settings.profiles, *self._by_name, DEFAULT_ALIAS])
-            raise ModelNotFoundError(f"model {model!r} not found; this router serves {known}",
-                                     param="model")
+            raise ModelNotFoundError(f"model {ask.model!r} not found; this router serves "
+                                     f"{known}", param="model")
         name, prof = found
-        if gate is not None and prof.span_gate is None:
-            raise InvalidRequestError(
-                f"archroute.gate: profile {name!r} routes whole requests; a gate applies to "
-                "span profiles (policy: span) only", param="archroute.gate")
-        side = self.settings.side_requests
-        if side != "route" and rreq.kind == "chat" and is_side_request(rreq.last_user):
-            _decided(row, side, name, "side-request", side=True)
-            return Route(row, self._order(side),
-                         reasons=[f"a chat app's side request (title, tags, follow-ups): "
-                                  f"served by the {side} without scoring"] if explain else None)
-        if prof.span_gate is not None:
-            chosen = prof.span_gate if gate is None else gate
-            self.span.check_gate(chosen, prof.span_gate)
-            await self.span.prepare(chosen, prof.span_draft)  # a 400 when it cannot span
-            if count:
-                self.metrics.decisions.labels(prof.policy, SPAN_ROLE).inc()
-            _decided(row, SPAN_ROLE, name, prof.policy)
-            return Route(row, self._order(SPAN_ROLE), span_gate=chosen,
-                         span_draft=prof.span_draft,
-                         reasons=[f"span decoding: the gate {chosen} picks the model for each "
-                                  "token"] if explain else None)
-        policy = state.policies[name]
-        # one scoring path, log or no log: the score and the features it came from
-        if getattr(policy, "blocking", False) or len(rreq.text) > _INLINE_SCORE_CHARS:
-            score, feats = await asyncio.to_thread(policy.explain, rreq)
-        else:
-            score, feats = policy.explain(rreq)
-        thr = state.thresholds[name] if threshold is None else threshold
-        role = decide(score, thr)
-        # a classifier profile without its artifact scores with the rules: say so
-        label = f"{prof.policy}+rules-fallback" if getattr(policy, "fallback_", False) else prof.policy
-        _decided(row, role, name, label)
-        row.score, row.threshold, row.features = score, thr, feats
-        choice = self.explorer.choose(role, _other(role), prof.epsilon, draw=count)
-        role = choice.role
-        row.decision, row.propensity, row.explored = role, choice.propensity, choice.explored
-        art = artifact_of(policy)
-        if art is not None and getattr(art, "sha256", None):
-            row.artifact = art.sha256[:12]  # type: ignore[attr-defined]
-        route = Route(row, self._order(role))
-        if explain:
-            route.reasons = reasons(feats, policy.contributions(feats))
-            if row.explored:
-                route.reasons.append(f"exploration (epsilon {prof.epsilon:g}): sent to the "
-                                     f"{role}, the backend the policy did not pick")
-        if count:  # /v1/route asks without serving: not a decision the router carried out
-            self.metrics.decisions.labels(prof.policy, role).inc()
-            if row.explored:
-                self.metrics.explored.labels(name, role).inc()
-        return route
+        check_gate(ask, name, prof)
+        return (side_request(ask, name, self.settings.side_requests)
+                or await span_profile(ask, name, prof, self.span)
+                or await scored(ask, name, prof, state.policies[name], state.thresholds[name],
+                                self.explorer))
 
     def params(self, body: P.ChatCompletionRequest | P.CompletionRequest,
                i: int = 0) -> GenerationParams:
@@ -624,18 +593,6 @@ class RouterService:
             self.metrics.overhead.observe(overhead_ms / 1000)
         if self.decision_log is not None:
             self.decision_log.write(row)
-
-
-def _other(role: str) -> str:
-    return "hybrid" if role == "transformer" else "transformer"
-
-
-def _decided(row: DecisionRow, decision: str, profile: str | None = None,
-             policy: str | None = None, side: bool = False) -> None:
-    """Record a decision in ``row``: deterministic (propensity 1) until exploration says
-    otherwise; ``policy`` None: routing bypassed (the request named a backend)."""
-    row.profile, row.policy, row.decision, row.side = profile, policy, decision, side
-    row.propensity, row.explored = 1.0, False
 
 
 async def probe_backends(service: RouterService, log_down: bool = True) -> None:
