@@ -64,22 +64,24 @@ def token_offsets(backend: Backend, text: str, res: ScoreResult) -> tuple[list[s
                                      param="logprobs")
 
 
-async def completion_logprobs(backend: Backend, prompt: str, generated: str,
+async def completion_logprobs(slot: BackendSlot, prompt: str, generated: str,
                               echo: bool) -> dict | None:
-    """OpenAI's legacy ``logprobs`` object for ``[prompt +] generated``.
+    """OpenAI's legacy ``logprobs`` object for ``[prompt +] generated``, scored through the
+    model's slot (its limits and timeout, like the generation).
 
     The prompt is scored on its own (as the engine saw it) and the generated text given the
     prompt, so no token spans the boundary.
     """
+    backend = slot.backend
     toks: list[str] = []
     lps: list[float | None] = []
     offsets: list[int] = []
     if echo and prompt:
-        res = await backend.ascore("", prompt)
+        res = await slot.score("", prompt)
         t, o = token_offsets(backend, prompt, res)
         toks, offsets, lps = t, o, [None, *res.logprobs[1:]]  # nothing precedes token 0
     if generated:
-        res = await backend.ascore(prompt, generated)
+        res = await slot.score(prompt, generated)
         t, o = token_offsets(backend, generated, res)
         toks += t
         offsets += [len(prompt) + x for x in o]
@@ -195,12 +197,7 @@ def create_model_app(backend: Backend, name: str | None = None,
         assert isinstance(prompt, str)
         logprobs = None
         if getattr(body, "logprobs", None) is not None:
-            await slot.acquire()
-            try:
-                logprobs = [await completion_logprobs(backend, prompt, r.text, echo)
-                            for r in results]
-            finally:
-                slot.release()
+            logprobs = [await completion_logprobs(slot, prompt, r.text, echo) for r in results]
         if echo:
             choices = [(prompt + t, f) for t, f in choices]
         return JSONResponse(P.completion_response(rid, model_name, choices, n_prompt, n_out,
