@@ -195,8 +195,8 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None,
          text: HashedTextModel | None = None,
          calibration: tuple[float, float] | None = None,
          feature_names: Sequence[str] | None = None) -> Path:
-    """Write a fitted :class:`~classifiers.estimators.LightGBMRouter` (and optionally a
-    :class:`~classifiers.estimators.LightGBMGapRegressor` and a text model, whose logit is
+    """Write a fitted :class:`~classifiers.training.estimators.LightGBMRouter` (and optionally a
+    :class:`~classifiers.training.estimators.LightGBMGapRegressor` and a text model, whose logit is
     then the last feature) with ``meta`` to ``path``. ``calibration`` overrides the router's
     own Platt scaling (e.g. one fitted on out-of-source scores). ``feature_names`` is the
     subset of :data:`FEATURE_NAMES` the model was fitted on, in order (default: all).

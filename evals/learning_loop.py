@@ -38,8 +38,8 @@ def _port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from classifiers.labels import require_labels
-    from classifiers.realdata import EVAL_ONLY
+    from classifiers.training.labels import require_labels
+    from classifiers.training.realdata import EVAL_ONLY
     from evals.from_log import evaluate, report
     from router.decision_log import read_log
 

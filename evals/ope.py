@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from classifiers.artifact import load_default
-    from classifiers.labels import require_labels
-    from classifiers.transfer import routing_request
+    from classifiers.training.labels import require_labels
+    from classifiers.training.train_router import routing_request
 
     ap = argparse.ArgumentParser(prog="python -m evals.ope", description=main.__doc__)
     ap.add_argument("--labels", default="data/labels/real.jsonl")

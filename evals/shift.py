@@ -45,8 +45,8 @@ def simulate_source(rows: Sequence[dict], source: str, workdir: Path, *, epsilon
                     refit: str = "warm", seed: int = 0, n_boot: int = 300) -> dict:
     """One source as the new traffic; returns its evaluations and the loop's history."""
     from classifiers import artifact as A
-    from classifiers.realdata import EVAL_ONLY
-    from classifiers.transfer import (
+    from classifiers.training.realdata import EVAL_ONLY
+    from classifiers.training.train_router import (
         SHIPPED,
         feature_matrix,
         label_arrays,
@@ -125,7 +125,7 @@ def _at(res: dict, checkpoint: int) -> Any:
 
 def pooled(results: Sequence[dict], checkpoint: int, n_boot: int, seed: int) -> dict | None:
     """OGR and regret over every source's evaluation half together, at a checkpoint."""
-    from classifiers.transfer import routing_summary
+    from classifiers.training.train_router import routing_summary
 
     parts = [(r, _at(r, checkpoint)) for r in results]
     parts = [(r, e) for r, e in parts if e is not None]
@@ -226,7 +226,7 @@ def run(labels: str, out: str | None = None, sources: Sequence[str] | None = Non
     writes ``shift.json``, ``shift.md`` and ``shift.png`` to ``out``."""
     import sys
 
-    from classifiers.labels import MissingLabelsError, require_labels
+    from classifiers.training.labels import MissingLabelsError, require_labels
 
     if not 0 <= epsilon <= 0.5:
         print(f"archroute eval --simulate-shift: --epsilon must be in [0, 0.5], got {epsilon}",

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("models.commands:add_score", "per-token log-probabilities of a continuation"),
     "info": ("models.commands:add_info", "describe the embedded reference pair and cost models"),
     "analyze": ("evals.analysis.cli:add_analyze", "token-level loss gap analysis of a backend pair"),
-    "label": ("classifiers.cli:add_label", "measure request labels on a backend pair"),
+    "label": ("classifiers.training.cli:add_label", "measure request labels on a backend pair"),
     "train": ("router.learning.retrain:add_train", "train the request classifier"),
     "eval": ("evals.harness.cli:add_eval", "benchmark routing policies: quality vs cost"),
     "bench": ("evals.bench.cli:add_bench", "speed benchmarks that print their figures"),

@@ -243,7 +243,7 @@ class RulesPolicy(Policy):
     share of repeated word 4-grams, ``code_weight`` for code or markup cues and
     ``bracket_weight`` when brackets are left open (the answer must close them).
 
-    Not :class:`classifiers.estimators.RulesRouter`, on purpose. This is the serving
+    Not :class:`classifiers.training.estimators.RulesRouter`, on purpose. This is the serving
     baseline (profile ``archroute-rules``, the harness's ``rules`` row) and the classifier's
     fallback when its artifact is missing: hand-set weights on four cues computed here, so
     it needs no labels, no numpy and no training run, scores in well under a millisecond and
@@ -312,7 +312,7 @@ class ClassifierPolicy(Policy):
     ``quality`` (least expected loss), ``cost`` (best quality within the artifact's budget
     of requests on the transformer) or ``risk-ALPHA`` (``risk-0.05``, ``risk-0.1``,
     ``risk-0.2``: the most requests on the hybrid with at most ALPHA of them losing more than
-    0.05 nats/token against the transformer, with 95% confidence, ``classifiers/risk.py``);
+    0.05 nats/token against the transformer, with 95% confidence, ``classifiers/training/risk.py``);
     all are chosen on out-of-source validation predictions at training time (``meta.json``
     ``thresholds``). ``cost_weight`` (>= 0) lowers the score
     of long prompts, where the transformer's KV cache costs most: ``score = p - cost_weight *

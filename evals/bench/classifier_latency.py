@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             import torch
 
-            from classifiers.estimators import EmbeddingRouter
+            from classifiers.training.estimators import EmbeddingRouter
 
             torch.set_num_threads(args.threads)
             rng = np.random.default_rng(0)  # weights do not change the cost: fit on noise

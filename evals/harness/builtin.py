@@ -23,7 +23,7 @@ under about 2,000 characters and, when the reference tokenizer is present, under
 ``MAX_TOKENS`` of it (the reference models were trained on 1024-token windows).
 
 - ``real``: real public requests with reference answers, the shared request folder
-  (:data:`classifiers.realdata.DEFAULT_DIR`, or the folder or file named by the
+  (:data:`classifiers.training.realdata.DEFAULT_DIR`, or the folder or file named by the
   ``ARCHROUTE_REQUESTS`` environment variable): ``REAL_PER_SOURCE`` requests of every file
   (the evaluation-only one included), a fixed-seed sample, so its content hash changes only
   when the files do. Each request keeps its file's id, conversation (``messages``) and
@@ -268,11 +268,11 @@ def corpus_suite(path: str | Path = "data/corpus/val.jsonl", per_domain: int = 4
 
 def requests_path() -> Path:
     """The request folder (or file) the real suite reads: ``$ARCHROUTE_REQUESTS`` when set,
-    else :data:`classifiers.realdata.DEFAULT_DIR`."""
+    else :data:`classifiers.training.realdata.DEFAULT_DIR`."""
     env = os.environ.get(REQUESTS_ENV, "").strip()
     if env:
         return Path(env).expanduser()
-    from classifiers.realdata import DEFAULT_DIR
+    from classifiers.training.realdata import DEFAULT_DIR
 
     return DEFAULT_DIR
 
@@ -283,7 +283,7 @@ def real_suite(path: str | Path | None = None, per_source: int = REAL_PER_SOURCE
     :func:`requests_path`), a fixed-seed sample in file order; every file, the
     evaluation-only one included. Raises :class:`SuiteError` when the data is missing or a
     file is malformed (nothing is read from a broken file)."""
-    from classifiers.realdata import (
+    from classifiers.training.realdata import (
         EVAL_ONLY,
         RequestFileError,
         file_provenance,
@@ -295,7 +295,7 @@ def real_suite(path: str | Path | None = None, per_source: int = REAL_PER_SOURCE
         raise SuiteError(f"real suite: per_source must be >= 1, got {per_source}")
     where = Path(path) if path is not None else requests_path()
     hint = (f"point ${REQUESTS_ENV} at a folder of request *.jsonl files (or one file); "
-            "the format is in classifiers/realdata.py")
+            "the format is in classifiers/training/realdata.py")
     if not where.exists():
         raise SuiteError(f"{where}: the real request data is missing (no such folder or file); {hint}")
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from classifiers.metrics import auc  # noqa: F401 - one AUC for the project (re-exported)
+from classifiers.training.metrics import auc  # noqa: F401 - one AUC for the project (re-exported)
 
 T, H = 0, 1
 ORACLE_SCALE = 0.1  # quality units (nats/token) per unit of the oracle's log-odds

@@ -91,7 +91,7 @@ def run_backend(backend, suite: Suite, cfg: EvalConfig,
 
 
 def _score_chunk(backend, chunk: list[EvalRequest], cm, cfg: EvalConfig) -> list[BackendRecord]:
-    from classifiers.labels import fit_to_context
+    from classifiers.training.labels import fit_to_context
 
     prompts = [prompt_text(backend, r) for r in chunk]
     scored = [(j, r) for j, r in enumerate(chunk) if r.reference]

@@ -160,12 +160,12 @@ def train_corpus_suite(path: str | Path, per_domain: int = TRAIN_CORPUS_PER_DOMA
 
 def train_function_suite(path: str | Path, n: int, seed: int = 0):
     """``n`` function-completion requests from the code documents of the corpus TRAIN split
-    (:func:`classifiers.synthetic_mix.make_request`, kind ``complete_function``), source
+    (:func:`classifiers.training.synthetic_mix.make_request`, kind ``complete_function``), source
     :data:`TRAIN_FUNCTIONS`; prompt + reference within the corpus suite's token limit.
     Refuses the held-out file by name, as :func:`train_corpus_suite` does."""
     import random
 
-    from classifiers.synthetic_mix import load_documents, make_request
+    from classifiers.training.synthetic_mix import load_documents, make_request
     from evals.harness.builtin import MAX_TOKENS, reference_token_counter
     from evals.harness.suites import EvalRequest, Suite
 
@@ -193,7 +193,7 @@ def train_function_suite(path: str | Path, n: int, seed: int = 0):
 
 def corpus_provenance(path: str | Path) -> dict:
     """The training corpus file's name, sha256, size, rows and licences (from its manifest),
-    in the shape of :func:`classifiers.realdata.file_provenance`'s rows."""
+    in the shape of :func:`classifiers.training.realdata.file_provenance`'s rows."""
     import hashlib
 
     path = Path(path)
@@ -218,7 +218,7 @@ def training_seqs(cfg: SpanConfig, pair, progress: bool = True,
     (sha256, licence): the real suite's requests from trainable files (evaluation-only and
     reserved files left out) and, with ``cfg.train_corpus``, requests cut from the
     reference corpus's train split (:func:`train_corpus_suite`)."""
-    from classifiers.realdata import EVAL_ONLY, RESERVED
+    from classifiers.training.realdata import EVAL_ONLY, RESERVED
     from evals.harness.builtin import real_suite
     from evals.harness.suites import SuiteError
 

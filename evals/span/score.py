@@ -8,7 +8,7 @@ backend (right-padded batches, float32 on CPU), on the in-process models themsel
 Prompts are rendered the way the router renders them (``Backend.render``: the chat template
 or the plain fallback, after the start token), exactly as the request labels and the eval
 harness score them: :func:`evals.harness.scoring.prompt_text` for the prompt,
-:func:`classifiers.labels.fit_to_context` to cut a reference that does not fit the context
+:func:`classifiers.training.labels.fit_to_context` to cut a reference that does not fit the context
 (the shorter cut of the two backends is scored by both), and the prompt cut from the left
 as ``HFBackend.score_batch`` does. So ``lp`` equals ``backend.score(prompt, reference)``'s
 log-probs.
@@ -158,7 +158,7 @@ def forward_scores(backend, seqs: Sequence[Sequence[int]], starts: Sequence[int]
 def _prepare(req: EvalRequest, transformer, hybrid) -> tuple[list[list[int]], int, np.ndarray, dict]:
     """Per backend the scored sequence (start token, prompt, answer), the answer's start,
     the answer ids and the cut flags."""
-    from classifiers.labels import fit_to_context
+    from classifiers.training.labels import fit_to_context
     from evals.harness.scoring import prompt_text
 
     if not req.reference:

@@ -4,7 +4,7 @@
 - :mod:`router.learning.feedback`: ``POST /v1/feedback`` (rewards, thumbs, references), its
   rate limit and its queue
 - :mod:`router.learning.references`: labels from references, scored on the pair as
-  ``archroute label`` does (one label-request type, :class:`classifiers.labels.LabelRequest`)
+  ``archroute label`` does (one label-request type, :class:`classifiers.training.labels.LabelRequest`)
 - :mod:`router.learning.logrows`: decision-log rows as the policy saw them
 - :mod:`router.learning.retrain`: ``archroute train --from-log``, a refit on labelled traffic
 - :mod:`router.learning.guard`, :mod:`router.learning.gate`,

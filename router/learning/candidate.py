@@ -13,7 +13,7 @@ The guard (:mod:`router.learning.guard`) is fitted on held-out predictions of th
 candidates are built, the base with a guard and the warm start with a guard, and the one
 with less loss on those held-out predictions is saved: a warm start that does not help on
 the traffic's own labels is not shipped. ``refit="scratch"`` fits the shipped variant from
-nothing on the labels (:func:`classifiers.transfer.fit_quick`'s model) instead: the
+nothing on the labels (:func:`classifiers.training.train_router.fit_quick`'s model) instead: the
 comparison the docs report.
 """
 
@@ -60,7 +60,7 @@ def warm_booster(base, X: np.ndarray, gap: np.ndarray, seed: int = 0):
 
 
 def _scratch(X_task: np.ndarray, reqs: Sequence[RoutingRequest], gap, lt, lh, units, seed):
-    from classifiers.transfer import SHIPPED, make_router
+    from classifiers.training.train_router import SHIPPED, make_router
 
     return make_router(SHIPPED, seed).fit(X_task, list(reqs), gap, lt, lh, units)
 
@@ -73,7 +73,7 @@ def fit_candidate(base, reqs: Sequence[RoutingRequest], lt: np.ndarray, lh: np.n
     is its classifier (the shipped variant). Returns a summary: which model was kept, the
     held-out loss of each, the guard."""
     from classifiers import artifact as A
-    from classifiers.transfer import feature_matrix, quality_threshold
+    from classifiers.training.train_router import feature_matrix, quality_threshold
 
     if refit not in REFITS:
         raise ValueError(f"refit must be one of {REFITS}, got {refit!r}")
@@ -132,7 +132,7 @@ def fit_candidate(base, reqs: Sequence[RoutingRequest], lt: np.ndarray, lh: np.n
                               "held_out_loss": loss, **(training_data or {})},
             "guard": guards[keep].summary()}
     if scratch is not None:
-        from classifiers.transfer import save_shipped
+        from classifiers.training.train_router import save_shipped
 
         save_shipped(scratch, out_dir, meta)
     else:

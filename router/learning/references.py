@@ -1,9 +1,9 @@
 """Labels from references: a client's reference answer for a served request, scored under both
 backends off the request path (``POST /v1/feedback``, :mod:`router.learning.feedback`), is the
-label ``archroute label`` measures offline (:mod:`classifiers.labels`), for live traffic.
+label ``archroute label`` measures offline (:mod:`classifiers.training.labels`), for live traffic.
 
 The request is rebuilt from its logged row as the one label-request type,
-:class:`~classifiers.labels.LabelRequest` (a conversation, or a completion's plain prompt), and
+:class:`~classifiers.training.labels.LabelRequest` (a conversation, or a completion's plain prompt), and
 scored through each backend's slot (:meth:`router.pool.BackendSlot.score`): the breaker and
 timeout apply, and it waits for spare capacity, so a request never waits for a label.
 """
@@ -15,7 +15,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from classifiers.labels import LabelRequest, gap_of, scoring_pairs
+from classifiers.training.labels import LabelRequest, gap_of, scoring_pairs
 from models.base import Backend, ChatMessage, ScoreResult
 
 

@@ -3,8 +3,8 @@
 The decision log's requests with a scored reference (``POST /v1/feedback`` with a
 ``reference``, on a router with ``log_prompts``) become label rows of the shape ``archroute
 label`` writes, and the shipped model variant is refitted on them (and on a label file, if
-given) by :func:`classifiers.transfer.fit_quick`. The ``train`` command is
-:mod:`classifiers.cli`'s; this module adds its ``--from-log`` path, which reads the router's
+given) by :func:`classifiers.training.train_router.fit_quick`. The ``train`` command is
+:mod:`classifiers.training.cli`'s; this module adds its ``--from-log`` path, which reads the router's
 log and so lives in the router layer (models < classifiers < router < evals).
 """
 
@@ -19,9 +19,9 @@ from router.learning.logrows import routing_request
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    """``archroute train``: :func:`classifiers.cli.add_train`'s parser, run here so that
+    """``archroute train``: :func:`classifiers.training.cli.add_train`'s parser, run here so that
     ``--from-log`` can read the decision log."""
-    from classifiers import cli
+    from classifiers.training import cli
 
     cli.add_train(sub)
     p = sub.choices["train"]
@@ -35,7 +35,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from classifiers import cli
+    from classifiers.training import cli
 
     if getattr(args, "from_log", None):
         return run_train_from_log(args)
@@ -46,7 +46,7 @@ def log_label_rows(db: str) -> tuple[list[dict], list, dict]:
     """Label rows (the shape ``archroute label`` writes) for the decision log's requests
     with a scored reference, the requests as the policy saw them, and counts of what was
     left out. Chat apps' side requests are left out (the classifier never scores them)."""
-    from classifiers.labels import label_class
+    from classifiers.training.labels import label_class
     from router.learning.gate import held_back
 
     rows, reqs = [], []
@@ -79,10 +79,10 @@ def log_label_rows(db: str) -> tuple[list[dict], list, dict]:
 def run_train_from_log(args: argparse.Namespace) -> int:
     """``archroute train --from-log DB --out DIR [--labels FILE]``: the quick fit on the
     log's labelled requests (and the label file's, if given)."""
-    from classifiers.cli import quick_summary
-    from classifiers.labels import require_labels
-    from classifiers.transfer import fit_quick
-    from classifiers.transfer import routing_request as label_request
+    from classifiers.training.cli import quick_summary
+    from classifiers.training.labels import require_labels
+    from classifiers.training.train_router import fit_quick
+    from classifiers.training.train_router import routing_request as label_request
 
     if not args.out:
         raise SystemExit("archroute train --from-log: give --out DIR (the shipped artifact "

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from classifiers import artifact
-from classifiers.cli import run_train
 from classifiers.features import FEATURE_NAMES
-from classifiers.labels import label_requests
 from classifiers.request import RoutingRequest
-from classifiers.synthetic_mix import build_mix
+from classifiers.training.cli import run_train
+from classifiers.training.labels import label_requests
+from classifiers.training.synthetic_mix import build_mix
 from tests.classifiers.fakes import fake_pair, synthetic_docs
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from classifiers import artifact, integrity
-from classifiers.estimators import LightGBMRouter
+from classifiers.training.estimators import LightGBMRouter
 
 
 def fitted(flip: bool = False) -> LightGBMRouter:

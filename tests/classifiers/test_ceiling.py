@@ -1,4 +1,4 @@
-"""Hindsight ceilings of request routing (classifiers/ceiling.py)."""
+"""Hindsight ceilings of request routing (classifiers/training/ceiling.py)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from classifiers.ceiling import ceilings, main
+from classifiers.training.ceiling import ceilings, main
 
 
 def _row(i: int, group: str, kind: str, lt: float, lh: float, share: float = 0.0) -> dict:
@@ -64,7 +64,7 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys) -> None:
 def test_in_distribution_separates_kinds_and_measures_skill_inside_them() -> None:
     """Rows whose kind decides the winner: the shipped model under random CV ranks across
     kinds almost perfectly, and inside a kind there is (nearly) nothing to gain."""
-    from classifiers.ceiling import in_distribution
+    from classifiers.training.ceiling import in_distribution
     from tests.classifiers.test_transfer import _real_rows
 
     res = in_distribution(_real_rows(240, eval_rows=10), k=3, n_boot=20, progress=False)

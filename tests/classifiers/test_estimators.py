@@ -9,7 +9,8 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from classifiers.estimators import (
+from classifiers.features import FEATURE_NAMES
+from classifiers.training.estimators import (
     EmbeddingRouter,
     FeatureExtractor,
     LightGBMGapRegressor,
@@ -17,9 +18,8 @@ from classifiers.estimators import (
     LogisticRouter,
     RulesRouter,
 )
-from classifiers.features import FEATURE_NAMES
-from classifiers.labels import label_requests
-from classifiers.synthetic_mix import build_mix
+from classifiers.training.labels import label_requests
+from classifiers.training.synthetic_mix import build_mix
 from tests.classifiers.fakes import fake_pair, synthetic_docs
 
 ARRAY_CLASSIFIERS = [LightGBMRouter(n_estimators=50), LogisticRouter(), RulesRouter()]

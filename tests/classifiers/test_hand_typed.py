@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from classifiers.labels import label_requests
-from classifiers.realdata import read_request_file
+from classifiers.training.labels import label_requests
+from classifiers.training.realdata import read_request_file
 from router.policies import decide, get_policy
 
 DATA = Path(__file__).parent / "data" / "hand_typed.jsonl"

@@ -1,4 +1,4 @@
-"""Real request files (classifiers.realdata) and their labelling (classifiers.labels):
+"""Real request files (classifiers.training.realdata) and their labelling (classifiers.training.labels):
 validation with line numbers, reserved and eval-only files, sampling, the `label` command on
 a bad file, the label cache, references cut to fit the context, and the copy share."""
 
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from classifiers.labels import (
+from classifiers.training.labels import (
     MIN_ANSWER_TOKENS,
     copy_share,
     fit_to_context,
     label_requests,
     read_labels,
 )
-from classifiers.realdata import (
+from classifiers.training.realdata import (
     RealRequest,
     RequestFileError,
     read_request_file,
@@ -245,7 +245,7 @@ def test_label_command_refuses_a_bad_file_and_writes_nothing(tmp_path, monkeypat
 def test_read_labels_skips_a_truncated_last_line(tmp_path, caplog):
     path = tmp_path / "l.jsonl"
     path.write_text('{"key": "a", "gap": 0.1}\n{"key": "b", "gap": -0.2}\n{"key": "c", "ga')
-    with caplog.at_level(logging.WARNING, logger="classifiers.labels"):
+    with caplog.at_level(logging.WARNING, logger="classifiers.training.labels"):
         rows = read_labels(path)
     assert [r["key"] for r in rows] == ["a", "b"]
     assert "truncated last line" in caplog.text

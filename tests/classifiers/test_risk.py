@@ -1,11 +1,11 @@
-"""Thresholds with a guarantee (classifiers/risk.py)."""
+"""Thresholds with a guarantee (classifiers/training/risk.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from classifiers.risk import (
+from classifiers.training.risk import (
     clopper_pearson_upper,
     crc_threshold,
     quality_lost,

@@ -6,8 +6,15 @@ import collections
 
 import pytest
 
-from classifiers.labels import MARGIN, gap_of, label_class, label_requests, read_labels, summarize
-from classifiers.synthetic_mix import KIND_SHARES, build_mix, doc_split
+from classifiers.training.labels import (
+    MARGIN,
+    gap_of,
+    label_class,
+    label_requests,
+    read_labels,
+    summarize,
+)
+from classifiers.training.synthetic_mix import KIND_SHARES, build_mix, doc_split
 from models.base import ScoreResult
 from tests.classifiers.fakes import fake_pair, synthetic_docs
 

@@ -1,4 +1,4 @@
-"""Transfer to unseen sources (classifiers.transfer) and the hashed n-gram text model
+"""Transfer to unseen sources (classifiers.training.train_router) and the hashed n-gram text model
 (classifiers.textrep): thresholds, summaries, group folds, leave-one-source-out without
 leakage, `train_real` end to end, and the text model's tokens and files."""
 
@@ -11,12 +11,13 @@ import logging
 import numpy as np
 import pytest
 
-from classifiers import artifact, transfer
+from classifiers import artifact
 from classifiers.features import FEATURE_NAMES, extract
-from classifiers.realdata import read_requests
 from classifiers.request import RoutingRequest
 from classifiers.textrep import N_BUCKETS, TEXT_CHARS, HashedTextModel, buckets, matrix, tokens
-from classifiers.transfer import (
+from classifiers.training import train_router as transfer
+from classifiers.training.realdata import read_requests
+from classifiers.training.train_router import (
     COST_BUDGET,
     SHIPPED,
     VARIANTS,
@@ -682,7 +683,7 @@ def test_artifact_refuses_a_text_file_mismatch(trained_real, tmp_path) -> None:
 
 
 def test_artifact_save_refuses_unknown_features(tmp_path) -> None:
-    from classifiers.estimators import LightGBMRouter
+    from classifiers.training.estimators import LightGBMRouter
 
     X = np.random.default_rng(0).random((60, 2))
     r = LightGBMRouter(n_estimators=5, cv=0).fit(X, (X[:, 0] > 0.5).astype(int))
@@ -694,7 +695,7 @@ def test_robust_threshold_keeps_every_source_within_tolerance() -> None:
     """Source A: the hybrid is better where p is low (routing pays); source B: the
     transformer wins everywhere by a lot, but B's scores sit just under 0.5. The
     expected-gap threshold (0.5) sends B's rows to the hybrid; the robust one must not."""
-    from classifiers.transfer import REGRET_TOL, robust_threshold
+    from classifiers.training.train_router import REGRET_TOL, robust_threshold
 
     rng = np.random.default_rng(0)
     pa = rng.uniform(0.2, 0.9, 400)

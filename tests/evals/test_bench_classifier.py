@@ -7,8 +7,8 @@ import argparse
 import numpy as np
 
 from classifiers import artifact
-from classifiers.estimators import LightGBMRouter
 from classifiers.features import FEATURE_NAMES
+from classifiers.training.estimators import LightGBMRouter
 from evals.bench import classifier_latency
 
 

@@ -124,7 +124,7 @@ def test_real_suite_eval_records_data_provenance(requests_dir: Path, tmp_path: P
 
 
 def test_default_request_folder_has_one_domain_per_file(monkeypatch) -> None:
-    from classifiers.realdata import DEFAULT_DIR
+    from classifiers.training.realdata import DEFAULT_DIR
 
     if not DEFAULT_DIR.is_dir() or not any(DEFAULT_DIR.glob("*.jsonl")):
         pytest.skip(f"the shared request folder {DEFAULT_DIR} is not here (set {REQUESTS_ENV} "

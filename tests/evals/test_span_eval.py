@@ -373,7 +373,7 @@ def test_cache_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_scores_match_backend_score_on_the_reference_pair(reference_pair, tmp_path, monkeypatch) -> None:
-    from classifiers.labels import fit_to_context
+    from classifiers.training.labels import fit_to_context
     from evals.harness.scoring import prompt_text
     from evals.harness.suites import EvalRequest
     from evals.span import score as S

@@ -53,7 +53,7 @@ def test_missing_labels_name_the_command(tmp_path):
 
 def test_train_default_out_is_not_the_shipped_artifact():
     from classifiers.artifact import DEFAULT_DIR
-    from classifiers.cli import DEFAULT_OUT
+    from classifiers.training.cli import DEFAULT_OUT
 
     args = build_parser(["train"]).parse_args(["train"])
     assert args.out is None  # resolved to DEFAULT_OUT when it runs

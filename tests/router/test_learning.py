@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from classifiers import artifact
-from classifiers.estimators import LightGBMRouter
+from classifiers.training.estimators import LightGBMRouter
 from models.fake import FakeBackend
 from router.decision_log import MIGRATIONS, DecisionLog, DecisionRow, read_log
 from router.learning.feedback import FeedbackService
@@ -356,8 +356,8 @@ def test_scoring_waits_for_spare_capacity() -> None:
 def test_label_request_of_a_logged_row_is_the_label_type() -> None:
     """The router labels live traffic with ``archroute label``'s own request type: a chat row
     as a conversation, a completion row as a plain prompt, each keyed like the CLI keys it."""
-    from classifiers.labels import LabelRequest, request_key
-    from classifiers.realdata import RealRequest
+    from classifiers.training.labels import LabelRequest, request_key
+    from classifiers.training.realdata import RealRequest
     from models.base import ChatMessage
     from router.learning.references import label_request
 

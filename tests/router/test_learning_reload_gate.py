@@ -53,8 +53,8 @@ def test_a_guarded_profile_reloads_with_its_guard(tmp_path: Path) -> None:
     classifier; a broken guard file is a 400 and the old artifact serves on."""
     import numpy as np
 
-    from classifiers.estimators import LightGBMRouter
     from classifiers.request import RoutingRequest
+    from classifiers.training.estimators import LightGBMRouter
     from router.learning import guard as G
 
     rng = np.random.default_rng(1)

@@ -96,7 +96,7 @@ def test_reloads_while_train_rewrites_the_artifact_never_fail(tmp_path: Path) ->
     reload sees a whole artifact (the old or the new), never half of one."""
     import numpy as np
 
-    from classifiers.estimators import LightGBMRouter
+    from classifiers.training.estimators import LightGBMRouter
 
     rng = np.random.default_rng(0)
     X = rng.random((200, 1)) * 8

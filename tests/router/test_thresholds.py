@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from classifiers import artifact
-from classifiers.estimators import LightGBMRouter
+from classifiers.training.estimators import LightGBMRouter
 from router.policies import DEFAULT_THRESHOLD, get_policy
 from router.settings import ProfileSettings
 from tests.router.conftest import Fakes

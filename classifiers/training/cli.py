@@ -3,10 +3,10 @@
     archroute label --n 2000 --out data/labels/reference.jsonl   # score answers on the pair
     archroute train --labels data/labels/reference.jsonl          # fit, evaluate, ship
 
-``label`` builds the request mix from the corpus (:mod:`classifiers.synthetic_mix`) and measures
-each request's gap on a backend pair (:mod:`classifiers.labels`, cached and resumable).
+``label`` builds the request mix from the corpus (:mod:`classifiers.training.synthetic_mix`) and measures
+each request's gap on a backend pair (:mod:`classifiers.training.labels`, cached and resumable).
 ``train`` on labels of real requests (``archroute label --requests``) measures transfer:
-leave-one-source-out per source and pooled (:mod:`classifiers.transfer`), a random split as
+leave-one-source-out per source and pooled (:mod:`classifiers.training.train_router`), a random split as
 the secondary number, then fits on every trainable source and ships the artifact with its
 calibrated profile thresholds. On labels of the synthetic mix it fits on the training
 documents and evaluates on the held-out ones (AUC, accuracy, Brier, regret vs the oracle).
@@ -59,8 +59,14 @@ def add_label(sub: argparse._SubParsersAction) -> None:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from classifiers.labels import MARGIN, LabelSource, group_table, label_requests, summarize
-    from classifiers.synthetic_mix import build_mix, load_documents
+    from classifiers.training.labels import (
+        MARGIN,
+        LabelSource,
+        group_table,
+        label_requests,
+        summarize,
+    )
+    from classifiers.training.synthetic_mix import build_mix, load_documents
     from models.registry import from_spec
 
     if args.threads:
@@ -70,7 +76,7 @@ def run_label(args: argparse.Namespace) -> int:
     margin = MARGIN if args.margin is None else args.margin
     mix: Sequence[LabelSource]
     if args.requests:
-        from classifiers.realdata import RequestFileError, read_requests
+        from classifiers.training.realdata import RequestFileError, read_requests
 
         try:
             mix = read_requests(args.requests, per_group=args.per_source, seed=args.seed)
@@ -138,7 +144,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                         "(sha256, licence) in the artifact (default: ../shared/data/requests)")
     p.add_argument("--variants", choices=("all", "shipped"), default="all",
                    help="real labels: measure every model variant leave-one-source-out "
-                        "(classifiers.transfer.VARIANTS), or only the shipped one")
+                        "(classifiers.training.train_router.VARIANTS), or only the shipped one")
     p.add_argument("--mix-labels", default=None, metavar="FILE",
                    help="real labels: labels of the synthetic request mix to add to every "
                         "training set as one more source (never tested on), to measure "
@@ -169,15 +175,16 @@ def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from classifiers import artifact
-    from classifiers.estimators import (
+    from classifiers.features import extract
+    from classifiers.request import RoutingRequest
+    from classifiers.training.estimators import (
         EmbeddingRouter,
         LightGBMGapRegressor,
         LightGBMRouter,
         LogisticRouter,
         RulesRouter,
     )
-    from classifiers.features import extract
-    from classifiers.labels import (
+    from classifiers.training.labels import (
         MARGIN,
         by_group,
         labels_hash,
@@ -185,8 +192,7 @@ def run_train(args: argparse.Namespace) -> int:
         require_labels,
         summarize,
     )
-    from classifiers.metrics import reference_rows, router_metrics
-    from classifiers.request import RoutingRequest
+    from classifiers.training.metrics import reference_rows, router_metrics
     from models.provenance import git_commit
 
     if getattr(args, "from_log", None):  # router.learning.retrain runs those
@@ -203,8 +209,8 @@ def run_train(args: argparse.Namespace) -> int:
     if not rows:
         raise SystemExit(f"no labels in {args.labels} (run `archroute label` first)")
     if "group" in rows[0]:  # real requests: leave-one-source-out, calibrated thresholds
-        from classifiers.realdata import DEFAULT_DIR
-        from classifiers.transfer import SHIPPED, VARIANTS, train_real
+        from classifiers.training.realdata import DEFAULT_DIR
+        from classifiers.training.train_router import SHIPPED, VARIANTS, train_real
 
         variants = list(VARIANTS) if getattr(args, "variants", "all") == "all" else [SHIPPED]
         mix = getattr(args, "mix_labels", None)
@@ -213,7 +219,7 @@ def run_train(args: argparse.Namespace) -> int:
         if mix and not extra:
             raise SystemExit(f"no labels in {mix}")
         if getattr(args, "quick", False):
-            from classifiers.transfer import fit_quick, routing_request
+            from classifiers.training.train_router import fit_quick, routing_request
 
             rows = [*rows, *({**r, "group": "synthetic-mix"} for r in extra)]
             try:
@@ -312,7 +318,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def quick_summary(res: dict, out: str) -> str:
     """What ``--quick`` / ``--from-log`` fitted, in a few lines."""
-    from classifiers.transfer import fmt_ci
+    from classifiers.training.train_router import fmt_ci
 
     o = res["out_of_fold"]
     thr = ", ".join(f"{k} {v:.3f}" for k, v in res["thresholds"].items())

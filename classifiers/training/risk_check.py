@@ -1,23 +1,23 @@
-"""``python -m classifiers.risk_check``: the tables of docs/classifier.md, "Thresholds with a
+"""``python -m classifiers.training.risk_check``: the tables of docs/classifier.md, "Thresholds with a
 guarantee", checked on held-out data (a research command; the thresholds themselves are
-:mod:`classifiers.risk`, which the training code imports)."""
+:mod:`classifiers.training.risk`, which the training code imports)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from classifiers.risk import RISK_ALPHAS, RISK_DELTA, by_source, validate
+from classifiers.training.risk import RISK_ALPHAS, RISK_DELTA, by_source, validate
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m classifiers.risk``: the tables of docs/classifier.md, "Thresholds with a
+    """``python -m classifiers.training.risk``: the tables of docs/classifier.md, "Thresholds with a
     guarantee", from leave-one-source-out predictions of the shipped model variant."""
     import argparse
 
     from classifiers.features import extract
-    from classifiers.labels import require_labels
-    from classifiers.realdata import EVAL_ONLY
-    from classifiers.transfer import (
+    from classifiers.training.labels import require_labels
+    from classifiers.training.realdata import EVAL_ONLY
+    from classifiers.training.train_router import (
         SHIPPED,
         label_arrays,
         leave_one_source_out,
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         routing_request,
     )
 
-    ap = argparse.ArgumentParser(prog="python -m classifiers.risk_check", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m classifiers.training.risk_check", description=main.__doc__)
     ap.add_argument("--labels", default="data/labels/real.jsonl")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--n-cal", type=int, default=2000)

@@ -3,7 +3,7 @@ the reference corpus (``train.jsonl``: id, domain, text).
 
 Every request is plain text (the tiny reference models are not chat-tuned) and carries a
 reference answer taken from the same document, so a pair of backends can be scored on it
-(:mod:`classifiers.labels`). Kinds (shares in :data:`KIND_SHARES`):
+(:mod:`classifiers.training.labels`). Kinds (shares in :data:`KIND_SHARES`):
 
 - ``continue``: a passage of any domain; the answer is the next 200-400 characters.
 - ``quote``: a passage and "quote it verbatim"; the answer is its opening, copied.

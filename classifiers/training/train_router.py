@@ -13,7 +13,7 @@ thresholds, chosen on out-of-source predictions of the training data:
 
 :func:`leave_one_source_out` is the headline evaluation: train on every source but one,
 test on that one, for every source; per source and pooled, with bootstrap CIs. A source is
-a request file (``group``). Rows of :data:`~classifiers.realdata.EVAL_ONLY` files are only
+a request file (``group``). Rows of :data:`~classifiers.training.realdata.EVAL_ONLY` files are only
 ever tested on (with a model trained on every other source).
 """
 
@@ -26,18 +26,18 @@ from typing import TypedDict
 
 import numpy as np
 
-from classifiers.estimators import (
+from classifiers.features import FEATURE_NAMES, FEATURES
+from classifiers.request import RoutingRequest
+from classifiers.textrep import HashedTextModel
+from classifiers.training.estimators import (
     LightGBMGapRegressor,
     LightGBMRouter,
     LogisticRouter,
     _platt,
     _sigmoid,
 )
-from classifiers.features import FEATURE_NAMES, FEATURES
-from classifiers.labels import MARGIN
-from classifiers.realdata import EVAL_ONLY
-from classifiers.request import RoutingRequest
-from classifiers.textrep import HashedTextModel
+from classifiers.training.labels import MARGIN
+from classifiers.training.realdata import EVAL_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def routing_summary(p: np.ndarray, t: float, gap: np.ndarray, lt: np.ndarray, lh
     (decisive rows), mean losses of the router, always-transformer, always-hybrid, random
     (expected, 50/50) and the oracle, regret against the best single backend, and the share
     of the oracle's gain over that backend the router recovers; 95% bootstrap CIs."""
-    from classifiers.metrics import auc as roc_auc
+    from classifiers.training.metrics import auc as roc_auc
 
     n = len(p)
     route = p >= t if route is None else np.asarray(route, bool)
@@ -516,8 +516,8 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     import time
     from pathlib import Path
 
-    from classifiers.labels import labels_hash, summarize
-    from classifiers.realdata import file_provenance
+    from classifiers.training.labels import labels_hash, summarize
+    from classifiers.training.realdata import file_provenance
     from models.provenance import git_commit
 
     extra = [{**r, "group": MIX_GROUP} for r in extra_rows]
@@ -545,7 +545,7 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
         print(f"{name}: pooled AUC {fmt_ci(po['auc'], po['auc_ci'])}, oracle gap recovered "
               f"{fmt_ci(po['recovered'], po['recovered_ci'], '.2f')} ({res['seconds']:.0f} s)")
     # the secondary, in-distribution number: a random 80/20 split of the trainable rows
-    from classifiers.realdata import RealRequest
+    from classifiers.training.realdata import RealRequest
 
     split = np.array([RealRequest(r["id"], "", "", "", (), "").split for r in rows])
     tr, te = trainable & ((split == "train") | ~real), trainable & real & (split == "test")
@@ -561,9 +561,9 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     shipped.pop("p"), shipped.pop("threshold")
     rel = reliability(p_loso[trainable & real], gap[trainable & real])
     results["reliability"] = rel
-    # thresholds with a guarantee (classifiers/risk.py), on the final model's out-of-source
+    # thresholds with a guarantee (classifiers/training/risk.py), on the final model's out-of-source
     # predictions of its own training rows
-    from classifiers.risk import RISK_ALPHAS, RISK_DELTA, rate_threshold
+    from classifiers.training.risk import RISK_ALPHAS, RISK_DELTA, rate_threshold
 
     assert final.oof_ is not None
     for a in RISK_ALPHAS:
@@ -637,8 +637,8 @@ def fit_quick(rows: Sequence[dict], reqs: Sequence[RoutingRequest], out_dir, see
     import time
 
     from classifiers import artifact
-    from classifiers.labels import labels_hash, summarize
-    from classifiers.risk import RISK_ALPHAS, RISK_DELTA, rate_threshold
+    from classifiers.training.labels import labels_hash, summarize
+    from classifiers.training.risk import RISK_ALPHAS, RISK_DELTA, rate_threshold
     from models.provenance import git_commit
 
     keep = [i for i, r in enumerate(rows) if r["group"] not in EVAL_ONLY]

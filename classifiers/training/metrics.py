@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from classifiers.labels import MARGIN
 from classifiers.request import DEFAULT_THRESHOLD
+from classifiers.training.labels import MARGIN
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -13,7 +13,7 @@ Every key is required and no other key is accepted. A file with a bad line is re
 whole, before anything is labelled or written: :class:`RequestFileError` lists each bad line
 with its number (``path:line: reason``), so nothing is ever half-labelled from a broken file.
 
-Held-out *sources* are the unit of generalisation (see :mod:`classifiers.transfer`): a file
+Held-out *sources* are the unit of generalisation (see :mod:`classifiers.training.train_router`): a file
 is one source group; :data:`EVAL_ONLY` files are read for evaluation and never trained on.
 """
 
@@ -30,7 +30,7 @@ from models.base import ChatMessage
 
 KEYS = ("id", "source", "kind", "messages", "reference")
 ROLES = ("system", "user", "assistant")
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "requests"
+DEFAULT_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "requests"
 # the authors of this set ask that it is not trained on (its README): evaluation only
 EVAL_ONLY = frozenset({"selfinstruct_user_eval"})
 # reserved for the independent held-out check: refused if anyone points `label`/`train` at them

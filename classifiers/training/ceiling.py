@@ -15,7 +15,7 @@ rows they are judged on (so each is an upper bound for its kind of knowledge):
 It also splits the oracle's gain into the part *between* source/kind cells (what knowing the
 kind buys) and the part *inside* each cell (what only a within-kind prediction can reach).
 
-    python -m classifiers.ceiling --labels data/labels/real.jsonl [--out docs/classifier/ceiling.json]
+    python -m classifiers.training.ceiling --labels data/labels/real.jsonl [--out docs/classifier/ceiling.json]
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classifiers.realdata import EVAL_ONLY
-from classifiers.transfer import label_arrays, routing_summary
+from classifiers.training.realdata import EVAL_ONLY
+from classifiers.training.train_router import label_arrays, routing_summary
 
 CUTS = np.round(np.arange(0.0, 0.61, 0.01), 2)
 
@@ -93,14 +93,20 @@ def ceilings(rows: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:
 
 def in_distribution(rows: Sequence[dict], k: int = 5, seed: int = 0, n_boot: int = 1000,
                     progress: bool = True) -> dict:
-    """The shipped model (``classifiers.transfer.SHIPPED``) under k-fold *random* CV of the
+    """The shipped model (``classifiers.training.train_router.SHIPPED``) under k-fold *random* CV of the
     trainable rows: every source and kind is in training, the most favourable setting there
     is. Per source/kind cell: the AUC of its out-of-fold scores inside the cell, and the
     share of the cell's own oracle gain (over the cell's better backend) it recovers at the
     expected-gap threshold (0.5) and at the best threshold for that cell in hindsight. It
     says whether the prompt carries the within-kind signal at all."""
-    from classifiers.metrics import auc as roc_auc
-    from classifiers.transfer import SHIPPED, _take, feature_matrix, make_router, routing_request
+    from classifiers.training.metrics import auc as roc_auc
+    from classifiers.training.train_router import (
+        SHIPPED,
+        _take,
+        feature_matrix,
+        make_router,
+        routing_request,
+    )
 
     rows = sorted((r for r in rows if r["group"] not in EVAL_ONLY), key=lambda r: (r["group"], r["id"]))
     reqs = [routing_request(r) for r in rows]
@@ -172,7 +178,7 @@ def ceiling_table(res: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m classifiers.ceiling", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m classifiers.training.ceiling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--labels", required=True, help="label JSONL from `archroute label --requests`")
     ap.add_argument("--out", help="write the figures as JSON here (a Markdown table beside it)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")

@@ -16,8 +16,8 @@ the difference of total nats divided by the mean token count of the two.
 
 A label is measured on one type, :class:`LabelRequest`: a conversation or a plain prompt, and
 the reference answer. ``archroute label`` makes it from the synthetic mix
-(:class:`~classifiers.synthetic_mix.MixRequest`, a plain prompt) or real requests
-(:class:`~classifiers.realdata.RealRequest`, a conversation); the router makes it from a
+(:class:`~classifiers.training.synthetic_mix.MixRequest`, a plain prompt) or real requests
+(:class:`~classifiers.training.realdata.RealRequest`, a conversation); the router makes it from a
 logged request and a client's reference (``POST /v1/feedback``,
 :mod:`router.learning.references`). A conversation is rendered the way each backend renders
 it for generation (``Backend.render``: the chat template, or the plain fallback), and the
@@ -44,8 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from classifiers.realdata import RealRequest
-from classifiers.synthetic_mix import MixRequest
+from classifiers.training.realdata import RealRequest
+from classifiers.training.synthetic_mix import MixRequest
 from models.base import Backend, ChatMessage, ScoreResult
 
 log = logging.getLogger(__name__)
