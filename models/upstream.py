@@ -181,9 +181,12 @@ class OpenAIUpstreamBackend(Backend):
                 del self._sessions[gone]  # a script's finished asyncio.run
             connector = _Connector(limit=self.max_concurrency,
                                    keepalive_timeout=KEEPALIVE_EXPIRY_S)
+            # no cookies (an OpenAI-style API sets none; a jar costs CPU on every answer), no
+            # decompression or User-Agent/Accept-Encoding headers nobody asked for
             s = self._sessions[loop] = aiohttp.ClientSession(
                 headers=self._headers, connector=connector, raise_for_status=False,
-                trust_env=False)
+                trust_env=False, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"))
         return s
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
