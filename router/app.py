@@ -1,10 +1,12 @@
-"""HTTP wiring of the router: ``create_app(settings)`` builds a FastAPI app whose lifespan
-loads the backends and policies; all state lives in ``app.state``.
+"""The router app: ``create_app(settings)`` builds a FastAPI app whose lifespan loads the
+backends and policies; all state lives in ``app.state``. Beside it, the guard middleware
+(API keys, body size) every request passes first.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``POST /v1/feedback`` (outcomes, :mod:`router.learning.feedback`), ``POST /admin/reload`` (a new
-classifier artifact without a restart, :mod:`router.reload`; also on SIGHUP),
-``GET /health`` (liveness), ``GET /ready`` (a backend can serve), ``GET /metrics``.
+Routes, one module per endpoint family (:mod:`router.api`): ``POST /v1/chat/completions``,
+``POST /v1/completions``, ``POST /v1/route``, ``GET /v1/models``, ``POST /v1/feedback``
+(outcomes, :mod:`router.learning.feedback`), ``POST /admin/reload`` (a new classifier
+artifact without a restart, :mod:`router.reload`; also on SIGHUP), ``GET /health``
+(liveness), ``GET /ready`` (a backend can serve), ``GET /metrics``.
 """
 
 from __future__ import annotations
@@ -19,31 +21,29 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import registry
 from models.base import Backend
 from models.span.gates import get_gate
-from router import errors
-from router import protocol as P
+from router import api, errors
+from router.api.deps import T0_KEY
 from router.decision_log import DecisionLog
 from router.json_body import json_content_type
 from router.learning import feedback as F
-from router.learning.feedback import FeedbackRequest, FeedbackService
+from router.learning.feedback import FeedbackService
 from router.metrics import RouterMetrics
 from router.policies import get_policy
 from router.pool import BackendSlot, SlotLimits
-from router.reload import Reloader, ReloadRequest
-from router.serving import RouterService, check_ready, probe_backends
+from router.reload import Reloader
+from router.serving import RouterService, probe_backends
 from router.settings import BackendSettings, Settings
 from router.span import SpanService
 
 log = logging.getLogger(__name__)
 
-T0_KEY = "archroute.t0"
 
 
 def limits(settings: Settings, bs: BackendSettings) -> SlotLimits:
@@ -223,87 +223,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                        max_body_bytes=settings.max_body_bytes,
                        admin_keys=[k.get_secret_value() for k in settings.admin_api_keys])
 
-    def service(request: Request) -> RouterService:
-        return request.app.state.service
-
-    def t0(request: Request) -> float:
-        return request.scope.get(T0_KEY, time.perf_counter())
-
-    E = errors.openapi_errors  # the error responses each route declares (OpenAPI)
-    generating = {**E(400, 401, 404, 413, 429, 502, 503, 504), **errors.OPENAPI_STREAM}
-
-    @app.post("/v1/chat/completions", responses=generating)
-    async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
-        return await service(request).handle(body, t0(request))
-
-    @app.post("/v1/completions", responses=generating)
-    async def completions(body: P.CompletionRequest, request: Request) -> Response:
-        return await service(request).handle(body, t0(request))
-
-    @app.post("/v1/route", responses=E(400, 401, 404, 413))
-    async def route_only(body: P.ChatCompletionRequest, request: Request) -> dict:
-        """The routing decision for a chat request, without generating (for gateways that
-        route with ArchRoute and call the backend themselves)."""
-        try:
-            return await service(request).decide_only(body)
-        except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
-            raise errors.to_api_error(exc) from exc
-
-    @app.get("/v1/models", responses=E(401))
-    async def models(request: Request) -> dict:
-        return {"object": "list", "data": service(request).models()}
-
-    @app.get("/v1/models/{model_id:path}", responses=E(401, 404))
-    async def model(model_id: str, request: Request) -> dict:
-        for card in service(request).models():
-            if card["id"] == model_id:
-                return card
-        raise errors.ModelNotFoundError(f"model {model_id!r} not found", param="model")
-
-    @app.post("/v1/feedback", responses=E(400, 401, 404, 409, 413, 429, 503))
-    async def feedback(body: FeedbackRequest, request: Request) -> dict:
-        """An outcome for a served response: a reward in [-1, 1], thumbs up/down (+1/-1),
-        or a reference answer to score under both backends (docs/learning-loop.md)."""
-        return await request.app.state.feedback.submit(body, F.client_key(request))
-
-    @app.get("/v1/feedback/{response_id}", responses=E(401, 404, 503))
-    async def feedback_of(response_id: str, request: Request) -> dict:
-        """The feedback and reference label stored for a response."""
-        return await request.app.state.feedback.outcome(response_id)
-
-    @app.post("/admin/reload", include_in_schema=False)
-    async def admin_reload(request: Request) -> dict:
-        """Load a classifier artifact (``{"artifact": PATH}``; default: the shipped one) and
-        swap it in without a restart. Behind the admin API keys (GuardMiddleware); a path
-        only from ``artifact_roots``."""
-        raw = await request.body()
-        try:
-            data = json.loads(raw) if raw.strip() else {}
-            body = ReloadRequest.model_validate(data if data is not None else {})
-        except (ValueError, TypeError) as exc:
-            raise errors.InvalidRequestError(f"/admin/reload: expected {{\"artifact\": "
-                                             f"PATH}} or no body: {exc}") from None
-        return await request.app.state.reloader.reload(body.artifact, body.force)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
-        ok, states = await check_ready(service(request))
-        return JSONResponse({"ready": ok, "backends": states}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        svc = service(request)
-        for s in svc.slots.values():
-            svc.metrics.in_flight.labels(s.name).set(s.in_flight)
-            svc.metrics.breaker_open.labels(s.name).set(float(s.state == "open"))
-        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
+    api.install(app)
     from router.ui import install_ui
 
     install_ui(app)

@@ -26,11 +26,10 @@ calls come back as ``message.tool_calls`` / ``delta.tool_calls``; other backends
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from models.base import Backend, GenerationParams, ScoreResult
@@ -98,62 +97,55 @@ def token_ids_out(body: P.ChatCompletionRequest | P.CompletionRequest) -> bool:
             and body.logprobs is not None and bool(body.stream))
 
 
-def create_model_app(backend: Backend, name: str | None = None,
-                     settings: ModelServerSettings | None = None) -> FastAPI:
-    """A single-model server for ``backend``, which clients address as ``name``, within the
-    limits of ``settings`` (the defaults when None)."""
-    model_name = name or backend.name
-    limits = settings if settings is not None else ModelServerSettings()
-    max_tokens_cap = limits.max_tokens_cap
-    slot = BackendSlot("model", backend, SlotLimits(
-        timeout_s=limits.timeout_s,
-        max_concurrency=limits.max_concurrency or backend.max_concurrency,
-        max_queue=limits.max_queue, queue_timeout_s=limits.timeout_s,
-        failure_threshold=10**9, cooldown_s=1.0))  # one model, no fallback: no breaker
+class ModelService:
+    """One backend served as an OpenAI-compatible model named ``name``, within ``limits``:
+    what serve-model's endpoints (:mod:`router.api.model`) call; kept in ``app.state``."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.slot = slot
-        try:
-            yield
-        finally:
-            await backend.aclose()
+    def __init__(self, backend: Backend, name: str, limits: ModelServerSettings) -> None:
+        self.backend = backend
+        self.name = name
+        self.max_tokens_cap = limits.max_tokens_cap
+        self.slot = BackendSlot("model", backend, SlotLimits(
+            timeout_s=limits.timeout_s,
+            max_concurrency=limits.max_concurrency or backend.max_concurrency,
+            max_queue=limits.max_queue, queue_timeout_s=limits.timeout_s,
+            failure_threshold=10**9, cooldown_s=1.0))  # one model, no fallback: no breaker
 
-    app = FastAPI(title=f"ArchRoute model server: {model_name}", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
-    errors.install(app)
-    app.add_middleware(GuardMiddleware,  # type: ignore[arg-type]
-                       api_keys=[k.get_secret_value() for k in limits.api_keys],
-                       max_body_bytes=limits.max_body_bytes)
-
-    def check_model(model: str) -> None:
-        if model != model_name:
+    def check_model(self, model: str) -> None:
+        if model != self.name:
             raise errors.ModelNotFoundError(
-                f"model {model!r} not found; this server serves {model_name!r}", param="model")
+                f"model {model!r} not found; this server serves {self.name!r}", param="model")
 
-    def params(body: P.ChatCompletionRequest | P.CompletionRequest) -> GenerationParams:
+    def params(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> GenerationParams:
         asked = body.requested_max_tokens()
-        out = GenerationParams(max_tokens=None if asked is None else min(asked, max_tokens_cap),
-                               temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                               stop=body.stop_list(),
-                               ignore_eos=isinstance(body, P.CompletionRequest) and body.ignore_eos,
-                               logprobs=token_ids_out(body))
-        if backend.can_call_tools and isinstance(body, P.ChatCompletionRequest):
+        out = GenerationParams(
+            max_tokens=None if asked is None else min(asked, self.max_tokens_cap),
+            temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            stop=body.stop_list(),
+            ignore_eos=isinstance(body, P.CompletionRequest) and body.ignore_eos,
+            logprobs=token_ids_out(body))
+        if self.backend.can_call_tools and isinstance(body, P.ChatCompletionRequest):
             tools = body.tool_fields()
             if tools is not None:
                 tools.apply(out)
         return out
 
-    async def serve(body: P.ChatCompletionRequest | P.CompletionRequest) -> Response:
+    def card(self) -> dict:
+        info = self.backend.info()
+        return P.model_card(self.name, "archroute", architecture=info.architecture,
+                            parameters=info.parameters, max_model_len=info.context_length)
+
+    async def serve(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> Response:
         try:
-            return await _serve(body)
+            return await self._serve(body)
         except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
             raise errors.to_api_error(exc) from exc
 
-    async def _serve(body: P.ChatCompletionRequest | P.CompletionRequest) -> Response:
+    async def _serve(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> Response:
+        backend, slot, model_name = self.backend, self.slot, self.name
         chat = isinstance(body, P.ChatCompletionRequest)
         body.log_unknown(model_name)
-        check_model(body.model)
+        self.check_model(body.model)
         ids = body.token_prompt() if isinstance(body, P.CompletionRequest) else None
         if ids is not None and not backend.accepts_token_ids:
             raise errors.InvalidRequestError(
@@ -174,7 +166,7 @@ def create_model_app(backend: Backend, name: str | None = None,
         if body.stream:
             if body.n > 1:
                 raise errors.InvalidRequestError("n > 1 is not supported with stream", param="n")
-            stream = await slot.open_stream(prompt, params(body))
+            stream = await slot.open_stream(prompt, self.params(body))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse_events(stream, rid=rid, model=model_name, chat=chat,
                                 include_usage=include_usage,
@@ -183,7 +175,7 @@ def create_model_app(backend: Backend, name: str | None = None,
             return StreamingResponse(events, media_type="text/event-stream")
         results = []
         for i in range(body.n):
-            p = params(body)
+            p = self.params(body)
             if p.seed is not None:
                 p.seed += i
             results.append(await slot.generate(prompt, p))
@@ -203,28 +195,31 @@ def create_model_app(backend: Backend, name: str | None = None,
         return JSONResponse(P.completion_response(rid, model_name, choices, n_prompt, n_out,
                                                   logprobs=logprobs))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: P.ChatCompletionRequest) -> Response:
-        return await serve(body)
 
-    @app.post("/v1/completions")
-    async def completions(body: P.CompletionRequest) -> Response:
-        return await serve(body)
+def create_model_app(backend: Backend, name: str | None = None,
+                     settings: ModelServerSettings | None = None) -> FastAPI:
+    """A single-model server for ``backend``, which clients address as ``name``, within the
+    limits of ``settings`` (the defaults when None); its endpoints are :mod:`router.api.model`."""
+    from router.api import model as endpoints
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        info = backend.info()
-        card = P.model_card(model_name, "archroute", architecture=info.architecture,
-                            parameters=info.parameters, max_model_len=info.context_length)
-        return {"object": "list", "data": [card]}
+    limits = settings if settings is not None else ModelServerSettings()
+    svc = ModelService(backend, name or backend.name, limits)
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "time": time.time()}
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await backend.aclose()
 
-    @app.get("/ready")
-    async def ready(request: Request) -> dict:
-        return {"ready": True, "in_flight": slot.in_flight, "waiting": slot.waiting}
-
+    app = FastAPI(title=f"ArchRoute model server: {svc.name}", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.model = svc
+    app.state.slot = svc.slot
+    errors.install(app)
+    app.add_middleware(GuardMiddleware,  # type: ignore[arg-type]
+                       api_keys=[k.get_secret_value() for k in limits.api_keys],
+                       max_body_bytes=limits.max_body_bytes)
+    app.include_router(endpoints.router)
     errors.openapi_without_422(app)
     return app

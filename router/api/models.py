@@ -1,0 +1,24 @@
+"""``GET /v1/models`` and ``GET /v1/models/{id}``: the default alias, the profiles, the
+backends (:meth:`router.serving.RouterService.models`)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from router import errors
+from router.api.deps import E, service
+
+router = APIRouter()
+
+
+@router.get("/v1/models", responses=E(401))
+async def models(request: Request) -> dict:
+    return {"object": "list", "data": service(request).models()}
+
+
+@router.get("/v1/models/{model_id:path}", responses=E(401, 404))
+async def model(model_id: str, request: Request) -> dict:
+    for card in service(request).models():
+        if card["id"] == model_id:
+            return card
+    raise errors.ModelNotFoundError(f"model {model_id!r} not found", param="model")
