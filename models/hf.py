@@ -80,7 +80,7 @@ class HFBackend(Backend):
             self.path, local_files_only=True, dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]
         self.config = self.model.config
         self.architecture = architecture or detect_architecture(self.config)
-        self._forward_lock = threading.Lock()
+        self.forward_lock = threading.Lock()  # held by every forward pass (the span decoder holds both models')
         eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -92,7 +92,7 @@ class HFBackend(Backend):
         # transformers >= 5.x renamed ``past_key_values`` to ``cache``; accept both
         import inspect
 
-        self._cache_kw = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
+        self.cache_kw = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
                           else "past_key_values")
 
     # ---- facts -----------------------------------------------------------------------
@@ -161,12 +161,12 @@ class HFBackend(Backend):
         out_ids: list[int] = []
         out = StreamText(self.tokenizer, params.stop)
         reason: FinishReason = "length"
-        with self._forward_lock, torch.no_grad():
+        with self.forward_lock, torch.no_grad():
             try:
                 input_ids = torch.tensor([ids], device=self.device)
                 past = None
                 for _ in range(max_new):
-                    res = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kw: past})
+                    res = self.model(input_ids=input_ids, use_cache=True, **{self.cache_kw: past})
                     past = getattr(res, "cache", None) or res.past_key_values
                     logits = res.logits[0, -1].float().cpu()
                     nxt = sample_next(logits, params.temperature, params.top_p, gen)
@@ -238,7 +238,7 @@ class HFBackend(Backend):
 
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prefix_id
-        with self._forward_lock, torch.no_grad():
+        with self.forward_lock, torch.no_grad():
             for b in range(0, len(order), batch_size):
                 idx = order[b:b + batch_size]
                 width = max(len(seqs[i]) for i in idx)

@@ -52,7 +52,7 @@ def forward_costs(t, h, n_ctx: int = 150, k: int = 8, reps: int = 30) -> dict[st
                 cache = getattr(res, "cache", None) or res.past_key_values
                 new = torch.tensor([[301] * n_new])
                 t0 = time.perf_counter()
-                b.model(input_ids=new, use_cache=True, **{b._cache_kw: cache})
+                b.model(input_ids=new, use_cache=True, **{b.cache_kw: cache})
                 out[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in out.items()}
 

@@ -270,7 +270,7 @@ class _Cursor:
         new = seq[self.seen:] + drafted
         t0 = time.perf_counter()
         res = self.b.model(input_ids=torch.tensor([new], device=self.b.device), use_cache=True,
-                           **{self.b._cache_kw: self.past})
+                           **{self.b.cache_kw: self.past})
         self.past = getattr(res, "cache", None) or res.past_key_values
         logits = res.logits[0, -(len(drafted) + 1):].float().cpu()
         seconds = time.perf_counter() - t0
@@ -340,7 +340,7 @@ def _uncroppable(backend: HFBackend) -> str | None:
     import torch
 
     try:
-        with backend._forward_lock, torch.no_grad():
+        with backend.forward_lock, torch.no_grad():
             res = backend.model(input_ids=torch.tensor([[backend.prefix_id] * 3],
                                                        device=backend.device), use_cache=True)
             cache = getattr(res, "cache", None) or res.past_key_values
@@ -442,7 +442,7 @@ class SpanBackend(Backend):
         role: Role | None = None  # the gate's choice for the next token, once asked
         done = False
         # both locks for the whole answer, always in this order (no deadlock between spans)
-        with self.transformer._forward_lock, self.hybrid._forward_lock, torch.no_grad():
+        with self.transformer.forward_lock, self.hybrid.forward_lock, torch.no_grad():
             try:
                 while not done and len(tr.token_ids) < max_new:
                     if role is None:

@@ -200,9 +200,9 @@ def test_closing_the_stream_releases_both_models(reference_pair):
     t, h = reference_pair
     gen = SpanBackend(t, h, "copy-2").stream(CODE, GenerationParams(max_tokens=20))
     next(gen)
-    assert t._forward_lock.locked() and h._forward_lock.locked()
+    assert t.forward_lock.locked() and h.forward_lock.locked()
     gen.close()
-    assert not t._forward_lock.locked() and not h._forward_lock.locked()
+    assert not t.forward_lock.locked() and not h.forward_lock.locked()
     assert t.generate("x", GenerationParams(max_tokens=2)).completion_tokens >= 1
 
 

@@ -616,7 +616,7 @@ def test_closing_astream_stops_decoding_and_frees_the_backend(endless) -> None:
         await agen.aclose()
         close_s = time.perf_counter() - t
         after_close = counter.calls
-        locked = b._forward_lock.locked()
+        locked = b.forward_lock.locked()
         await asyncio.sleep(0.05)
         settled = counter.calls
         t = time.perf_counter()
