@@ -172,6 +172,9 @@ class RouterService:
         self.explorer = Explorer(settings.exploration_seed)
         self.exploration_seed = self.explorer.seed
         self.default_profile = self._resolve_default()
+        # every span profile's slot, built now (as every backend is): why each cannot be
+        # span-decoded here is known and logged at start, not first met by a request
+        self.span_unavailable = self._check_span_profiles()
         exploring = {n: p.epsilon for n, p in settings.profiles.items() if p.epsilon}
         if exploring:
             log.info("exploration: %s, random seed %d", exploring, self.exploration_seed)
@@ -206,6 +209,20 @@ class RouterService:
             log.info("model 'archroute': profile %s cannot span-decode here (%s); trying the "
                      "next", name, why)
         return candidates[-1]
+
+    def _check_span_profiles(self) -> dict[str, str]:
+        """Build the slot of every span profile's gate and draft setting; returns, and logs,
+        why each profile that cannot span-decode on this pair cannot (its requests are then
+        a 400 that says so; the defaults hold span profiles whatever the pair)."""
+        out = {}
+        for name, prof in self.settings.profiles.items():
+            if prof.span_gate is None:
+                continue
+            why = self.span.why_not(prof.span_gate, prof.span_draft)
+            if why is not None:
+                out[name] = why
+                log.info("profile %s cannot span-decode on this pair: %s", name, why)
+        return out
 
     @property
     def default_routing(self) -> str:
@@ -623,8 +640,11 @@ async def check_ready(service: RouterService) -> tuple[bool, dict]:
     for name, why in service.unreachable.items():
         if name in states:
             states[name]["unreachable"] = why
-    return any(v["state"] != "open" and "unreachable" not in v
-               for v in states.values()), states
+    ok = any(v["state"] != "open" and "unreachable" not in v for v in states.values())
+    for (gate, _draft), s in service.span.slots.items():  # shown; readiness is the models'
+        states.setdefault(s.name, {"role": SPAN_ROLE, "gate": gate, "state": s.state,
+                                   "in_flight": s.in_flight, "waiting": s.waiting})
+    return ok, states
 
 
 __all__ = ["APIError", "RouterService", "Route", "RoutingState", "check_ready"]

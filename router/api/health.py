@@ -28,7 +28,7 @@ async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     svc = service(request)
-    for s in svc.slots.values():
+    for s in [*svc.slots.values(), *svc.span.slots.values()]:  # span slots too
         svc.metrics.in_flight.labels(s.name).set(s.in_flight)
         svc.metrics.breaker_open.labels(s.name).set(float(s.state == "open"))
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -312,3 +312,27 @@ def test_archroute_routes_per_request_where_the_pair_cannot_span(tmp_path):
     with TestClient(f.app) as client:
         card = client.get("/v1/models/archroute").json()
         assert (card["alias_of"], card["routing"]) == ("archroute-rules", "request")
+
+
+def test_span_slots_are_built_at_start_and_shown_in_ready_and_metrics(pair_app):
+    """Every span profile's slot is built with the app, like every backend: /ready and
+    /metrics show it from the start (readiness stays the models')."""
+    client, _ = pair_app
+    svc = client.app.state.service
+    spans = {p.span_gate for p in svc.settings.profiles.values() if p.span_gate}
+    assert spans and {gate for gate, _ in svc.span.slots} >= spans
+    assert svc.span_unavailable == {}
+    ready = client.get("/ready").json()
+    shown = {v["gate"]: name for name, v in ready["backends"].items() if v["role"] == "span"}
+    assert set(shown) >= spans and ready["ready"] is True
+    metrics = client.get("/metrics").text
+    assert all(f'archroute_backend_in_flight{{backend="{name}"}}' in metrics
+               for name in shown.values())
+
+
+def test_why_a_span_profile_cannot_serve_is_known_at_start(tmp_path):
+    f = Fakes(tmp_path)
+    with TestClient(f.app) as client:
+        why = client.app.state.service.span_unavailable
+        assert "archroute-span" in why and "'t-fake' is not in-process" in why["archroute-span"]
+        assert all(v["role"] != "span" for v in client.get("/ready").json()["backends"].values())
