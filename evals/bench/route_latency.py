@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from evals.bench.classifier_latency import bench_text
-from evals.bench.router_overhead import _pct, _port, _start, _wait
+from evals.bench.router_overhead import _archroute, _pct, _port, _wait
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.write_text(yaml.safe_dump({
             "backends": {r: {"name": f"fake-{r}", "kind": "fake"} for r in ("transformer", "hybrid")},
             "decision_log": None}))
-        proc = _start(["serve", "--config", str(cfg)], port)
+        proc = _archroute(["serve", "--config", str(cfg)], port)
         try:
             _wait(url, proc)
             print(f"POST /v1/route, profile {args.model}, {args.requests} sequential calls per "

@@ -21,7 +21,7 @@ import asyncio
 import statistics
 import time
 
-from evals.bench.router_overhead import _port, _start, _wait
+from evals.bench.router_overhead import _archroute, _port, _wait
 from evals.bench.span import PROMPTS
 
 
@@ -47,7 +47,7 @@ def run(a: argparse.Namespace) -> int:
     try:
         for role in ("transformer", "hybrid"):
             port = _port()
-            procs.append(_start(["serve-model", f"reference:{role}", "--name", role,
+            procs.append(_archroute(["serve-model", f"reference:{role}", "--name", role,
                                  "--torch-threads", str(a.threads)], port))
             urls[role] = f"http://127.0.0.1:{port}"
         for url, proc in zip(urls.values(), procs, strict=True):
