@@ -146,7 +146,8 @@ class BackendSlot:
             raise TimeoutError(f"{self.name}: the request's deadline passed before it was sent")
         self.waiting += 1
         try:
-            await asyncio.wait_for(self._sem.acquire(), wait)
+            async with asyncio.timeout(wait):  # not wait_for: in 3.11 it can lose a
+                await self._sem.acquire()     # cancellation that lands as it completes
         except TimeoutError:
             if wait < self.limits.queue_timeout_s:
                 raise TimeoutError(f"{self.name}: the request's deadline passed while it "
@@ -279,7 +280,8 @@ class BackendStream:
         (nothing within ``timeout``, default the slot's ``timeout_s``)."""
         wait = self.slot.limits.timeout_s if timeout is None else timeout
         try:
-            item = await asyncio.wait_for(self._queue.get(), wait)
+            async with asyncio.timeout(wait):  # (see acquire: no wait_for)
+                item = await self._queue.get()
         except TimeoutError:
             raise TimeoutError(f"{self.slot.name} sent nothing for {wait:g} s") from None
         if item is _DONE:

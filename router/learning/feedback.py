@@ -344,7 +344,12 @@ class FeedbackService:
     # --- scoring references, off the request path -------------------------------------
     async def _work(self) -> None:
         assert self.dlog is not None
+        me = asyncio.current_task()
         while True:
+            # a cancellation a wait swallowed (Python 3.11's wait_for can lose one that lands
+            # as its inner call completes) must still end the worker: stop() waits for it
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError
             rid, reference = await self.queue.get()
             try:
                 fields = await self._score(rid, reference)
