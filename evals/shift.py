@@ -242,7 +242,15 @@ def run(labels: str, out: str | None = None, sources: Sequence[str] | None = Non
     except MissingLabelsError as exc:
         print(f"archroute eval --simulate-shift: {exc}", file=sys.stderr)
         return 2
-    names = sorted({r["group"] for r in rows})
+    from classifiers.training.realdata import EVAL_ONLY
+
+    # an evaluation-only source (its licence forbids training) is never streamed: the loop
+    # would train on its labels
+    names = sorted({r["group"] for r in rows} - set(EVAL_ONLY))
+    if sources and set(sources) & set(EVAL_ONLY):
+        print(f"archroute eval --simulate-shift: {sorted(set(sources) & set(EVAL_ONLY))} is "
+              "for evaluation only: the loop would train on it", file=sys.stderr)
+        return 2
     if sources:
         unknown = sorted(set(sources) - set(names))
         if unknown:

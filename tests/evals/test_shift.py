@@ -68,7 +68,8 @@ def test_simulate_shift_bad_input_is_a_one_line_error(tmp_path: Path, capsys) ->
     labels.write_text("".join(json.dumps(r) + "\n" for r in label_rows({"a": (30, .5, 0, 0),
                                                                          "b": (30, .5, 0, 0)})))
     for extra, words in ((["--epsilon", "0.7"], "[0, 0.5]"), (["--sources", "zz"], "no labels"),
-                         (["--retrain-every", "0"], "at least 1")):
+                         (["--retrain-every", "0"], "at least 1"),
+                         (["--sources", "selfinstruct_user_eval"], "evaluation only")):
         rc = main(["eval", "--simulate-shift", "--labels", str(labels), *extra])
         assert rc == 2 and words in capsys.readouterr().err
     rc = main(["eval", "--simulate-shift", "--labels", str(tmp_path / "none.jsonl")])
