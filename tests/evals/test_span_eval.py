@@ -267,9 +267,9 @@ def test_learned_gate_learns_a_planted_copy_signal_and_round_trips(tmp_path: Pat
     assert st2.nll.tolist() == st["learned"].nll.tolist()
 
 
-def test_shipped_gate_loads_and_is_fast() -> None:
-    import time
-
+def test_shipped_gate_loads_and_chooses() -> None:
+    """The shipped gate loads with its provenance and decides token by token (its speed is
+    a benchmark's business, `archroute bench span`, not a timed unit test)."""
     g = get_gate("learned")
     assert isinstance(g, LearnedGate) and g.name == "learned"
     assert set(g.weights) <= set(FEATURES)
@@ -280,11 +280,12 @@ def test_shipped_gate_loads_and_is_fast() -> None:
     corpus = [f for f in meta["trained_on"] if f.get("split")]  # the reference corpus: train only
     assert corpus and all(f["split"] == "train" and "val" not in Path(f["file"]).name for f in corpus)
     st = g.start([0, *range(20, 60)], text)
-    t0 = time.perf_counter()
+    roles = []
     for t in range(20, 60):
-        st.choose()
+        roles.append(st.choose())
         st.push(t, "transformer", 1.0)
-    assert (time.perf_counter() - t0) / 40 < 5e-4  # well under a millisecond per token
+    assert set(roles) <= {"transformer", "hybrid"}
+    assert roles[-1] == "transformer"  # the prompt's tokens repeated: an induction match
 
 
 def test_artifact_errors(tmp_path: Path) -> None:
