@@ -227,7 +227,6 @@ def run_router(a: argparse.Namespace, t: Any, h: Any) -> int:
     """Through a real router on a loopback socket: archroute (the resolved default), its
     span profile undrafted, and each backend alone, interleaved."""
     import logging
-    import socket
     import threading
 
     import httpx
@@ -246,9 +245,9 @@ def run_router(a: argparse.Namespace, t: Any, h: Any) -> int:
                              environ={})
     logging.getLogger("router").setLevel(logging.WARNING)
     app = create_app(settings, backends={"transformer": t, "hybrid": h})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from evals.bench.router_overhead import _port
+
+    port = _port()  # a free loopback port
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
