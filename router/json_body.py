@@ -17,7 +17,9 @@ def json_content_type(scope: Scope) -> None:
     a form's, or plain text (in ``scope``, before FastAPI reads the body)."""
     if scope.get("method") not in ("POST", "PUT", "PATCH"):
         return
-    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
     sent = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+    if sent[:16] == JSON:  # the common case: nothing to do, nothing copied
+        return
     if sent.split(b";")[0].strip().lower() in _READ_AS_JSON:
-        scope["headers"] = [*headers, (b"content-type", JSON)]
+        scope["headers"] = [*((k, v) for k, v in scope["headers"] if k != b"content-type"),
+                            (b"content-type", JSON)]
