@@ -171,6 +171,11 @@ class ScoreResult:
     tokens: list[str]
     logprobs: list[float]
     token_ids: list[int] | None = None
+    # the prompt's own tokens as scored (after the start token; cut from the left when the
+    # whole exceeded the context) and log p(prompt[i] | prompt[:i]): the same forward pass
+    # gives them for free (the prompt probe, classifiers/probe.py); None when unknown
+    prompt_ids: list[int] | None = None
+    prompt_logprobs: list[float] | None = None
 
     @property
     def loss(self) -> float:

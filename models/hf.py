@@ -225,6 +225,8 @@ class HFBackend(Backend):
                 tokens=self.tokenizer.convert_ids_to_tokens(cont_ids),
                 logprobs=[float(x) for x in lp[start - 1:]],
                 token_ids=cont_ids,
+                prompt_ids=seq[1:start],
+                prompt_logprobs=[float(x) for x in lp[:start - 1]],
             ))
         return results
 

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from classifiers.probe import probe_of_scores
 from classifiers.training.realdata import RealRequest
 from classifiers.training.synthetic_mix import MixRequest
 from models.base import Backend, ChatMessage, ScoreResult
@@ -330,6 +331,8 @@ def label_requests(sources: Sequence[LabelSource], transformer: Backend, hybrid:
     block = 8 * chunk_size
     todo = [i for b in range(0, len(todo), block) for i in
             sorted(todo[b:b + block], key=lambda i: requests[i].size())]
+    # the prompt probe needs one tokenizer for both (the two models read the same tokens)
+    tokenizer = getattr(transformer, "tokenizer", None)
     log.info("labelling %d requests on %s (%d cached)", len(todo), pair, len(requests) - len(todo))
     out_file = None
     if cache and todo:
@@ -351,6 +354,9 @@ def label_requests(sources: Sequence[LabelSource], transformer: Backend, hybrid:
                 row = {**sources[i].to_json(), "key": keys[i], "pair": pair, "fp": fp, "gap": gap,
                        "loss_transformer": t.loss, "loss_hybrid": h.loss,
                        "n_tokens": len(t.logprobs), "label": label_class(gap, margin), **fl}
+                probe = probe_of_scores(tokenizer, t, h) if tokenizer is not None else None
+                if probe is not None:  # the prompt probe, free from the same forward passes
+                    row["probe"] = {k: (None if v != v else round(v, 5)) for k, v in probe.items()}
                 if requests[i].is_chat:
                     row["copy4_share"] = copy_share(t.token_ids,
                                                     requests[i].text_for(transformer)[0],
