@@ -43,3 +43,29 @@ def build(cfg, role: str | None = None, torch_threads: int | None = None) -> HFB
         raise BackendSpecError(f"{cfg.path}: unknown reference model {arch!r}; expected "
                                f"reference:{' or reference:'.join(ARCHS)}")
     return load_reference(arch, name=cfg.name, **hf_kwargs(cfg, torch_threads))
+
+
+TUNED_IDS_FILE = "sft_data.json"  # in a model directory: the requests it was tuned on (#22)
+
+
+def tuned_request_ids(*locations: str | Path | None) -> tuple[frozenset[str], list[dict]]:
+    """Ids of the shared real requests a model was instruction-tuned on, read from
+    ``sft_data.json`` in each model directory given (``models.training.sft export`` writes it
+    there); the union, and for each file found its path and sha256. A model scores text it was
+    tuned on with a lower loss, so labels, the classifier's tables and span-eval leave these
+    out. Directories without the file (the raw-text pair, upstream engines) add nothing."""
+    import hashlib
+    import json
+
+    ids: set[str] = set()
+    found: list[dict] = []
+    for loc in locations:
+        f = Path(loc) / TUNED_IDS_FILE if loc else None
+        if f is None or not f.is_file():
+            continue
+        raw = f.read_bytes()
+        data = json.loads(raw)
+        for entry in data.get("requests", {}).get("files", {}).values():
+            ids.update(entry.get("ids", ()))
+        found.append({"path": str(f), "sha256": hashlib.sha256(raw).hexdigest()})
+    return frozenset(ids), found

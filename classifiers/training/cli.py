@@ -58,6 +58,25 @@ def add_label(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_label)
 
 
+def _location(backend) -> str | None:
+    try:
+        return backend.info().location
+    except Exception:  # noqa: BLE001 - a backend that cannot describe itself has no files
+        return None
+
+
+def _write_exclusions(out: str, tuned: frozenset[str], files: list[dict]) -> None:
+    """``OUT.excluded.json`` beside a label file: which request ids were left out and why
+    (the tuned pair's ``sft_data.json``, by path and sha256), so the file says it itself."""
+    import json
+    from pathlib import Path
+
+    p = Path(f"{out}.excluded.json")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"why": "requests the pair was instruction-tuned on (issue #22)",
+                             "from": files, "ids": sorted(tuned)}, indent=1) + "\n")
+
+
 def run_label(args: argparse.Namespace) -> int:
     from classifiers.training.labels import (
         MARGIN,
@@ -75,17 +94,26 @@ def run_label(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     margin = MARGIN if args.margin is None else args.margin
     mix: Sequence[LabelSource]
-    if args.requests:
-        from classifiers.training.realdata import RequestFileError, read_requests
-
-        try:
-            mix = read_requests(args.requests, per_group=args.per_source, seed=args.seed)
-        except RequestFileError as exc:
-            raise SystemExit(f"archroute label: {exc}") from None
-    else:
-        mix = build_mix(load_documents(args.corpus), args.n, seed=args.seed)
     transformer = from_spec(args.transformer)
     hybrid = from_spec(args.hybrid)
+    if args.requests:
+        from classifiers.training.realdata import RequestFileError, read_requests
+        from models.reference_pair import tuned_request_ids
+
+        # never label a request the pair was instruction-tuned on (issue #22)
+        tuned, tuned_files = tuned_request_ids(*(_location(b) for b in (transformer, hybrid)))
+        try:
+            mix = read_requests(args.requests, per_group=args.per_source, seed=args.seed,
+                                exclude=tuned)
+        except RequestFileError as exc:
+            raise SystemExit(f"archroute label: {exc}") from None
+        if tuned:
+            print(f"left out the {len(tuned)} request ids the pair was tuned on: "
+                  + ", ".join(f"{f['path']} (sha256 {f['sha256'][:12]})" for f in tuned_files))
+            if args.out:
+                _write_exclusions(args.out, tuned, tuned_files)
+    else:
+        mix = build_mix(load_documents(args.corpus), args.n, seed=args.seed)
     t0 = time.perf_counter()
     rows = label_requests(mix, transformer, hybrid, cache=args.out, margin=margin,
                           chunk_size=args.chunk_size, progress=not args.no_progress)

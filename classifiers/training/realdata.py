@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,9 +162,12 @@ def request_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def read_requests(paths: Iterable[str | Path], per_group: int | None = None, seed: int = 0,
-                  include_eval_only: bool = True) -> list[RealRequest]:
+                  include_eval_only: bool = True,
+                  exclude: Collection[str] = ()) -> list[RealRequest]:
     """Requests of every file (each validated first, so a bad file stops everything before
-    any work). ``per_group`` keeps at most that many per file, a fixed-seed sample."""
+    any work). ``exclude``: ids left out (the requests a tuned pair was trained on,
+    :func:`models.reference_pair.tuned_request_ids`), before ``per_group`` keeps at most that
+    many per file, a fixed-seed sample."""
     import random
 
     out: list[RealRequest] = []
@@ -172,6 +175,8 @@ def read_requests(paths: Iterable[str | Path], per_group: int | None = None, see
         if f.stem in EVAL_ONLY and not include_eval_only:
             continue
         reqs = read_request_file(f)
+        if exclude:
+            reqs = [r for r in reqs if r.id not in exclude]
         if per_group is not None and len(reqs) > per_group:
             rng = random.Random(f"{seed}:{f.stem}")
             keep = set(rng.sample(range(len(reqs)), per_group))

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -278,10 +278,12 @@ def requests_path() -> Path:
 
 
 def real_suite(path: str | Path | None = None, per_source: int = REAL_PER_SOURCE,
-               seed: int = REAL_SEED) -> Suite:
+               seed: int = REAL_SEED, exclude: Collection[str] | None = None) -> Suite:
     """``per_source`` requests of every request file under ``path`` (default
     :func:`requests_path`), a fixed-seed sample in file order; every file, the
-    evaluation-only one included. Raises :class:`SuiteError` when the data is missing or a
+    evaluation-only one included. ``exclude``: request ids left out; None: the ids the
+    embedded pair was instruction-tuned on (:func:`models.reference_pair.tuned_request_ids`,
+    none for a raw-text pair), so the suite never scores text the pair was trained on. Raises :class:`SuiteError` when the data is missing or a
     file is malformed (nothing is read from a broken file)."""
     from classifiers.training.realdata import (
         EVAL_ONLY,
@@ -300,7 +302,14 @@ def real_suite(path: str | Path | None = None, per_source: int = REAL_PER_SOURCE
         raise SuiteError(f"{where}: the real request data is missing (no such folder or file); {hint}")
     try:
         files = request_files([where])
-        reqs = read_requests(files, per_group=per_source, seed=seed, include_eval_only=True)
+        tuned_files: list[dict] = []
+        if exclude is None:
+            from models.reference_pair import reference_path, tuned_request_ids
+
+            exclude, tuned_files = tuned_request_ids(reference_path("transformer"),
+                                                     reference_path("hybrid"))
+        reqs = read_requests(files, per_group=per_source, seed=seed, include_eval_only=True,
+                             exclude=exclude)
         prov = file_provenance(files)
     except RequestFileError as exc:
         raise SuiteError(f"real suite: {exc}" + (f" ({hint})" if "no *.jsonl" in str(exc) else "")) from exc
@@ -309,4 +318,5 @@ def real_suite(path: str | Path | None = None, per_source: int = REAL_PER_SOURCE
     groups = sorted({f.stem for f in files})
     return Suite("real", out, f"builtin:real ({where})",
                  meta={"files": prov, "per_source": per_source, "seed": seed,
+                       "excluded_ids": len(exclude), "excluded_by": tuned_files,
                        "eval_only": sorted(set(groups) & EVAL_ONLY)})

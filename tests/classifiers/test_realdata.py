@@ -421,3 +421,27 @@ def test_copy_share_counts_exactly():
     assert copy_share(ids("wxyzwxyz"), "....", Chars()) == pytest.approx(1 / 8)
     assert copy_share([], "abc", Chars()) is None
     assert copy_share(ids("abcd"), "abcd", object()) is None  # no tokenizer: unknown
+
+
+def test_requests_a_pair_was_tuned_on_are_left_out(folder, tmp_path):
+    """#22: labels, the classifier's tables and span-eval never score a request the pair
+    was instruction-tuned on: its ids come from sft_data.json in the model directories."""
+    import json
+
+    from models.reference_pair import tuned_request_ids
+
+    everything = read_requests([folder])
+    drop = {everything[0].id, everything[3].id}
+    tdir, hdir, raw = tmp_path / "t", tmp_path / "h", tmp_path / "raw"
+    for d, ids in ((tdir, [everything[0].id]), (hdir, [everything[3].id])):
+        d.mkdir()
+        (d / "sft_data.json").write_text(json.dumps(
+            {"requests": {"files": {"x.jsonl": {"ids": ids}}}}))
+    raw.mkdir()
+    ids, files = tuned_request_ids(tdir, hdir, raw, None)
+    assert ids == drop and [f["path"] for f in files] == [str(tdir / "sft_data.json"),
+                                                           str(hdir / "sft_data.json")]
+    assert all(len(f["sha256"]) == 64 for f in files)
+    kept = read_requests([folder], exclude=ids)
+    assert {r.id for r in kept} == {r.id for r in everything} - drop
+    assert tuned_request_ids(raw) == (frozenset(), [])  # a raw-text pair excludes nothing
