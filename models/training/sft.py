@@ -293,7 +293,10 @@ def export(run: Path, out: Path) -> None:
         tok.save_pretrained(dest)
         shutil.copy(run / arch / "metrics.jsonl", out / f"sft_metrics_{arch}.jsonl")
         shutil.copy(run / arch / "sft_config.json", out / "sft_config.json")
-    (out / "sft_data.json").write_text(json.dumps(data_record(run), indent=1))
+    record = json.dumps(data_record(run), indent=1)
+    (out / "sft_data.json").write_text(record)
+    for arch in ARCHS:  # each model names the requests it was tuned on (tuned_request_ids)
+        (out / arch / "sft_data.json").write_text(record)
     log.info("exported to %s", out)
 
 
