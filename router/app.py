@@ -27,7 +27,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import registry
 from models.base import Backend
-from models.span.gates import get_gate
 from router import api, errors
 from router.api.deps import T0_KEY
 from router.decision_log import DecisionLog
@@ -39,7 +38,7 @@ from router.policies import get_policy
 from router.pool import BackendSlot, SlotLimits
 from router.reload import Reloader
 from router.serving import RouterService, probe_backends
-from router.settings import BackendSettings, Settings
+from router.settings import BackendSettings, Settings, SettingsError
 from router.span import SpanService
 
 log = logging.getLogger(__name__)
@@ -76,6 +75,37 @@ def is_loopback(host: str | None) -> bool:
 def bearer(headers: dict[bytes, bytes]) -> bytes:
     auth = headers.get(b"authorization", b"")
     return auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+
+
+class StartupErrors:
+    """A settings error found at start (a span profile this pair cannot serve,
+    :func:`router.span.check_span_profiles`) is one line in the server's log, not the
+    traceback Starlette sends with ``lifespan.startup.failed``; the server then exits non-zero
+    as on any failed start (uvicorn: status 3)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+        failed: list[Message] = []
+
+        async def held_back(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                failed.append(message)  # sent below, once the exception is known
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, held_back)
+        except BaseException as exc:
+            if failed:
+                msg = str(exc) if isinstance(exc, SettingsError) else failed[0].get("message")
+                await send({**failed[0], "message": msg})
+            raise
+        if failed:  # failed without raising (not Starlette's way): pass it on as it was
+            await send(failed[0])
 
 
 class GuardMiddleware:
@@ -151,9 +181,12 @@ class GuardMiddleware:
         return await self.app(scope, limited, send)
 
 
-def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None) -> FastAPI:
+def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None,
+               span_service: type[SpanService] | None = None) -> FastAPI:
     """The router app. ``backends`` (role -> Backend) replaces building them from settings
-    (tests inject fakes this way)."""
+    (tests inject fakes this way); ``span_service`` builds the span slots (None:
+    :class:`~router.span.SpanService`; a subclass may build them over other backends, e.g. a
+    Ray Serve deployment)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -167,22 +200,22 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         slots: dict[str, BackendSlot] = {role: BackendSlot(role, built[role], limits(settings, bs))
                  for role, bs in settings.backends.items()}
         policies = {}
-        gates = {}  # span profiles' gates, loaded now so a gate that does not load fails here
         for name, prof in settings.profiles.items():
-            if prof.span_gate is not None:
-                gates[prof.span_gate] = await asyncio.to_thread(get_gate, prof.span_gate)
+            if prof.span_gate is not None:  # its slot is built with the service (router/span.py)
                 log.info("profile %s: span decoding, gate %s", name, prof.span_gate)
                 continue
             policies[name] = await asyncio.to_thread(get_policy, prof.policy, **prof.policy_args)
             thr = prof.threshold if prof.threshold is not None else policies[name].default_threshold()
             log.info("profile %s: %r threshold %.3f", name, policies[name], thr)
         dlog = open_decision_log(settings)
-        span = SpanService(built["transformer"], built["hybrid"],
-                           limits(settings, settings.backends["transformer"]), gates,
-                           {role: bs.tokenizer for role, bs in settings.backends.items()})
-        app.state.service = RouterService(settings, slots, policies, RouterMetrics(dlog), dlog,
-                                          span=span)
         try:
+            make_span = span_service or SpanService
+            span = make_span(slots, limits(settings, settings.backends["transformer"]),
+                             tokenizers={role: bs.tokenizer
+                                         for role, bs in settings.backends.items()})
+            # a span profile this pair cannot serve: a SettingsError (StartupErrors: one line)
+            app.state.service = await asyncio.to_thread(
+                RouterService, settings, slots, policies, RouterMetrics(dlog), dlog, span)
             yield
         finally:
             for b in built.values():
@@ -222,6 +255,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                        api_keys=[k.get_secret_value() for k in settings.api_keys],
                        max_body_bytes=settings.max_body_bytes,
                        admin_keys=[k.get_secret_value() for k in settings.admin_api_keys])
+    app.add_middleware(StartupErrors)  # type: ignore[arg-type]
 
     api.install(app)
     from router.ui import install_ui

@@ -222,6 +222,29 @@ class BackendSlot:
         self.record_success()
         return result
 
+    @contextlib.asynccontextmanager
+    async def held(self, deadline: float | None = None) -> AsyncIterator[None]:
+        """A slot held for a call its caller makes itself (one span of a span answer over
+        engines, :mod:`models.span.remote`): admitted as a call (limits, queue, breaker), and
+        the breaker hears how the block ended: a success, a failure on an exception, no
+        verdict on a :class:`RequestError` or when the caller stops (cancelled, or closed)."""
+        is_probe = await self.acquire(deadline)
+        try:
+            yield
+        except RequestError:
+            self.abandon_probe(is_probe)
+            raise
+        except Exception:
+            self.record_failure()
+            raise
+        except BaseException:  # cancelled, or the stream it serves was closed
+            self.abandon_probe(is_probe)
+            raise
+        else:
+            self.record_success()
+        finally:
+            self.release()
+
     async def open_stream(self, prompt: Prompt, params: GenerationParams,
                           deadline: float | None = None) -> BackendStream:
         """Start a stream and wait for its first chunk (within ``timeout_s`` and before

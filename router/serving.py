@@ -40,7 +40,15 @@ from router.routing import (
     span_profile,
 )
 from router.settings import DEPRECATED_PROFILES, ProfileSettings, Settings
-from router.span import SPAN_ROLE, Draft, SpanService, span_header, span_totals
+from router.span import (
+    SPAN_ROLE,
+    Draft,
+    SpanService,
+    check_span_profiles,
+    default_profile,
+    span_header,
+    span_totals,
+)
 from router.streaming import sse_events
 
 log = logging.getLogger(__name__)
@@ -160,9 +168,14 @@ class RouterService:
         self.settings = settings
         self.slots = slots
         self.unreachable: dict[str, str] = {}  # backend name -> why (probe_backends)
-        # span profiles' slots, built on first use over the two backends (router/span.py)
-        self.span = span if span is not None else SpanService(
-            slots["transformer"].backend, slots["hybrid"].backend, slots["transformer"].limits)
+        # span profiles' slots over the two backends (router/span.py)
+        self.span = span if span is not None else SpanService(slots, slots["transformer"].limits)
+        # every span profile's slot, built now (as every backend is): a configured one this
+        # pair cannot span-decode is a SettingsError here; a built-in one is not served
+        # (profile -> why; a request naming it gets a 404 that says so)
+        self.span_unavailable = check_span_profiles(settings, self.span)
+        self.profiles = {n: p for n, p in settings.profiles.items()
+                         if n not in self.span_unavailable}  # the profiles served
         self.state = RoutingState.build(settings, policies)
         self.metrics = metrics
         self.decision_log = decision_log
@@ -171,10 +184,7 @@ class RouterService:
         # exploration (profiles' epsilon): one seeded generator per service, seed logged
         self.explorer = Explorer(settings.exploration_seed)
         self.exploration_seed = self.explorer.seed
-        self.default_profile = self._resolve_default()
-        # every span profile's slot, built now (as every backend is): why each cannot be
-        # span-decoded here is known and logged at start, not first met by a request
-        self.span_unavailable = self._check_span_profiles()
+        self.default_profile = default_profile(settings, self.profiles, self.span_unavailable)
         exploring = {n: p.epsilon for n, p in settings.profiles.items() if p.epsilon}
         if exploring:
             log.info("exploration: %s, random seed %d", exploring, self.exploration_seed)
@@ -187,55 +197,20 @@ class RouterService:
     def thresholds(self) -> dict[str, float]:
         return self.state.thresholds
 
-    def _resolve_default(self) -> str:
-        """What `model: "archroute"` means on this router: ``default_profile`` when set;
-        unset, ``archroute-span`` where the pair can span-decode with its gate (the slot is
-        built now, so the first request does not wait for it), else the request classifier's
-        profile (``archroute-auto``); the choice and the reason are logged."""
-        candidates = self.settings.default_candidates()
-        if self.settings.default_profile is not None:
-            return candidates[0]
-        for name in candidates:
-            prof = self.settings.profiles[name]
-            if prof.span_gate is None:
-                log.info("model 'archroute' = profile %s (%s: per-request routing)", name,
-                         prof.policy)
-                return name
-            why = self.span.why_not(prof.span_gate, prof.span_draft)
-            if why is None:
-                log.info("model 'archroute' = profile %s (span decoding, gate %s, draft_k %d)",
-                         name, prof.span_gate, prof.span_draft[0])
-                return name
-            log.info("model 'archroute': profile %s cannot span-decode here (%s); trying the "
-                     "next", name, why)
-        return candidates[-1]
-
-    def _check_span_profiles(self) -> dict[str, str]:
-        """Build the slot of every span profile's gate and draft setting; returns, and logs,
-        why each profile that cannot span-decode on this pair cannot (its requests are then
-        a 400 that says so; the defaults hold span profiles whatever the pair)."""
-        out = {}
-        for name, prof in self.settings.profiles.items():
-            if prof.span_gate is None:
-                continue
-            why = self.span.why_not(prof.span_gate, prof.span_draft)
-            if why is not None:
-                out[name] = why
-                log.info("profile %s cannot span-decode on this pair: %s", name, why)
-        return out
-
     @property
     def default_routing(self) -> str:
         """``span`` when `model: "archroute"` is span-decoded, else ``request``."""
-        return "span" if self.settings.profiles[self.default_profile].span_gate else "request"
+        return "span" if self.profiles[self.default_profile].span_gate else "request"
 
     # --- routing -------------------------------------------------------------------
     def models(self) -> list[dict]:
         """``/v1/models``: the default alias ``archroute`` first (chat apps list ids and let
         users pick one), then the profiles, then the backends by name."""
         default = self.default_profile
-        dp = self.settings.profiles[default]
+        dp = self.profiles[default]
         state = self.state
+        why = next(iter(self.span_unavailable.values()), None)  # a built-in span profile's
+        no_span = f" (this pair cannot span-decode: {why})" if why is not None else ""
 
         def extra(name: str, p: ProfileSettings) -> dict:
             out: dict = ({"gate": p.span_gate, "draft_k": p.span_draft[0]}
@@ -254,12 +229,12 @@ class RouterService:
                             description=f"the default profile ({default}): " + (
                                 "span decoding, a gate picks the model per token"
                                 if self.default_routing == "span" else
-                                "per-request routing"),
+                                "per-request routing" + no_span),
                             **extra(default, dp))]
         out += [P.model_card(name, "archroute", self.created, kind="profile", policy=p.policy,
                              threshold=state.thresholds.get(name, p.threshold),
                              description=p.description, **extra(name, p))
-                for name, p in self.settings.profiles.items()]
+                for name, p in self.profiles.items()]
         for role, slot in self.slots.items():
             info = slot.backend.info()
             out.append(P.model_card(slot.name, "archroute", self.created, kind="backend", role=role,
@@ -267,9 +242,21 @@ class RouterService:
                                     context_length=info.context_length))
         return out
 
+    def not_found(self, model: str) -> ModelNotFoundError:
+        """The 404 for a model this router does not serve; for a built-in span profile left
+        out (the pair cannot span-decode), why."""
+        known = sorted([*self.profiles, *self._by_name, DEFAULT_ALIAS])
+        why = self.span_unavailable.get(model)
+        if why is not None:
+            return ModelNotFoundError(
+                f"model {model!r} is not served by this router: this pair cannot span-decode "
+                f"({why}); it serves {known}", param="model")
+        return ModelNotFoundError(f"model {model!r} not found; this router serves {known}",
+                                  param="model")
+
     def _profile(self, model: str) -> tuple[str, ProfileSettings] | None:
         name = self.default_profile if model == DEFAULT_ALIAS else model
-        p = self.settings.profiles.get(name)
+        p = self.profiles.get(name)
         return (name, p) if p is not None else None
 
     def _order(self, role: str) -> list[str]:
@@ -293,8 +280,8 @@ class RouterService:
         exploration, nothing counted. A request refused here leaves ``row`` undecided."""
         model, deprecated = row.model, None
         target = DEPRECATED_PROFILES.get(model)
-        if (target is not None and model not in self.settings.profiles
-                and target in self.settings.profiles):
+        if (target is not None and model not in self.profiles
+                and target in self.profiles):
             model, deprecated = target, f"model {model!r} is deprecated: it is {target!r}, use that name"
         decision = await self.resolve(Ask(model, rreq, threshold, explain, count, gate))
         decision.record(row)
@@ -315,9 +302,7 @@ class RouterService:
             return named
         found = self._profile(ask.model)
         if found is None:
-            known = sorted([*self.settings.profiles, *self._by_name, DEFAULT_ALIAS])
-            raise ModelNotFoundError(f"model {ask.model!r} not found; this router serves "
-                                     f"{known}", param="model")
+            raise self.not_found(ask.model)
         name, prof = found
         check_gate(ask, name, prof)
         return (side_request(ask, name, self.settings.side_requests)

@@ -21,8 +21,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -312,11 +314,20 @@ class Settings(_Strict):
     torch_threads: int | None = Field(None, ge=1)  # for in-process models; None: torch's default
     # `archroute serve-model`'s own limits (the connection limits above are shared)
     model_server: ModelServerSettings = Field(default_factory=ModelServerSettings)
+    # the built-in profiles (_default_profiles) no layer configured, by name; set by
+    # load_settings (None: built directly, where not giving `profiles` means the built-ins)
+    _builtin_profiles: frozenset[str] | None = PrivateAttr(None)
 
     @field_validator("decision_log")
     @classmethod
     def _log_off(cls, v: str | None) -> str | None:
         return v or None  # "" (the CLI's --decision-log '') turns it off
+
+    @model_validator(mode="after")
+    def _provenance(self, info: ValidationInfo) -> Settings:
+        if info.context and "builtin_profiles" in info.context:
+            self._builtin_profiles = frozenset(info.context["builtin_profiles"])
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -350,6 +361,17 @@ class Settings(_Strict):
         elif request:
             out.append(request[0])
         return out or [next(iter(self.profiles))]
+
+    def builtin_profiles(self) -> frozenset[str]:
+        """The profiles that are the built-in defaults as shipped, which no file,
+        environment variable or flag configured (one that names a profile configures it). A
+        built-in span profile the pair cannot span-decode is not served; a configured one is
+        an error at start (router/span.py, ``check_span_profiles``)."""
+        if self._builtin_profiles is not None:
+            return self._builtin_profiles & set(self.profiles)
+        if "profiles" in self.model_fields_set:
+            return frozenset()
+        return frozenset(self.profiles)
 
     def redacted(self) -> dict[str, Any]:
         """A JSON-able dict with every secret shown as ``**********`` (for logs, results),
@@ -430,19 +452,22 @@ def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | 
     environ = dict(os.environ if environ is None else environ)
     config = config or environ.get("ARCHROUTE_CONFIG")
     data: dict[str, Any] = _read_file(config) if config else {}
+    builtin = set() if "profiles" in data else set(_default_profiles())
     for key, factory in (("backends", _default_backends), ("profiles", _default_profiles)):
         if key not in data:  # a file's mapping replaces the default one as a whole
             data[key] = {k: v.model_dump(mode="json", exclude_defaults=True)
                          for k, v in factory().items()}
-    data = _merge(data, _env_overrides(environ))
+    env = _env_overrides(environ)
+    data = _merge(data, env)
     # None means "not given" (the CLI's unset flags); to turn the decision log off pass ""
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    builtin -= {*(env.get("profiles") or {}), *(over.get("profiles") or {})}  # configured
     cli_backends = over.pop("backends", {})
     data = _merge(data, over)
     for role, cfg in cli_backends.items():  # a backend given on the command line replaces
         data.setdefault("backends", {})[role] = cfg
     try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(data, context={"builtin_profiles": builtin})
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
                  for e in exc.errors()]

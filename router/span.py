@@ -1,39 +1,57 @@
-"""Span profiles: requests served by the span decoder (:mod:`models.span.decoder`) over the
-router's two backends, a gate choosing the model per token.
+"""Span profiles: requests served by the span decoder over the router's two backends, a
+gate choosing the model per token. Span decoding is a backend kind of its own, built and
+checked at start like every backend.
 
-A profile with ``policy: span`` (``policy_args: {gate: NAME}``) has no policy to score with:
-its requests go to a :class:`~models.span.decoder.SpanBackend` over the configured
-transformer and hybrid, built on first use, one per gate (a request may name another gate
-with ``"archroute": {"gate": NAME}``), each behind its own :class:`~router.pool.BackendSlot`
-(role ``span``) with the transformer's limits. The decoder holds both models' forward locks
-while it generates, so span and single-model requests take turns on the models.
+A profile with ``policy: span`` (``policy_args: {gate: NAME, draft_k: K}``) has no policy to
+score with: its requests go to a span backend over the configured transformer and hybrid,
+one per gate and draft setting (a request may name another registry gate with
+``"archroute": {"gate": NAME}``, built on first use), each behind its own
+:class:`~router.pool.BackendSlot` (role ``span``) with the transformer's limits, shown in
+``/ready`` and ``/metrics`` by its name (``span:GATE``, ``span-remote:GATE``).
 
-Two upstreams (OpenAI-compatible engines) are span-decoded by
-:class:`~models.span.remote.RemoteSpanBackend`: one completions request per span, token ids
-in and out, the stream closed when the gate switches. It needs the engines' tokenizer
-locally (``backends.transformer.tokenizer``, a tokenizer directory; the hybrid's, if set,
-must split text the same way) and a gate over tokens (``copy-k``, ``brackets``: the learned
-gate reads each model's entropy, which the completions API does not return).
+- Two in-process models (:class:`~models.span.decoder.SpanBackend`): the decoder holds both
+  models' forward locks while it generates, so span and single-model requests take turns on
+  the models. Its slot has its own breaker: the decoder (gate, drafting, both caches) is code
+  of its own that can fail while either model alone serves.
+- Two upstreams, OpenAI-compatible engines (:class:`~models.span.remote.RemoteSpanBackend`):
+  one completions request per span, token ids in and out, the stream closed when the gate
+  switches. It needs the engines' tokenizer locally (``backends.transformer.tokenizer``, a
+  tokenizer directory; the hybrid's, if set, must split text the same way) and a gate over
+  tokens (``copy-k``, ``brackets``: the learned gate reads each model's entropy, which the
+  completions API does not return). Each span's request is admitted by that engine's own
+  slot (:meth:`~router.pool.BackendSlot.held`): its limits, and its breaker hears the
+  verdict, so an engine has one breaker whoever calls it. The span slot has none of its own
+  (:class:`EngineSpanSlot`): it is open while either engine's breaker is.
 
-A pair that cannot be span-decoded (a fake, an in-process model beside an upstream,
-tokenizers that differ, engines without a tokenizer setting, an entropy gate on engines)
-makes each request to a span profile a 400 that says why; the rest of the router is
-unaffected.
+At start (:func:`check_span_profiles`) every span profile's slot is built. One the
+configuration names (a file, an environment variable, a flag, or ``default_profile``) that
+cannot span-decode on this pair (a fake, an in-process model beside an upstream, tokenizers
+that differ, engines without a tokenizer setting, an entropy gate over engines, a gate that
+does not load, drafting a transformer whose cache cannot drop positions) stops the router
+with one line naming the profile, the setting and why (a :class:`~router.settings.SettingsError`).
+A built-in one (``archroute-span`` of the defaults) is not served on such a pair: absent
+from ``/v1/models``, a request naming it gets a 404 that says why, and ``model: "archroute"``
+means the request classifier's profile (:func:`default_profile`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from models.base import Backend
 from models.span.gates import GATES, Gate, UnknownGateError, get_gate
-from router.errors import InvalidRequestError
+from router.errors import InvalidRequestError, UnavailableError
 from router.pool import BackendSlot, SlotLimits
+from router.settings import ProfileSettings, Settings, SettingsError
+
+log = logging.getLogger(__name__)
 
 SPAN_ROLE = "span"  # the role of span slots (Route.order, BackendSlot.role)
 _UNCHECKED = object()
+PAIR = "backends.transformer, backends.hybrid"  # the setting a pair problem is in
 
 
 def span_header(span: Mapping[str, object]) -> str:
@@ -59,19 +77,65 @@ Draft = tuple[int, int]  # (draft_k, draft_min_match) of a span profile; draft_k
 NO_DRAFT: Draft = (0, 2)
 
 
-class SpanService:
-    """The span slots of one router, by gate name and draft setting, built on first use."""
+class SpanUnavailableError(InvalidRequestError):
+    """This router cannot span-decode with a gate and draft setting. A request that names
+    the gate gets it as a 400; at start, for a span profile the configuration names, it is a
+    settings error naming ``setting``: ``policy_args.*`` (the profile's), or a backend
+    setting (``backends...``)."""
 
-    def __init__(self, transformer: Backend, hybrid: Backend, limits: SlotLimits,
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message, param="archroute.gate" if setting == "policy_args.gate"
+                         else "model")
+        self.setting = setting
+
+
+class EngineSpanSlot(BackendSlot):
+    """The slot of span decoding over two engines: its own concurrency limit and queue, no
+    breaker of its own. Each span is one request to one engine, admitted by that engine's
+    slot (``engines``, by role; :meth:`BackendSlot.held`), whose breaker hears how it went:
+    an engine has one breaker, whoever calls it. This slot is open while either engine's
+    breaker is (the gate may need it), half-open while one waits for its probe."""
+
+    def __init__(self, backend: Backend, limits: SlotLimits,
+                 engines: Mapping[str, BackendSlot]) -> None:
+        super().__init__(SPAN_ROLE, backend, limits)
+        self.engines = dict(engines)
+
+    @property
+    def state(self) -> str:
+        states = {s.state for s in self.engines.values()}
+        return "open" if "open" in states else "half-open" if "half-open" in states else "closed"
+
+    async def acquire(self, deadline: float | None = None) -> bool:
+        down = [s.name for s in self.engines.values() if s.state == "open"]
+        if down:
+            raise UnavailableError(f"backend {self.name}: engine {', '.join(down)} is cooling "
+                                   "down after failures")
+        return await super().acquire(deadline)
+
+    def record_success(self) -> None:
+        """Nothing: each engine's slot heard its own calls."""
+
+    def record_failure(self) -> None:
+        """Nothing: the engine that failed told its own breaker (a failure of the span code
+        itself falls back to the transformer, as any failed call does)."""
+
+
+class SpanService:
+    """The span slots of one router, by gate name and draft setting: the profiles' built at
+    start (:func:`check_span_profiles`), a gate a request names on first use."""
+
+    def __init__(self, pair: Mapping[str, BackendSlot], limits: SlotLimits,
                  gates: Mapping[str, Gate] | None = None,
                  tokenizers: Mapping[str, str | None] | None = None) -> None:
-        self.transformer = transformer
-        self.hybrid = hybrid
+        self.pair = dict(pair)  # role -> the backend's own slot (transformer, hybrid)
+        self.transformer = pair["transformer"].backend
+        self.hybrid = pair["hybrid"].backend
         # role -> a local tokenizer directory (upstreams: span decoding over engines)
         self.tokenizers = {k: v for k, v in (tokenizers or {}).items() if v}
         self._engine_tokenizer: Any = None
         self.limits = limits
-        self.gates: dict[str, Gate] = dict(gates or {})  # the profiles' gates, loaded at start
+        self.gates: dict[str, Gate] = dict(gates or {})  # gates loaded so far, by name
         self.slots: dict[tuple[str, Draft], BackendSlot] = {}
         self._why: object = _UNCHECKED  # why the pair cannot be span-decoded (None: it can)
 
@@ -90,7 +154,9 @@ class SpanService:
                 f"archroute.gate: unknown gate {name!r}; known gates: {', '.join(GATES)}",
                 param="archroute.gate")
 
-    def _engines(self) -> bool:
+    @property
+    def engines(self) -> bool:
+        """True when both backends are engines (upstreams): span decoding over engines."""
         from models.upstream import OpenAIUpstreamBackend
 
         return (isinstance(self.transformer, OpenAIUpstreamBackend)
@@ -98,14 +164,14 @@ class SpanService:
 
     def _tokenizer(self) -> Any:
         """The engines' shared tokenizer, loaded once from the backends' ``tokenizer``
-        setting (both set: they must split text alike); a 400 that says what to set."""
+        setting (both set: they must split text alike)."""
         if self._engine_tokenizer is not None:
             return self._engine_tokenizer
         if not self.tokenizers:
-            raise InvalidRequestError(
+            raise SpanUnavailableError(
                 "span routing over two engines sends them token ids, so the router needs "
                 "their tokenizer: set backends.transformer.tokenizer to a local tokenizer "
-                "directory of the engines' model", param="model")
+                "directory of the engines' model", "backends.transformer.tokenizer")
         from transformers import AutoTokenizer
 
         from models.span.decoder import PROBE
@@ -115,36 +181,42 @@ class SpanService:
             try:
                 toks[role] = AutoTokenizer.from_pretrained(path, local_files_only=True)
             except Exception as exc:  # noqa: BLE001 - a bad path: say which
-                raise InvalidRequestError(f"backends.{role}.tokenizer: cannot load {path!r} "
-                                          f"({type(exc).__name__}: {exc})", param="model") from None
+                raise SpanUnavailableError(f"backends.{role}.tokenizer: cannot load {path!r} "
+                                           f"({type(exc).__name__}: {exc})",
+                                           f"backends.{role}.tokenizer") from None
         ids = {r: t(PROBE, add_special_tokens=False)["input_ids"] for r, t in toks.items()}
         if len({tuple(v) for v in ids.values()}) > 1:
-            raise InvalidRequestError("span routing needs one tokenizer: the transformer's and "
-                                      "the hybrid's split the same text differently", param="model")
+            raise SpanUnavailableError("span routing needs one tokenizer: the transformer's "
+                                       "and the hybrid's split the same text differently",
+                                       "backends.hybrid.tokenizer")
         self._engine_tokenizer = next(iter(toks.values()))
         return self._engine_tokenizer
+
+    def _gate(self, name: str) -> Gate:
+        gate = self.gates.get(name)
+        if gate is None:
+            try:
+                gate = get_gate(name)
+            except UnknownGateError as exc:
+                raise SpanUnavailableError(str(exc), "policy_args.gate") from None
+            except Exception as exc:  # noqa: BLE001 - e.g. no trained learned gate here
+                raise SpanUnavailableError(
+                    f"gate {name!r} is not available on this router "
+                    f"({type(exc).__name__}: {exc})", "policy_args.gate") from None
+            self.gates[name] = gate
+        return gate
 
     def _build(self, gate_name: str, draft: Draft = NO_DRAFT) -> BackendSlot:
         from models.span.decoder import IncompatiblePairError, SpanBackend
 
-        engines = self._engines()
+        engines = self.engines
         why = None if engines else self._pair_problem()
         if why is not None:
-            raise InvalidRequestError(
+            raise SpanUnavailableError(
                 f"span routing needs two in-process backends sharing a tokenizer: {why}. "
-                "Use another profile, or serve both models in-process (kind: hf)",
-                param="model")
-        gate = self.gates.get(gate_name)
-        if gate is None:
-            try:
-                gate = get_gate(gate_name)
-            except UnknownGateError as exc:
-                raise InvalidRequestError(str(exc), param="archroute.gate") from None
-            except Exception as exc:  # noqa: BLE001 - e.g. no trained learned gate here
-                raise InvalidRequestError(
-                    f"archroute.gate: gate {gate_name!r} is not available on this router "
-                    f"({type(exc).__name__}: {exc})", param="archroute.gate") from None
-            self.gates[gate_name] = gate
+                "Serve both models in-process (kind: hf), or two engines (kind: upstream) with "
+                "backends.transformer.tokenizer set", PAIR)
+        gate = self._gate(gate_name)
         if engines:
             return self._remote_slot(gate)
         try:
@@ -152,7 +224,9 @@ class SpanService:
                                   max_concurrency=self.limits.max_concurrency,
                                   draft_k=draft[0], draft_min_match=draft[1])
         except (IncompatiblePairError, ValueError) as exc:  # a draft the pair cannot do
-            raise InvalidRequestError(str(exc), param="model") from None
+            what = str(exc).split(":", 1)[0]
+            raise SpanUnavailableError(str(exc), f"policy_args.{what}" if what in (
+                "draft_k", "draft_min_match") else PAIR) from None
         return BackendSlot(SPAN_ROLE, backend, self.limits)
 
     def _remote_slot(self, gate: Gate) -> BackendSlot:
@@ -164,16 +238,21 @@ class SpanService:
             backend = RemoteSpanBackend(
                 self.transformer, self.hybrid, tok, gate,  # type: ignore[arg-type]
                 context_length=n if isinstance(n, int) and n < 10**7 else None,
-                max_concurrency=self.limits.max_concurrency)
+                max_concurrency=self.limits.max_concurrency,
+                admit=lambda role: self.pair[role].held())
         except RemoteSpanError as exc:
-            raise InvalidRequestError(str(exc), param="archroute.gate") from None
-        return BackendSlot(SPAN_ROLE, backend, self.limits)
+            raise SpanUnavailableError(str(exc), "policy_args.gate") from None
+        return EngineSpanSlot(backend, self.limits, self.pair)
+
+    def _key(self, gate_name: str, draft: Draft) -> tuple[str, Draft]:
+        return (gate_name, NO_DRAFT if self.engines else draft)  # engines decode the spans
 
     async def prepare(self, gate_name: str, draft: Draft = NO_DRAFT) -> BackendSlot:
         """The slot of ``gate_name`` with ``draft``, built (in a thread: a gate may load a
-        file) on first use; a 400 when the pair cannot be span-decoded or the gate does not
-        load. Over two engines ``draft`` does not apply (the engines decode the spans)."""
-        key = (gate_name, draft if not self._engines() else NO_DRAFT)
+        file) on first use (a gate a request names); a 400 when the pair cannot be
+        span-decoded with it or the gate does not load. Over two engines ``draft`` does not
+        apply (the engines decode the spans)."""
+        key = self._key(gate_name, draft)
         slot = self.slots.get(key)
         if slot is None:
             built = await asyncio.to_thread(self._build, *key)
@@ -181,18 +260,63 @@ class SpanService:
         return slot
 
     def slot(self, gate_name: str, draft: Draft = NO_DRAFT) -> BackendSlot:
-        """The slot :meth:`prepare` built for ``gate_name`` and ``draft``."""
-        return self.slots[(gate_name, draft if not self._engines() else NO_DRAFT)]
+        """The slot :meth:`prepare` (or :meth:`build`) built for ``gate_name`` and ``draft``."""
+        return self.slots[self._key(gate_name, draft)]
 
-    def why_not(self, gate_name: str, draft: Draft = NO_DRAFT) -> str | None:
-        """Why this router cannot span-decode with ``gate_name`` (None: it can; the slot is
-        then built and kept). Called at start, before the loop serves, to resolve what
-        ``model: "archroute"`` means."""
-        key = (gate_name, draft if not self._engines() else NO_DRAFT)
-        if key in self.slots:
-            return None
-        try:
+    def build(self, gate_name: str, draft: Draft = NO_DRAFT) -> BackendSlot:
+        """The slot of ``gate_name`` with ``draft``, built now (at start, before the loop
+        serves); :class:`SpanUnavailableError` says why this router cannot have it."""
+        key = self._key(gate_name, draft)
+        if key not in self.slots:
             self.slots[key] = self._build(*key)
-        except InvalidRequestError as exc:
-            return str(exc)
-        return None
+        return self.slots[key]
+
+
+def check_span_profiles(settings: Settings, span: SpanService) -> dict[str, str]:
+    """Build every span profile's slot now, as every backend is built at start. A profile
+    the configuration names that cannot span-decode on this pair is a
+    :class:`~router.settings.SettingsError`, one line naming the profile, the setting and
+    why; a built-in one (:meth:`~router.settings.Settings.builtin_profiles`, not
+    ``default_profile``) is left out: returned, with why, and logged. The rest are served."""
+    builtin = settings.builtin_profiles() - {settings.default_profile}
+    out = {}
+    for name, prof in settings.profiles.items():
+        if prof.span_gate is None:
+            continue
+        try:
+            span.build(prof.span_gate, prof.span_draft)
+        except SpanUnavailableError as exc:
+            if name not in builtin:
+                where = (f"profiles.{name}.{exc.setting}" if exc.setting.startswith("policy_args")
+                         else exc.setting)
+                raise SettingsError(f"invalid settings: profiles.{name}: cannot span-decode on "
+                                    f"this pair ({where}): {exc.message}") from None
+            out[name] = exc.message
+            log.info("built-in profile %s is not served: this pair cannot span-decode (%s)",
+                     name, exc.message)
+    return out
+
+
+def default_profile(settings: Settings, served: Mapping[str, ProfileSettings],
+                    unserved: Mapping[str, str]) -> str:
+    """What `model: "archroute"` means on this router: ``default_profile`` when set; unset,
+    ``archroute-span`` where it is served (the pair can span-decode with its gate), else the
+    request classifier's profile (``archroute-auto``); the choice and the reason are
+    logged."""
+    candidates = settings.default_candidates()
+    if settings.default_profile is not None:
+        return candidates[0]
+    for name in candidates:
+        if name in unserved:
+            log.info("model 'archroute': profile %s cannot span-decode here (%s); trying the "
+                     "next", name, unserved[name])
+            continue
+        prof = served[name]
+        if prof.span_gate is None:
+            log.info("model 'archroute' = profile %s (%s: per-request routing)", name,
+                     prof.policy)
+        else:
+            log.info("model 'archroute' = profile %s (span decoding, gate %s, draft_k %d)",
+                     name, prof.span_gate, prof.span_draft[0])
+        return name
+    return next(iter(served))

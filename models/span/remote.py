@@ -35,9 +35,11 @@ sample; greedy decoding (``temperature: 0``) gives the same tokens as the in-pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +61,14 @@ from models.span.gates import Gate, Role, get_gate
 from models.upstream import OpenAIUpstreamBackend
 
 ENTROPY_GATES = ("learned",)  # gates (by name before any ':') that read the model's entropy
+# how one span's request to an engine is admitted: a context manager per request, by role,
+# around it (the router's: the engine's own slot, so its limits and its one circuit breaker
+# see every call to it, :meth:`router.pool.BackendSlot.held`); by default none
+Admit = Callable[[Role], AbstractAsyncContextManager[object]]
+
+
+def _admit_all(_role: Role) -> AbstractAsyncContextManager[object]:
+    return contextlib.nullcontext()
 
 
 class RemoteSpanError(RequestError):
@@ -120,14 +130,15 @@ def _event_tokens(data: dict, name: str) -> tuple[list[int], str | None]:
 class RemoteSpanBackend(Backend):
     """A composite backend over two OpenAI-compatible engines that share ``tokenizer``
     (a Hugging Face tokenizer, local): the gate picks the engine per token, each engine
-    decodes a span until the gate switches. See the module docstring."""
+    decodes a span until the gate switches. See the module docstring. ``admit`` wraps each
+    span's request to an engine (:data:`Admit`; the router passes the engines' slots)."""
 
     can_score = False
 
     def __init__(self, transformer: OpenAIUpstreamBackend, hybrid: OpenAIUpstreamBackend,
                  tokenizer: Any, gate: str | Gate, name: str | None = None,
                  context_length: int | None = None, prefix_id: int | None = None,
-                 max_concurrency: int = 16) -> None:
+                 max_concurrency: int = 16, admit: Admit = _admit_all) -> None:
         for b in (transformer, hybrid):
             if not isinstance(b, OpenAIUpstreamBackend):
                 raise RemoteSpanError(f"span decoding over engines needs two OpenAI-compatible "
@@ -142,6 +153,7 @@ class RemoteSpanBackend(Backend):
         self.hybrid = hybrid
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.admit = admit
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.prefix_id = prefix_id if prefix_id is not None else (bos if bos is not None else eos)
         self._token_text = token_text_fn(tokenizer)
@@ -198,43 +210,42 @@ class RemoteSpanBackend(Backend):
                 body["ignore_eos"] = True
             s0 = time.perf_counter()
             nxt: Role = role
-            with up.errors():
-                async with up.sse_lines("/completions", body) as lines:
-                    async for line in lines:
-                        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+            async with self._span_request(role, up, body) as lines:
+                async for line in lines:
+                    if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                        continue
+                    ids, finish = _event_tokens(json.loads(line[5:]), up.name)
+                    for tok in ids:
+                        if nxt != role:  # arrived after the switch point
+                            span.wasted += 1
                             continue
-                        ids, finish = _event_tokens(json.loads(line[5:]), up.name)
-                        for tok in ids:
-                            if nxt != role:  # arrived after the switch point
-                                span.wasted += 1
-                                continue
-                            if span.kept == 0:
-                                span.first_token_s = time.perf_counter() - s0
-                            span.kept += 1
-                            state.push(tok, role, None)
-                            seq.append(tok)
-                            tr.token_ids.append(tok)
-                            tr.roles.append(role)
-                            piece = out.push(tok)
-                            if piece is None:  # a stop sequence completed
-                                reason, done = "stop", True
-                                break
-                            if piece:
-                                yield StreamChunk(piece, span_roles=(role,), token_ids=(tok,))
-                            if len(tr.token_ids) >= budget:
-                                done = True
-                                break
-                            nxt = state.choose()  # type: ignore[assignment]
-                        if done or nxt != role:
-                            break  # leaving the block closes the stream: the engine stops
-                        if finish is not None:
-                            if finish == "stop":
-                                reason = "stop"
-                            done = True  # end of sequence, or the engine's own limit
+                        if span.kept == 0:
+                            span.first_token_s = time.perf_counter() - s0
+                        span.kept += 1
+                        state.push(tok, role, None)
+                        seq.append(tok)
+                        tr.token_ids.append(tok)
+                        tr.roles.append(role)
+                        piece = out.push(tok)
+                        if piece is None:  # a stop sequence completed
+                            reason, done = "stop", True
                             break
-            span.seconds = time.perf_counter() - s0
-            if not done and nxt == role:  # the stream ended without a finish reason
-                raise BackendError(f"{up.name}: the stream ended early")
+                        if piece:
+                            yield StreamChunk(piece, span_roles=(role,), token_ids=(tok,))
+                        if len(tr.token_ids) >= budget:
+                            done = True
+                            break
+                        nxt = state.choose()  # type: ignore[assignment]
+                    if done or nxt != role:
+                        break  # leaving the block closes the stream: the engine stops
+                    if finish is not None:
+                        if finish == "stop":
+                            reason = "stop"
+                        done = True  # end of sequence, or the engine's own limit
+                        break
+                span.seconds = time.perf_counter() - s0
+                if not done and nxt == role:  # the stream ended without a finish reason
+                    raise BackendError(f"{up.name}: the stream ended early")  # (the engine's)
             role = nxt
         rest = out.finish()
         if rest:
@@ -242,6 +253,16 @@ class RemoteSpanBackend(Backend):
         tr.seconds = time.perf_counter() - t0
         yield StreamChunk("", reason, n_prompt, len(tr.token_ids),  # type: ignore[arg-type]
                           span=tr.summary(self.gate.name))
+
+    @contextlib.asynccontextmanager
+    async def _span_request(self, role: Role, up: OpenAIUpstreamBackend,
+                            body: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
+        """One span's streamed request to engine ``up``, admitted by ``self.admit``: the
+        stream's lines until the block is left (which closes the stream)."""
+        async with self.admit(role):
+            with up.errors():
+                async with up.sse_lines("/completions", body) as lines:
+                    yield lines
 
     async def agenerate(self, prompt: Prompt, params: GenerationParams,
                         trace: RemoteTrace | None = None) -> GenerationResult:

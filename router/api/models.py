@@ -1,11 +1,10 @@
-"""``GET /v1/models`` and ``GET /v1/models/{id}``: the default alias, the profiles, the
+"""``GET /v1/models`` and ``GET /v1/models/{id}``: the default alias, the profiles served, the
 backends (:meth:`router.serving.RouterService.models`)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from router import errors
 from router.api.deps import E, service
 
 router = APIRouter()
@@ -21,4 +20,4 @@ async def model(model_id: str, request: Request) -> dict:
     for card in service(request).models():
         if card["id"] == model_id:
             return card
-    raise errors.ModelNotFoundError(f"model {model_id!r} not found", param="model")
+    raise service(request).not_found(model_id)  # a built-in span profile left out: why

@@ -1,7 +1,8 @@
 """Span decoding over two real engine processes (``archroute serve-model`` on the shipped
 reference pair): greedy answers are token for token the in-process span decoder's; a switch
 closes the old stream and opens one request on the other engine; token-id prompts and
-token-id streams through serve-model; what cannot work is refused clearly."""
+token-id streams through serve-model; what cannot work is refused clearly (a router with
+such a span profile does not start); a dead engine opens its own breaker, once."""
 
 from __future__ import annotations
 
@@ -118,9 +119,11 @@ def test_what_cannot_work_is_refused(engines, reference_pair) -> None:
 def test_router_span_profile_over_two_engines(engines, reference_pair, tmp_path) -> None:
     """A real router process in front of the two engine processes: the span profile is
     served by the engines' span decoder (the answer the in-process decoder gives), its
-    totals in the header and body; without the tokenizer setting, a 400 that says so."""
+    totals in the header and body. A span profile the engines cannot serve (an entropy
+    gate; no tokenizer setting) stops the router at start, one line naming the setting."""
     from models.reference_pair import REFERENCE_DIR
     from tests.router.servers import serve_config
+    from tests.router.test_span_router import serve_exit
 
     t, h = engines
     backends = {role: {"name": f"{role}-engine", "kind": "upstream", "base_url": srv.url + "/v1",
@@ -128,8 +131,7 @@ def test_router_span_profile_over_two_engines(engines, reference_pair, tmp_path)
                 for role, srv, model in (("transformer", t, "ref-t"), ("hybrid", h, "ref-h"))}
     backends["transformer"]["tokenizer"] = str(REFERENCE_DIR / "transformer")
     profiles = {"archroute-rules": {"policy": "rules"},
-                "span-copy": {"policy": "span", "policy_args": {"gate": "copy-2"}},
-                "span-learned": {"policy": "span", "policy_args": {"gate": "learned"}}}
+                "span-copy": {"policy": "span", "policy_args": {"gate": "copy-2"}}}
     router = serve_config({"backends": backends, "profiles": profiles,
                            "default_profile": "archroute-rules", "decision_log": None}, tmp_path)
     try:
@@ -150,16 +152,68 @@ def test_router_span_profile_over_two_engines(engines, reference_pair, tmp_path)
             model="span-copy", prompt=CODE, max_tokens=24, temperature=0, stream=True)
             if c.choices)
         assert text == local.text
-        with pytest.raises(openai.BadRequestError, match="entropy"):
-            client.completions.create(model="span-learned", prompt=CODE, max_tokens=4)
+        # the engines' own slots served every span: the span slot has no breaker of its own
+        ready = httpx.get(router.url + "/ready").json()["backends"]
+        assert ready["span-remote:copy-2"]["role"] == "span"
+        assert {ready[f"{r}-engine"]["state"] for r in ("transformer", "hybrid")} == {"closed"}
     finally:
         router.stop()
+    learned = {**profiles, "span-learned": {"policy": "span", "policy_args": {"gate": "learned"}}}
+    rc, line = serve_exit({"backends": backends, "profiles": learned, "decision_log": None},
+                          tmp_path)
+    assert rc != 0 and "profiles.span-learned: cannot span-decode on this pair " \
+        "(profiles.span-learned.policy_args.gate): " in line and "entropy" in line
     del backends["transformer"]["tokenizer"]
-    router = serve_config({"backends": backends, "profiles": profiles,
-                           "default_profile": "archroute-rules", "decision_log": None}, tmp_path)
+    rc, line = serve_exit({"backends": backends, "profiles": profiles, "decision_log": None},
+                          tmp_path)
+    assert rc != 0 and "profiles.span-copy: cannot span-decode on this pair " \
+        "(backends.transformer.tokenizer): " in line
+    # the built-in profiles on these engines: archroute-span (the learned gate, or a token
+    # gate without the tokenizer) is not served; the router starts
+    router = serve_config({"backends": backends, "decision_log": None}, tmp_path)
     try:
         r2 = httpx.post(router.url + "/v1/completions",
-                        json={"model": "span-copy", "prompt": CODE, "max_tokens": 4})
-        assert r2.status_code == 400 and "tokenizer" in r2.json()["error"]["message"]
+                        json={"model": "archroute-span", "prompt": CODE, "max_tokens": 4})
+        assert r2.status_code == 404 and "tokenizer" in r2.json()["error"]["message"]
+        alias = httpx.get(router.url + "/v1/models/archroute").json()
+        assert (alias["alias_of"], alias["routing"]) == ("archroute-auto", "request")
+    finally:
+        router.stop()
+
+
+def test_a_dead_engine_opens_its_own_breaker_and_the_other_serves(engines, tmp_path) -> None:
+    """A real router process over the transformer engine and a hybrid whose port refuses
+    connections: a span request's call to the hybrid goes through the hybrid's own slot
+    (its breaker opens, failure_threshold 1, shown under its name in /ready and /metrics);
+    the request falls back to the transformer engine, which answers."""
+    from models.reference_pair import REFERENCE_DIR
+    from tests.router.servers import free_port, serve_config
+
+    t, _ = engines
+    backends = {"transformer": {"name": "transformer-engine", "kind": "upstream",
+                                "base_url": t.url + "/v1", "model": "ref-t",
+                                "call_tools": False,
+                                "tokenizer": str(REFERENCE_DIR / "transformer")},
+                "hybrid": {"name": "hybrid-engine", "kind": "upstream", "model": "ref-h",
+                           "base_url": f"http://127.0.0.1:{free_port()}/v1",
+                           "call_tools": False}}
+    profiles = {"archroute-rules": {"policy": "rules"},
+                "span-h": {"policy": "span", "policy_args": {"gate": "always-hybrid"}}}
+    router = serve_config({"backends": backends, "profiles": profiles, "decision_log": None,
+                           "failure_threshold": 1, "cooldown_s": 60}, tmp_path)
+    try:
+        r = httpx.post(router.url + "/v1/completions",
+                       json={"model": "span-h", "prompt": CODE, "max_tokens": 6,
+                             "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-archroute-backend"] == "transformer-engine"
+        assert r.headers["x-archroute-fallback"].startswith("span-remote:always-hybrid; reason=")
+        ready = httpx.get(router.url + "/ready").json()
+        states = {name: v["state"] for name, v in ready["backends"].items()}
+        assert states == {"transformer-engine": "closed", "hybrid-engine": "open",
+                          "span-remote:always-hybrid": "open"} and ready["ready"]
+        metrics = httpx.get(router.url + "/metrics").text
+        assert 'archroute_breaker_open{backend="hybrid-engine"} 1.0' in metrics
+        assert 'archroute_breaker_open{backend="transformer-engine"} 0.0' in metrics
     finally:
         router.stop()

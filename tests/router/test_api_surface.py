@@ -152,13 +152,13 @@ def test_sdk_whole_response_names_the_backend(server) -> None:
 def test_models_lists_the_alias_first_with_owner_and_creation_time(server) -> None:
     data = httpx.get(server.url + "/v1/models").json()["data"]
     ids = [m["id"] for m in data]
-    assert ids[:5] == ["archroute", "archroute-span", "archroute-auto", "archroute-cost",
-                       "archroute-rules"]
-    assert sorted(ids[5:]) == ["h-fake", "t-fake"]  # the backends, in the config's order
+    # two fakes cannot span-decode: the built-in archroute-span is not served (router/span.py)
+    assert ids[:4] == ["archroute", "archroute-auto", "archroute-cost", "archroute-rules"]
+    assert sorted(ids[4:]) == ["h-fake", "t-fake"]  # the backends, in the config's order
     alias = data[0]
     assert alias["kind"] == "profile" and alias["alias_of"] == "archroute-auto"
     assert alias["policy"] == "classifier"
-    assert alias["threshold"] == data[2]["threshold"]  # the default profile's own (auto)
+    assert alias["threshold"] == data[1]["threshold"]  # the default profile's own (auto)
     assert {m["owned_by"] for m in data} == {"archroute"}
     created = {m["created"] for m in data}
     assert len(created) == 1  # when the router started

@@ -201,3 +201,46 @@ def test_the_stream_itself_tells_the_breaker_how_it_ended() -> None:
         assert ok.failures == 0
 
     asyncio.run(main())
+
+
+def test_held_is_a_call_the_caller_makes_itself() -> None:
+    """``held()`` (a span's request to an engine): admitted like a call, the breaker told
+    how the block ended: a failure on an exception, a success otherwise; no verdict on a
+    RequestError or when the caller stops; the slot always released."""
+    async def main() -> None:
+        slot = BackendSlot("t", FakeBackend(), SlotLimits(max_concurrency=1, max_queue=0,
+                                                          failure_threshold=2, cooldown_s=0.05))
+        async with slot.held():
+            assert slot.in_flight == 1
+            with pytest.raises(OverloadedError):  # its limit holds for other calls
+                await slot.generate("x", GenerationParams())
+        assert (slot.in_flight, slot.failures) == (0, 0)
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                async with slot.held():
+                    raise ConnectionError("reset")
+        assert (slot.state, slot.in_flight) == ("open", 0)
+        with pytest.raises(UnavailableError):
+            async with slot.held():
+                pass
+        await asyncio.sleep(0.06)
+        with pytest.raises(RequestError):  # the probe ends with no verdict: still half-open
+            async with slot.held():
+                raise RequestError("too long")
+        assert slot.state == "half-open"
+
+        async def stopped() -> None:
+            async with slot.held():
+                await asyncio.sleep(10)
+
+        task = asyncio.ensure_future(stopped())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (slot.state, slot.in_flight, slot.probing) == ("half-open", 0, False)
+        async with slot.held():  # the next probe succeeds: closed
+            pass
+        assert (slot.state, slot.failures) == ("closed", 0)
+
+    asyncio.run(main())

@@ -211,3 +211,25 @@ def test_the_embedded_config_is_the_no_config_default():
     default = load_settings(environ={}).model_dump(mode="json")
     diff = {k for k in default if k != "decision_log" and from_file[k] != default[k]}
     assert not diff, {k: (from_file[k], default[k]) for k in diff}
+
+
+def test_which_profiles_are_the_built_in_ones(tmp_path: Path) -> None:
+    """A span profile the pair cannot serve stops the router when configured, and is left
+    out when built in (router/span.py): the settings know which is which. A file's
+    ``profiles`` configure them all; a flag or variable that names one configures it."""
+    from router.settings import Settings
+
+    builtin = {"archroute-span", "archroute-auto", "archroute-cost", "archroute-rules"}
+    assert load_settings(environ={}).builtin_profiles() == builtin
+    assert Settings().builtin_profiles() == builtin
+    assert Settings(profiles={"archroute-rules": {}}).builtin_profiles() == set()
+    s = load_settings(overrides={"profiles": {"archroute-span": {"policy_args": {
+        "gate": "copy-2"}}, "mine": {"policy": "rules"}}}, environ={})
+    assert s.builtin_profiles() == builtin - {"archroute-span"}
+    assert s.profiles["archroute-span"].span_gate == "copy-2"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("profiles:\n  archroute-span: {policy: span}\n")
+    assert load_settings(cfg, environ={}).builtin_profiles() == set()
+    s = load_settings(cfg, environ={})
+    s.port = 9000  # a later assignment keeps it
+    assert s.builtin_profiles() == set()

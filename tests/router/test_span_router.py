@@ -1,11 +1,14 @@
 """Span profiles in the router: served by the span decoder over the embedded pair, with the
-span totals in headers, body, stream and decision log; clear 400s when the pair cannot
-span-decode or the gate is unknown; fallback to the transformer when span decoding fails."""
+span totals in headers, body, stream and decision log; a 400 for an unknown gate; a pair
+that cannot span-decode stops the router at start (a configured span profile) or leaves the
+built-in one out (a 404 that says why); fallback to the transformer when span decoding
+fails."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,185 +157,172 @@ def test_a_failing_span_decoder_falls_back_to_the_transformer(pair_app, monkeypa
     assert "span" not in body["archroute"]
 
 
-def test_span_profile_on_fake_backends_is_a_400(tmp_path):
-    f = Fakes(tmp_path)
-    with TestClient(f.app) as client:
-        r = client.post("/v1/chat/completions", json={"model": "archroute-span",
-                                                      "messages": CODE})
-        assert r.status_code == 400, r.text
-        msg = r.json()["error"]["message"]
-        assert "span routing needs two in-process backends sharing a tokenizer" in msg
-        assert "'t-fake' is not in-process (FakeBackend)" in msg
-        ok = client.post("/v1/chat/completions", json={"model": "archroute-rules",
-                                                       "messages": CODE})
-        assert ok.status_code == 200  # the other profiles are unaffected
+# ---- a pair that cannot span: a configured span profile stops the router at start, ------
+# ---- the built-in one is not served -------------------------------------------------------
+
+SPAN_PROFILE = {"s": {"policy": "span", "policy_args": {"gate": "copy-2"}}}
 
 
-def test_upstream_pair_is_a_400(tmp_path):
+def _upstreams():
     from models.upstream import OpenAIUpstreamBackend
 
-    f = Fakes(tmp_path)
-    up = {role: OpenAIUpstreamBackend(f"{role}-up", "http://127.0.0.1:9/v1", "m")
-          for role in ("transformer", "hybrid")}
-    app = create_app(f.settings, backends=up)
-    with TestClient(app) as client:
-        r = client.post("/v1/completions", json={"model": "archroute-span", "prompt": "x"})
-        assert r.status_code == 400 and "backends.transformer.tokenizer" in r.json()["error"]["message"]
+    return {role: OpenAIUpstreamBackend(f"{role}-up", "http://127.0.0.1:9/v1", "m")
+            for role in ("transformer", "hybrid")}
 
 
-def test_an_in_process_model_beside_an_upstream_is_a_400(reference_pair, tmp_path):
+def _beside_upstream(pair):
     from models.upstream import OpenAIUpstreamBackend
 
-    f = Fakes(tmp_path)
-    pair = {"transformer": reference_pair[0],
+    return {"transformer": pair[0],
             "hybrid": OpenAIUpstreamBackend("h-up", "http://127.0.0.1:9/v1", "m")}
-    with TestClient(create_app(f.settings, backends=pair)) as client:
-        r = client.post("/v1/completions", json={"model": "archroute-span", "prompt": "x"})
-        assert r.status_code == 400 and "OpenAIUpstreamBackend" in r.json()["error"]["message"]
 
 
-def test_tokenizers_that_differ_are_a_400(reference_pair, tmp_path):
-    t, h = reference_pair
-    other = copy.copy(h)
+def _other_tokenizer(pair):
+    other = copy.copy(pair[1])
     other.prefix_id = 7
-    settings = load_settings(overrides={"decision_log": ""}, environ={})
-    with TestClient(create_app(settings, backends={"transformer": t, "hybrid": other})) as client:
-        r = client.post("/v1/completions", json={"model": "archroute-span", "prompt": "x"})
-        assert r.status_code == 400 and "start tokens (prefix_id) differ" in r.text
+    return {"transformer": pair[0], "hybrid": other}
 
 
-def test_span_settings_are_checked_at_start():
-    with pytest.raises(SettingsError, match=r"unknown gate 'copy-22' \(did you mean"):
-        load_settings(overrides={"profiles": {"s": {"policy": "span", "policy_args": {
-            "gate": "copy-22"}}}, "default_profile": "s"}, environ={})
-    with pytest.raises(SettingsError, match="threshold"):
-        load_settings(overrides={"profiles": {"s": {"policy": "span", "threshold": 0.5}},
-                                 "default_profile": "s"}, environ={})
-    with pytest.raises(SettingsError, match=r"unknown policy_args \['k'\]; known: .*draft_k"):
-        load_settings(overrides={"profiles": {"s": {"policy": "span", "policy_args": {
-            "k": 2}}}, "default_profile": "s"}, environ={})
-    for bad, what in (({"draft_k": 33}, "draft_k"), ({"draft_k": -1}, "draft_k"),
-                      ({"draft_k": "8"}, "draft_k"), ({"draft_min_match": 0}, "draft_min_match"),
-                      ({"draft_min_match": 9}, "draft_min_match")):
-        with pytest.raises(SettingsError, match=rf"policy_args\.{what}: must be an integer"):
-            load_settings(overrides={"profiles": {"s": {"policy": "span", "policy_args": bad}},
-                                     "default_profile": "s"}, environ={})
-    s = load_settings(overrides={"profiles": {"s": {"policy": "span"}}, "default_profile": "s"},
-                      environ={})
-    assert s.profiles["s"].span_gate == "copy-2"
-    assert s.profiles["s"].span_draft == (8, 2)  # drafting on by default (measured)
+# (the pair, the setting the start-up error names, what it says)
+CANNOT_SPAN = {
+    "fakes": (None, "(backends.transformer, backends.hybrid)",
+              "the transformer backend 't-fake' is not in-process (FakeBackend)"),
+    "engines without a tokenizer": (_upstreams, "(backends.transformer.tokenizer)",
+                                    "set backends.transformer.tokenizer"),
+    "in-process beside an upstream": (_beside_upstream, "(backends.transformer, backends.hybrid)",
+                                      "'h-up' is not in-process (OpenAIUpstreamBackend)"),
+    "tokenizers that differ": (_other_tokenizer, "(backends.transformer, backends.hybrid)",
+                               "start tokens (prefix_id) differ"),
+}
 
 
-def test_default_gate_is_learned_only_when_it_ships_and_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(decoder, "DEFAULT_GATE_DIR", tmp_path / "missing")
-    decoder.default_gate_name.cache_clear()
-    try:
-        assert decoder.default_gate_name() == "copy-2"
-        monkeypatch.setattr(decoder, "DEFAULT_GATE_DIR", tmp_path)
-        decoder.default_gate_name.cache_clear()
-
-        def no_gate(name):
-            raise FileNotFoundError("no gate.json")
-
-        monkeypatch.setattr(decoder, "get_gate", no_gate)
-        assert decoder.default_gate_name() == "copy-2"
-        decoder.default_gate_name.cache_clear()
-        monkeypatch.setattr(decoder, "get_gate", lambda name: object())
-        assert decoder.default_gate_name() == "learned"
-    finally:
-        decoder.default_gate_name.cache_clear()
+def _pair(name, request):
+    make = CANNOT_SPAN[name][0]
+    if make is None:
+        return None
+    if make is _upstreams:
+        return make()
+    return make(request.getfixturevalue("reference_pair"))
 
 
-# ---- `archroute` is span routing wherever the pair can ----------------------------------
-
-def test_archroute_is_span_decoding_on_the_embedded_pair(pair_app):
-    """No default_profile set: on two in-process models with one tokenizer `archroute` is
-    the span profile (drafted copy spans on), and /v1/models and each decision say so."""
-    client, db = pair_app
-    card = client.get("/v1/models").json()["data"][0]
-    assert (card["id"], card["alias_of"], card["routing"], card["policy"]) == (
-        "archroute", "archroute-span", "span", "span")
-    assert card["gate"] == decoder.default_gate_name() and card["draft_k"] == 8
-    r = client.post("/v1/completions", json={"model": "archroute", "prompt": CODE[0]["content"],
-                                             "max_tokens": 24, "temperature": 0,
-                                             "ignore_eos": True})
-    assert r.status_code == 200, r.text
-    ext = r.json()["archroute"]
-    assert r.headers["x-archroute-profile"] == ext["profile"] == "archroute-span"
-    assert r.headers["x-archroute-policy"] == ext["policy"] == "span"
-    span = ext["span"]
-    assert span["transformer"] + span["hybrid"] == r.json()["usage"]["completion_tokens"] == 24
-    assert span["accepted"] <= span["drafted"]
-    assert parse_header(r.headers["x-archroute-span"])["drafted"] == str(span["drafted"])
-    assert log_rows(client, db)[-1]["profile"] == "archroute-span"
-    # the request profiles stay
-    auto = client.post("/v1/chat/completions", json={"model": "archroute-auto",
-                                                     "messages": CODE, "max_tokens": 4})
-    assert auto.json()["archroute"]["policy"] in ("classifier", "classifier+rules-fallback")
-    assert "span" not in auto.json()["archroute"]
+@pytest.mark.parametrize("name", list(CANNOT_SPAN))
+def test_a_configured_span_profile_the_pair_cannot_serve_stops_the_router(name, request,
+                                                                          tmp_path):
+    """One line naming the profile, the setting and why; the app never starts."""
+    _, setting, why = CANNOT_SPAN[name]
+    f = Fakes(tmp_path, profiles=SPAN_PROFILE)
+    pair = _pair(name, request)
+    app = f.app if pair is None else create_app(f.settings, backends=pair)
+    with pytest.raises(SettingsError) as exc, TestClient(app):
+        pass
+    msg = str(exc.value)
+    assert msg.startswith(f"invalid settings: profiles.s: cannot span-decode on this pair {setting}: ")
+    assert why in msg and "\n" not in msg
 
 
-def test_drafting_through_the_router_leaves_the_greedy_answer(reference_pair, tmp_path):
-    """The same gate with and without drafted copy spans (two span profiles): the same
-    greedy answer, chunk by chunk in a stream too; only the drafted one reports drafts."""
-    t, h = reference_pair
-    gate = decoder.default_gate_name()
-    profiles = {"on": {"policy": "span", "policy_args": {"gate": gate, "draft_k": 6}},
-                "off": {"policy": "span", "policy_args": {"gate": gate, "draft_k": 0}}}
-    settings = load_settings(overrides={"profiles": profiles, "decision_log": ""}, environ={})
-    with TestClient(create_app(settings, backends={"transformer": t, "hybrid": h})) as client:
-        out = {}
-        for name in profiles:
-            req = {"model": name, "prompt": CODE[0]["content"], "max_tokens": 40,
-                   "temperature": 0, "ignore_eos": True}
-            whole = client.post("/v1/completions", json=req)
-            assert whole.status_code == 200, whole.text
-            assert whole.json()["usage"]["completion_tokens"] == 40  # ignore_eos honoured
-            streamed = client.post("/v1/completions", json={**req, "stream": True})
-            text = "".join(json.loads(line[6:])["choices"][0]["text"]
-                           for line in streamed.text.splitlines()
-                           if line.startswith("data: {") and json.loads(line[6:])["choices"])
-            out[name] = (whole.json()["choices"][0]["text"], text,
-                         whole.json()["archroute"]["span"])
-        assert out["on"][0] == out["off"][0] == out["on"][1] == out["off"][1]
-        on, off = out["on"][2], out["off"][2]
-        assert {k: on[k] for k in off} == off and on["accepted"] > 0 and "drafted" not in off
-
-
-def test_archroute_routes_per_request_where_the_pair_cannot_span(tmp_path):
-    """Fakes (not in-process models) cannot span-decode: `archroute` is the request
-    classifier's profile, and says so; a configured default_profile is taken as given."""
-    f = Fakes(tmp_path)
-    with TestClient(f.app) as client:
+@pytest.mark.parametrize("name", list(CANNOT_SPAN))
+def test_the_built_in_span_profile_is_not_served_where_the_pair_cannot_span(name, request,
+                                                                            tmp_path):
+    """The defaults' archroute-span: absent from /v1/models, a 404 that says why; the
+    other profiles serve, and `archroute` routes per request (saying why not span)."""
+    why = CANNOT_SPAN[name][2]
+    f = Fakes(tmp_path)  # the built-in profiles
+    pair = _pair(name, request)
+    app = f.app if pair is None else create_app(f.settings, backends=pair)
+    with TestClient(app) as client:
+        ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert "archroute-span" not in ids and "archroute-auto" in ids
         card = client.get("/v1/models/archroute").json()
         assert (card["alias_of"], card["routing"]) == ("archroute-auto", "request")
-        r = client.post("/v1/chat/completions", json={"model": "archroute", "messages": CODE})
-        assert r.status_code == 200 and r.headers["x-archroute-profile"] == "archroute-auto"
-    f = Fakes(tmp_path, default_profile="archroute-rules")
-    with TestClient(f.app) as client:
-        card = client.get("/v1/models/archroute").json()
-        assert (card["alias_of"], card["routing"]) == ("archroute-rules", "request")
+        assert why in card["description"]
+        for r in (client.post("/v1/chat/completions", json={"model": "archroute-span",
+                                                            "messages": CODE}),
+                  client.post("/v1/route", json={"model": "archroute-span", "messages": CODE}),
+                  client.get("/v1/models/archroute-span")):
+            err = r.json()["error"]
+            assert r.status_code == 404 and err["code"] == "model_not_found", r.text
+            assert "this pair cannot span-decode" in err["message"] and why in err["message"]
+        if pair is None:  # fakes answer: the other profiles are unaffected
+            ok = client.post("/v1/chat/completions", json={"model": "archroute-rules",
+                                                           "messages": CODE})
+            assert ok.status_code == 200
 
 
-def test_span_slots_are_built_at_start_and_shown_in_ready_and_metrics(pair_app):
-    """Every span profile's slot is built with the app, like every backend: /ready and
-    /metrics show it from the start (readiness stays the models')."""
-    client, _ = pair_app
-    svc = client.app.state.service
-    spans = {p.span_gate for p in svc.settings.profiles.values() if p.span_gate}
-    assert spans and {gate for gate, _ in svc.span.slots} >= spans
-    assert svc.span_unavailable == {}
-    ready = client.get("/ready").json()
-    shown = {v["gate"]: name for name, v in ready["backends"].items() if v["role"] == "span"}
-    assert set(shown) >= spans and ready["ready"] is True
-    metrics = client.get("/metrics").text
-    assert all(f'archroute_backend_in_flight{{backend="{name}"}}' in metrics
-               for name in shown.values())
+def serve_exit(config: dict, tmp: Path) -> tuple[int, str]:
+    """A real ``archroute serve`` process on ``config`` that must stop before it serves: its
+    exit status and its one log line about the settings (asserting there is exactly one, and
+    no traceback)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.router.servers import ROOT, free_port
+
+    (tmp / "router.yaml").write_text(yaml.safe_dump(config))
+    r = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--config",
+                        str(tmp / "router.yaml"), "--port", str(free_port())],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                            "HF_HUB_OFFLINE": "1"})
+    out = r.stdout + r.stderr
+    assert "Traceback" not in out, out
+    (line,) = [x for x in out.splitlines() if "invalid settings" in x]
+    return r.returncode, line
 
 
-def test_why_a_span_profile_cannot_serve_is_known_at_start(tmp_path):
-    f = Fakes(tmp_path)
-    with TestClient(f.app) as client:
-        why = client.app.state.service.span_unavailable
-        assert "archroute-span" in why and "'t-fake' is not in-process" in why["archroute-span"]
-        assert all(v["role"] != "span" for v in client.get("/ready").json()["backends"].values())
+@pytest.mark.slow
+def test_archroute_serve_exits_with_one_line_on_a_span_profile_it_cannot_serve(tmp_path):
+    """A real `archroute serve` process: a span profile configured on two fakes stops it
+    before it serves, non-zero, the reason one line (no traceback)."""
+    cfg = {"backends": {"transformer": {"name": "t-fake", "kind": "fake"},
+                        "hybrid": {"name": "h-fake", "kind": "fake"}},
+           "profiles": SPAN_PROFILE, "decision_log": ""}
+    rc, line = serve_exit(cfg, tmp_path)
+    assert rc != 0
+    assert ("profiles.s: cannot span-decode on this pair (backends.transformer, "
+            "backends.hybrid): ") in line and "'t-fake' is not in-process" in line
+
+
+# ---- span over engines: one breaker per engine ---------------------------------------------
+
+def test_a_failing_engine_opens_its_own_breaker_once(tmp_path):
+    """Span decoding over two engines, the hybrid's port refusing connections (a real
+    socket): the span's request to it is admitted by the hybrid's own slot, whose breaker
+    opens (failure_threshold 1) and shows in /ready and /metrics under its name; the span
+    slot has no breaker of its own, it reads the engines' (open while one is); the
+    transformer's stays closed. A request naming the hybrid then meets its cool-down."""
+    from models.reference_pair import REFERENCE_DIR
+    from tests.router.servers import free_port
+
+    backends = {role: {"name": f"{role}-engine", "kind": "upstream", "model": "m",
+                       "base_url": f"http://127.0.0.1:{free_port()}/v1", "timeout_s": 5}
+                for role in ("transformer", "hybrid")}
+    backends["transformer"]["tokenizer"] = str(REFERENCE_DIR / "transformer")
+    settings = load_settings(overrides={
+        "backends": backends, "decision_log": "", "fallback": False, "failure_threshold": 1,
+        "cooldown_s": 60, "profiles": {"span-h": {"policy": "span", "policy_args": {
+            "gate": "always-hybrid"}}}}, environ={})
+    with TestClient(create_app(settings)) as client:
+        svc = client.app.state.service
+        span = svc.span.slot("always-hybrid")
+        assert span.name == "span-remote:always-hybrid" and span.state == "closed"
+        r = client.post("/v1/completions", json={"model": "span-h", "prompt": "x",
+                                                 "max_tokens": 4})
+        assert r.status_code == 502, r.text
+        engines = svc.slots
+        assert (engines["hybrid"].failures, engines["hybrid"].state) == (1, "open")
+        assert (engines["transformer"].failures, engines["transformer"].state) == (0, "closed")
+        ready = client.get("/ready").json()["backends"]
+        assert ready["hybrid-engine"]["state"] == ready["span-remote:always-hybrid"]["state"] == "open"
+        assert ready["transformer-engine"]["state"] == "closed"
+        metrics = client.get("/metrics").text
+        assert 'archroute_breaker_open{backend="hybrid-engine"} 1.0' in metrics
+        assert 'archroute_breaker_open{backend="transformer-engine"} 0.0' in metrics
+        assert 'archroute_backend_failures_total{backend="span-remote:always-hybrid"} 1.0' in metrics
+        r = client.post("/v1/completions", json={"model": "hybrid-engine", "prompt": "x",
+                                                 "max_tokens": 4})
+        assert r.status_code == 503 and "cooling down" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "span-h", "prompt": "x",
+                                                 "max_tokens": 4})
+        assert r.status_code == 503 and engines["hybrid"].failures == 1  # not sent again
