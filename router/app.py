@@ -231,6 +231,14 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             app.state.feedback = FeedbackService.from_settings(svc, settings)
             app.state.reloader = reloader = Reloader(svc, settings)
             await app.state.feedback.start()
+            app.state.learner = learner = None
+            if any(p.learns for p in settings.profiles.values()):  # the loop runs itself
+                from router.learning.auto import AutoLearner, LearningCollector
+
+                app.state.learner = learner = AutoLearner.from_settings(svc, reloader, settings)
+                reloader.busy = learner.busy
+                svc.metrics.watch(LearningCollector(learner))
+                await learner.start()
             await probe_backends(svc)  # a warning per backend that cannot be reached
             loop = asyncio.get_running_loop()
             hup = False
@@ -245,6 +253,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
             finally:
                 if hup:
                     loop.remove_signal_handler(signal.SIGHUP)
+                if learner is not None:
+                    await learner.stop()
                 await app.state.feedback.stop()
 
     app = FastAPI(title="ArchRoute", lifespan=learning, docs_url=None, redoc_url=None)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("evals.analysis.cli:add_analyze", "token-level loss gap analysis of a backend pair"),
     "label": ("classifiers.training.cli:add_label", "measure request labels on a backend pair"),
     "train": ("router.learning.retrain:add_train", "train the request classifier"),
+    "learning": ("router.learning.history:add_learning", "the learning loop's history"),
     "eval": ("evals.harness.cli:add_eval", "benchmark routing policies: quality vs cost"),
     "bench": ("evals.bench.cli:add_bench", "speed benchmarks that print their figures"),
     "span-eval": ("evals.span.cli:add_span_eval", "teacher-forced span routing evaluation"),

@@ -48,6 +48,10 @@ class RouterMetrics:
         self.in_flight = Gauge("archroute_backend_in_flight", "calls running per backend",
                                ["backend"], registry=r)
 
+    def watch(self, collector: Collector) -> None:
+        """Add metrics read when scraped (the learning loop's, router/learning/auto.py)."""
+        self.registry.register(collector)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,12 @@ class GateRefusedError(ConflictError):
 
 class ReloadError(InvalidRequestError):
     code = "reload_failed"
+
+
+class RetrainRunningError(ConflictError):
+    """A manual reload while the learning loop retrains (router/learning/auto.py)."""
+
+    code = "retrain_running"
 
 
 def allowed_artifact(settings: Settings, path: str) -> Path:
@@ -155,6 +162,8 @@ class Reloader:
         self._tasks: set[asyncio.Task] = set()  # signal-started reloads, kept until done
         self.reloads = 0
         self.gate_refusals = 0
+        # why a reload must wait, or None: the learning loop's retrain (router/learning/auto.py)
+        self.busy: Callable[[], str | None] = lambda: None
 
     async def reload(self, path: str | None = None, force: bool = False) -> dict:
         """Load, check and swap in; the result names the artifact and each classifier
@@ -165,6 +174,10 @@ class Reloader:
 
         if path is not None:
             allowed_artifact(self.settings, path)
+        why = self.busy()
+        if why is not None:
+            raise RetrainRunningError(f"reload refused; the previous artifact keeps serving: "
+                                      f"{why}", param="artifact")
         async with self._lock:
             t0 = time.perf_counter()
             try:

@@ -14,8 +14,15 @@ replicas can share: feedback for a response one replica served is accepted by an
 
 from router.decision_log.outcomes import DecisionLog
 from router.decision_log.schema import MIGRATIONS, SCHEMA, DecisionRow
-from router.decision_log.stores import DecisionLogUnavailable, is_postgres, read_log, redact_url
+from router.decision_log.stores import (
+    DecisionLogUnavailable,
+    is_postgres,
+    read_learning_events,
+    read_log,
+    redact_url,
+)
 from router.decision_log.writer import MAX_BUFFERED_ROWS, RETENTION_INTERVAL_S
 
 __all__ = ["MAX_BUFFERED_ROWS", "MIGRATIONS", "RETENTION_INTERVAL_S", "SCHEMA", "DecisionLog",
-           "DecisionLogUnavailable", "DecisionRow", "is_postgres", "read_log", "redact_url"]
+           "DecisionLogUnavailable", "DecisionRow", "is_postgres", "read_learning_events",
+           "read_log", "redact_url"]

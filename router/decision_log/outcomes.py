@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 
-from router.decision_log.stores import DecisionLogUnavailable
+from router.decision_log.stores import LEARNING_EVENTS_SQL, DecisionLogUnavailable
 from router.decision_log.writer import DecisionWriter
 
 
@@ -105,3 +105,22 @@ class DecisionLog(DecisionWriter):
         lb = self._query("SELECT time, status, loss_transformer, loss_hybrid, gap, n_tokens, "
                          "pair, error FROM labels WHERE request_id = ?", (request_id,))
         return {"feedback": fb[0] if fb else None, "label": lb[0] if lb else None}
+
+    # --- the learning loop's history (router/learning/auto.py) --------------------------
+    def label_count(self) -> int:
+        """Scored references in the log (every replica's)."""
+        rows = self._query("SELECT COUNT(*) AS n FROM labels WHERE status = 'done'")
+        return int(rows[0]["n"])
+
+    def add_learning_event(self, event: dict) -> None:
+        """One step of the learning loop, committed when this returns (keys: the columns of
+        ``learning_events``; others are refused)."""
+        cols = list(event)
+        with self._tx() as cur:
+            cur.execute(self.sql(f"INSERT INTO learning_events ({', '.join(cols)}) VALUES "
+                                 f"({', '.join('?' for _ in cols)})"),
+                        tuple(event[c] for c in cols))
+
+    def learning_events(self, after_id: int = 0) -> list[dict]:
+        """The learning loop's history after event ``after_id``, oldest first."""
+        return self._query(LEARNING_EVENTS_SQL, (after_id,))

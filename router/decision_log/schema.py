@@ -69,6 +69,30 @@ CREATE TABLE IF NOT EXISTS labels (
     error TEXT,
     scored_time REAL
 )"""
+# the learning loop's history (router/learning/auto.py): one row per step, from every
+# replica; created in an older log when it is opened, as MIGRATIONS' columns are
+LEARNING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS learning_events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,            -- unix seconds
+    profile TEXT NOT NULL,         -- the learning profile
+    event TEXT NOT NULL,           -- retrain_started | promoted | refused | failed | skipped |
+                                   -- rolled_back | reloaded | reload_failed
+    replica TEXT,                  -- host:pid of the router that wrote it
+    labels INTEGER,                -- scored references in the log when the retrain started
+    live TEXT,                     -- the serving artifact (sha256, 12 hex digits)
+    candidate TEXT,                -- the candidate's (or, for a reload, the new live one's)
+    path TEXT,                     -- the candidate's folder (what a reload loads)
+    live_path TEXT,                -- the serving artifact's folder
+    serving REAL,                  -- the gate: DR estimates on held-back requests (minus
+    candidate_value REAL,          -- nats/token), their difference and its CI
+    difference REAL,
+    ci_low REAL,
+    ci_high REAL,
+    held_back INTEGER,             -- held-back labelled requests the gate used
+    seconds REAL,                  -- how long the step took
+    reason TEXT
+)"""
 INDEXES = ("CREATE INDEX IF NOT EXISTS decisions_request_id ON decisions (request_id)",
            "CREATE INDEX IF NOT EXISTS decisions_time ON decisions (time)")
 

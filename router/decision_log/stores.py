@@ -14,7 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from router.decision_log.schema import FEEDBACK_SCHEMA, INDEXES, LABELS_SCHEMA, MIGRATIONS, SCHEMA
+from router.decision_log.schema import (
+    FEEDBACK_SCHEMA,
+    INDEXES,
+    LABELS_SCHEMA,
+    LEARNING_SCHEMA,
+    MIGRATIONS,
+    SCHEMA,
+)
 
 _PG_LOCK = 7_270_016  # advisory lock id: replicas starting together create the schema once
 
@@ -46,8 +53,11 @@ class SQLiteStore:
 
     def connect(self) -> sqlite3.Connection:
         # a new file (and so its -wal and -shm files, which SQLite creates with the main
-        # file's mode) is the owner's only: it can hold prompts
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        # file's mode) is the owner's only: it can hold prompts. Only a new one: closing a
+        # descriptor of an open database drops every POSIX lock this process holds on it,
+        # its other connections' included (SQLite's "how to corrupt", 2.2: disk I/O errors)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
@@ -56,7 +66,7 @@ class SQLiteStore:
         for col, ddl in MIGRATIONS.items():
             if col not in have:
                 conn.execute(ddl)
-        for ddl in (FEEDBACK_SCHEMA, LABELS_SCHEMA, *INDEXES):
+        for ddl in (FEEDBACK_SCHEMA, LABELS_SCHEMA, LEARNING_SCHEMA, *INDEXES):
             conn.execute(ddl)
         conn.commit()
         return conn
@@ -106,7 +116,8 @@ class PostgresStore:
         conn = psycopg.connect(self.url, connect_timeout=10, autocommit=True)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-            for ddl in (SCHEMA, *MIGRATIONS.values(), FEEDBACK_SCHEMA, LABELS_SCHEMA, *INDEXES):
+            for ddl in (SCHEMA, *MIGRATIONS.values(), FEEDBACK_SCHEMA, LABELS_SCHEMA,
+                        LEARNING_SCHEMA, *INDEXES):
                 conn.execute(pg(ddl))  # type: ignore[arg-type]
         return conn
 
@@ -132,26 +143,42 @@ def open_store(target: str | Path) -> Store:
     return PostgresStore(str(target)) if is_postgres(target) else SQLiteStore(target)
 
 
-def read_log(target: str | Path) -> list[dict]:
-    """Every decision row of a log with its feedback (``reward``, ``feedback_kind``) and
-    label (``label_status``, ``loss_transformer``, ``loss_hybrid``, ``gap``), oldest first;
-    JSON columns decoded. A SQLite path must exist (nothing is created)."""
+def _read(target: str | Path, sql: str, args: tuple = ()) -> list[dict]:
+    """One query on a fresh connection to a log (a SQLite path must exist: nothing is
+    created)."""
     if not is_postgres(target) and not Path(target).is_file():
         raise FileNotFoundError(f"no decision log at {target}")
     store = open_store(target)
     conn = store.connect()  # brings an older file's columns up to date, as the router does
     try:
         with store.transaction(conn) as cur:
-            cur.execute("SELECT d.*, f.reward AS reward, f.kind AS feedback_kind, "
-                        "l.status AS label_status, l.loss_transformer AS loss_transformer, "
-                        "l.loss_hybrid AS loss_hybrid, l.gap AS gap, l.n_tokens AS label_tokens "
-                        "FROM decisions d LEFT JOIN feedback f ON f.request_id = d.request_id "
-                        "LEFT JOIN labels l ON l.request_id = d.request_id ORDER BY d.id")
-            rows = store.rows(cur)
+            cur.execute(sql if isinstance(store, SQLiteStore) else pg(sql), args)
+            return store.rows(cur)
     finally:
         conn.close()
+
+
+def read_log(target: str | Path, labelled_only: bool = False) -> list[dict]:
+    """Every decision row of a log with its feedback (``reward``, ``feedback_kind``) and
+    label (``label_status``, ``loss_transformer``, ``loss_hybrid``, ``gap``), oldest first;
+    JSON columns decoded. ``labelled_only``: only rows with a scored reference. A SQLite
+    path must exist (nothing is created)."""
+    rows = _read(target, "SELECT d.*, f.reward AS reward, f.kind AS feedback_kind, "
+                 "l.status AS label_status, l.loss_transformer AS loss_transformer, "
+                 "l.loss_hybrid AS loss_hybrid, l.gap AS gap, l.n_tokens AS label_tokens "
+                 "FROM decisions d LEFT JOIN feedback f ON f.request_id = d.request_id "
+                 "LEFT JOIN labels l ON l.request_id = d.request_id"
+                 + (" WHERE l.status = 'done'" if labelled_only else "") + " ORDER BY d.id")
     for r in rows:
         for k in ("features", "span", "request"):
             if isinstance(r.get(k), str):
                 r[k] = json.loads(r[k])
     return rows
+
+
+LEARNING_EVENTS_SQL = "SELECT * FROM learning_events WHERE id > ? ORDER BY id"
+
+
+def read_learning_events(target: str | Path, after_id: int = 0) -> list[dict]:
+    """The learning loop's history (table ``learning_events``), oldest first."""
+    return _read(target, LEARNING_EVENTS_SQL, (after_id,))

@@ -73,6 +73,7 @@ class Labelled:
     lt: float
     lh: float
     held: bool = False
+    time: float = 0.0  # when it was served (unix seconds; the router's loop uses it)
 
     def __post_init__(self) -> None:
         self.held = Gt.held_back(self.id)
@@ -93,6 +94,7 @@ class LearningLoop:
     history: list[dict] = field(default_factory=list)
     counters: Counter = field(default_factory=Counter)
     promoted_at: int = 0
+    training_data: dict | None = None  # added to candidates' meta.json training_data
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -155,7 +157,8 @@ class LearningLoop:
         try:
             fit = fit_candidate(self.base, [r.request for r in train],
                                 np.array([r.lt for r in train]), np.array([r.lh for r in train]),
-                                [r.id for r in train], out, self.seed, self.refit)
+                                [r.id for r in train], out, self.seed, self.refit,
+                                self.training_data)
             cand = Served.of(A.load(out, verify=True, strict=True))
         except (ValueError, A.ArtifactError, OSError) as exc:
             return self._event("failed", reason=f"{type(exc).__name__}: {exc}")
