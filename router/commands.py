@@ -42,6 +42,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, help="torch threads for in-process models")
     p.add_argument("--print-settings", action="store_true",
                    help="print the resolved settings (secrets redacted) and exit")
+    p.add_argument("--ray", action="store_true",
+                   help="serve from Ray Serve (the `ray` extra): router_replicas router replicas, "
+                        "a deployment per in-process backend (its `replicas`); joins $RAY_ADDRESS "
+                        "(or ray.address), else starts a local cluster, stopped on exit")
     add_pid_file(p)
     p.set_defaults(func=run_serve)
 
@@ -96,6 +100,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.print_settings:
         print(json.dumps(settings.redacted(), indent=2))
         return 0
+    if args.ray:
+        from router.rayserve.cluster import RayServeError, serve_on_ray
+
+        try:
+            return serve_on_ray(settings, pid_file=args.pid_file)
+        except RayServeError as exc:
+            log.error("serve --ray: %s", exc)
+            return 2
     from router.app import create_app
     from router.server import serve
 

@@ -37,7 +37,6 @@ from models.span.decoder import (
     default_gate_name,
 )
 from models.span.gates import GATES
-from router.learning.guard import MIN_ROWS as GUARD_MIN_ROWS
 from router.policies import EVAL_ONLY, list_policies
 
 Role = Literal["transformer", "hybrid"]
@@ -96,6 +95,13 @@ class BackendSettings(_Strict):
     # fake: tool calls it answers with when a request sends tools and its last turn is not a
     # tool result (each {"name", "arguments"} or OpenAI's whole call); set: it calls tools
     fake_tool_calls: list[dict[str, Any]] | None = None
+    # `serve --ray` (router/rayserve/): an in-process backend is a Ray Serve deployment of
+    # `replicas` replicas, each reserving num_cpus (fractional) and num_gpus of the cluster;
+    # max_replicas above replicas: Ray Serve autoscales between the two (ray.autoscaling)
+    replicas: int = Field(1, ge=1)
+    max_replicas: int | None = Field(None, ge=1)
+    num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
 
     @property
     def concurrency(self) -> int:
@@ -114,31 +120,13 @@ class BackendSettings(_Strict):
             raise ValueError(f"backend {self.name!r}: kind 'hf' needs 'path'")
         if self.kind == "upstream" and not (self.base_url and self.model):
             raise ValueError(f"backend {self.name!r}: kind 'upstream' needs 'base_url' and 'model'")
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"backend {self.name!r}: max_replicas ({self.max_replicas}) is "
+                             f"below replicas ({self.replicas})")
         if self.call_tools and self.kind == "hf":
             raise ValueError(f"backend {self.name!r}: call_tools: kind 'hf' cannot call tools "
                              "(in-process models get no tool definitions)")
         return self
-
-
-# a profile's `learning:` block turns on exploration at this epsilon unless it sets its own
-LEARNING_EPSILON = 0.1
-
-
-class LearningSettings(_Strict):
-    """A profile's continuous learning (router/learning/auto.py, docs/learning-loop.md "The
-    loop runs itself"): every ``retrain_every`` new labels (scored references) a candidate is
-    fitted from the decision log, gated, reloaded when it passes, rolled back later if it
-    does worse."""
-
-    enabled: bool = True  # a `learning:` block turns it on; false keeps the block, off
-    retrain_every: int = Field(200, ge=1)  # new scored references between retrains
-    # labelled requests (not held back for the gate) needed before the first candidate; a
-    # guard needs GUARD_MIN_ROWS
-    min_labels: int = Field(40, ge=GUARD_MIN_ROWS)
-    refit: Literal["warm", "scratch", "base"] = "warm"  # router/learning/candidate.py
-    # where candidates are written: inside artifact_roots (an admin may reload one by hand)
-    workdir: str = "runs/learning"
-    poll_s: float = Field(5.0, gt=0)  # how often the decision log's label count is read
 
 
 class ProfileSettings(_Strict):
@@ -153,23 +141,7 @@ class ProfileSettings(_Strict):
     # not pick, at random, so an offline evaluation can see both (docs/learning-loop.md); the
     # decision log records each decision's propensity (1 - epsilon, or epsilon if explored)
     epsilon: float = Field(0.0, ge=0.0, le=0.5)
-    # continuous learning (classifier and guarded profiles): None or enabled: false is off;
-    # on, epsilon defaults to LEARNING_EPSILON
-    learning: LearningSettings | None = None
     description: str = ""
-
-    @property
-    def learns(self) -> bool:
-        return self.learning is not None and self.learning.enabled
-
-    @model_validator(mode="before")
-    @classmethod
-    def _learning_explores(cls, data: Any) -> Any:
-        if (isinstance(data, dict) and isinstance(data.get("learning"), dict)
-                and data["learning"].get("enabled", True) and "epsilon" not in data
-                and data.get("policy", "rules") in ("classifier", "guarded")):
-            data = {**data, "epsilon": LEARNING_EPSILON}
-        return data
 
     @property
     def span_gate(self) -> str | None:
@@ -188,13 +160,6 @@ class ProfileSettings(_Strict):
 
     @model_validator(mode="after")
     def _known_policy(self) -> ProfileSettings:
-        if self.learns and self.policy not in ("classifier", "guarded"):
-            raise ValueError(f"learning: only classifier and guarded profiles learn (a "
-                             f"trained artifact), not policy {self.policy!r}")
-        if self.learns and "artifact" in self.policy_args:
-            raise ValueError("learning: a profile that names its own artifact "
-                             "(policy_args.artifact) is not replaced by reloads; learning "
-                             "profiles use the reloadable one")
         if self.policy == SPAN_POLICY:
             extra = sorted(set(self.policy_args) - SPAN_ARGS)
             if extra:
@@ -291,6 +256,24 @@ class ModelServerSettings(_Strict):
     max_tokens_cap: int = Field(4096, ge=1)  # requested max_tokens above this are clamped
 
 
+class RaySettings(_Strict):
+    """``archroute serve --ray`` (:mod:`router.rayserve`): the cluster and what the router's
+    own deployments reserve. Replica counts and resources of the models are the backends'
+    (``replicas``, ``max_replicas``, ``num_cpus``, ``num_gpus``)."""
+
+    # a running cluster (HOST:PORT or ray://HOST:PORT); None: $RAY_ADDRESS, else a local
+    # cluster is started (and stopped on exit)
+    address: str | None = None
+    num_cpus: float | None = Field(None, gt=0)  # the local cluster's CPUs; None: this machine's
+    router_num_cpus: float = Field(0.25, gt=0)  # each router replica's reservation
+    # the span pair's deployment (both models per replica, their resources added); None: as
+    # many replicas as the transformer's
+    span_replicas: int | None = Field(None, ge=1)
+    # Ray Serve's AutoscalingConfig fields (target_ongoing_requests, upscale_delay_s, ...) for
+    # backends with max_replicas; checked by Ray Serve at start
+    autoscaling: dict[str, Any] = Field(default_factory=dict)
+
+
 class Settings(_Strict):
     """Everything the router reads. Defaults, commented, in one place."""
 
@@ -357,6 +340,10 @@ class Settings(_Strict):
     # backend when the backend chosen cannot call tools (and no fallback to one that cannot)
     tools: Literal["auto", "drop", "error"] = "auto"
     torch_threads: int | None = Field(None, ge=1)  # for in-process models; None: torch's default
+    # `serve --ray`: replicas of the router itself (Ray Serve's ingress deployment); the
+    # cluster and the router's reservations: the `ray` section
+    router_replicas: int = Field(1, ge=1)
+    ray: RaySettings = Field(default_factory=RaySettings)
     # `archroute serve-model`'s own limits (the connection limits above are shared)
     model_server: ModelServerSettings = Field(default_factory=ModelServerSettings)
     # the built-in profiles (_default_profiles) no layer configured, by name; set by
@@ -389,31 +376,7 @@ class Settings(_Strict):
                              f"({sorted(self.profiles)})")
         if not self.profiles:
             raise ValueError("profiles: need at least one")
-        learning = [n for n, p in self.profiles.items() if p.learns]
-        if len(learning) > 1:
-            raise ValueError(f"learning: at most one profile learns (one trainer), got "
-                             f"{learning}")
-        if learning:
-            self._check_learning(learning[0])
         return self
-
-    def _check_learning(self, name: str) -> None:
-        """What a learning profile needs of the rest: a decision log with prompts (labels
-        from references), its workdir among the artifact roots."""
-        if not self.decision_log:
-            raise ValueError(f"profiles.{name}.learning: needs a decision_log (labels and the "
-                             "loop's history live there)")
-        if not self.log_prompts:
-            raise ValueError(f"profiles.{name}.learning: needs log_prompts: true (a reference "
-                             "is scored on the request's prompt)")
-        learning = self.profiles[name].learning
-        assert learning is not None
-        work = Path(learning.workdir).resolve()
-        if not any(work == Path(r).resolve() or work.is_relative_to(Path(r).resolve())
-                   for r in self.artifact_roots):
-            raise ValueError(f"profiles.{name}.learning.workdir {learning.workdir!r} is not "
-                             f"inside artifact_roots {self.artifact_roots}")
-
 
     def default_candidates(self) -> list[str]:
         """The profiles `model: "archroute"` may mean, in order of preference: the

@@ -16,6 +16,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "span": ("evals.bench.span", "span decoding tokens/s per gate vs each model alone"),
     "span-remote": ("evals.bench.span_remote",
                     "span decoding over two engine processes vs each engine alone"),
+    "ray": ("evals.bench.ray_serve", "serve --ray vs one process: start-up, added latency, "
+                                     "throughput with 1 and 2 model replicas"),
     "chat": ("evals.bench.chat", "what a person sees in chat: repeat, bug-fix and EOS rates "
                                  "of the pair on held-out corpus documents"),
 }

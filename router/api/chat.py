@@ -24,11 +24,22 @@ async def completions(body: P.CompletionRequest, request: Request) -> Response:
     return await service(request).handle(body, t0(request))
 
 
+# /v1/route's decision as headers, for gateways that route on headers (docs/router.md,
+# "Kubernetes gateways"): the architecture (transformer | hybrid | span), the backend's name
+ARCH_HEADER = "x-archroute-arch"
+BACKEND_HEADER = "x-archroute-backend"
+
+
 @router.post("/v1/route", responses=E(400, 401, 404, 413))
-async def route_only(body: P.ChatCompletionRequest, request: Request) -> dict:
+async def route_only(body: P.ChatCompletionRequest, request: Request,
+                     response: Response) -> dict:
     """The routing decision for a chat request, without generating (for gateways that
-    route with ArchRoute and call the backend themselves)."""
+    route with ArchRoute and call the backend themselves); the body's ``decision`` and
+    ``backend`` also as the ``x-archroute-arch`` and ``x-archroute-backend`` headers."""
     try:
-        return await service(request).decide_only(body)
+        out = await service(request).decide_only(body)
     except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
         raise errors.to_api_error(exc) from exc
+    response.headers[ARCH_HEADER] = str(out["decision"])
+    response.headers[BACKEND_HEADER] = str(out["backend"])
+    return out
