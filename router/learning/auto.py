@@ -186,7 +186,9 @@ class AutoLearner:
         self.labels = 0  # scored references in the log at the last poll
         self.labels_at_retrain = 0  # at the last retrain (any replica's)
         self.last_event_id = 0  # learning_events read so far
-        self.promoted_time: float | None = None  # when the live artifact was promoted
+        # the log's last promotion of this profile (its row), None after a rollback: the
+        # artifact it replaced is the one a rollback restores, on any replica
+        self.promotion: dict | None = None
         self.counters: Counter = Counter()  # events this process wrote
         self.gate: dict = {}  # the last gate's figures
         self.retrains = 0
@@ -264,17 +266,17 @@ class AutoLearner:
         for e in mine:
             if e["event"] == "retrain_started" and e["labels"] is not None:
                 self.labels_at_retrain = max(self.labels_at_retrain, int(e["labels"]))
+            elif e["event"] in LIVE_CHANGES:
+                self.promotion = e if e["event"] == "promoted" else None
         changes = [e for e in mine if e["event"] in LIVE_CHANGES
                    and (start or e["replica"] != self.replica)]
         if changes:
             last = changes[-1]
             why = (f"{last['event']} by {last['replica']}" if not start else
                    f"the log's last {last['event']} (at start)")
-            await self._serve(last["path"], why, last["candidate"],
-                              last["time"] if last["event"] == "promoted" else None)
+            await self._serve(last["path"], why, last["candidate"])
 
-    async def _serve(self, path: str | None, why: str, sha: str | None,
-                     promoted_time: float | None) -> None:
+    async def _serve(self, path: str | None, why: str, sha: str | None) -> None:
         """Reload the artifact at ``path`` (the gate has judged it) and record it."""
         from router.errors import APIError
 
@@ -290,7 +292,6 @@ class AutoLearner:
             await self._record("reload_failed", candidate=sha, path=path,
                                reason=f"{why}: {exc.message}")
             return
-        self.promoted_time = promoted_time
         await self._record("reloaded", candidate=(out["artifact"].get("sha256") or "")[:12],
                            path=path, seconds=time.perf_counter() - t0, reason=why)
 
@@ -335,10 +336,9 @@ class AutoLearner:
         finally:
             self.retraining_since = None
         if changed is not None:
-            path, why, sha, promoted = changed
-            await self._serve(path, why, sha, promoted)
+            await self._serve(*changed)
 
-    def _step(self) -> tuple[str, str, str, float | None] | None:
+    def _step(self) -> tuple[str, str, str] | None:
         """Under the trainer lock: record the start, run :meth:`LearningLoop.step`, record
         its events; the artifact to serve if the live one changed."""
         assert self.loop is not None
@@ -365,7 +365,22 @@ class AutoLearner:
                                       seconds=time.perf_counter() - t0))
                 return None
 
-    def _run_step(self) -> tuple[str, str, str, float | None] | None:
+    def _previous(self, serving: Any) -> Served | None:
+        """The artifact the serving one replaced, when the log's last promotion made it live
+        (a restart, another replica's promotion): what a rollback would restore."""
+        from classifiers import artifact as A
+
+        p = self.promotion
+        if p is None or p["candidate"] != self._name(serving) or not p.get("live_path"):
+            return None
+        try:
+            return Served.of(A.load(p["live_path"], verify=True, strict=True), p["live"])
+        except (A.ArtifactError, OSError, ValueError) as exc:
+            log.warning("learning: the artifact before %s cannot be loaded from %s (%s): no "
+                        "rollback to it", p["candidate"], p["live_path"], exc)
+            return None
+
+    def _run_step(self) -> tuple[str, str, str] | None:
         loop = self.loop
         assert loop is not None
         t0 = time.perf_counter()
@@ -373,11 +388,12 @@ class AutoLearner:
         if serving is not None and (loop.live is None
                                     or self._name(loop.live.clf) != self._name(serving)):
             # a manual reload, or another replica's promotion: the loop judges what serves
-            loop.live, loop.previous = Served.of(serving, self._name(serving)), None
+            loop.live = Served.of(serving, self._name(serving))
+            loop.previous = self._previous(serving)
         rows = labelled(read_log(self.target, labelled_only=True))
         loop.rows = rows
-        loop.promoted_at = (sum(1 for r in rows if r.time < self.promoted_time)
-                            if self.promoted_time is not None else len(rows))
+        since = self.promotion["time"] if self.promotion is not None else math.inf
+        loop.promoted_at = sum(1 for r in rows if r.time < since)
         loop.workdir = (Path(self.settings.workdir) / self.profile /
                         f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}")
         before = len(loop.history)
@@ -403,12 +419,11 @@ class AutoLearner:
             if kind == "rolled_back" and loop.live is not None:
                 path = getattr(loop.live.clf, "path", None)
                 row.update(candidate=loop.live.name, path=str(path) if path else None)
-                out = (row["path"], "rolled back: " + str(ev.get("reason")), loop.live.name,
-                       None)
-                self.promoted_time = None
+                out = (row["path"], "rolled back: " + str(ev.get("reason")), loop.live.name)
+                self.promotion = None
             if kind == "promoted":
-                out = (row["path"], "promoted: " + str(ev.get("reason")), row["candidate"],
-                       row["time"])
+                out = (row["path"], "promoted: " + str(ev.get("reason")), row["candidate"])
+                self.promotion = row
             self._write(row)
         return out
 

@@ -208,7 +208,8 @@ def test_the_loop_retrains_gates_and_reloads_by_itself(tmp_path: Path) -> None:
     router = start(tmp_path, module="tests.router.reversed_server", log_prompts=True,
                    profiles=learning_profiles(retrain_every=160, min_labels=20,
                                               workdir=str(tmp_path / "learning")),
-                   exploration_seed=3, feedback_rate_per_s=1000, feedback_burst=1000)
+                   exploration_seed=3, feedback_rate_per_s=1000, feedback_burst=1000,
+                   feedback_queue_size=256)
     try:
         base = models(router.url)["archroute-auto"]["artifact"]["sha256"]
         stop, during = threading.Event(), []
@@ -292,5 +293,46 @@ def test_a_refused_candidate_leaves_the_embedded_pairs_artifact_unchanged(tmp_pa
         assert "too few held-back" in evs[1]["reason"]
         assert models(router.url)["archroute-auto"]["artifact"]["sha256"] == shipped
         assert "refused" in history(db, "--profile", "archroute-auto").stdout
+    finally:
+        router.stop()
+
+
+@pytest.mark.slow
+def test_a_promoted_artifact_is_rolled_back_when_the_traffic_turns(tmp_path: Path) -> None:
+    """The loop promotes a candidate on reversed traffic; the router restarts (it serves the
+    promoted artifact again, from the log) and the traffic turns back to the study's pattern:
+    at the next retrain the live artifact does worse than the one it replaced on the
+    held-back requests since, and the loop restores that one by itself."""
+    db = tmp_path / "decisions.sqlite"
+    config = {"log_prompts": True, "exploration_seed": 5, "feedback_rate_per_s": 1000,
+              "feedback_burst": 1000, "feedback_queue_size": 256,
+              "profiles": learning_profiles(retrain_every=160, min_labels=20,
+                                            workdir=str(tmp_path / "learning"))}
+    shipped = artifact.digest(artifact.DEFAULT_DIR)
+    router = start(tmp_path, module="tests.router.reversed_server", **config)
+    try:
+        label_all(router.url, requests_(80))
+        evs = wait_for(db, "reloaded", 60)
+    finally:
+        router.stop()
+    promoted = next(e for e in evs if e["event"] == "promoted")
+    router = start(tmp_path, module="tests.router.learning_server", **config)
+    try:
+        # at start, the log's last promotion serves again
+        assert models(router.url)["archroute-auto"]["artifact"]["sha256"][:12] == \
+            promoted["candidate"]
+        label_all(router.url, requests_(80, offset=1))
+        evs = wait_for(db, "rolled_back", 90)
+        back = next(e for e in evs if e["event"] == "rolled_back")
+        assert back["candidate"] == shipped[:12] and back["ci_high"] < 0, back
+        assert back["path"] == str(artifact.DEFAULT_DIR)
+        deadline = time.monotonic() + 30
+        while not any(e["event"] == "reloaded" and e["id"] > back["id"] for e in events(db)):
+            assert time.monotonic() < deadline, events(db)
+            time.sleep(0.2)
+        reload_ = next(e for e in events(db) if e["event"] == "reloaded" and e["id"] > back["id"])
+        assert reload_["candidate"] in (shipped[:12], *(e["candidate"] for e in events(db)
+                                                        if e["event"] == "promoted"))
+        assert "rolled_back" in history(db).stdout
     finally:
         router.stop()
