@@ -37,6 +37,7 @@ from models.span.decoder import (
     default_gate_name,
 )
 from models.span.gates import GATES
+from router.learning.guard import MIN_ROWS as GUARD_MIN_ROWS
 from router.policies import EVAL_ONLY, list_policies
 
 Role = Literal["transformer", "hybrid"]
@@ -129,6 +130,27 @@ class BackendSettings(_Strict):
         return self
 
 
+# a profile's `learning:` block turns on exploration at this epsilon unless it sets its own
+LEARNING_EPSILON = 0.1
+
+
+class LearningSettings(_Strict):
+    """A profile's continuous learning (router/learning/auto.py, docs/learning-loop.md "The
+    loop runs itself"): every ``retrain_every`` new labels (scored references) a candidate is
+    fitted from the decision log, gated, reloaded when it passes, rolled back later if it
+    does worse."""
+
+    enabled: bool = True  # a `learning:` block turns it on; false keeps the block, off
+    retrain_every: int = Field(200, ge=1)  # new scored references between retrains
+    # labelled requests (not held back for the gate) needed before the first candidate; a
+    # guard needs GUARD_MIN_ROWS
+    min_labels: int = Field(40, ge=GUARD_MIN_ROWS)
+    refit: Literal["warm", "scratch", "base"] = "warm"  # router/learning/candidate.py
+    # where candidates are written: inside artifact_roots (an admin may reload one by hand)
+    workdir: str = "runs/learning"
+    poll_s: float = Field(5.0, gt=0)  # how often the decision log's label count is read
+
+
 class ProfileSettings(_Strict):
     """A routing profile, addressed by the request's ``model`` field."""
 
@@ -141,7 +163,23 @@ class ProfileSettings(_Strict):
     # not pick, at random, so an offline evaluation can see both (docs/learning-loop.md); the
     # decision log records each decision's propensity (1 - epsilon, or epsilon if explored)
     epsilon: float = Field(0.0, ge=0.0, le=0.5)
+    # continuous learning (classifier and guarded profiles): None or enabled: false is off;
+    # on, epsilon defaults to LEARNING_EPSILON
+    learning: LearningSettings | None = None
     description: str = ""
+
+    @property
+    def learns(self) -> bool:
+        return self.learning is not None and self.learning.enabled
+
+    @model_validator(mode="before")
+    @classmethod
+    def _learning_explores(cls, data: Any) -> Any:
+        if (isinstance(data, dict) and isinstance(data.get("learning"), dict)
+                and data["learning"].get("enabled", True) and "epsilon" not in data
+                and data.get("policy", "rules") in ("classifier", "guarded")):
+            data = {**data, "epsilon": LEARNING_EPSILON}
+        return data
 
     @property
     def span_gate(self) -> str | None:
@@ -160,6 +198,13 @@ class ProfileSettings(_Strict):
 
     @model_validator(mode="after")
     def _known_policy(self) -> ProfileSettings:
+        if self.learns and self.policy not in ("classifier", "guarded"):
+            raise ValueError(f"learning: only classifier and guarded profiles learn (a "
+                             f"trained artifact), not policy {self.policy!r}")
+        if self.learns and "artifact" in self.policy_args:
+            raise ValueError("learning: a profile that names its own artifact "
+                             "(policy_args.artifact) is not replaced by reloads; learning "
+                             "profiles use the reloadable one")
         if self.policy == SPAN_POLICY:
             extra = sorted(set(self.policy_args) - SPAN_ARGS)
             if extra:
@@ -376,7 +421,31 @@ class Settings(_Strict):
                              f"({sorted(self.profiles)})")
         if not self.profiles:
             raise ValueError("profiles: need at least one")
+        learning = [n for n, p in self.profiles.items() if p.learns]
+        if len(learning) > 1:
+            raise ValueError(f"learning: at most one profile learns (one trainer), got "
+                             f"{learning}")
+        if learning:
+            self._check_learning(learning[0])
         return self
+
+    def _check_learning(self, name: str) -> None:
+        """What a learning profile needs of the rest: a decision log with prompts (labels
+        from references), its workdir among the artifact roots."""
+        if not self.decision_log:
+            raise ValueError(f"profiles.{name}.learning: needs a decision_log (labels and the "
+                             "loop's history live there)")
+        if not self.log_prompts:
+            raise ValueError(f"profiles.{name}.learning: needs log_prompts: true (a reference "
+                             "is scored on the request's prompt)")
+        learning = self.profiles[name].learning
+        assert learning is not None
+        work = Path(learning.workdir).resolve()
+        if not any(work == Path(r).resolve() or work.is_relative_to(Path(r).resolve())
+                   for r in self.artifact_roots):
+            raise ValueError(f"profiles.{name}.learning.workdir {learning.workdir!r} is not "
+                             f"inside artifact_roots {self.artifact_roots}")
+
 
     def default_candidates(self) -> list[str]:
         """The profiles `model: "archroute"` may mean, in order of preference: the
