@@ -10,6 +10,9 @@
 - :mod:`router.learning.guard`, :mod:`router.learning.gate`,
   :mod:`router.learning.candidate`, :mod:`router.learning.loop`: learning safely with few
   labels (the guard, the reload gate, warm-started candidates, the loop with rollback)
+- :mod:`router.learning.auto`: the loop run by the router itself (a profile's ``learning:``),
+  one trainer at a time across replicas; :mod:`router.learning.history`: ``archroute
+  learning history``
 
 Parts it uses that live with what they serve: the decision log (router/decision_log), live
 reloads (router/reload.py). Off-policy evaluation from the log is evals/from_log.py and
