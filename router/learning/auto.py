@@ -14,7 +14,8 @@ refused candidate changes nothing. A manual ``POST /admin/reload`` while a retra
 
 Every step is a row of ``learning_events`` (``archroute learning history`` prints them) and a
 metric (:class:`LearningCollector`). Replicas sharing a PostgreSQL log train one at a time
-(:class:`TrainerLock`: ``pg_try_advisory_lock``; a SQLite log: a file lock beside it), and
+(:class:`router.learning.trainlock.TrainerLock`: ``pg_try_advisory_lock``; a SQLite log:
+a file lock beside it), and
 the others follow: a ``promoted`` or ``rolled_back`` row another process wrote is reloaded
 from its path when that folder is reachable (a shared volume), and so is the last one at
 start.
@@ -39,14 +40,14 @@ from typing import Any, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.decision_log import DecisionLog, is_postgres, read_log
+from router.decision_log import DecisionLog, read_log
 from router.learning import gate as Gt
 from router.learning.logrows import routing_request
 from router.learning.loop import Labelled, LearningLoop, Served
+from router.learning.trainlock import TrainerLock
 
 log = logging.getLogger(__name__)
 
-TRAINER_LOCK_ID = 7_270_017  # PostgreSQL advisory lock: one trainer across replicas
 LIVE_CHANGES = ("promoted", "rolled_back")  # events after which the live artifact differs
 
 
@@ -86,59 +87,6 @@ class LearningSettings(Protocol):
 
 def replica_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class TrainerLock:
-    """One trainer at a time across the routers sharing a decision log. PostgreSQL: a
-    session advisory lock (``pg_try_advisory_lock``) on a connection of its own, released
-    by the server if this process dies; SQLite: a file lock (``filelock``) on
-    ``LOG.trainer.lock`` beside the file. :meth:`acquire` never waits."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self._conn: Any = None
-        self._file: Any = None
-
-    def acquire(self) -> bool:
-        if is_postgres(self.target):
-            import psycopg
-
-            conn = psycopg.connect(self.target, connect_timeout=10, autocommit=True)
-            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (TRAINER_LOCK_ID,)).fetchone()
-            if got is None or not got[0]:
-                conn.close()
-                return False
-            self._conn = conn
-            return True
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(f"{self.target}.trainer.lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return False
-        self._file = lock
-        return True
-
-    def release(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):  # closing the session releases it anyway
-                self._conn.execute("SELECT pg_advisory_unlock(%s)", (TRAINER_LOCK_ID,))
-            self._conn.close()
-            self._conn = None
-        if self._file is not None:
-            self._file.release()
-            self._file = None
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[bool]:
-        """``with lock.held() as mine:`` ``mine`` is False when another trainer has it."""
-        mine = self.acquire()
-        try:
-            yield mine
-        finally:
-            if mine:
-                self.release()
 
 
 def _low_priority() -> None:

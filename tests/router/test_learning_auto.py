@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from classifiers import artifact
-from router.learning.auto import TrainerLock
+from router.learning.trainlock import TrainerLock
 from router.settings import SettingsError, load_settings
 from tests.router import pg
 from tests.router.conftest import Fakes, assert_envelope
@@ -108,7 +108,7 @@ def models_of(client: TestClient) -> dict:
 
 # --- one trainer at a time ----------------------------------------------------------------
 
-HOLD = ("import sys, time; from router.learning.auto import TrainerLock; "
+HOLD = ("import sys, time; from router.learning.trainlock import TrainerLock; "
         "l = TrainerLock(sys.argv[1]); print(l.acquire(), flush=True); time.sleep(60)")
 
 
@@ -145,9 +145,27 @@ def test_one_trainer_at_a_time_on_a_sqlite_log(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(pg.why_not() is not None, reason=str(pg.why_not()))
 def test_one_trainer_at_a_time_on_postgres() -> None:
+    """The advisory lock, and the history table in PostgreSQL (written as the router writes
+    it, read as the CLI reads it)."""
+    from router.decision_log import DecisionLog, read_learning_events
+
     cluster = pg.Cluster().start()
     try:
-        _one_trainer(cluster.database())
+        url = cluster.database()
+        _one_trainer(url)
+        dlog = DecisionLog(url, log_prompts=True)
+        try:
+            dlog.add_learning_event({"time": 1.0, "profile": "auto", "event": "refused",
+                                     "labels": 40, "difference": 0.01, "ci_low": -0.02,
+                                     "ci_high": 0.04, "held_back": 10, "reason": "why"})
+            assert dlog.label_count() == 0
+            assert [e["event"] for e in dlog.learning_events()] == ["refused"]
+        finally:
+            dlog.close()
+        (row,) = read_learning_events(url)
+        assert row["difference"] == 0.01 and row["held_back"] == 10
+        res = archroute("learning", "history", "--log", url)
+        assert res.returncode == 0 and "refused" in res.stdout and "+0.0100" in res.stdout
     finally:
         cluster.stop()
 
