@@ -163,7 +163,11 @@ class AutoLearner:
                                  live=Served.of(base, self._name(base)))
         # a candidate says it was trained on the log: a manual reload of one is gated
         self.loop.training_data = {"decision_log": self.dlog.store.describe()}
-        await self._follow(start=True)
+        try:  # the log's last promotion serves again
+            self.labels = await self._db(self.dlog.label_count)
+            await self._follow(start=True)
+        except Exception:  # noqa: BLE001 - a log unreachable now: the polls try again
+            log.exception("learning: the decision log's history could not be read at start")
         self._task = asyncio.create_task(self._run(), name="learning-loop")
         log.info("learning: profile %s retrains every %d new labels (refit %s, at least %d "
                  "training labels), candidates in %s", self.profile,
