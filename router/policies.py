@@ -20,6 +20,7 @@ import difflib
 import hashlib
 import importlib
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -30,6 +31,7 @@ from classifiers.request import DEFAULT_THRESHOLD, RoutingRequest
 log = logging.getLogger(__name__)
 
 Decision = Literal["transformer", "hybrid"]
+GAIN_PER_LOGIT = 0.52  # Policy.gain_per_logit's default (nats/token per logit unit)
 
 
 def decide(score: float, threshold: float = DEFAULT_THRESHOLD) -> Decision:
@@ -75,6 +77,19 @@ class Policy:
         """The keyword arguments this policy was built with (for logs and provenance)."""
         return {}
 
+    def gain_per_logit(self) -> float:
+        """Nats/token of predicted gap per unit of the score's logit, for :meth:`gain`; a
+        policy without a gap model: the shipped classifier's own (1 / 1.92, the slope of its
+        gap-to-logit calibration)."""
+        return GAIN_PER_LOGIT
+
+    def gain(self, score: float, threshold: float) -> float:
+        """The predicted gain (nats/token of the answer) of the backend this score picks
+        over the other, measured from the decision boundary: ``gain_per_logit * |logit(score)
+        - logit(threshold)|`` (scores clipped to [1e-4, 1 - 1e-4]); a conversation's turn
+        switches backend only when it beats the handoff cost (router/conversations.py)."""
+        return self.gain_per_logit() * abs(_logit(score) - _logit(threshold))
+
     def default_threshold(self) -> float:
         """The threshold a profile uses when it sets none (a trained policy returns the one
         chosen on validation data for its operating point)."""
@@ -88,6 +103,11 @@ class Policy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+def _logit(p: float) -> float:
+    p = min(1.0 - 1e-4, max(1e-4, p))
+    return math.log(p / (1.0 - p))
 
 
 # --- registry ------------------------------------------------------------------------
@@ -361,6 +381,18 @@ class ClassifierPolicy(Policy):
             log.warning("classifier artifact unavailable (%s: %s); falling back to the rules "
                         "policy", type(exc).__name__, exc)
             return None
+
+    def gain_per_logit(self) -> float:
+        """An artifact whose class model is its gap regressor (``regressor_is_classifier``,
+        centre 0: the shipped one) has ``logit(P) = a * gap + b``: a logit is ``1 / |a|``
+        nats/token of predicted gap, exactly; otherwise the base class's."""
+        m = self.model_
+        meta = getattr(m, "meta", {})
+        cal = getattr(m, "calibration", None)
+        if (m is not None and meta.get("regressor_is_classifier") and not meta.get("center")
+                and cal is not None and cal[0]):
+            return 1.0 / abs(float(cal[0]))
+        return GAIN_PER_LOGIT
 
     def artifact_identity(self) -> dict | None:
         identity = getattr(self.model_, "identity", None)  # a test may pass a bare model
