@@ -42,7 +42,8 @@ def _eval_half(rid: str) -> bool:
 
 def simulate_source(rows: Sequence[dict], source: str, workdir: Path, *, epsilon: float = 0.1,
                     retrain_every: int = 50, checkpoints: Sequence[int] = CHECKPOINTS,
-                    refit: str = "warm", seed: int = 0, n_boot: int = 300) -> dict:
+                    refit: str = "warm", seed: int = 0, n_boot: int = 300,
+                    gate_level: float | None = None) -> dict:
     """One source as the new traffic; returns its evaluations and the loop's history."""
     from classifiers import artifact as A
     from classifiers.training.realdata import EVAL_ONLY
@@ -70,7 +71,8 @@ def simulate_source(rows: Sequence[dict], source: str, workdir: Path, *, epsilon
                                    "training_data": {"kind": "shift simulation base",
                                                      "held_out_source": source}})
     base = A.load(base_dir, verify=True, strict=True)
-    loop = LearningLoop(base, workdir, refit=refit, seed=seed, n_boot=n_boot)
+    loop = LearningLoop(base, workdir, refit=refit, seed=seed, n_boot=n_boot,
+                        level=0.95 if gate_level is None else gate_level)
     ev_rows = [r for r in new if _eval_half(r["id"])]
     stream = [r for r in new if not _eval_half(r["id"])]
     rng = np.random.default_rng(seed)
@@ -221,7 +223,7 @@ def plot(results: Sequence[dict], path: Path) -> None:
 def run(labels: str, out: str | None = None, sources: Sequence[str] | None = None,
         limit: int | None = None, epsilon: float = 0.1, retrain_every: int = 50,
         refit: str = "warm", seed: int = 0, n_boot: int = 300, progress: bool = True,
-        checkpoints: Sequence[int] = CHECKPOINTS) -> int:
+        checkpoints: Sequence[int] = CHECKPOINTS, gate_level: float | None = None) -> int:
     """The command: every (or each named) source in turn; prints the tables and the bars,
     writes ``shift.json``, ``shift.md`` and ``shift.png`` to ``out``."""
     import sys
@@ -234,6 +236,10 @@ def run(labels: str, out: str | None = None, sources: Sequence[str] | None = Non
         return 2
     if retrain_every < 1:
         print("archroute eval --simulate-shift: --retrain-every must be at least 1",
+              file=sys.stderr)
+        return 2
+    if gate_level is not None and not 0.5 <= gate_level < 1:
+        print(f"archroute eval --simulate-shift: --gate-level must be in [0.5, 1), got {gate_level}",
               file=sys.stderr)
         return 2
     try:
@@ -283,15 +289,18 @@ def run(labels: str, out: str | None = None, sources: Sequence[str] | None = Non
         for s in it:
             results.append(simulate_source(rows, s, Path(tmp) / s, epsilon=epsilon,
                                            retrain_every=retrain_every, checkpoints=checkpoints,
-                                           refit=refit, seed=seed, n_boot=n_boot))
+                                           refit=refit, seed=seed, n_boot=n_boot,
+                                           gate_level=gate_level))
     md = report(results, checkpoints, n_boot, seed)
     head = (f"shift simulation: {len(names)} sources, epsilon {epsilon}, retrain every "
-            f"{retrain_every} labels, refit {refit}, seed {seed}, {time.perf_counter() - t0:.0f} s")
+            f"{retrain_every} labels, refit {refit}, seed {seed}, gate CI "
+            f"{gate_level or 0.95:.0%}, {time.perf_counter() - t0:.0f} s")
     print(head + "\n\n" + md)
     (out_dir / "shift.md").write_text(head + "\n\n" + md + "\n")
     (out_dir / "shift.json").write_text(json.dumps(
         {"settings": {"labels": labels, "sources": names, "limit": limit, "epsilon": epsilon,
                       "retrain_every": retrain_every, "refit": refit, "seed": seed,
+                      "gate_level": gate_level or 0.95,
                       "checkpoints": list(checkpoints)},
          "results": [{k: v for k, v in r.items() if k != "eval_losses"} for r in results]},
         default=float) + "\n")

@@ -85,6 +85,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--refit", choices=("warm", "scratch", "base"), default="warm",
                    help="with --simulate-shift: candidates warm-started from the base model "
                         "(default), fitted from nothing, or the base with a fresh guard only")
+    h.add_argument("--gate-level", type=float, default=None,
+                   help="with --simulate-shift: the two-sided level of the gate's bootstrap CI "
+                        "(default 0.95; 0.90 is a one-sided 95%% test)")
     p.set_defaults(func=run)
 
 
@@ -117,7 +120,7 @@ def run(a: argparse.Namespace) -> int:
 
         return run_shift(a.labels, a.out, a.sources, a.limit, a.epsilon, a.retrain_every,
                          a.refit, a.seed or 0, 300 if a.bootstrap is None else a.bootstrap,
-                         progress=not a.no_progress)
+                         progress=not a.no_progress, gate_level=a.gate_level)
     if a.report_only:
         res = EvalResult.load(Path(a.report_only) / "results.json")
         paths = write_report(res, a.report_only)
