@@ -31,6 +31,11 @@ class RouterMetrics:
         self.explored = Counter("archroute_explored", "requests exploration sent to the "
                                 "backend the policy did not pick, by profile and backend role",
                                 ["profile", "backend"], registry=r)
+        self.conversation_turns = Counter(
+            "archroute_conversation_turns", "follow-up turns of a conversation by profile and "
+            "outcome: same (the policy picked the earlier turn's backend), kept (the handoff "
+            "cost kept it there), switched (the predicted gain beat the handoff cost)",
+            ["profile", "outcome"], registry=r)
         self.served = Counter("archroute_served", "requests served, by backend name",
                               ["backend"], registry=r)
         self.fallbacks = Counter("archroute_fallbacks", "requests served by the other backend",

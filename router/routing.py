@@ -10,7 +10,9 @@ the request's record (:class:`~router.decision_log.DecisionRow`):
 3. :func:`span_profile`: a span profile, decoded by the span decoder with its gate (or the
    one the request names);
 4. :func:`scored`: the profile's policy scores the request, :func:`router.policies.decide`
-   compares the score with the threshold, and exploration may send it to the other backend.
+   compares the score with the threshold, a follow-up turn stays on the earlier turn's
+   backend unless the predicted gain beats the handoff cost (:mod:`router.conversations`),
+   and exploration may send it to the other backend.
 
 A resolver reads what it needs and changes nothing but the exploration generator's state
 (:mod:`router.learning.exploration`) and the span slots it builds on first use.
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 
 from classifiers.explain import reasons as feature_reasons
 from classifiers.request import RoutingRequest
+from router.conversations import Earlier, Sticky, stick
 from router.decision_log import DecisionRow
 from router.errors import InvalidRequestError
 from router.learning.exploration import Explorer
@@ -52,6 +55,7 @@ class Ask:
     explain: bool = False
     count: bool = True
     gate: str | None = None
+    earlier: Earlier | None = None  # a follow-up turn: the turn before (router/conversations.py)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class Resolution:
     span_draft: Draft = NO_DRAFT  # a span profile's drafted copy spans (draft_k, min_match)
     counted: str | None = None
     fallback: bool = True  # False: only ``role`` may serve it (a backend named directly)
+    sticky: bool = False  # the profile keeps conversations on a backend: remember this turn
+    conversation: Sticky | None = None  # a follow-up turn's stay-or-switch decision
 
     def record(self, row: DecisionRow) -> None:
         """Write the decision into the request's record."""
@@ -82,6 +88,7 @@ class Resolution:
                                                            self.role, self.side)
         row.score, row.threshold, row.features = self.score, self.threshold, dict(self.features)
         row.propensity, row.explored, row.artifact = self.propensity, self.explored, self.artifact
+        row.conversation = None if self.conversation is None else self.conversation.record()
 
 
 def named_backend(ask: Ask, by_name: Mapping[str, str]) -> Resolution | None:
@@ -130,19 +137,31 @@ async def scored(ask: Ask, name: str, prof: ProfileSettings, policy: Policy, thr
                  explorer: Explorer) -> Resolution:
     """The profile's policy scores the request (in a worker thread when it may take over a
     millisecond, or the text is long), the threshold decides, and with the profile's
-    ``epsilon`` exploration may send it to the other backend (only when ``ask.count``)."""
+    ``epsilon`` exploration may send it to the other backend (only when ``ask.count``). A
+    follow-up turn (``ask.earlier``) of a profile with ``conversation.sticky`` stays on the
+    earlier backend unless the policy's gain beats the handoff cost, before exploration."""
     if policy.blocking or len(ask.rreq.text) > INLINE_SCORE_CHARS:
         score, feats = await asyncio.to_thread(policy.explain, ask.rreq)
     else:
         score, feats = policy.explain(ask.rreq)
     thr = threshold if ask.threshold is None else ask.threshold
-    picked = decide(score, thr)
+    picked: str = decide(score, thr)
+    conv = prof.conversation
+    sticky = None
+    if conv.sticky and ask.earlier is not None:
+        sticky = stick(ask.earlier, picked, policy.gain(score, thr), conv.handoff_cost)
+        picked = sticky.role
     choice = explorer.choose(picked, other_role(picked), prof.epsilon, draw=ask.count)
     identity = policy.artifact_identity()
     sha = identity.get("sha256") if identity else None
     why: tuple[str, ...] | None = None
     if ask.explain:
         why = tuple(feature_reasons(feats, policy.contributions(feats)))
+        if sticky is not None and sticky.outcome != "same":
+            why += (f"a follow-up turn: predicted gain {sticky.gain:.4f} nats/token for the "
+                    f"{sticky.picked} {'beats' if sticky.outcome == 'switched' else 'is below'}"
+                    f" the handoff cost {sticky.handoff_cost:.4f} ({sticky.tokens} tokens on "
+                    f"the {sticky.earlier}): {sticky.outcome}",)
         if choice.explored:
             why += (f"exploration (epsilon {prof.epsilon:g}): sent to the {choice.role}, the "
                     "backend the policy did not pick",)
@@ -151,4 +170,5 @@ async def scored(ask: Ask, name: str, prof: ProfileSettings, policy: Policy, thr
     return Resolution(choice.role, name, label, score=score, threshold=thr, features=feats,
                       propensity=choice.propensity, explored=choice.explored,
                       artifact=sha[:12] if isinstance(sha, str) and sha else None,
-                      reasons=why, counted=prof.policy if ask.count else None)
+                      reasons=why, counted=prof.policy if ask.count else None,
+                      sticky=conv.sticky, conversation=sticky)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from classifiers.request import RoutingRequest
 from models.base import GenerationParams, GenerationResult, Prompt, RequestError
 from router import protocol as P
+from router.conversations import Conversations, TextTap
 from router.decision_log import DecisionLog, DecisionRow
 from router.errors import (
     APIError,
@@ -120,6 +121,9 @@ class Route:
         span = self.span
         if span is not None:
             h["x-archroute-span"] = span_header(span)
+        conv = self.decision.conversation
+        if conv is not None:
+            h["x-archroute-conversation"] = conv.header()
         return h
 
     def body(self, overhead_ms: float) -> dict:
@@ -139,6 +143,8 @@ class Route:
         span = self.span
         if span is not None:
             out["span"] = dict(span)
+        if r.conversation is not None:
+            out["conversation"] = r.conversation
         return out
 
 
@@ -180,6 +186,9 @@ class RouterService:
         self.metrics = metrics
         self.decision_log = decision_log
         self._by_name = {s.name: role for role, s in slots.items()}
+        # follow-up turns stay on their backend (router/conversations.py)
+        self.conversations = Conversations(settings.conversation_cache, decision_log,
+                                           self._by_name)
         self.created = int(time.time())  # the models' `created`: when this router started
         # exploration (profiles' epsilon): one seeded generator per service, seed logged
         self.explorer = Explorer(settings.exploration_seed)
@@ -283,10 +292,17 @@ class RouterService:
         if (target is not None and model not in self.profiles
                 and target in self.profiles):
             model, deprecated = target, f"model {model!r} is deprecated: it is {target!r}, use that name"
-        decision = await self.resolve(Ask(model, rreq, threshold, explain, count, gate))
+        found = self._profile(model)
+        earlier = (await self.conversations.earlier(rreq)
+                   if found is not None and found[1].conversation.sticky
+                   and found[1].span_gate is None else None)
+        decision = await self.resolve(Ask(model, rreq, threshold, explain, count, gate, earlier))
         decision.record(row)
         if decision.counted is not None:  # a decision the router carries out
             self.metrics.decisions.labels(decision.counted, decision.role).inc()
+            if decision.conversation is not None:
+                self.metrics.conversation_turns.labels(
+                    decision.profile, decision.conversation.outcome).inc()
             if decision.explored:
                 self.metrics.explored.labels(decision.profile, decision.role).inc()
         order = self._order(decision.role) if decision.fallback else [decision.role]
@@ -526,7 +542,7 @@ class RouterService:
                                "messages": [{"role": m.role, "content": m.content}
                                             for m in rreq.messages]}
             if body.stream:
-                return await self._stream_response(route, prompt, body, t0)
+                return await self._stream_response(route, prompt, body, t0, rreq)
             results, spent = await self.generate(route, prompt, body)
         except Exception as exc:  # noqa: BLE001 - one mapper makes the envelope
             err = to_api_error(exc, request_id=row.request_id)
@@ -536,6 +552,9 @@ class RouterService:
             row.span = span_totals(route.span_gate, (r.span for r in results))
         row.prompt_tokens = results[0].prompt_tokens
         row.completion_tokens = sum(r.completion_tokens for r in results)
+        if route.decision.sticky and chat:  # the next turn resends one of these answers
+            for r in reversed(results):
+                row.turn_key = self._remember(row, rreq, r.text, r.completion_tokens)
         total = time.perf_counter() - t0
         overhead_ms = (total - spent) * 1000
         extra = {"archroute": route.body(overhead_ms)} if self.settings.decision_in_body else None
@@ -554,13 +573,23 @@ class RouterService:
         self._finish(row, t0, overhead_ms, 200, None)
         return JSONResponse(payload, headers=route.headers(overhead_ms))
 
+    def _remember(self, row: DecisionRow, rreq: RoutingRequest, answer: str,
+                  completion_tokens: int | None) -> str | None:
+        """Remember an answered turn for its follow-up (router/conversations.py)."""
+        role = self._by_name.get(row.backend or "")
+        if role is None:
+            return None
+        return self.conversations.remember(rreq, answer, role, row.prompt_tokens,
+                                           completion_tokens)
+
     async def _stream_response(self, route: Route, prompt: Prompt,
                                body: P.ChatCompletionRequest | P.CompletionRequest,
-                               t0: float) -> StreamingResponse:
+                               t0: float, rreq: RoutingRequest) -> StreamingResponse:
         row = route.row
         stream = await self.open_stream(route, prompt, body)
-        overhead_ms = (time.perf_counter() - t0) * 1000  # before the first byte only
         chat = isinstance(body, P.ChatCompletionRequest)
+        tap = TextTap(stream) if route.decision.sticky and chat else None
+        overhead_ms = (time.perf_counter() - t0) * 1000  # before the first byte only
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         echo = getattr(body, "echo", False)
         ext = route.body(overhead_ms) if self.settings.decision_in_body else None
@@ -574,10 +603,12 @@ class RouterService:
             if error is not None and status == 200:
                 self.metrics.backend_failures.labels(stream.slot.name).inc()
             row.prompt_tokens, row.completion_tokens = n_prompt, n_completion
+            if tap is not None and status == 200 and error is None:
+                row.turn_key = self._remember(row, rreq, tap.text, n_completion)
             self._finish(row, t0, overhead_ms, status, error)
 
-        events = sse_events(stream, rid=row.request_id, model=body.model, chat=chat,
-                            include_usage=include_usage,
+        events = sse_events(stream if tap is None else tap.as_stream(), rid=row.request_id,
+                            model=body.model, chat=chat, include_usage=include_usage,
                             echo=prompt if echo and isinstance(prompt, str) else "",
                             ext=ext, on_end=on_end, on_span=on_span)
         return StreamingResponse(events, media_type="text/event-stream",

@@ -151,6 +151,22 @@ class LearningSettings(_Strict):
     poll_s: float = Field(5.0, gt=0)  # how often the decision log's label count is read
 
 
+# nats/token of predicted gain a switch must beat per 1,000 conversation tokens the other
+# backend reads again (its prefix cache lost); measured: `archroute bench handoff`
+# (docs/router.md, "Conversations")
+DEFAULT_HANDOFF_COST = 0.01
+
+
+class ConversationSettings(_Strict):
+    """A profile's follow-up turns (router/conversations.py): with ``sticky``, a turn that
+    follows one this router answered stays on that turn's backend unless the policy's
+    predicted gain for switching (nats/token) is at least ``handoff_cost`` times the
+    thousands of tokens the other backend would read again; 0 follows the policy."""
+
+    sticky: bool = True
+    handoff_cost: float = Field(DEFAULT_HANDOFF_COST, ge=0.0, allow_inf_nan=False)
+
+
 class ProfileSettings(_Strict):
     """A routing profile, addressed by the request's ``model`` field."""
 
@@ -166,6 +182,8 @@ class ProfileSettings(_Strict):
     # continuous learning (classifier and guarded profiles): None or enabled: false is off;
     # on, epsilon defaults to LEARNING_EPSILON
     learning: LearningSettings | None = None
+    # follow-up turns stay on the backend that served the turn before (scoring profiles)
+    conversation: ConversationSettings = Field(default_factory=ConversationSettings)
     description: str = ""
 
     @property
@@ -228,6 +246,9 @@ class ProfileSettings(_Strict):
             if self.epsilon:
                 raise ValueError("span profile: 'epsilon' does not apply (span decoding uses "
                                  "both models; there is no other backend to explore)")
+            if "conversation" in self.model_fields_set:
+                raise ValueError("span profile: 'conversation' does not apply (span decoding "
+                                 "uses both models in every turn)")
             return self
         if self.policy not in list_policies():
             import difflib
@@ -373,6 +394,9 @@ class Settings(_Strict):
     # exploration's random generator (profiles' epsilon); None: a fresh seed, logged at start
     exploration_seed: int | None = None
     decision_in_body: bool = True  # add the `archroute` object to response bodies
+    # follow-up turns remembered in this process (router/conversations.py: an LRU of
+    # conversation hashes; with the decision log on, older turns are found there too)
+    conversation_cache: int = Field(10_000, ge=1)
     # chat apps' own side requests (titles, tags, follow-ups; recognised by their prompt,
     # e.g. Open WebUI's "### Task:"): served by this backend role without scoring, marked
     # `side` in the decision log; "route" routes them like user requests

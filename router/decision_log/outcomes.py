@@ -45,6 +45,15 @@ class DecisionLog(DecisionWriter):
             row = self.lookup(request_id)
         return row
 
+    def answered_turn(self, turn_key: str) -> dict | None:
+        """The served turn whose conversation ends with its answer has this ``turn_key``
+        (:mod:`router.conversations`), any replica's, as committed now: ``backend``,
+        ``prompt_tokens``, ``completion_tokens``; None when none."""
+        rows = self._query("SELECT backend, prompt_tokens, completion_tokens FROM decisions "
+                           "WHERE turn_key = ? AND backend IS NOT NULL ORDER BY id DESC "
+                           "LIMIT 1", (turn_key,))
+        return rows[0] if rows else None
+
     def add_feedback(self, request_id: str, reward: float, kind: str) -> tuple[str, float]:
         """Store a reward for a response: ``("new" | "duplicate" | "conflict", stored
         reward)``. Committed when this returns."""

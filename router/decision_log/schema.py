@@ -46,7 +46,12 @@ MIGRATIONS = {"side": "ALTER TABLE decisions ADD COLUMN side INTEGER DEFAULT 0",
               # policy saw it (offline evaluation and retraining rebuild its features)
               "request": "ALTER TABLE decisions ADD COLUMN request TEXT",
               # the classifier artifact that scored it (sha256, 12 hex digits)
-              "artifact": "ALTER TABLE decisions ADD COLUMN artifact TEXT"}
+              "artifact": "ALTER TABLE decisions ADD COLUMN artifact TEXT",
+              # a follow-up turn (router/conversations.py): JSON {earlier, tokens, picked,
+              # gain, handoff_cost, outcome}; NULL for a first turn
+              "conversation": "ALTER TABLE decisions ADD COLUMN conversation TEXT",
+              # the conversation with this turn's answer, hashed: the next turn finds it
+              "turn_key": "ALTER TABLE decisions ADD COLUMN turn_key TEXT"}
 FEEDBACK_SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
     request_id TEXT PRIMARY KEY,   -- the response's id
@@ -94,7 +99,8 @@ CREATE TABLE IF NOT EXISTS learning_events (
     reason TEXT
 )"""
 INDEXES = ("CREATE INDEX IF NOT EXISTS decisions_request_id ON decisions (request_id)",
-           "CREATE INDEX IF NOT EXISTS decisions_time ON decisions (time)")
+           "CREATE INDEX IF NOT EXISTS decisions_time ON decisions (time)",
+           "CREATE INDEX IF NOT EXISTS decisions_turn_key ON decisions (turn_key)")
 
 
 @dataclass
@@ -131,4 +137,6 @@ class DecisionRow:
     explored: bool | None = None
     request: dict | None = None  # {kind, messages, max_tokens}: only when log_prompts
     artifact: str | None = None
+    conversation: dict | None = None  # a follow-up turn's decision (router/conversations.py)
+    turn_key: str | None = None  # the conversation with this turn's answer, hashed
     time: float = field(default_factory=time.time)

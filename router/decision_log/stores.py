@@ -170,7 +170,7 @@ def read_log(target: str | Path, labelled_only: bool = False) -> list[dict]:
                  "LEFT JOIN labels l ON l.request_id = d.request_id"
                  + (" WHERE l.status = 'done'" if labelled_only else "") + " ORDER BY d.id")
     for r in rows:
-        for k in ("features", "span", "request"):
+        for k in ("features", "span", "request", "conversation"):
             if isinstance(r.get(k), str):
                 r[k] = json.loads(r[k])
     return rows

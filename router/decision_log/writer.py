@@ -148,7 +148,7 @@ class DecisionWriter:
                 d["features"] = json.dumps(d["features"])
                 d["stream"], d["side"] = int(d["stream"]), int(d["side"])
                 d["explored"] = None if d["explored"] is None else int(d["explored"])
-                for k in ("span", "request"):
+                for k in ("span", "request", "conversation"):
                     d[k] = None if d[k] is None else json.dumps(d[k])
                 self._backlog.append((row.request_id, tuple(d[c] for c in cols)))
                 ids.append(row.request_id)
