@@ -42,6 +42,7 @@ from classifiers.integrity import (
     shown,
     write_atomically,
 )
+from classifiers.probe import PROBE_FEATURES
 from classifiers.request import RoutingRequest
 from classifiers.textrep import HashedTextModel
 
@@ -95,23 +96,45 @@ class RequestClassifier:
         return {k: float(v) for k, v in self.meta.get("thresholds", {}).items()}
 
     @property
-    def _columns(self) -> tuple[bool, np.ndarray]:
-        """(task-only, indices of the model's features): among :data:`TASK_NAMES` when the
-        model uses only the task group (then only that group is computed), else among
-        :data:`FEATURE_NAMES`; ``text_logit`` is appended after them."""
+    def probe_names(self) -> tuple[str, ...]:
+        """The prompt-probe features the model reads (:data:`PROBE_FEATURES`; empty for a
+        prompt-only artifact), from :attr:`RoutingRequest.probe`."""
+        return tuple(n for n in self.feature_names if n in PROBE_FEATURES)
+
+    @property
+    def needs_probe(self) -> bool:
+        """True when the model was trained with probe features (``archroute train --probe``)."""
+        return bool(self.probe_names)
+
+    @property
+    def _columns(self) -> tuple[bool, np.ndarray, np.ndarray]:
+        """(task-only, indices of the model's request features, order): the indices are
+        among :data:`TASK_NAMES` when the model uses only the task group (then only that
+        group is computed), else among :data:`FEATURE_NAMES`; ``order`` puts the request
+        features and then the probe features (:attr:`probe_names`) back into the model's
+        own order, by name. ``text_logit`` is appended after them."""
         cols = getattr(self, "_cols", None)
         if cols is None:
             used = [n for n in self.feature_names if n != TEXT_FEATURE]
-            task_only = set(used) <= set(TASK_NAMES)
+            request = [n for n in used if n not in PROBE_FEATURES]
+            task_only = set(request) <= set(TASK_NAMES)
             names = TASK_NAMES if task_only else FEATURE_NAMES
             index = {n: i for i, n in enumerate(names)}
-            cols = (task_only, np.array([index[n] for n in used], int))
+            joined = {n: i for i, n in enumerate([*request, *self.probe_names])}
+            cols = (task_only, np.array([index[n] for n in request], int),
+                    np.array([joined[n] for n in used], int))
             self._cols = cols
         return cols
 
     def _base(self, request: RoutingRequest) -> np.ndarray:
-        task_only, cols = self._columns
-        return (extract_task(request) if task_only else extract(request))[cols]
+        task_only, cols, order = self._columns
+        row = (extract_task(request) if task_only else extract(request))[cols]
+        probe = self.probe_names
+        if not probe:
+            return row
+        got = request.probe or {}
+        values = np.array([float(got.get(n, np.nan)) for n in probe], dtype=row.dtype)
+        return np.concatenate((row, values))[order]
 
     def features(self, requests: list[RoutingRequest]) -> np.ndarray:
         """The model's input matrix: the request features it uses, then ``text_logit`` when
@@ -199,13 +222,16 @@ def save(path: str | Path, router, regressor=None, meta: dict | None = None,
     :class:`~classifiers.training.estimators.LightGBMGapRegressor` and a text model, whose logit is
     then the last feature) with ``meta`` to ``path``. ``calibration`` overrides the router's
     own Platt scaling (e.g. one fitted on out-of-source scores). ``feature_names`` is the
-    subset of :data:`FEATURE_NAMES` the model was fitted on, in order (default: all).
+    subset of :data:`FEATURE_NAMES` and :data:`~classifiers.probe.PROBE_FEATURES` the model
+    was fitted on, in order (default: all request features); an artifact with probe
+    features reads them from :attr:`RoutingRequest.probe` (NaN when absent: the self-check's
+    prompts have none).
 
     Atomic (:func:`classifiers.integrity.write_atomically`): the files and their manifest
     are written to a temporary sibling folder, fsynced and renamed into place, so a reload
     during training sees the old artifact or the new one, never a half-written one."""
     used = list(feature_names if feature_names is not None else FEATURE_NAMES)
-    unknown = set(used) - set(FEATURE_NAMES)
+    unknown = set(used) - set(FEATURE_NAMES) - set(PROBE_FEATURES)
     if unknown:
         raise ArtifactError(f"unknown features {sorted(unknown)}")
     shared = regressor is not None and regressor.booster_ is router.booster_  # stored once
@@ -307,7 +333,7 @@ def load(path: str | Path, verify: bool = True, strict: bool = False,
     names = list(meta.get("feature_names", ()))
     has_text = bool(names) and names[-1] == TEXT_FEATURE
     if (not names or has_text != ("text_weights.npy" in blobs)
-            or not set(names[:-1] if has_text else names) <= set(FEATURE_NAMES)):
+            or not set(names[:-1] if has_text else names) <= {*FEATURE_NAMES, *PROBE_FEATURES}):
         raise ArtifactError(f"{where} was trained on different features than this build "
                             "computes; rebuild it with `archroute train`")
     manifest = read_manifest(path)

@@ -1,8 +1,10 @@
-"""What a routing policy sees of a request: its text, never a model forward pass."""
+"""What a routing policy sees of a request: its text, and for a policy that asks for it
+(``needs_probe``, the ``probe`` policy) the prompt probe the router measured on it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from models.base import ChatMessage
 
@@ -16,12 +18,16 @@ class RoutingRequest:
     """A request as policies and classifiers see it.
 
     ``messages`` holds the conversation (a completion prompt is one user message);
-    ``max_tokens`` is the caller's output budget when it gave one.
+    ``max_tokens`` is the caller's output budget when it gave one. ``probe``: the prompt
+    probe's features by name (:data:`classifiers.probe.PROBE_FEATURES`, nats/token, NaN
+    where a category is absent), measured by the router from both backends' prefill of the
+    prompt for a policy that needs it; None when not measured (or the measurement failed).
     """
 
     messages: tuple[ChatMessage, ...]
     max_tokens: int | None = None
     kind: str = "chat"  # "chat" | "completion"
+    probe: Mapping[str, float] | None = field(default=None, hash=False, compare=False)
 
     @classmethod
     def from_prompt(cls, prompt: str, max_tokens: int | None = None) -> RoutingRequest:

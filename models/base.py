@@ -184,6 +184,20 @@ class ScoreResult:
         return -sum(self.logprobs) / len(self.logprobs)
 
 
+@dataclass
+class PromptScore:
+    """A prompt's own per-token log-probabilities (nats), from one prefill and no answer:
+    ``logprobs[i]`` is log p(token i | the tokens before it), ``pieces[i]`` token i's text,
+    ``ids`` the token ids when the backend knows them (in-process; None from an upstream,
+    which sends text). A token without a log-probability (the first one an upstream echoes)
+    is left out. The prompt probe (:mod:`classifiers.probe`) compares two backends' scores of
+    the same prompt token by token."""
+
+    pieces: list[str]
+    logprobs: list[float]
+    ids: list[int] | None = None
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """Facts a backend states about itself (shown by /v1/models and used by the cost model)."""
@@ -230,13 +244,21 @@ class Backend(ABC):
       in-process model); others refuse one with a :class:`RequestError`;
     - ``can_call_tools``: the backend takes tool definitions (``GenerationParams.tools``)
       and answers with tool calls (an upstream); False: the router never sends it tools and
-      renders a conversation's tool calls as text (:meth:`ChatMessage.plain`).
+      renders a conversation's tool calls as text (:meth:`ChatMessage.plain`);
+    - ``can_score_prompt`` / ``score_prompt(prompt)``: the prompt's own log-probabilities
+      (:class:`PromptScore`) from one prefill, the prompt probe's input (a ``probe``
+      profile asks both backends before it scores a request); False: ``score_prompt``
+      raises :class:`RequestError` (the router then scores the request without the probe).
+      In-process it is one forward over the ids generation would read; an upstream asks
+      ``/completions`` with ``echo`` + ``logprobs`` (a text prompt) or ``/chat/completions``
+      with vLLM's ``prompt_logprobs`` (a conversation).
     """
 
     context_length: int | None = None
     tokenizer: Any = None
     prefix_id: int | None = None
     can_score: bool = True  # False: score raises RequestError (the span decoder)
+    can_score_prompt: bool = False
     can_call_tools: bool = False
     accepts_token_ids: bool = False
 
@@ -274,6 +296,11 @@ class Backend(ABC):
         """Score many (prompt, continuation) pairs; backends batch where they can."""
         return [self.score(p, c) for p, c in pairs]
 
+    def score_prompt(self, prompt: Prompt) -> PromptScore:
+        """The prompt's own log-probabilities as this backend reads it for generation (see
+        ``can_score_prompt``); by default not available."""
+        raise RequestError(f"{self.name} cannot score a prompt on its own")
+
     def render(self, prompt: Prompt) -> str:
         """The text the model is given for ``prompt`` (a string as is)."""
         if isinstance(prompt, TokenIds):
@@ -305,6 +332,9 @@ class Backend(ABC):
 
     async def ascore(self, prompt: str, continuation: str) -> ScoreResult:
         return await asyncio.to_thread(self.score, prompt, continuation)
+
+    async def ascore_prompt(self, prompt: Prompt) -> PromptScore:
+        return await asyncio.to_thread(self.score_prompt, prompt)
 
     async def astream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamChunk]:
         """Run :meth:`stream` in a worker thread and hand chunks to the loop via a queue.

@@ -35,6 +35,7 @@ from models.base import (
     GenerationParams,
     GenerationResult,
     Prompt,
+    PromptScore,
     ScoreResult,
     StreamChunk,
     TokenIds,
@@ -55,8 +56,28 @@ def fake_logprob(token: str) -> float:
     return -0.1 * len(token.strip()) - 0.05
 
 
+COPY_LOGPROB = -0.01  # a fake transformer's log-probability of a token it has seen before
+
+
+def fake_prompt_logprobs(tokens: list[str], architecture: str) -> list[float]:
+    """Deterministic prompt log-probabilities, the study's pattern in miniature: every
+    backend reads a token as :func:`fake_logprob` says, except that a transformer reads a
+    token already seen earlier in the prompt at :data:`COPY_LOGPROB` (it copies), so a
+    repetitive prompt gives the transformer the lower prompt loss and the probe can tell."""
+    seen: set[str] = set()
+    out = []
+    for t in tokens:
+        key = t.strip()
+        out.append(COPY_LOGPROB if architecture == "transformer" and key in seen
+                   else fake_logprob(t))
+        seen.add(key)
+    return out
+
+
 class FakeBackend(Backend):
     """Answers from a queue of scripted replies, instantly unless ``delay_s`` is set."""
+
+    can_score_prompt = True
 
     def __init__(self, name: str = "fake", architecture: Architecture = "other",
                  default_reply: str = "Hello from the fake backend.", delay_s: float = 0.0,
@@ -161,6 +182,16 @@ class FakeBackend(Backend):
         self._next("score", prompt + continuation, take_reply=False)
         toks = fake_tokens(continuation)
         return ScoreResult(toks, [fake_logprob(t) for t in toks])
+
+    def score_prompt(self, prompt: Prompt) -> PromptScore:
+        """:func:`fake_prompt_logprobs` of the prompt's tokens (a conversation's turns joined
+        by newlines, as :meth:`_prompt_tokens` counts them); ``fail`` and ``delay_s`` apply."""
+        self._next("score_prompt", prompt, take_reply=False)
+        if isinstance(prompt, TokenIds):
+            raise token_ids_refused("the fake backend")
+        text = prompt if isinstance(prompt, str) else "\n".join(m.content for m in prompt)
+        toks = fake_tokens(text)
+        return PromptScore(toks, fake_prompt_logprobs(toks, self.architecture))
 
 
 def fake_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from models.base import (
     GenerationParams,
     GenerationResult,
     Prompt,
+    PromptScore,
     RequestError,
     ScoreResult,
     StreamChunk,
@@ -59,6 +60,7 @@ class HFBackend(Backend):
     serialised by a lock (``max_concurrency`` bounds waiting callers in the router)."""
 
     accepts_token_ids = True
+    can_score_prompt = True
 
     def __init__(self, name: str, path: str | Path, architecture: str | None = None,
                  device: str | None = None, max_concurrency: int = 1,
@@ -196,6 +198,19 @@ class HFBackend(Backend):
     # ---- scoring ---------------------------------------------------------------------
     def score(self, prompt: str, continuation: str) -> ScoreResult:
         return self.score_batch([(prompt, continuation)])[0]
+
+    def score_prompt(self, prompt: Prompt) -> PromptScore:
+        """One forward over the ids :meth:`stream` would read (``[start token, *prompt]``,
+        the last ``context_length`` of them), under the forward lock: each prompt token's
+        log-probability given the ones before it, as ``archroute label`` records them
+        (:attr:`ScoreResult.prompt_logprobs`)."""
+        ids = self.prompt_ids(prompt)[-self.context_length:]
+        if len(ids) < 2:
+            return PromptScore([], [], [])
+        lp = self.score_ids([ids], batch_size=1)[0]
+        rest = ids[1:]
+        return PromptScore([self.tokenizer.decode([i]) for i in rest], [float(x) for x in lp],
+                           rest)
 
     def score_batch(self, pairs: Sequence[tuple[str, str]], batch_size: int = 8) -> list[ScoreResult]:
         """Teacher-forced log-probabilities of each continuation given its prompt.

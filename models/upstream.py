@@ -7,6 +7,11 @@ A completion prompt (``str``) goes to ``/completions``, a conversation to
 ``/chat/completions``. ``score`` uses ``/completions`` with ``echo: true, logprobs: 1,
 max_tokens: 1``: the server returns the log-probability of every prompt token (vLLM does;
 the first token's is null), and the continuation's tokens are cut out by character offset.
+``score_prompt`` (the prompt probe) asks for the prompt's own log-probabilities with one
+answer token: a text prompt (or token ids) on ``/completions`` with ``echo`` + ``logprobs``
+as above, a conversation on ``/chat/completions`` with vLLM's ``prompt_logprobs: 0`` (the
+server applies its chat template; the answer's top-level ``prompt_logprobs``, first entry
+null). A server that answers without them fails the call (:class:`BackendError`).
 
 Tool calling: the backend ``can_call_tools`` (unless built with ``call_tools=False``):
 ``GenerationParams.tools`` / ``tool_choice`` / ``parallel_tool_calls`` go into the chat body,
@@ -49,6 +54,7 @@ from models.base import (
     GenerationParams,
     GenerationResult,
     Prompt,
+    PromptScore,
     RequestError,
     ScoreResult,
     StreamChunk,
@@ -144,6 +150,8 @@ class OpenAIUpstreamBackend(Backend):
     (a stream's too). ``architecture`` is what the operator states about the model (the
     server does not say).
     """
+
+    can_score_prompt = True
 
     def __init__(self, name: str, base_url: str, model: str, api_key: str | None = None,
                  architecture: Architecture = "other", timeout: float = 60.0,
@@ -406,6 +414,53 @@ class OpenAIUpstreamBackend(Backend):
             return self._score_result(prompt, continuation,
                                       await self._post("/completions", body))
 
+    def _prompt_body(self, prompt: Prompt) -> tuple[str, dict]:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0.0}
+        if isinstance(prompt, str | TokenIds):
+            if not (prompt if isinstance(prompt, str) else prompt.ids):
+                raise RequestError("score_prompt: the prompt is empty")
+            body.update(prompt=prompt if isinstance(prompt, str) else list(prompt.ids),
+                        echo=True, logprobs=1)
+            return "/completions", body
+        body["messages"] = [{"role": m.role, "content": m.content}
+                            if m.tool_calls is None and m.tool_call_id is None else wire_message(m)
+                            for m in prompt]
+        body["prompt_logprobs"] = 0  # vLLM's extension (serve-model answers it too)
+        return "/chat/completions", body
+
+    def _prompt_result(self, prompt: Prompt, data: dict) -> PromptScore:
+        """The prompt's tokens that carry a log-probability, from an echo (``/completions``)
+        or ``prompt_logprobs`` (``/chat/completions``) answer."""
+        if not isinstance(prompt, str | TokenIds):
+            entries = data.get("prompt_logprobs")
+            if not isinstance(entries, list):
+                raise BackendError(f"{self.name}: upstream returned no prompt_logprobs (does "
+                                   "it take vLLM's prompt_logprobs on /chat/completions?)")
+            pieces, lps, keys = [], [], []
+            for e in entries:
+                if not e:  # the first token: nothing precedes it
+                    continue
+                key, v = next(iter(e.items()))  # the prompt's own token (prompt_logprobs 0)
+                keys.append(str(key))
+                pieces.append(str(v.get("decoded_token") or ""))
+                lps.append(float(v["logprob"]))
+            ids = [int(k) for k in keys] if all(k.isdigit() for k in keys) else None
+            return PromptScore(pieces, lps, ids)
+        lp = data["choices"][0].get("logprobs")
+        if not lp or "text_offset" not in lp:
+            raise BackendError(f"{self.name}: upstream returned no prompt logprobs "
+                               "(does it support echo + logprobs on /completions?)")
+        toks, vals, offs = lp["tokens"], lp["token_logprobs"], lp["text_offset"]
+        n = (sum(1 for o in offs if o < len(prompt)) if isinstance(prompt, str)
+             else len(prompt.ids))
+        keep = [(t, v) for t, v in zip(toks[:n], vals[:n], strict=True) if v is not None]
+        return PromptScore([t for t, _ in keep], [float(v) for _, v in keep])
+
+    async def ascore_prompt(self, prompt: Prompt) -> PromptScore:
+        path, body = self._prompt_body(prompt)
+        with self.errors():
+            return self._prompt_result(prompt, await self._post(path, body))
+
     # --- blocking (CLI commands, scripts): the same path, on the backend's own loop ------
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         return self._run(self.agenerate(prompt, params))
@@ -424,6 +479,9 @@ class OpenAIUpstreamBackend(Backend):
 
     def score(self, prompt: str, continuation: str) -> ScoreResult:
         return self._run(self.ascore(prompt, continuation))
+
+    def score_prompt(self, prompt: Prompt) -> PromptScore:
+        return self._run(self.ascore_prompt(prompt))
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -28,6 +28,13 @@ class RouterMetrics:
                                 ["endpoint", "model", "status"], registry=r)
         self.decisions = Counter("archroute_decisions", "routing decisions by chosen backend role",
                                  ["policy", "backend"], registry=r)
+        self.probe_fallbacks = Counter("archroute_probe_fallbacks", "requests a probe profile "
+                                       "scored without the prompt probe, by profile and why "
+                                       "(timeout, error, refused, mismatch)",
+                                       ["profile", "reason"], registry=r)
+        self.probe_latency = Histogram("archroute_probe_seconds", "the prompt probe's time "
+                                       "per request (both backends' prefill, concurrently)",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.explored = Counter("archroute_explored", "requests exploration sent to the "
                                 "backend the policy did not pick, by profile and backend role",
                                 ["profile", "backend"], registry=r)

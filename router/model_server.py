@@ -32,7 +32,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from models.base import Backend, GenerationParams, ScoreResult
+from models.base import Backend, GenerationParams, Prompt, ScoreResult
 from router import errors
 from router import protocol as P
 from router.app import GuardMiddleware
@@ -88,6 +88,20 @@ async def completion_logprobs(slot: BackendSlot, prompt: str, generated: str,
     return {"tokens": toks, "token_logprobs": lps,
             "top_logprobs": [None if lp is None else {t: lp} for t, lp in zip(toks, lps, strict=True)],
             "text_offset": offsets}
+
+
+async def prompt_logprobs(slot: BackendSlot, prompt: Prompt, asked: object) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs`` answer (the prompt probe's, router/probing.py): one entry
+    per prompt token, the first null (the start token: nothing precedes it), each
+    ``{"TOKEN_ID": {"logprob", "rank": null, "decoded_token"}}`` with the prompt's own token
+    only (``asked`` must be 0: no top alternatives), scored through the model's slot."""
+    if asked != 0 or isinstance(asked, bool):
+        raise errors.InvalidRequestError("prompt_logprobs: only 0 is supported (the prompt "
+                                         "tokens' own log-probabilities)", param="prompt_logprobs")
+    res = await slot.score_prompt(prompt)
+    keys = res.ids if res.ids is not None else res.pieces  # no ids (the fake): the texts
+    return [None, *({str(k): {"logprob": lp, "rank": None, "decoded_token": piece}}
+                    for k, piece, lp in zip(keys, res.pieces, res.logprobs, strict=True))]
 
 
 def token_ids_out(body: P.ChatCompletionRequest | P.CompletionRequest) -> bool:
@@ -182,10 +196,14 @@ class ModelService:
         n_prompt = results[0].prompt_tokens
         n_out = sum(r.completion_tokens for r in results)
         choices = [(r.text, str(r.finish_reason)) for r in results]
+        asked = (body.model_extra or {}).get("prompt_logprobs")
+        extra = None if asked is None else {
+            "prompt_logprobs": await prompt_logprobs(slot, prompt, asked)}
         if chat:
             calls = [r.tool_calls for r in results]
             return JSONResponse(P.chat_response(rid, model_name, choices, n_prompt, n_out,
-                                                tool_calls=calls if any(calls) else None))
+                                                tool_calls=calls if any(calls) else None,
+                                                extra=extra))
         assert isinstance(prompt, str)
         logprobs = None
         if getattr(body, "logprobs", None) is not None:
@@ -193,7 +211,7 @@ class ModelService:
         if echo:
             choices = [(prompt + t, f) for t, f in choices]
         return JSONResponse(P.completion_response(rid, model_name, choices, n_prompt, n_out,
-                                                  logprobs=logprobs))
+                                                  logprobs=logprobs, extra=extra))
 
 
 def create_model_app(backend: Backend, name: str | None = None,

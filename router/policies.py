@@ -54,6 +54,9 @@ class Policy:
     blocking: bool = False  # True when score() can take over ~1 ms: the router then runs it
     #                          in a worker thread instead of on its event loop
     fallback_: bool = False  # True: a trained policy without its artifact, scoring by rules
+    # True: the router measures the prompt probe (both backends' prefill of the prompt,
+    # RoutingRequest.probe) before it asks score()/explain(); the ``probe`` policy
+    needs_probe: bool = False
 
     def score(self, req: RoutingRequest) -> float:
         """P(transformer is the better backend for ``req``), in [0, 1]."""
@@ -491,3 +494,54 @@ class GuardedPolicy(ClassifierPolicy):
         if self.guard_ is None or not reqs:
             return super().score_batch(reqs)
         return self._guarded(reqs, self.model_.features(list(reqs)))  # type: ignore[attr-defined]
+
+
+@register("probe")
+class ProbePolicy(ClassifierPolicy):
+    """The request classifier with the prompt probe (issue #24 item 4): an artifact trained
+    with ``archroute train --probe`` reads both backends' losses on the prompt by the study's
+    token categories (:mod:`classifiers.probe`) beside the request features. ``needs_probe``:
+    the router asks both backends for the prompt's log-probabilities (one prefill each,
+    concurrently, within the ``probe_timeout_s`` setting) and puts the features in
+    :attr:`RoutingRequest.probe` before it scores.
+
+    ``artifact`` (required) is that artifact; one without probe features is a ``ValueError``
+    (the router does not start). A request whose probe could not be measured (a backend
+    failed, was slow, or the two read different tokens) is scored by ``prompt_only``, the
+    prompt-only classifier (the shipped one, or ``fallback_artifact``) with its own
+    threshold; the router logs and counts it. The artifact is the profile's own: live
+    reloads leave it as it is."""
+
+    description = "classifier with the prompt probe (both backends' prefill losses)"
+    needs_probe = True
+
+    def __init__(self, artifact: str | None = None, cost_weight: float = 0.0,
+                 operating_point: str = "quality", model: object | None = None,
+                 fallback_artifact: str | None = None) -> None:
+        if artifact is None and model is None:
+            raise ValueError("probe: policy_args.artifact is required: an artifact trained "
+                             "with `archroute train --probe` (docs/router.md)")
+        super().__init__(cost_weight, artifact, operating_point, model)
+        if not getattr(self.model_, "needs_probe", False):
+            raise ValueError(f"probe: the artifact {artifact or ''} was trained without the "
+                             "prompt probe's features; train one with `archroute train "
+                             "--probe --labels FILE --out DIR` (docs/router.md)")
+        self.fallback_artifact = fallback_artifact
+        self.prompt_only = ClassifierPolicy(cost_weight, fallback_artifact, operating_point)
+
+    def params(self) -> dict[str, object]:
+        return {**super().params(), "fallback_artifact": self.fallback_artifact}
+
+    def explain(self, req: RoutingRequest) -> tuple[float, dict[str, float]]:
+        """With ``req.probe``: the probe artifact's score and features (the probe's among
+        them); without: ``prompt_only``'s."""
+        if req.probe is None:
+            return self.prompt_only.explain(req)
+        return super().explain(req)
+
+    def contributions(self, features: dict[str, float]) -> dict[str, float] | None:
+        out = super().contributions(features)
+        return out if out is not None else self.prompt_only.contributions(features)
+
+    def score_batch(self, reqs: Sequence[RoutingRequest]) -> list[float]:
+        return [self.explain(r)[0] for r in reqs]

@@ -31,6 +31,7 @@ from models.base import (
     GenerationParams,
     GenerationResult,
     Prompt,
+    PromptScore,
     RequestError,
     ScoreResult,
     StreamChunk,
@@ -185,6 +186,13 @@ class BackendSlot:
             while not self.has_spare():
                 await asyncio.sleep(_SPARE_POLL_S)
         return await self._call(lambda: self.backend.ascore(prompt, continuation), deadline)
+
+    async def score_prompt(self, prompt: Prompt, deadline: float | None = None) -> PromptScore:
+        """The prompt's own log-probabilities (``Backend.ascore_prompt``, the prompt probe)
+        like a request: a slot taken, within ``timeout_s`` and ``deadline``, the breaker
+        told. A caller that gives up sooner (the probe's own deadline) cancels it: no
+        verdict for the breaker."""
+        return await self._call(lambda: self.backend.ascore_prompt(prompt), deadline)
 
     def has_spare(self) -> bool:
         """No request waits, a slot is free and the breaker is closed."""

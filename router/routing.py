@@ -21,8 +21,8 @@ A resolver reads what it needs and changes nothing but the exploration generator
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 from classifiers.explain import reasons as feature_reasons
 from classifiers.request import RoutingRequest
@@ -31,6 +31,7 @@ from router.decision_log import DecisionRow
 from router.errors import InvalidRequestError
 from router.learning.exploration import Explorer
 from router.policies import Policy, decide
+from router.probing import ProbeOutcome
 from router.settings import ProfileSettings
 from router.side import is_side_request
 from router.span import NO_DRAFT, SPAN_ROLE, Draft, SpanService
@@ -79,6 +80,10 @@ class Resolution:
     span_draft: Draft = NO_DRAFT  # a span profile's drafted copy spans (draft_k, min_match)
     counted: str | None = None
     fallback: bool = True  # False: only ``role`` may serve it (a backend named directly)
+    # a ``needs_probe`` policy's prompt probe: how long it took (ms; also the record's
+    # ``probe_ms`` feature) and why it failed (None: measured, or not asked)
+    probe_ms: float | None = None
+    probe_failure: str | None = None
     sticky: bool = False  # the profile keeps conversations on a backend: remember this turn
     conversation: Sticky | None = None  # a follow-up turn's stay-or-switch decision
 
@@ -133,18 +138,36 @@ async def span_profile(ask: Ask, name: str, prof: ProfileSettings,
                                "token",) if ask.explain else None)
 
 
+Prober = Callable[[RoutingRequest], Awaitable[ProbeOutcome]]
+
+
 async def scored(ask: Ask, name: str, prof: ProfileSettings, policy: Policy, threshold: float,
-                 explorer: Explorer) -> Resolution:
+                 explorer: Explorer, probe: Prober | None = None) -> Resolution:
     """The profile's policy scores the request (in a worker thread when it may take over a
     millisecond, or the text is long), the threshold decides, and with the profile's
     ``epsilon`` exploration may send it to the other backend (only when ``ask.count``). A
     follow-up turn (``ask.earlier``) of a profile with ``conversation.sticky`` stays on the
     earlier backend unless the policy's gain beats the handoff cost, before exploration."""
-    if policy.blocking or len(ask.rreq.text) > INLINE_SCORE_CHARS:
-        score, feats = await asyncio.to_thread(policy.explain, ask.rreq)
+    # a ``needs_probe`` policy gets the prompt probe first (``probe``: both backends'
+    # prefill, router/probing.py); when it fails the policy scores without it (its
+    # prompt-only classifier), against that one's threshold unless the profile or the
+    # request sets one
+    rreq, outcome = ask.rreq, None
+    if policy.needs_probe and probe is not None:
+        outcome = await probe(rreq)
+        if outcome.features is not None:
+            rreq = replace(rreq, probe=outcome.features)
+    if policy.blocking or policy.needs_probe or len(rreq.text) > INLINE_SCORE_CHARS:
+        score, feats = await asyncio.to_thread(policy.explain, rreq)
     else:
-        score, feats = policy.explain(ask.rreq)
+        score, feats = policy.explain(rreq)
     thr = threshold if ask.threshold is None else ask.threshold
+    failed = outcome is not None and outcome.features is None
+    prompt_only = getattr(policy, "prompt_only", None)
+    if failed and ask.threshold is None and prof.threshold is None and prompt_only is not None:
+        thr = prompt_only.default_threshold()
+    if outcome is not None:
+        feats = {**feats, "probe_ms": round(outcome.ms, 3)}
     picked: str = decide(score, thr)
     conv = prof.conversation
     sticky = None
@@ -165,10 +188,18 @@ async def scored(ask: Ask, name: str, prof: ProfileSettings, policy: Policy, thr
         if choice.explored:
             why += (f"exploration (epsilon {prof.epsilon:g}): sent to the {choice.role}, the "
                     "backend the policy did not pick",)
+    if failed and why is not None:
+        assert outcome is not None
+        why += (f"the prompt probe failed ({outcome.failure}: {outcome.detail}): scored by "
+                "the prompt-only classifier",)
     # a classifier profile without its artifact scores with the rules: say so
     label = f"{prof.policy}+rules-fallback" if policy.fallback_ else prof.policy
+    if failed:  # a probe profile whose probe failed: scored without it
+        label = f"{prof.policy}+prompt-only"
     return Resolution(choice.role, name, label, score=score, threshold=thr, features=feats,
                       propensity=choice.propensity, explored=choice.explored,
                       artifact=sha[:12] if isinstance(sha, str) and sha else None,
+                      probe_ms=None if outcome is None else outcome.ms,
+                      probe_failure=None if outcome is None else outcome.failure,
                       reasons=why, counted=prof.policy if ask.count else None,
                       sticky=conv.sticky, conversation=sticky)

@@ -30,6 +30,7 @@ from router.learning.exploration import Explorer
 from router.metrics import RouterMetrics
 from router.policies import Policy
 from router.pool import BackendSlot, BackendStream
+from router.probing import ProbeOutcome, backend_prompt, measure
 from router.routing import (
     Ask,
     Resolution,
@@ -112,6 +113,8 @@ class Route:
             h["x-archroute-profile"] = r.profile
         if r.score is not None:
             h["x-archroute-score"] = f"{r.score:.4f}"
+        if self.decision.probe_ms is not None:  # what the prompt probe added (ms)
+            h["x-archroute-probe-ms"] = f"{self.decision.probe_ms:.3f}"
         if r.fallback_from:
             h["x-archroute-fallback"] = f"{r.fallback_from}; reason={self.fallback_reason}"
         if self.warning:
@@ -305,6 +308,13 @@ class RouterService:
                     decision.profile, decision.conversation.outcome).inc()
             if decision.explored:
                 self.metrics.explored.labels(decision.profile, decision.role).inc()
+        if decision.probe_ms is not None:  # a probe profile's prompt probe (router/probing.py)
+            self.metrics.probe_latency.observe(decision.probe_ms / 1000)
+            if decision.probe_failure is not None:
+                self.metrics.probe_fallbacks.labels(decision.profile,
+                                                    decision.probe_failure).inc()
+                log.warning("profile %s: the prompt probe failed (%s); scored without it",
+                            decision.profile, decision.probe_failure)
         order = self._order(decision.role) if decision.fallback else [decision.role]
         return Route(row, decision, order, deprecated=deprecated)
 
@@ -324,7 +334,12 @@ class RouterService:
         return (side_request(ask, name, self.settings.side_requests)
                 or await span_profile(ask, name, prof, self.span)
                 or await scored(ask, name, prof, state.policies[name], state.thresholds[name],
-                                self.explorer))
+                                self.explorer, self.probe))
+
+    async def probe(self, rreq: RoutingRequest) -> ProbeOutcome:
+        """The prompt probe for a ``needs_probe`` policy (:func:`router.probing.measure`:
+        both backends' prefill, within the ``probe_timeout_s`` setting)."""
+        return await measure(self.slots, backend_prompt(rreq), self.settings.probe_timeout_s)
 
     def params(self, body: P.ChatCompletionRequest | P.CompletionRequest,
                i: int = 0) -> GenerationParams:

@@ -167,6 +167,29 @@ class ConversationSettings(_Strict):
     handoff_cost: float = Field(DEFAULT_HANDOFF_COST, ge=0.0, allow_inf_nan=False)
 
 
+def check_probe_artifact(path: object) -> None:
+    """A probe profile's artifact (``policy_args.artifact``) must exist and name the prompt
+    probe's features (``archroute train --probe``); read from its meta.json alone, so a
+    mistake stops the router at start in one line (the policy loads the artifact itself)."""
+    import json
+
+    from classifiers.probe import PROBE_FEATURES
+
+    how = "train one with `archroute train --probe --labels FILE --out DIR` (docs/router.md)"
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"policy probe needs policy_args.artifact, an artifact with the "
+                         f"prompt probe's features: {how}")
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"policy probe: no readable artifact at {path} "
+                         f"({type(exc).__name__}): {how}") from None
+    names = meta.get("feature_names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not set(names) & set(PROBE_FEATURES):
+        raise ValueError(f"policy probe: the artifact at {path} was trained without the "
+                         f"prompt probe's features: {how}")
+
+
 class ProfileSettings(_Strict):
     """A routing profile, addressed by the request's ``model`` field."""
 
@@ -223,6 +246,8 @@ class ProfileSettings(_Strict):
             raise ValueError("learning: a profile that names its own artifact "
                              "(policy_args.artifact) is not replaced by reloads; learning "
                              "profiles use the reloadable one")
+        if self.policy == "probe":
+            check_probe_artifact(self.policy_args.get("artifact"))
         if self.policy == SPAN_POLICY:
             extra = sorted(set(self.policy_args) - SPAN_ARGS)
             if extra:
@@ -391,6 +416,10 @@ class Settings(_Strict):
     feedback_rate_per_s: float = Field(20.0, gt=0)
     feedback_burst: int = Field(40, ge=1)
     feedback_max_reference_chars: int = Field(32_768, ge=1)  # a longer reference: 400
+    # a probe profile (policy: probe) measures the prompt probe, both backends' prefill of
+    # the prompt, before it scores a request; past this many seconds (or on a failure) the
+    # request is scored without it (archroute_probe_fallbacks_total)
+    probe_timeout_s: float = Field(2.0, gt=0)
     # exploration's random generator (profiles' epsilon); None: a fresh seed, logged at start
     exploration_seed: int | None = None
     decision_in_body: bool = True  # add the `archroute` object to response bodies

@@ -154,6 +154,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="real labels: fit the shipped variant once and self-check it, without "
                         "the leave-one-source-out sweep (minutes instead of hours)")
+    p.add_argument("--probe", action="store_true",
+                   help="real labels: add the prompt probe's features (each label row's "
+                        "`probe`, which `archroute label` records) to the shipped variant's, "
+                        "for a `probe` profile (docs/router.md); implies --quick")
     p.add_argument("--results", default="data/labels/results.json",
                    help="results JSON (a Markdown table is written beside it)")
     p.add_argument("--models", default=",".join(MODELS), help=f"synthetic-mix labels: comma list of {MODELS}")
@@ -246,15 +250,17 @@ def run_train(args: argparse.Namespace) -> int:
                  if mix else [])
         if mix and not extra:
             raise SystemExit(f"no labels in {mix}")
-        if getattr(args, "quick", False):
+        probe = bool(getattr(args, "probe", False))
+        if getattr(args, "quick", False) or probe:
             from classifiers.training.train_router import fit_quick, routing_request
 
             rows = [*rows, *({**r, "group": "synthetic-mix"} for r in extra)]
             try:
                 res = fit_quick(rows, [routing_request(r) for r in rows], args.out, args.seed,
-                                {"labels": Path(args.labels).name})
+                                {"labels": Path(args.labels).name}, probe=probe)
             except ValueError as exc:
-                raise SystemExit(f"archroute train --quick: {exc}") from None
+                flag = "--probe" if probe else "--quick"
+                raise SystemExit(f"archroute train {flag}: {exc}") from None
             print(quick_summary(res, args.out))
             return 0
         train_real(rows, args.out, args.results, args.requests or [str(DEFAULT_DIR)],
@@ -262,6 +268,10 @@ def run_train(args: argparse.Namespace) -> int:
                    plots_dir=args.plots or str(Path(args.results).parent), extra_rows=extra)
         print(f"artifact -> {args.out}; results -> {args.results}")
         return 0
+    if getattr(args, "probe", False):
+        raise SystemExit(f"archroute train --probe: {args.labels} holds labels of the "
+                         "synthetic mix; the probe is trained on labels of real requests "
+                         "(`archroute label --requests ...`)")
     reqs = [RoutingRequest.from_prompt(r["prompt"]) for r in rows]
     X = np.stack([extract(q) for q in tqdm(reqs, desc="features", unit="req")])
     gap = np.array([r["gap"] for r in rows])

@@ -27,6 +27,7 @@ from typing import TypedDict
 import numpy as np
 
 from classifiers.features import FEATURE_NAMES, FEATURES
+from classifiers.probe import PROBE_FEATURES
 from classifiers.request import RoutingRequest
 from classifiers.textrep import HashedTextModel
 from classifiers.training.estimators import (
@@ -417,11 +418,32 @@ VARIANTS: dict[str, dict] = {
 SHIPPED = "gap regressor task+text, robust threshold (shipped)"
 
 
-def make_router(name: str, seed: int = 0) -> RealRouter:
-    """A fresh model of a named variant."""
+def make_router(name: str, seed: int = 0, probe: bool = False) -> RealRouter:
+    """A fresh model of a named variant; with ``probe``, over :func:`probe_columns`' matrix
+    (the request features, then the prompt probe's) reading the probe's columns too."""
     cfg = dict(VARIANTS[name])
-    feats = cfg.pop("features")
-    return RealRouter(seed=seed, feature_mask=np.isin(FEATURE_NAMES, feats), **cfg)
+    feats = list(cfg.pop("features"))
+    names: tuple[str, ...] = FEATURE_NAMES
+    if probe:
+        feats += PROBE_FEATURES
+        names = (*FEATURE_NAMES, *PROBE_FEATURES)
+    return RealRouter(seed=seed, feature_mask=np.isin(names, feats), **cfg)
+
+
+PROBE_HINT = ("relabel with `archroute label` (it records the probe, both models' losses on "
+              "the prompt, on in-process pairs that share a tokenizer)")
+
+
+def probe_matrix(rows: Sequence[dict]) -> np.ndarray:
+    """The prompt probe's columns (:data:`PROBE_FEATURES`, in order) of label rows, NaN where
+    a category is absent. A row without ``probe`` is a ``ValueError`` that says how to get
+    it (:data:`PROBE_HINT`)."""
+    missing = [r.get("id", "?") for r in rows if not isinstance(r.get("probe"), dict)]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(rows)} label rows carry no prompt probe "
+                         f"(e.g. {missing[0]}): {PROBE_HINT}")
+    return np.array([[np.nan if (v := r["probe"].get(k)) is None else float(v)
+                      for k in PROBE_FEATURES] for r in rows], dtype=np.float64)
 
 
 
@@ -612,28 +634,35 @@ def train_real(rows: list[dict], out_dir, results_path, request_paths: Sequence[
     return results
 
 
-def save_shipped(final: RealRouter, out_dir, meta: dict) -> None:
+def save_shipped(final: RealRouter, out_dir, meta: dict, probe: bool = False) -> None:
     """Write a fitted model of the shipped variant as the artifact (the regressor kind's
-    booster predicts the gap; its score is the negative, hence the calibration's sign)."""
+    booster predicts the gap; its score is the negative, hence the calibration's sign);
+    with ``probe`` its feature names end with :data:`PROBE_FEATURES` (:func:`make_router`)."""
     from classifiers import artifact
 
     assert final.clf_ is not None
     cal, reg = final.calibration_, final.reg_
     if final.kind == "regressor":
         cal, reg = (-cal[0], cal[1]), final.clf_
+    names = [n for n in FEATURE_NAMES if n in VARIANTS[SHIPPED]["features"]]
     artifact.save(out_dir, final.clf_, reg, _finite(meta), text=final.text_, calibration=cal,
-                  feature_names=[n for n in FEATURE_NAMES if n in VARIANTS[SHIPPED]["features"]])
+                  feature_names=[*names, *PROBE_FEATURES] if probe else names)
 
 
 def fit_quick(rows: Sequence[dict], reqs: Sequence[RoutingRequest], out_dir, seed: int = 0,
-              training_data: dict | None = None) -> dict:
+              training_data: dict | None = None, probe: bool = False) -> dict:
     """The quick path (``archroute train --quick`` / ``--from-log``): the shipped variant
     fitted once on every trainable row, no leave-one-source-out sweep, then saved and loaded
     back with its self-check (a strict load, as a live reload does). Its thresholds (quality,
     cost, risk) are chosen on the model's own out-of-fold predictions, by group folds of
     ``source/kind`` as in :func:`train_real`; those predictions are also what the returned
     summary (AUC, share of the oracle's gain recovered) is computed on: held out from each
-    fold's model, but from the same sources, so an in-distribution figure."""
+    fold's model, but from the same sources, so an in-distribution figure.
+
+    ``probe`` (``archroute train --probe``): the prompt probe's features (each row's
+    ``probe``, :func:`probe_matrix`; a row without it is a ``ValueError`` naming
+    ``archroute label``) join the request features; the artifact names them, and the
+    router's ``probe`` policy measures them per request."""
     import time
 
     from classifiers import artifact
@@ -645,6 +674,8 @@ def fit_quick(rows: Sequence[dict], reqs: Sequence[RoutingRequest], out_dir, see
     rows = [rows[i] for i in keep]
     reqs = [reqs[i] for i in keep]
     X = feature_matrix(reqs, progress=False)
+    if probe:
+        X = np.column_stack((X, probe_matrix(rows)))
     gap, lt, lh, groups, units = label_arrays(rows)
     decisive = np.abs(gap) > MARGIN
     n_t, n_h = int((decisive & (gap < 0)).sum()), int((decisive & (gap > 0)).sum())
@@ -653,7 +684,7 @@ def fit_quick(rows: Sequence[dict], reqs: Sequence[RoutingRequest], out_dir, see
                          f"hybrid-better requests beyond ±{MARGIN} nats/token (at least 10 of "
                          "each are needed)")
     t0 = time.perf_counter()
-    final = make_router(SHIPPED, seed).fit(X, list(reqs), gap, lt, lh, units)
+    final = make_router(SHIPPED, seed, probe).fit(X, list(reqs), gap, lt, lh, units)
     assert final.oof_ is not None
     for a in RISK_ALPHAS:
         final.thresholds_[f"risk-{a:g}"] = rate_threshold(final.oof_, lt, lh, a, RISK_DELTA)
@@ -669,7 +700,7 @@ def fit_quick(rows: Sequence[dict], reqs: Sequence[RoutingRequest], out_dir, see
                               **(training_data or {})},
             "metrics": {"out_of_fold": oof},
             "label_summary": summarize(list(rows))}
-    save_shipped(final, out_dir, meta)
+    save_shipped(final, out_dir, meta, probe)
     clf = artifact.load(out_dir, verify=True, strict=True)  # the self-check, as a reload runs it
     return {"n_train": len(rows), "n_transformer_better": n_t, "n_hybrid_better": n_h,
             "thresholds": final.thresholds_, "out_of_fold": oof, "sha256": clf.sha256,
