@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,12 +55,35 @@ def detect_architecture(config: Any) -> str:
     return "transformer"
 
 
+class CacheSession(Protocol):
+    """One generation's prefix reuse (:class:`models.prefix_cache.PrefixSession`, which
+    imports this module: Protocols here keep the import one way): ``cache`` (None: fresh)
+    already holds the first ``start`` prompt ids; ``read`` after each forward, ``close``
+    when the generation ended without an error (at its end, or its consumer closed it)."""
+
+    cache: Any
+    start: int
+
+    def read(self, tokens: Sequence[int], cache: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PrefixStore(Protocol):
+    """Where :meth:`HFBackend.stream` resumes from (:class:`models.prefix_cache.PrefixCache`)."""
+
+    def open(self, ids: Sequence[int]) -> CacheSession: ...
+
+
 class HFBackend(Backend):
     """A local transformers model served in-process. Thread-safe: forward passes are
-    serialised by a lock (``max_concurrency`` bounds waiting callers in the router)."""
+    serialised by a lock (``max_concurrency`` bounds waiting callers in the router).
+    ``prefix_cache`` (None: off; ``archroute serve-model`` sets one) lets a generation
+    resume from an earlier one's cache when its prompt starts with what that one read."""
 
     accepts_token_ids = True
     can_score_prompt = True
+    prefix_cache: PrefixStore | None = None
 
     def __init__(self, name: str, path: str | Path, architecture: str | None = None,
                  device: str | None = None, max_concurrency: int = 1,
@@ -164,12 +187,16 @@ class HFBackend(Backend):
         out = StreamText(self.tokenizer, params.stop)
         reason: FinishReason = "length"
         with self.forward_lock, torch.no_grad():
+            reuse = self.prefix_cache.open(ids) if self.prefix_cache is not None else None
             try:
-                input_ids = torch.tensor([ids], device=self.device)
-                past = None
+                start = reuse.start if reuse is not None else 0
+                input_ids = torch.tensor([ids[start:]], device=self.device)
+                past = reuse.cache if reuse is not None else None
                 for _ in range(max_new):
                     res = self.model(input_ids=input_ids, use_cache=True, **{self.cache_kw: past})
                     past = getattr(res, "cache", None) or res.past_key_values
+                    if reuse is not None:
+                        reuse.read(input_ids[0].tolist(), past)
                     logits = res.logits[0, -1].float().cpu()
                     nxt = sample_next(logits, params.temperature, params.top_p, gen)
                     if nxt in self.eos_ids and not params.ignore_eos:
@@ -184,8 +211,15 @@ class HFBackend(Backend):
                     # consumer that stops reading stops the decoding within one step
                     lp = (float(logits[nxt] - torch.logsumexp(logits, 0)),) if params.logprobs \
                         else None
-                    yield StreamChunk(piece, token_ids=(nxt,), token_logprobs=lp)
+                    try:
+                        yield StreamChunk(piece, token_ids=(nxt,), token_logprobs=lp)
+                    except GeneratorExit:  # the consumer left: the cache is whole, keep it
+                        if reuse is not None:
+                            reuse.close()
+                        raise
                     input_ids = torch.tensor([[nxt]], device=self.device)
+                if reuse is not None:
+                    reuse.close()
             except RequestError:
                 raise
             except Exception as exc:  # noqa: BLE001 - surfaced as a backend failure

@@ -18,6 +18,14 @@ Limits (``max_concurrency``, ``max_queue``, ``timeout_s``, ``max_body_bytes``,
 ``max_tokens_cap``, ``api_keys``) are the settings' ``model_server`` section
 (:class:`router.settings.ModelServerSettings`), read like the router's.
 
+Prefix reuse: an in-process model keeps the caches of its last ``prefix_cache`` requests
+(default 4; 0: off) and a request whose prompt starts with what one of them read resumes
+from it, reading only the rest (:mod:`models.prefix_cache`: a transformer's KV cache is
+cropped to the shared prefix, a hybrid's recurrent state resumed from a checkpoint). The
+span decoder over two engines sends each engine the whole sequence at every span; with
+reuse an engine reads only the tokens the other produced meanwhile. ``/ready`` shows the
+counters (``prefix_cache``: requests, hits, reused and prompt tokens).
+
 Tool calling: a chat request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (legacy
 ``functions`` / ``function_call`` mapped to them) reach a backend that ``can_call_tools``
 (the fake with scripted tool calls: ``serve-model fake --fake-tool-calls JSON``), and its
@@ -28,17 +36,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from models.base import Backend, GenerationParams, Prompt, ScoreResult
+from models.hf import HFBackend
 from router import errors
 from router import protocol as P
 from router.app import GuardMiddleware
 from router.pool import BackendSlot, SlotLimits
 from router.settings import ModelServerSettings
 from router.streaming import sse_events
+
+if TYPE_CHECKING:
+    from models.prefix_cache import PrefixCache
 
 
 def token_offsets(backend: Backend, text: str, res: ScoreResult) -> tuple[list[str], list[int]]:
@@ -124,6 +137,18 @@ class ModelService:
             max_concurrency=limits.max_concurrency or backend.max_concurrency,
             max_queue=limits.max_queue, queue_timeout_s=limits.timeout_s,
             failure_threshold=10**9, cooldown_s=1.0))  # one model, no fallback: no breaker
+        self.prefix_cache: PrefixCache | None = None
+        if limits.prefix_cache and isinstance(backend, HFBackend):
+            from models.prefix_cache import PrefixCache
+
+            self.prefix_cache = backend.prefix_cache = PrefixCache(limits.prefix_cache)
+
+    def ready(self) -> dict:
+        """``/ready``'s body: in flight, waiting, and the prefix cache's counters."""
+        out: dict = {"ready": True, "in_flight": self.slot.in_flight, "waiting": self.slot.waiting}
+        if self.prefix_cache is not None:
+            out["prefix_cache"] = self.prefix_cache.stats()
+        return out
 
     def check_model(self, model: str) -> None:
         if model != self.name:

@@ -345,6 +345,10 @@ class ModelServerSettings(_Strict):
     timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(4_000_000, ge=1024)  # larger request bodies get 413
     max_tokens_cap: int = Field(4096, ge=1)  # requested max_tokens above this are clamped
+    # an in-process model keeps the caches of its last this-many requests and resumes one
+    # when a prompt starts with what it read (span decoding over engines sends the whole
+    # sequence at every span; models/prefix_cache.py); 0: off
+    prefix_cache: int = Field(4, ge=0, le=64)
 
 
 class RaySettings(_Strict):

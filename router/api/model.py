@@ -25,6 +25,8 @@ class ServedModel(Protocol):
 
     def card(self) -> dict: ...
 
+    def ready(self) -> dict: ...
+
     async def serve(self, body: P.ChatCompletionRequest | P.CompletionRequest) -> Response: ...
 
 
@@ -54,5 +56,4 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(request: Request) -> dict:
-    slot = _model(request).slot
-    return {"ready": True, "in_flight": slot.in_flight, "waiting": slot.waiting}
+    return _model(request).ready()
