@@ -18,6 +18,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                     "span decoding over two engine processes vs each engine alone"),
     "ray": ("evals.bench.ray_serve", "serve --ray vs one process: start-up, added latency, "
                                      "throughput with 1 and 2 model replicas"),
+    "handoff": ("evals.bench.handoff", "what a conversation's switch of backend costs (prefill "
+                "vs decode) and the conversation.handoff_cost default it gives"),
     "chat": ("evals.bench.chat", "what a person sees in chat: repeat, bug-fix and EOS rates "
                                  "of the pair on held-out corpus documents"),
 }
