@@ -86,7 +86,7 @@ def test_probe_profile_on_the_embedded_pair(tmp_path: Path) -> None:
     try:
         client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
         held_out = requests(1, 2)  # prompts the artifact was not trained on
-        served = {}
+        served: dict[str, set[str]] = {}
         for name, reqs in held_out.items():
             for r in reqs:
                 raw = client.chat.completions.with_raw_response.create(
