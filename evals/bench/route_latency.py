@@ -5,6 +5,9 @@ Starts a router whose two backends are instant fakes, then sends ``--requests`` 
 ``/v1/route`` calls per prompt length (a chat request of about ``tokens * 4`` characters of
 corpus text with a one-line instruction) and prints p50/p99 of the client-measured latency
 and of the router's own ``overhead_ms`` (routing and scoring). Figures, not a test.
+
+``--probe``: instead, what the prompt probe of a ``probe`` profile adds per request on the
+embedded pair (:mod:`evals.bench.probe_latency`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 from evals.bench.classifier_latency import bench_text
+from evals.bench.probe_latency import add_probe_arguments, run_probe
 from evals.bench.router_overhead import _archroute, _pct, _port, _wait
 
 
@@ -26,11 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=30, help="unmeasured calls first")
     p.add_argument("--model", default="archroute", help="profile to ask for (default profile)")
     p.add_argument("--corpus", default="data/corpus", help="text source (synthetic if missing)")
+    add_probe_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     import httpx
     import yaml
+
+    if args.probe:
+        return run_probe(args)
 
     port = _port()
     url = f"http://127.0.0.1:{port}"
