@@ -154,7 +154,7 @@ class LearningSettings(_Strict):
 # nats/token of predicted gain a switch must beat per 1,000 conversation tokens the other
 # backend reads again (its prefix cache lost); measured: `archroute bench handoff`
 # (docs/router.md, "Conversations")
-DEFAULT_HANDOFF_COST = 0.01
+DEFAULT_HANDOFF_COST = 0.003
 
 
 class ConversationSettings(_Strict):
