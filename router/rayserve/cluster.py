@@ -136,6 +136,7 @@ class RayRouter:
         self.ray = import_ray()
         self.address = cluster_address(settings)
         self.started_serve = False
+        self.deployed = False  # this command's application was (being) deployed
         self.connected = False
 
     def start(self, connected: Callable[[], None] | None = None) -> float:
@@ -151,7 +152,14 @@ class RayRouter:
         ray = self.ray
         init: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
         if self.address:
-            ray.init(address=self.address, **init)
+            try:
+                ray.init(address=self.address, **init)
+            except ConnectionError as exc:
+                msg = " ".join(str(exc).split())
+                raise RayServeError(
+                    f"cannot join the Ray cluster at {self.address} ({msg}); a cluster with "
+                    "token authentication needs its token here (RAY_AUTH_TOKEN, or the file "
+                    "`ray get-auth-token` reads)") from None
         else:  # "local": a new cluster even if another runs on this machine
             ray.init(address="local", num_cpus=s.ray.num_cpus, **init)
         self.connected = True
@@ -164,11 +172,15 @@ class RayRouter:
         from ray import serve
 
         self.started_serve = not serve_running(ray)
+        if not self.started_serve and APP_NAME in serve.status().applications:
+            raise RayServeError(f"a Ray Serve application named {APP_NAME!r} already runs on "
+                                "this cluster (another `archroute serve --ray`?); stop it first")
         if not self.started_serve:
             log.warning("Ray Serve already runs on this cluster: its HTTP proxy keeps its own "
                         "host and port (settings host/port apply only when this command "
                         "starts Serve)")
         serve.start(http_options={"host": s.host, "port": s.port})
+        self.deployed = True
         serve.run(build_application(s, os.getcwd()), name=APP_NAME, route_prefix="/")
         return time.perf_counter() - t0
 
@@ -182,7 +194,7 @@ class RayRouter:
         try:
             if self.started_serve:
                 serve.shutdown()
-            else:
+            elif self.deployed:
                 serve.delete(APP_NAME)
         except Exception as exc:  # noqa: BLE001 - still leave the cluster
             log.warning("stopping Ray Serve: %s: %s", type(exc).__name__, exc)

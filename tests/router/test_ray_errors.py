@@ -4,6 +4,7 @@ resources the cluster does not have, a taken port. Real ``archroute`` processes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from tests.router.servers import ROOT, free_port
 FAKES = {"transformer": {"name": "t-fake", "kind": "fake"},
          "hybrid": {"name": "h-fake", "kind": "fake"}}
 RULES = {"archroute-rules": {"policy": "rules"}}
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="the `ray` extra is not installed")
 
 
 def serve_ray(tmp: Path, config: dict, env: dict[str, str] | None = None,
@@ -52,6 +55,7 @@ def test_replicas_below_one_is_a_settings_error(tmp_path: Path) -> None:
         assert "invalid settings" in out and ("replicas" in out), out
 
 
+@needs_ray
 def test_unreachable_cluster_is_one_line_within_seconds(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -88,6 +92,7 @@ def test_resource_problem_names_the_deployment() -> None:
 
 
 @pytest.mark.slow
+@needs_ray
 def test_resources_the_cluster_lacks_stop_the_start(tmp_path: Path) -> None:
     """A real local cluster of 1 CPU asked for a GPU: one line, the cluster stopped."""
     cfg = {"backends": {**FAKES, "transformer": {**FAKES["transformer"], "num_gpus": 1}},

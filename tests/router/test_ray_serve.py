@@ -63,14 +63,16 @@ def replicas(pid: int, deployment: str) -> list[int]:
 class RayRouter:
     """``python -m router.cli serve --ray --config CONFIG --port P`` until :meth:`stop`."""
 
-    def __init__(self, config: dict, tmp: Path) -> None:
+    def __init__(self, config: dict, tmp: Path, env: dict[str, str] | None = None) -> None:
         (tmp / "router.yaml").write_text(yaml.safe_dump(config))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "router.log"
+        env_over = env
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_ADDRESS", None)  # a local cluster, unless ``env`` names one
+        env.update(env_over or {})
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "router.cli", "serve", "--ray", "--config",
