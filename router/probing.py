@@ -74,8 +74,12 @@ async def measure(slots: Mapping[str, BackendSlot], prompt: Prompt,
     concurrently, and compute the features, all within ``timeout_s``. Never raises (but
     for cancellation): a failure is an outcome without features."""
     t0 = time.perf_counter()
-    tasks = [asyncio.ensure_future(slots[role].score_prompt(prompt))
-             for role in ("transformer", "hybrid")]
+    roles = ("transformer", "hybrid")
+    unable = [slots[r].name for r in roles if not slots[r].backend.can_score_prompt]
+    if unable:  # e.g. a backend over Ray Serve handles: not asked at all
+        return ProbeOutcome(None, (time.perf_counter() - t0) * 1000, "refused",
+                            f"{', '.join(unable)} cannot score a prompt on its own")
+    tasks = [asyncio.ensure_future(slots[role].score_prompt(prompt)) for role in roles]
     for task in tasks:  # an error not raised below (the other's came first) is still read
         task.add_done_callback(lambda tk: tk.cancelled() or tk.exception())
     failure: str | None = None

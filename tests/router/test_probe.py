@@ -82,22 +82,24 @@ def test_routes_by_the_probe_and_records_it(tmp_path: Path, probe_artifact: Path
     assert "archroute_probe_fallbacks_total{" not in metrics  # none fell back
 
 
-@pytest.mark.parametrize("broken", ["fail", "slow"])
+@pytest.mark.parametrize("broken", ["fail", "slow", "unable"])
 def test_a_failed_probe_scores_without_it(tmp_path: Path, probe_artifact: Path,
                                           broken: str) -> None:
     f = ProbeRouter(tmp_path, probe_artifact, probe_timeout_s=0.3)
     with TestClient(f.app) as client:
         if broken == "fail":
             f.hybrid.fail(1)  # its probe call fails; the generation after it is served
-        else:
+        elif broken == "slow":
             f.hybrid.delay_s = 1.0
+        else:  # a backend kind without prompt scoring is not asked
+            f.hybrid.can_score_prompt = False
         r = chat(client, fake_prompt(np.random.default_rng(1), repeats=0))
         if broken == "fail":
             f.hybrid.fail(1)
         route = client.post("/v1/route", json={
             "model": PROFILE, "messages": [{"role": "user", "content": "hello there"}]}).json()
         metrics = client.get("/metrics").text
-    reason = "error" if broken == "fail" else "timeout"
+    reason = {"fail": "error", "slow": "timeout", "unable": "refused"}[broken]
     assert r.json()["archroute"]["policy"] == "probe+prompt-only"
     prompt_only = get_policy("classifier")
     assert r.json()["archroute"]["threshold"] == pytest.approx(prompt_only.default_threshold())
@@ -107,6 +109,8 @@ def test_a_failed_probe_scores_without_it(tmp_path: Path, probe_artifact: Path,
     assert not set(PROBE_FEATURES) & set(json.loads(row["features"]))
     if broken == "slow":  # no verdict against a slow backend: its breaker stays closed
         assert f.app.state.service.slots["hybrid"].state == "closed"
+    if broken == "unable":
+        assert "score_prompt" not in [m for m, _ in f.hybrid.calls]
 
 
 def test_start_up_errors_name_the_fix(tmp_path: Path) -> None:
