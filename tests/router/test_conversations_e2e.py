@@ -18,6 +18,7 @@ import yaml
 
 from router.decision_log import read_log
 from router.policies import decide
+from tests.router.pg import Cluster, why_not
 from tests.router.servers import ROOT, Server, reference_available, serve_config
 
 pytestmark = pytest.mark.slow
@@ -80,14 +81,35 @@ def test_a_conversation_stays_on_one_backend(tmp_path: Path) -> None:
         router.stop()
 
 
-def test_replicas_agree_through_the_decision_log(tmp_path: Path) -> None:
-    """Turn 1 on router A, turn 2 on router B (two processes, one SQLite log): B keeps it."""
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster (tests/router/pg.py); skipped, saying why, where none
+    can start."""
+    if why_not() is not None:
+        pytest.skip(str(why_not()))
+    c = Cluster()
+    try:
+        c.start()
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        c.stop()
+        pytest.skip(f"PostgreSQL did not start: {exc}")
+    yield c
+    c.stop()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_replicas_agree_through_the_decision_log(tmp_path: Path, store: str,
+                                                 request: pytest.FixtureRequest) -> None:
+    """Turn 1 on router A, turn 2 on router B (two processes sharing one decision log, a
+    SQLite file or a PostgreSQL database): B finds the turn in the log and keeps it."""
+    dlog = (str(tmp_path / "d.sqlite") if store == "sqlite"
+            else request.getfixturevalue("postgres").database())
     config = {"backends": {"transformer": {"name": "t-fake", "kind": "fake",
                                            "fake_reply": "from the transformer"},
                            "hybrid": {"name": "h-fake", "kind": "fake",
                                       "fake_reply": "from the hybrid"}},
               "profiles": {"stay": {"policy": "rules", "conversation": {"handoff_cost": 1000}}},
-              "decision_log": str(tmp_path / "d.sqlite")}
+              "decision_log": dlog}
     (tmp_path / "router.yaml").write_text(yaml.safe_dump(config))
     # one after the other: two processes creating one new SQLite log at once can both add
     # its columns (a race in SQLiteStore.connect, reported; PostgreSQL takes a lock)
@@ -104,7 +126,7 @@ def test_replicas_agree_through_the_decision_log(tmp_path: Path) -> None:
         msgs += [{"role": "assistant", "content": first.parse().choices[0].message.content},
                  {"role": "user", "content": TURNS[1]}]
         deadline = time.monotonic() + 10  # A's writer commits every 50 ms batch window
-        while not read_log(tmp_path / "d.sqlite") and time.monotonic() < deadline:
+        while not read_log(dlog) and time.monotonic() < deadline:
             time.sleep(0.05)
         second = cb.chat.completions.with_raw_response.create(model="stay", messages=msgs)
         assert second.headers["x-archroute-conversation"].startswith("kept; earlier=hybrid")
