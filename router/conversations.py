@@ -8,7 +8,7 @@ policy's predicted gain for switching beats the cost of that re-read:
 
 - **a follow-up turn** is a chat request whose messages before its last user turn end with
   an assistant turn this router produced. :func:`turn_key` hashes a conversation (BLAKE2b,
-  16 bytes, over each turn's role, text and tool fields, text stripped); when the router
+  16 bytes, over each turn's role, stripped text and tool fields); when the router
   answers, it remembers ``turn_key(messages + [its answer])`` (:func:`answer_key`) with the
   backend that served it and the tokens that backend read and wrote; the next turn's
   :func:`follow_up_key` (the messages before its last user turn) finds it.
@@ -46,14 +46,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Outcome = Literal["same", "kept", "switched"]
+INLINE_HASH_CHARS = 50_000  # longer conversations are hashed in a worker thread (~1 ms)
 
 
 def turn_key(messages: Sequence[ChatMessage]) -> str:
     """The conversation ``messages`` as a key: 32 hex digits of BLAKE2b over each turn's
-    role, stripped text, tool calls, tool call id and name (JSON, in order)."""
-    canon = [[m.role, m.content.strip(), m.tool_calls, m.tool_call_id, m.name] for m in messages]
-    data = json.dumps(canon, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.blake2b(data.encode(), digest_size=16).hexdigest()
+    role, stripped text and, when set, its tool calls, tool call id and name (JSON), each
+    part length-prefixed (so no two conversations share an encoding)."""
+    h = hashlib.blake2b(digest_size=16)
+    for m in messages:
+        extra = ((m.tool_calls, m.tool_call_id, m.name)
+                 if m.tool_calls or m.tool_call_id or m.name else None)
+        for part in (m.role, m.content.strip(),
+                     "" if extra is None else json.dumps(extra, sort_keys=True)):
+            data = part.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.hexdigest()
 
 
 def follow_up_key(rreq: RoutingRequest) -> str | None:
@@ -162,7 +171,8 @@ class Conversations:
     async def earlier(self, rreq: RoutingRequest) -> Earlier | None:
         """The turn ``rreq`` follows, None when it is not a follow-up of one this router
         (or a replica sharing its decision log) answered."""
-        key = follow_up_key(rreq)
+        long = sum(len(m.content) for m in rreq.messages) > INLINE_HASH_CHARS
+        key = await asyncio.to_thread(follow_up_key, rreq) if long else follow_up_key(rreq)
         if key is None:
             return None
         found = self.memory.get(key)

@@ -56,6 +56,11 @@ def test_a_follow_up_is_found_by_the_answer_it_resends() -> None:
     assert follow_up_key(req(("user", PROSE), ("user", COPY))) is None  # no assistant turn
     assert follow_up_key(RoutingRequest.from_prompt(PROSE)) is None  # a completion
     assert turn_key(first.messages) != turn_key(req(("user", PROSE)).messages)
+    tool = (ChatMessage("tool", "42", tool_call_id="call_1"),)
+    assert turn_key(tool) != turn_key((ChatMessage("tool", "42", tool_call_id="call_2"),))
+    # no two conversations share an encoding: turn boundaries are part of the key
+    assert turn_key(req(("user", "ab"), ("user", "c")).messages) != turn_key(
+        req(("user", "a"), ("user", "bc")).messages)
 
 
 def test_the_rule_stays_unless_the_gain_beats_the_cost() -> None:
@@ -142,6 +147,16 @@ def test_a_follow_up_stays_on_the_earlier_backend(fakes) -> None:
     assert r2.headers["x-archroute-conversation"].startswith("kept; earlier=hybrid; gain=")
     metrics = client.get("/metrics").text
     assert 'archroute_conversation_turns_total{outcome="kept",profile="stay"} 1.0' in metrics
+
+
+def test_a_long_conversation_is_hashed_off_the_loop_and_still_found(fakes) -> None:
+    _, client = fakes
+    long = PROSE + " " + "waves " * 10_000  # 60,000 characters: hashed in a worker thread
+    msgs = [{"role": "user", "content": long}]
+    r1, a1 = chat(client, "stay", msgs)
+    msgs += [{"role": "assistant", "content": a1}, {"role": "user", "content": COPY}]
+    r2, _ = chat(client, "stay", msgs)
+    assert r2.json()["archroute"]["conversation"]["earlier"] == r1.json()["archroute"]["decision"]
 
 
 def test_handoff_cost_zero_follows_the_policy(fakes) -> None:
