@@ -41,7 +41,8 @@ def import_ray() -> Any:
         import ray
         from ray import serve  # noqa: F401 - the serve extra, not only ray core
     except ImportError as exc:
-        raise RayServeError(f"--ray needs Ray Serve: pip install 'archroute[ray]' ({exc})") from None
+        raise RayServeError(f"--ray needs Ray Serve: pip install 'archroute[ray]' ({exc})"
+                            ) from None
     return ray
 
 

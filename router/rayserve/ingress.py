@@ -104,9 +104,10 @@ def replica_id() -> str:
 
 
 class RouterIngress:
-    """One router replica. ``models``: role -> the model deployment's handle (None for an
-    upstream backend, which the app builds itself); ``span``: the span deployment's handle
-    (None: no span deployment, span profiles answer as on a pair that cannot span);
+    """One router replica. ``transformer``, ``hybrid``: the model deployments' handles
+    (None for an upstream backend, which the app builds itself); ``span``: the span
+    deployment's handle (None: no span deployment, span profiles answer as on a pair that
+    cannot span);
     ``status``: role -> a callable saying why that deployment cannot serve (``aprobe``)."""
 
     def __init__(self, settings: Settings, status: Any, cwd: str | None,
