@@ -42,23 +42,12 @@ from classifiers.training.train_router import (
     fmt_ci,
     label_arrays,
     leave_one_source_out,
+    probe_matrix,
     routing_request,
     routing_summary,
 )
 
 NAMES = (*FEATURE_NAMES, *PROBE_FEATURES)
-
-
-def probe_matrix(rows: Sequence[dict]) -> np.ndarray:
-    """The probe columns of label rows (NaN where a feature is missing)."""
-    out = np.full((len(rows), len(PROBE_FEATURES)), np.nan)
-    for i, r in enumerate(rows):
-        pr = r.get("probe") or {}
-        for j, k in enumerate(PROBE_FEATURES):
-            v = pr.get(k)
-            if v is not None:
-                out[i, j] = v
-    return out
 
 
 def make_model(with_probe: bool, seed: int = 0) -> RealRouter:
