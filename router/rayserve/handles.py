@@ -29,6 +29,7 @@ from models.base import (
     GenerationParams,
     GenerationResult,
     Prompt,
+    PromptScore,
     RequestError,
     ScoreResult,
     StreamChunk,
@@ -50,11 +51,13 @@ class BackendFacts:
     can_call_tools: bool
     accepts_token_ids: bool
     max_concurrency: int
+    can_score_prompt: bool = False
 
     @classmethod
     def of(cls, backend: Backend) -> BackendFacts:
         return cls(backend.info(), backend.context_length, backend.can_score,
-                   backend.can_call_tools, backend.accepts_token_ids, backend.max_concurrency)
+                   backend.can_call_tools, backend.accepts_token_ids, backend.max_concurrency,
+                   backend.can_score_prompt)
 
 
 def replica_lost(exc: BaseException) -> bool:
@@ -100,6 +103,7 @@ class HandleBackend(Backend):
         self.facts = facts
         self.context_length = facts.context_length
         self.can_score = facts.can_score
+        self.can_score_prompt = facts.can_score_prompt
         self.can_call_tools = facts.can_call_tools
         self.accepts_token_ids = facts.accepts_token_ids
         self.retries = retries
@@ -116,6 +120,9 @@ class HandleBackend(Backend):
     def score(self, prompt: str, continuation: str) -> ScoreResult:
         return self._sync("score", prompt, continuation)
 
+    def score_prompt(self, prompt: Prompt) -> PromptScore:
+        return self._sync("score_prompt", prompt)
+
     def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamChunk]:
         yield from self._sync_stream(*self.prefix, prompt, params)
 
@@ -124,6 +131,9 @@ class HandleBackend(Backend):
 
     async def ascore(self, prompt: str, continuation: str) -> ScoreResult:
         return await self._call("score", prompt, continuation)
+
+    async def ascore_prompt(self, prompt: Prompt) -> PromptScore:
+        return await self._call("score_prompt", prompt)
 
     async def astream(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamChunk]:
         async for chunk in self._stream("stream", *self.prefix, prompt, params):
@@ -213,3 +223,9 @@ class SpanHandleBackend(HandleBackend):
 
     async def ascore(self, prompt: str, continuation: str) -> ScoreResult:
         return self.score(prompt, continuation)
+
+    def score_prompt(self, prompt: Prompt) -> PromptScore:
+        raise RequestError(f"{self.name}: span decoding does not score prompts")
+
+    async def ascore_prompt(self, prompt: Prompt) -> PromptScore:
+        return self.score_prompt(prompt)

@@ -14,7 +14,14 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from models.base import GenerationParams, GenerationResult, Prompt, ScoreResult, StreamChunk
+from models.base import (
+    GenerationParams,
+    GenerationResult,
+    Prompt,
+    PromptScore,
+    ScoreResult,
+    StreamChunk,
+)
 from router.rayserve.handles import BackendFacts
 
 if TYPE_CHECKING:
@@ -56,6 +63,9 @@ class ModelReplica:
 
     async def score(self, prompt: str, continuation: str) -> ScoreResult:
         return await self.backend.ascore(prompt, continuation)
+
+    async def score_prompt(self, prompt: Prompt) -> PromptScore:
+        return await self.backend.ascore_prompt(prompt)
 
     def __del__(self) -> None:
         backend = getattr(self, "backend", None)

@@ -140,6 +140,21 @@ def test_a_stream_is_retried_only_before_its_first_chunk() -> None:
     assert len(h.calls) == 1  # the client already has "a": not sent again
 
 
+def test_facts_come_from_the_replica_backend() -> None:
+    """What the router reads of a handle backend is what the replica's backend states; a
+    prompt score goes to the replica (the prompt probe)."""
+    from models.fake import FakeBackend
+
+    fake = FakeBackend("f", "hybrid")
+    facts = BackendFacts.of(fake)
+    b = HandleBackend("f", Handle(["scored"]), facts, replicas=3)
+    for attr in ("context_length", "can_score", "can_score_prompt", "can_call_tools",
+                 "accepts_token_ids"):
+        assert getattr(b, attr) == getattr(fake, attr), attr
+    assert b.info() == fake.info() and b.max_concurrency == 3 * fake.max_concurrency
+    assert run(b.ascore_prompt("hi")) == "scored"
+
+
 def test_span_calls_name_the_gate_and_draft() -> None:
     h = Handle([RESULT])
     b = SpanHandleBackend("span:copy-2", h, FACTS, "copy-2", (8, 2))
