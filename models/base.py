@@ -106,6 +106,9 @@ class GenerationParams:
     # each streamed token's log-probability (``StreamChunk.token_logprobs``) from a backend
     # that decodes token by token; off by default: it costs a pass over the vocabulary a step
     logprobs: bool = False
+    # with ``logprobs``: also the k most likely tokens at each step and their log-probabilities
+    # (``StreamChunk.top_logprobs``; OpenAI's completions ``logprobs: k``); 0: none
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -158,6 +161,8 @@ class StreamChunk:
     # backend that decodes token by token (in-process); None when unknown
     token_ids: tuple[int, ...] | None = None
     token_logprobs: tuple[float, ...] | None = None
+    # per token, the ``top_logprobs`` most likely tokens and the chosen one: {id: log-prob}
+    top_logprobs: tuple[dict[int, float], ...] | None = None
 
 
 @dataclass

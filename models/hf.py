@@ -209,10 +209,17 @@ class HFBackend(Backend):
                         break
                     # one chunk per decode step (empty while text is held back), so a
                     # consumer that stops reading stops the decoding within one step
-                    lp = (float(logits[nxt] - torch.logsumexp(logits, 0)),) if params.logprobs \
-                        else None
+                    lp = top = None
+                    if params.logprobs:
+                        logp = logits - torch.logsumexp(logits, 0)
+                        lp = (float(logp[nxt]),)
+                        if params.top_logprobs:  # the k most likely and the chosen one
+                            v, i = torch.topk(logp, min(params.top_logprobs, len(logp)))
+                            top = (dict(zip(i.tolist(), v.tolist(), strict=True))
+                                   | {nxt: lp[0]},)
                     try:
-                        yield StreamChunk(piece, token_ids=(nxt,), token_logprobs=lp)
+                        yield StreamChunk(piece, token_ids=(nxt,), token_logprobs=lp,
+                                          top_logprobs=top)
                     except GeneratorExit:  # the consumer left: the cache is whole, keep it
                         if reuse is not None:
                             reuse.close()

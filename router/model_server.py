@@ -162,7 +162,9 @@ class ModelService:
             temperature=body.temperature, top_p=body.top_p, seed=body.seed,
             stop=body.stop_list(),
             ignore_eos=isinstance(body, P.CompletionRequest) and body.ignore_eos,
-            logprobs=token_ids_out(body))
+            logprobs=token_ids_out(body),
+            top_logprobs=(body.logprobs or 0) if isinstance(body, P.CompletionRequest)
+            and token_ids_out(body) else 0)
         if self.backend.can_call_tools and isinstance(body, P.ChatCompletionRequest):
             tools = body.tool_fields()
             if tools is not None:

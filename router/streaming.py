@@ -70,9 +70,10 @@ async def sse_events(stream: BackendStream, *, rid: str, model: str, chat: bool,
                 out = piece(chunk.text)
                 toks = [f"token_id:{t}" for t in chunk.token_ids]
                 lps = list(chunk.token_logprobs or [None] * len(toks))
+                tops = ([{f"token_id:{i}": lp for i, lp in d.items()} for d in chunk.top_logprobs]
+                        if chunk.top_logprobs else [{t: lp} for t, lp in zip(toks, lps, strict=True)])
                 out["choices"][0]["logprobs"] = {
-                    "tokens": toks, "token_logprobs": lps,
-                    "top_logprobs": [{t: lp} for t, lp in zip(toks, lps, strict=True)],
+                    "tokens": toks, "token_logprobs": lps, "top_logprobs": tops,
                     "text_offset": [sent] * len(toks)}
                 sent += len(chunk.text)
                 yield event(out)

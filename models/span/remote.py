@@ -23,8 +23,13 @@ at the token budget, or at a client stop sequence, which is checked here on the
 concatenated text (a stop sequence can straddle a span boundary) with the same holdback as
 a single backend (:class:`models.hf.StreamText`).
 
-Gates that read the producing model's entropy (``learned``) are refused: the completions API
-does not return it. Sampling is per span: with a ``seed``, span i is sampled with
+Gates that read the producing model's entropy: the completions API does not return it, but
+``logprobs: k`` returns the k most likely tokens' log-probabilities, from which
+:func:`topk_entropy` computes a lower bound of the entropy. A learned gate trained on that
+proxy (its artifact says ``meta.entropy: "topk:K"``; ``python -m evals.span.topk``) runs
+over engines: each span asks for ``logprobs: K`` and the gate is pushed the proxy of the
+model that produced each token. A gate that reads the full entropy (the shipped ``learned``)
+is refused. Sampling is per span: with a ``seed``, span i is sampled with
 ``seed + i``, so an answer is reproducible but not the in-process decoder's sample for
 sample; greedy decoding (``temperature: 0``) gives the same tokens as the in-process decoder
 (tested against two real ``serve-model`` processes).
@@ -37,8 +42,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +67,7 @@ from models.span.gates import Gate, Role, get_gate
 from models.upstream import OpenAIUpstreamBackend
 
 ENTROPY_GATES = ("learned",)  # gates (by name before any ':') that read the model's entropy
+MAX_TOPK = 5  # the most log-probabilities a completions request asks for (OpenAI's limit)
 # how one span's request to an engine is admitted: a context manager per request, by role,
 # around it (the router's: the engine's own slot, so its limits and its one circuit breaker
 # see every call to it, :meth:`router.pool.BackendSlot.held`); by default none
@@ -77,6 +84,30 @@ class RemoteSpanError(RequestError):
 
 def reads_entropy(gate: Gate) -> bool:
     return bool(getattr(gate, "reads_entropy", gate.name.split(":")[0] in ENTROPY_GATES))
+
+
+def entropy_topk(gate: Gate) -> int | None:
+    """k when ``gate`` was trained on the top-k entropy proxy (its artifact's
+    ``meta.entropy`` is ``"topk:K"``), else None."""
+    spec = (getattr(gate, "meta", None) or {}).get("entropy")
+    if isinstance(spec, str) and spec.startswith("topk:") and spec[5:].isdigit():
+        return int(spec[5:])
+    return None
+
+
+def topk_entropy(logprobs: Iterable[float], k: int) -> float:
+    """A lower bound (nats) of the entropy of a next-token distribution from its ``k``
+    largest log-probabilities (more are cut to the k largest): the top k's own terms, and
+    the remaining mass ``m`` as ``-m log p_k`` (every other token is at most as likely as
+    the k-th, ``p_k``, so each of its terms ``-q log q >= -q log p_k``). What a learned
+    gate trained on the proxy reads over engines, and what its training computes from full
+    logits (:mod:`evals.span.topk`)."""
+    top = sorted(logprobs, reverse=True)[:k]
+    if not top:
+        return 0.0
+    ps = [math.exp(lp) for lp in top]
+    tail = max(0.0, 1.0 - sum(ps))
+    return -sum(p * lp for p, lp in zip(ps, top, strict=True)) - tail * top[-1]
 
 
 @dataclass
@@ -110,21 +141,25 @@ class RemoteTrace:
                 "requests": len(self.spans), "wasted": sum(s.wasted for s in self.spans)}
 
 
-def _event_tokens(data: dict, name: str) -> tuple[list[int], str | None]:
-    """(token ids, finish reason) of one streamed completions event."""
+def _event_tokens(data: dict, name: str) -> tuple[list[int], list[dict | None], str | None]:
+    """(token ids, each token's top log-probabilities {token: log-prob} or None, finish
+    reason) of one streamed completions event."""
     if "error" in data:
         raise BackendError(f"{name}: upstream stream error: {data['error']}")
     ids: list[int] = []
+    tops: list[dict | None] = []
     finish = None
     for choice in data.get("choices") or []:
         lp = choice.get("logprobs") or {}
-        for tok in lp.get("tokens") or []:
+        top = lp.get("top_logprobs") or []
+        for j, tok in enumerate(lp.get("tokens") or []):
             if not (isinstance(tok, str) and tok.startswith("token_id:")):
                 raise BackendError(f"{name}: the engine did not return token ids (send "
                                    "return_tokens_as_token_ids; vLLM and serve-model do)")
             ids.append(int(tok[len("token_id:"):]))
+            tops.append(top[j] if j < len(top) and isinstance(top[j], dict) else None)
         finish = choice.get("finish_reason") or finish
-    return ids, finish
+    return ids, tops, finish
 
 
 class RemoteSpanBackend(Backend):
@@ -144,10 +179,15 @@ class RemoteSpanBackend(Backend):
                 raise RemoteSpanError(f"span decoding over engines needs two OpenAI-compatible "
                                       f"upstreams; {b.name} is not one")
         self.gate: Gate = get_gate(gate) if isinstance(gate, str) else gate
-        if reads_entropy(self.gate):
+        self.topk = entropy_topk(self.gate)
+        if reads_entropy(self.gate) and self.topk is None:
             raise RemoteSpanError(
                 f"gate {self.gate.name!r} reads each model's entropy, which the completions "
-                "API does not return; use a gate over tokens (copy-k, brackets) for engines")
+                "API does not return; use a gate over tokens (copy-k, brackets) for engines, "
+                "or a learned gate trained on the top-k proxy (python -m evals.span.topk)")
+        if self.topk is not None and not 1 <= self.topk <= MAX_TOPK:
+            raise RemoteSpanError(f"gate {self.gate.name!r} reads the top-{self.topk} entropy "
+                                  f"proxy; the completions API returns at most {MAX_TOPK}")
         super().__init__(name or f"span-remote:{self.gate.name}", max_concurrency)
         self.transformer = transformer
         self.hybrid = hybrid
@@ -203,7 +243,7 @@ class RemoteSpanBackend(Backend):
             body: dict[str, Any] = {
                 "model": up.model, "prompt": list(seq), "max_tokens": budget - len(tr.token_ids),
                 "temperature": params.temperature, "top_p": params.top_p, "stream": True,
-                "logprobs": 1, "return_tokens_as_token_ids": True}
+                "logprobs": self.topk or 1, "return_tokens_as_token_ids": True}
             if params.seed is not None:
                 body["seed"] = params.seed + len(tr.spans) - 1
             if params.ignore_eos:
@@ -214,15 +254,15 @@ class RemoteSpanBackend(Backend):
                 async for line in lines:
                     if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                         continue
-                    ids, finish = _event_tokens(json.loads(line[5:]), up.name)
-                    for tok in ids:
+                    ids, tops, finish = _event_tokens(json.loads(line[5:]), up.name)
+                    for tok, top in zip(ids, tops, strict=True):
                         if nxt != role:  # arrived after the switch point
                             span.wasted += 1
                             continue
                         if span.kept == 0:
                             span.first_token_s = time.perf_counter() - s0
                         span.kept += 1
-                        state.push(tok, role, None)
+                        state.push(tok, role, self._entropy(top, up.name))
                         seq.append(tok)
                         tr.token_ids.append(tok)
                         tr.roles.append(role)
@@ -253,6 +293,15 @@ class RemoteSpanBackend(Backend):
         tr.seconds = time.perf_counter() - t0
         yield StreamChunk("", reason, n_prompt, len(tr.token_ids),  # type: ignore[arg-type]
                           span=tr.summary(self.gate.name))
+
+    def _entropy(self, top: dict | None, name: str) -> float | None:
+        """The top-k entropy proxy of one streamed token (None: the gate reads none)."""
+        if self.topk is None:
+            return None
+        if not top:
+            raise BackendError(f"{name}: the engine returned no top_logprobs; the gate "
+                               f"{self.gate.name!r} needs logprobs: {self.topk}")
+        return topk_entropy(top.values(), self.topk)
 
     @contextlib.asynccontextmanager
     async def _span_request(self, role: Role, up: OpenAIUpstreamBackend,

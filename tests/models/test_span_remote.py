@@ -217,3 +217,78 @@ def test_a_dead_engine_opens_its_own_breaker_and_the_other_serves(engines, tmp_p
         assert 'archroute_breaker_open{backend="transformer-engine"} 0.0' in metrics
     finally:
         router.stop()
+
+
+def test_topk_entropy_is_a_lower_bound_that_tracks_the_entropy() -> None:
+    """The proxy never exceeds the entropy, equals it when k covers the vocabulary, and the
+    training path (evals.span.topk, from full logits) computes the same number."""
+    import math
+
+    import torch
+
+    from models.span.decoder import entropy_nats
+    from models.span.remote import topk_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1.0, 3.0, 10.0):
+        logits = torch.randn(50, generator=gen) * scale
+        lp = torch.log_softmax(logits, 0).tolist()
+        h = entropy_nats(logits)
+        assert topk_entropy(lp, 5) <= h + 1e-6
+        assert topk_entropy(lp, 50) == pytest.approx(h, abs=1e-5)
+        # more log-probabilities than k (an engine adds the sampled token): the k largest
+        assert topk_entropy([*sorted(lp)[:3], *lp], 5) == pytest.approx(topk_entropy(lp, 5))
+    assert topk_entropy([0.0], 5) == 0.0 and topk_entropy([math.log(0.5)] * 2, 5) == \
+        pytest.approx(math.log(2))
+
+
+def test_a_learned_gate_on_the_topk_proxy_runs_over_engines(engines, reference_pair,
+                                                            tmp_path) -> None:
+    """A learned gate whose artifact says it reads the top-5 proxy is accepted over engines;
+    each span asks for logprobs: 5 (serve-model returns the 5 most likely and the chosen
+    token), and the roles it chooses are the ones the same gate chooses teacher-forced on the
+    answer with the proxies computed in-process from full logits (evals.span.topk)."""
+    import numpy as np
+
+    from evals.span.evaluate import rollout
+    from evals.span.score import ScoredSeq
+    from evals.span.topk import proxy_entropies
+    from models.span.decoder import token_text_fn
+    from models.span.learned import LearnedGate, load_learned_gate
+
+    # a gate that hands copies to the transformer and reads the producer's proxy entropy
+    LearnedGate({"bias": -0.3, "match_len": 0.6, "ent_last": -0.15, "last_t": 0.2},
+                meta={"entropy": "topk:5"}).save(tmp_path)
+    gate = load_learned_gate(tmp_path)
+    b = remote(engines, reference_pair, gate)  # type: ignore[arg-type]
+    assert b.topk == 5
+    tr = RemoteTrace()
+    b.generate(CODE, GenerationParams(max_tokens=40, temperature=0.0), trace=tr)
+    assert tr.switches >= 2 and "transformer" in tr.roles and "hybrid" in tr.roles
+    tok = reference_pair[0].tokenizer
+    prompt = b.prompt_ids(CODE)
+    n = len(tr.token_ids)
+    seq = ScoredSeq("x", "t", "t", "t", np.asarray(prompt), np.asarray(tr.token_ids),
+                    np.zeros((2, n), np.float32), np.zeros((2, n), np.float32))
+    ent = np.stack([proxy_entropies(m, [seq])[0] for m in reference_pair])
+    seq.ent = ent
+    roles = rollout(gate, seq, token_text_fn(tok))
+    assert [("transformer" if r else "hybrid") for r in roles] == tr.roles
+    # serve-model's top-k: the 5 most likely tokens and the chosen one, as vLLM returns them
+    t, _ = engines
+    client = openai.OpenAI(base_url=t.url + "/v1", api_key="x")
+    ev = next(e for e in client.completions.create(
+        model="ref-t", prompt=prompt, max_tokens=1, temperature=1.0, seed=3, stream=True,
+        logprobs=5, extra_body={"return_tokens_as_token_ids": True}) if e.choices[0].logprobs)
+    lp = ev.choices[0].logprobs
+    assert lp is not None and lp.top_logprobs and lp.tokens
+    top = lp.top_logprobs[0]
+    assert 5 <= len(top) <= 6 and lp.tokens[0] in top
+    import torch
+
+    with torch.no_grad():
+        logits = reference_pair[0].model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    want = torch.topk(torch.log_softmax(logits.float(), 0), 5)
+    got = sorted(top.items(), key=lambda kv: -kv[1])[:5]
+    assert [int(k.split(":")[1]) for k, _ in got] == want.indices.tolist()
+    assert [v for _, v in got] == pytest.approx(want.values.tolist(), abs=1e-4)
