@@ -61,14 +61,23 @@ class SQLiteStore:
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute(SCHEMA)
-        have = {r[1] for r in conn.execute("PRAGMA table_info(decisions)")}
-        for col, ddl in MIGRATIONS.items():
-            if col not in have:
+        # the schema and its migrations under the write lock: two processes opening one new
+        # log at the same moment take turns, and the second sees the first's columns (else
+        # both add them and one dies on "duplicate column name")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(SCHEMA)
+            have = {r[1] for r in conn.execute("PRAGMA table_info(decisions)")}
+            for col, ddl in MIGRATIONS.items():
+                if col not in have:
+                    conn.execute(ddl)
+            for ddl in (FEEDBACK_SCHEMA, LABELS_SCHEMA, LEARNING_SCHEMA, *INDEXES):
                 conn.execute(ddl)
-        for ddl in (FEEDBACK_SCHEMA, LABELS_SCHEMA, LEARNING_SCHEMA, *INDEXES):
-            conn.execute(ddl)
-        conn.commit()
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            conn.close()
+            raise
         return conn
 
     @contextmanager

@@ -123,3 +123,28 @@ def test_waiting_for_a_row_stops_when_the_database_fails(tmp_path: Path) -> None
     outage.down = False
     dlog.close()
     assert [r["request_id"] for r in read_log(tmp_path / "d.sqlite")] == ["r"]
+
+
+def _open_logs(paths: list[str], barrier) -> None:
+    from router.decision_log.stores import SQLiteStore
+
+    for path in paths:
+        barrier.wait(timeout=30)  # both open the same new file at the same moment
+        SQLiteStore(path).connect().close()
+
+
+def test_two_processes_creating_one_new_sqlite_log_both_open_it(tmp_path):
+    """Router replicas starting together on one new SQLite file: the schema and its
+    migrations are applied under the write lock, so neither dies on a column the other just
+    added ("duplicate column name")."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    paths = [str(tmp_path / f"log{i}.sqlite") for i in range(40)]
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_open_logs, args=(paths, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
