@@ -58,6 +58,11 @@ class Policy:
     # RoutingRequest.probe) before it asks score()/explain(); the ``probe`` policy
     needs_probe: bool = False
 
+    def threshold_without_probe(self) -> float | None:
+        """The threshold a ``needs_probe`` policy's score is compared with when the probe
+        failed (its prompt-only fallback's); None: the policy's own."""
+        return None
+
     def score(self, req: RoutingRequest) -> float:
         """P(transformer is the better backend for ``req``), in [0, 1]."""
         raise NotImplementedError
@@ -528,6 +533,9 @@ class ProbePolicy(ClassifierPolicy):
                              "--probe --labels FILE --out DIR` (docs/router.md)")
         self.fallback_artifact = fallback_artifact
         self.prompt_only = ClassifierPolicy(cost_weight, fallback_artifact, operating_point)
+
+    def threshold_without_probe(self) -> float | None:
+        return self.prompt_only.default_threshold()
 
     def params(self) -> dict[str, object]:
         return {**super().params(), "fallback_artifact": self.fallback_artifact}

@@ -163,9 +163,9 @@ async def scored(ask: Ask, name: str, prof: ProfileSettings, policy: Policy, thr
         score, feats = policy.explain(rreq)
     thr = threshold if ask.threshold is None else ask.threshold
     failed = outcome is not None and outcome.features is None
-    prompt_only = getattr(policy, "prompt_only", None)
-    if failed and ask.threshold is None and prof.threshold is None and prompt_only is not None:
-        thr = prompt_only.default_threshold()
+    fallback_thr = policy.threshold_without_probe() if failed else None
+    if fallback_thr is not None and ask.threshold is None and prof.threshold is None:
+        thr = fallback_thr
     if outcome is not None:
         feats = {**feats, "probe_ms": round(outcome.ms, 3)}
     picked: str = decide(score, thr)

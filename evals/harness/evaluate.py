@@ -155,7 +155,7 @@ def evaluate_policies(table: PairTable, policies: Mapping[str, Policy], cfg: Eva
         else:
             scores = np.asarray(pol.score_batch(reqs), dtype=float)
             params = pol.params()
-            note = "fell back to rules (no classifier artifact)" if getattr(pol, "fallback_", False) else ""
+            note = "fell back to rules (no classifier artifact)" if pol.fallback_ else ""
         score_ms = (time.perf_counter() - t0) * 1000.0 / max(1, len(reqs))
         thr = policy_threshold(pol, cfg)
         route = np.array([decide(float(s), thr) == "transformer" for s in scores])
