@@ -503,7 +503,6 @@ class Settings(_Strict):
             raise ValueError(f"profiles.{name}.learning.workdir {learning.workdir!r} is not "
                              f"inside artifact_roots {self.artifact_roots}")
 
-
     def default_candidates(self) -> list[str]:
         """The profiles `model: "archroute"` may mean, in order of preference: the
         configured ``default_profile``; unset, the span profile (``archroute-span``) and then
