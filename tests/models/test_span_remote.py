@@ -292,3 +292,36 @@ def test_a_learned_gate_on_the_topk_proxy_runs_over_engines(engines, reference_p
     got = sorted(top.items(), key=lambda kv: -kv[1])[:5]
     assert [int(k.split(":")[1]) for k, _ in got] == want.indices.tolist()
     assert [v for _, v in got] == pytest.approx(want.values.tolist(), abs=1e-4)
+
+
+def test_a_router_serves_a_topk_gate_over_engines(engines, reference_pair, tmp_path) -> None:
+    """A real router process: a span profile naming a learned gate trained on the top-k
+    proxy (learned:PATH) starts over the two engines and answers; the shipped learned gate
+    on the same engines stays a start-up error (test_router_span_profile_over_two_engines)."""
+    from models.reference_pair import REFERENCE_DIR
+    from models.span.learned import LearnedGate, load_learned_gate
+    from tests.router.servers import serve_config
+
+    gate_dir = tmp_path / "gate"
+    LearnedGate({"bias": -0.3, "match_len": 0.6, "ent_last": -0.15, "last_t": 0.2},
+                meta={"entropy": "topk:5"}).save(gate_dir)
+    t, h = engines
+    backends = {role: {"name": f"{role}-engine", "kind": "upstream", "base_url": srv.url + "/v1",
+                       "model": model, "call_tools": False}
+                for role, srv, model in (("transformer", t, "ref-t"), ("hybrid", h, "ref-h"))}
+    backends["transformer"]["tokenizer"] = str(REFERENCE_DIR / "transformer")
+    profiles = {"archroute-rules": {"policy": "rules"},
+                "span-topk": {"policy": "span", "policy_args": {"gate": f"learned:{gate_dir}"}}}
+    router = serve_config({"backends": backends, "profiles": profiles,
+                           "default_profile": "archroute-rules", "decision_log": None}, tmp_path)
+    try:
+        r = httpx.post(router.url + "/v1/completions", json={
+            "model": "span-topk", "prompt": CODE, "max_tokens": 24, "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        span = r.json()["archroute"]["span"]
+        assert span["gate"] == f"learned:{gate_dir}" and span["requests"] == span["switches"] + 1
+        local = remote(engines, reference_pair, load_learned_gate(gate_dir)).generate(
+            CODE, GenerationParams(max_tokens=24, temperature=0.0))
+        assert r.json()["choices"][0]["text"] == local.text
+    finally:
+        router.stop()
