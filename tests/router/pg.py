@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.router.servers import free_port
@@ -78,3 +79,24 @@ class Cluster:
                       "stop", timeout=60)
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextmanager
+def started_cluster():
+    """A started throwaway cluster for a fixture to yield, stopped afterwards; the test is
+    skipped, saying why, where none can start (no server binaries, or it did not come up)."""
+    import pytest
+
+    why = why_not()
+    if why is not None:
+        pytest.skip(why)
+    c = Cluster()
+    try:
+        c.start()
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        c.stop()
+        pytest.skip(f"PostgreSQL did not start: {exc}")
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -18,7 +18,7 @@ import yaml
 
 from router.decision_log import read_log
 from router.policies import decide
-from tests.router.pg import Cluster, why_not
+from tests.router.pg import started_cluster
 from tests.router.servers import ROOT, Server, reference_available, serve_config
 
 pytestmark = pytest.mark.slow
@@ -85,16 +85,8 @@ def test_a_conversation_stays_on_one_backend(tmp_path: Path) -> None:
 def postgres():
     """A throwaway PostgreSQL cluster (tests/router/pg.py); skipped, saying why, where none
     can start."""
-    if why_not() is not None:
-        pytest.skip(str(why_not()))
-    c = Cluster()
-    try:
-        c.start()
-    except (RuntimeError, OSError, TimeoutError) as exc:
-        c.stop()
-        pytest.skip(f"PostgreSQL did not start: {exc}")
-    yield c
-    c.stop()
+    with started_cluster() as c:
+        yield c
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from router.decision_log import DecisionLog, DecisionRow, read_log
-from tests.router.pg import Cluster, pg_bin, why_not
+from tests.router.pg import Cluster, pg_bin, started_cluster, why_not
 from tests.router.servers import Server, serve_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(why_not() is not None, reason=str(why_not()))]
@@ -28,14 +28,8 @@ COPY = [{"role": "user", "content": "Repeat this exactly: the cat sat on the mat
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster()
-    try:
-        c.start()
-    except (RuntimeError, OSError, TimeoutError) as exc:
-        c.stop()
-        pytest.skip(f"PostgreSQL did not start: {exc}")
-    yield c
-    c.stop()
+    with started_cluster() as c:
+        yield c
 
 
 def test_the_store_on_postgres(cluster: Cluster) -> None:
