@@ -17,7 +17,8 @@ sequence (an induction match: the answer may be copying), the hybrid otherwise;
 ``brackets``: the transformer while a bracket is open in the answer (it must be closed),
 else the hybrid; ``copy-k+brackets``: either rule; ``always-transformer`` and
 ``always-hybrid``; ``learned`` (and ``learned:PATH``): the learned gate
-(:mod:`models.span.learned`).
+(:mod:`models.span.learned`); ``learned-topk``: the learned gate trained on the top-5
+entropy proxy, for span decoding over two engines (``models/span/topk_gate``).
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ def _learned(path: str | None = None) -> Gate:
     return load_learned_gate(path)
 
 
+def _learned_topk() -> Gate:
+    from models.span.learned import TOPK_DIR, load_learned_gate
+
+    return load_learned_gate(TOPK_DIR, name="learned-topk")
+
+
 def _copy(k: int, brackets: bool = False) -> Callable[[], Gate]:
     return lambda: CopyGate(k, brackets)
 
@@ -107,6 +114,7 @@ GATES: dict[str, Callable[[], Gate]] = {
     **{f"copy-{k}": _copy(k) for k in range(1, MAX_MATCH + 1)},
     **{f"copy-{k}+brackets": _copy(k, brackets=True) for k in range(1, MAX_MATCH + 1)},
     "learned": _learned,
+    "learned-topk": _learned_topk,  # the learned gate for two engines (top-5 entropy proxy)
 }
 
 

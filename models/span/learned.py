@@ -41,6 +41,9 @@ FORMAT = "archroute-span-gate"
 VERSION = 2  # 2: the features after "answer_code" in FEATURES (older artifacts load)
 _TREE_KEYS = ("feature", "threshold", "left", "right", "value")
 DEFAULT_DIR = Path(__file__).resolve().parent / "default_gate"
+# the gate for span decoding over engines (``learned-topk``): trained on the top-5 entropy
+# proxy engines return (models.span.remote.topk_entropy; python -m evals.span.topk)
+TOPK_DIR = Path(__file__).resolve().parent / "topk_gate"
 ARTIFACT = "gate.json"
 
 # the class of a token's text (the last token before the one being chosen for)
@@ -332,14 +335,15 @@ class LearnedGate(Gate):
                    trees, d.get("switch_cost", 0.0))  # type: ignore[arg-type]
 
 
-def load_learned_gate(path: str | Path | None = None) -> LearnedGate:
+def load_learned_gate(path: str | Path | None = None, name: str | None = None) -> LearnedGate:
     """The learned gate at ``path`` (a ``gate.json`` or a folder holding one); the shipped
-    default (``models/span/default_gate``) when None."""
+    default (``models/span/default_gate``) when None. ``name``: the gate's name (default
+    ``learned``, or ``learned:PATH``)."""
     p = Path(path) if path is not None else DEFAULT_DIR
     if p.is_dir():
         p = p / ARTIFACT
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no learned gate there (train one with "
                                 "archroute span-eval --train-gate DIR)")
-    name = "learned" if path is None else f"learned:{path}"
+    name = name or ("learned" if path is None else f"learned:{path}")
     return LearnedGate.from_json(json.loads(p.read_text()), name=name)

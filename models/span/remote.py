@@ -66,7 +66,7 @@ from models.span.decoder import token_text_fn
 from models.span.gates import Gate, Role, get_gate
 from models.upstream import OpenAIUpstreamBackend
 
-ENTROPY_GATES = ("learned",)  # gates (by name before any ':') that read the model's entropy
+ENTROPY_GATES = ("learned", "learned-topk")  # gates (by name before any ':') that read the model's entropy
 MAX_TOPK = 5  # the most log-probabilities a completions request asks for (OpenAI's limit)
 # how one span's request to an engine is admitted: a context manager per request, by role,
 # around it (the router's: the engine's own slot, so its limits and its one circuit breaker
@@ -184,7 +184,8 @@ class RemoteSpanBackend(Backend):
             raise RemoteSpanError(
                 f"gate {self.gate.name!r} reads each model's entropy, which the completions "
                 "API does not return; use a gate over tokens (copy-k, brackets) for engines, "
-                "or a learned gate trained on the top-k proxy (python -m evals.span.topk)")
+                "or the learned gate trained on the top-5 proxy that ships for engines "
+                "(learned-topk; your own: python -m evals.span.topk)")
         if self.topk is not None and not 1 <= self.topk <= MAX_TOPK:
             raise RemoteSpanError(f"gate {self.gate.name!r} reads the top-{self.topk} entropy "
                                   f"proxy; the completions API returns at most {MAX_TOPK}")

@@ -288,7 +288,7 @@ COPY = ("Copy the list exactly.\nList: apples, pears, plums, cherries, figs, dat
         "lemons, grapes, melons\nCopy: apples, pears, plums, cherries, figs, dates, limes, "
         "lemons, grapes, melons\nList: red, green, blue, cyan, magenta, yellow, black, white"
         "\nCopy:")
-SHIPPED_GATES = ["copy-1", "copy-2", "copy-4", "copy-2+brackets", "brackets", "learned",
+SHIPPED_GATES = ["copy-1", "copy-2", "copy-4", "copy-2+brackets", "brackets", "learned", "learned-topk",
                  "always-transformer", "always-hybrid"]
 
 
