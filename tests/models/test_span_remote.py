@@ -15,7 +15,7 @@ from models.span.decoder import SpanBackend, SpanTrace
 from models.span.remote import RemoteSpanBackend, RemoteSpanError, RemoteTrace
 from models.upstream import OpenAIUpstreamBackend, UpstreamRequestError
 from tests.models.test_span_decoder import CODE, PROSE
-from tests.router.servers import Server, reference_available
+from tests.router.servers import Server, reference_available, reference_engines
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not reference_available(), reason="embedded reference pair not built yet")]
@@ -23,13 +23,8 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def engines():
-    t = Server(["serve-model", "reference:transformer", "--name", "ref-t", "--torch-threads", "1"])
-    h = Server(["serve-model", "reference:hybrid", "--name", "ref-h", "--torch-threads", "1"])
-    try:
-        yield t.wait_ready(), h.wait_ready()
-    finally:
-        t.stop()
-        h.stop()
+    with reference_engines() as pair:
+        yield pair
 
 
 def remote(engines, reference_pair, gate: str = "copy-2") -> RemoteSpanBackend:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -80,3 +81,16 @@ def serve_config(config: dict, tmp: Path) -> Server:
     (tmp / "router.yaml").write_text(yaml.safe_dump(config))
     return Server(["serve", "--config", str(tmp / "router.yaml")],
                   log_path=tmp / "router.log").wait_ready()
+
+
+@contextmanager
+def reference_engines():
+    """The embedded pair as two real ``serve-model`` engines, ready: (transformer, hybrid)
+    :class:`Server` objects, stopped afterwards."""
+    t = Server(["serve-model", "reference:transformer", "--name", "ref-t", "--torch-threads", "1"])
+    h = Server(["serve-model", "reference:hybrid", "--name", "ref-h", "--torch-threads", "1"])
+    try:
+        yield t.wait_ready(), h.wait_ready()
+    finally:
+        t.stop()
+        h.stop()

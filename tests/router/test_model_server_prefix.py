@@ -19,7 +19,7 @@ from models.span.decoder import SpanBackend, SpanTrace
 from models.span.remote import RemoteSpanBackend, RemoteTrace
 from models.upstream import OpenAIUpstreamBackend
 from tests.models.test_span_decoder import CODE, PROSE
-from tests.router.servers import ROOT, Server, reference_available
+from tests.router.servers import ROOT, Server, reference_available, reference_engines
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not reference_available(), reason="embedded reference pair not built yet")]
@@ -27,13 +27,8 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def engines():
-    t = Server(["serve-model", "reference:transformer", "--name", "ref-t", "--torch-threads", "1"])
-    h = Server(["serve-model", "reference:hybrid", "--name", "ref-h", "--torch-threads", "1"])
-    try:
-        yield {"transformer": t.wait_ready(), "hybrid": h.wait_ready()}
-    finally:
-        t.stop()
-        h.stop()
+    with reference_engines() as (t, h):
+        yield {"transformer": t, "hybrid": h}
 
 
 def counters(srv: Server) -> dict[str, int]:
