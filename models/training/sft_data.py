@@ -57,7 +57,13 @@ TASK_SHARES: dict[str, float] = {
     "repeat": 0.32, "fix_bug": 0.30, "rename": 0.06, "extract_lines": 0.05, "reindent": 0.04,
     "continue": 0.09, "define": 0.07, "summarise": 0.07,
 }
-COPY_TASKS = frozenset({"repeat", "fix_bug", "rename", "extract_lines", "reindent"})
+COPY_TASKS = frozenset({"repeat", "repeat_long", "fix_bug", "rename", "extract_lines",
+                        "reindent"})
+# Training-only variants (phase 6): "repeat_long" repeats 60-160-token passages (the length of
+# the functions a fix returns); "continue_sentence" continues a text to the end of the
+# sentence or line under way, so a continuation has a place to stop. The benchmark keeps
+# "repeat" and "continue" as they were.
+SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s)|\n")
 
 REPEAT_PROMPTS = ("Repeat exactly: {p}", "Repeat exactly: {p}", "Repeat exactly:\n{p}",
                   "Repeat this text exactly:\n\n{p}", "Copy the following verbatim:\n{p}")
@@ -379,6 +385,26 @@ class SyntheticBuilder:
         return self._example("continue", f"Continue this text:\n{head}", tail, got[0],
                              tokens=self.count(tail))
 
+    def repeat_long(self) -> Example | None:
+        ex = self.repeat(60, 160)
+        if ex:
+            ex.task = "repeat_long"
+        return ex
+
+    def continue_sentence(self, min_tokens: int = 10) -> Example | None:
+        got = self.passage(60, 200)
+        if not got:
+            return None
+        words = re.findall(r"\S+\s*", got[1])
+        cut = self.rng.randint(len(words) // 4, len(words) // 2)
+        head, rest = "".join(words[:cut]).strip(), "".join(words[cut:])
+        for m in SENTENCE_END.finditer(rest):
+            tail = rest[:m.end()].strip()
+            if self.count(tail) >= min_tokens:
+                return self._example("continue_sentence", f"Continue this text:\n{head}", tail,
+                                     got[0], tokens=self.count(tail))
+        return None
+
     def define(self) -> Example | None:
         if not self.definitions:
             return None
@@ -399,6 +425,8 @@ class SyntheticBuilder:
         method: dict[str, Callable[[], Example | None]] = {"repeat": self.repeat, "fix_bug": self.fix_bug, "rename": self.rename,
                   "reindent": self.reindent, "extract_lines": self.extract_lines,
                   "continue": self.continue_, "define": self.define,
+                  "repeat_long": self.repeat_long,
+                  "continue_sentence": self.continue_sentence,
                   "summarise": self.summarise}
         return method[task]()
 

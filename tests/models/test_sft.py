@@ -167,3 +167,20 @@ def test_two_step_tuning_of_both_models(tmp_path, corpus, requests_dir):
     b = HFBackend("t", tmp_path / "out" / "transformer")
     assert b.tokenizer.chat_template == sft_data.CHAT_TEMPLATE
     assert b.render([ChatMessage("user", "hi")]) == "User: hi\n\nAssistant:"
+
+
+def test_phase6_tasks_long_repeats_and_continuations_that_stop_at_a_sentence_end(tok):
+    prose = ("The river rose in the night. " * 3 + "Boats drifted past the mill, and the "
+             "miller watched them go until the light failed. He wrote it all down.\n") * 12
+    docs = [{"id": f"train/p{i}.txt", "domain": "prose", "source": "p", "text": prose}
+            for i in range(4)]
+    b = sft_data.SyntheticBuilder(docs, _count(tok), seed=3)
+    exs = b.build({"repeat_long": 5, "continue_sentence": 5})
+    longs = [e for e in exs if e.task == "repeat_long"]
+    conts = [e for e in exs if e.task == "continue_sentence"]
+    assert longs and all(60 <= e.meta["tokens"] <= 160 for e in longs)
+    assert all(e.messages[-1]["content"].endswith(e.answer) for e in longs)
+    assert conts and all(e.answer.endswith((".", "!", "?")) or "\n" not in e.answer
+                         for e in conts)
+    assert all(e.meta["tokens"] >= 10 for e in conts)
+    assert "repeat_long" in sft_data.COPY_TASKS and "continue_sentence" not in sft_data.COPY_TASKS
