@@ -12,6 +12,8 @@ and ``reference:hybrid``) in-process. Secrets are ``SecretStr`` and print as ``*
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -36,9 +38,11 @@ from models.span.decoder import (
     check_draft,
     default_gate_name,
 )
-from models.span.gates import GATES
+from models.span.gates import GATES, get_gate
 from router.learning.guard import MIN_ROWS as GUARD_MIN_ROWS
 from router.policies import EVAL_ONLY, list_policies
+
+log = logging.getLogger(__name__)
 
 Role = Literal["transformer", "hybrid"]
 # a profile kind, not a scoring policy: its requests are span-decoded (router/span.py), a gate
@@ -52,6 +56,10 @@ DEFAULT_DRAFT_K = 8
 # `model: "archroute"` when `default_profile` is unset: this span profile where the pair can
 # span-decode (router/serving.py), else the request classifier's profile
 DEFAULT_SPAN_PROFILE = "archroute-span"
+# its gate over two engines (both backends kind upstream), where the completions API returns
+# no entropy for the in-process learned gate: the learned gate trained on the top-5 entropy
+# proxy the engines do return (models/span/topk_gate; docs/span.md)
+ENGINE_GATE = "learned-topk"
 DEFAULT_REQUEST_PROFILE = "archroute-auto"
 
 
@@ -294,6 +302,19 @@ def _default_backends() -> dict[Role, BackendSettings]:
     }
 
 
+@functools.cache
+def default_engine_gate_name() -> str:
+    """The built-in span profile's gate over two engines: :data:`ENGINE_GATE` where it
+    loads, else :data:`DEFAULT_GATE` (a gate over tokens; checked once per process)."""
+    try:
+        get_gate(ENGINE_GATE)
+        return ENGINE_GATE
+    except Exception as exc:  # noqa: BLE001 - any failure: the rule gate, said in the log
+        log.warning("span: the gate %s for engines does not load (%s: %s); using %s",
+                    ENGINE_GATE, type(exc).__name__, exc, DEFAULT_GATE)
+    return DEFAULT_GATE
+
+
 def _default_profiles() -> dict[str, ProfileSettings]:
     return {
         "archroute-span": ProfileSettings(
@@ -301,10 +322,10 @@ def _default_profiles() -> dict[str, ProfileSettings]:
                                              "draft_k": DEFAULT_DRAFT_K,
                                              "draft_min_match": DEFAULT_DRAFT_MIN_MATCH},
             description="pick for quality: span routing, a gate picks the model per token "
-                        "(both backends in-process with one tokenizer, or two engines with "
-                        "their tokenizer set); copy spans drafted and verified in one "
-                        "transformer forward (draft_k). What `archroute` means where the pair "
-                        "can span"),
+                        "(both backends in-process with one tokenizer; or two engines that "
+                        "take token-id prompts, with their tokenizer set, gate learned-topk); "
+                        "copy spans drafted and verified in one transformer forward "
+                        "(draft_k, in-process). What `archroute` means where the pair can span"),
         "archroute-auto": ProfileSettings(
             policy="classifier", policy_args={"operating_point": "quality"},
             description="pick for whole-request routing (engines that cannot span, one "
@@ -461,6 +482,22 @@ class Settings(_Strict):
     def _provenance(self, info: ValidationInfo) -> Settings:
         if info.context and "builtin_profiles" in info.context:
             self._builtin_profiles = frozenset(info.context["builtin_profiles"])
+        return self
+
+    @model_validator(mode="after")
+    def _engine_span_gate(self) -> Settings:
+        """The built-in ``archroute-span`` over two engines (both backends ``kind:
+        upstream``) takes the gate trained for them (:func:`default_engine_gate_name`): the
+        in-process one reads entropies the completions API does not return; and no drafting
+        (``draft_k`` 0: the engines decode the spans). A profile a file, variable or flag
+        configured keeps the gate it names (router/span.py refuses one the engines cannot
+        run, naming the one that ships for them)."""
+        prof = self.profiles.get(DEFAULT_SPAN_PROFILE)
+        if (prof is not None and DEFAULT_SPAN_PROFILE in self.builtin_profiles()
+                and all(b.kind == "upstream" for b in self.backends.values())):
+            args = {**prof.policy_args, "gate": default_engine_gate_name(), "draft_k": 0}
+            if args != prof.policy_args:
+                self.profiles[DEFAULT_SPAN_PROFILE] = prof.model_copy(update={"policy_args": args})
         return self
 
     @model_validator(mode="after")

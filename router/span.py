@@ -17,7 +17,8 @@ one per gate and draft setting (a request may name another registry gate with
   one completions request per span, token ids in and out, the stream closed when the gate
   switches. It needs the engines' tokenizer locally (``backends.transformer.tokenizer``, a
   tokenizer directory; the hybrid's, if set, must split text the same way) and a gate over
-  tokens (``copy-k``, ``brackets``: the learned gate reads each model's entropy, which the
+  tokens (``copy-k``, ``brackets``) or one trained on the top-k entropy proxy the engines
+  return (``learned-topk``: the in-process ``learned`` reads each model's entropy, which the
   completions API does not return). Each span's request is admitted by that engine's own
   slot (:meth:`~router.pool.BackendSlot.held`): its limits, and its breaker hears the
   verdict, so an engine has one breaker whoever calls it. The span slot has none of its own
@@ -31,7 +32,10 @@ does not load, drafting a transformer whose cache cannot drop positions) stops t
 with one line naming the profile, the setting and why (a :class:`~router.settings.SettingsError`).
 A built-in one (``archroute-span`` of the defaults) is not served on such a pair: absent
 from ``/v1/models``, a request naming it gets a 404 that says why, and ``model: "archroute"``
-means the request classifier's profile (:func:`default_profile`).
+means the request classifier's profile (:func:`default_profile`). Over two engines the
+built-in profile's gate is ``learned-topk`` (the settings choose it,
+``Settings._engine_span_gate``), so ``archroute`` is span routing there too; a gate a
+profile names is never replaced.
 """
 
 from __future__ import annotations

@@ -163,8 +163,9 @@ def test_router_span_profile_over_two_engines(engines, reference_pair, tmp_path)
                           tmp_path)
     assert rc != 0 and "profiles.span-copy: cannot span-decode on this pair " \
         "(backends.transformer.tokenizer): " in line
-    # the built-in profiles on these engines: archroute-span (the learned gate, or a token
-    # gate without the tokenizer) is not served; the router starts
+    # the built-in profiles on these engines without the tokenizer setting: archroute-span
+    # (learned-topk over engines) is not served, archroute routes per request; the router
+    # starts (with the tokenizer: test_archroute_over_two_engines_is_span_with_learned_topk)
     router = serve_config({"backends": backends, "decision_log": None}, tmp_path)
     try:
         r2 = httpx.post(router.url + "/v1/completions",
@@ -174,6 +175,57 @@ def test_router_span_profile_over_two_engines(engines, reference_pair, tmp_path)
         assert (alias["alias_of"], alias["routing"]) == ("archroute-auto", "request")
     finally:
         router.stop()
+
+
+def test_archroute_over_two_engines_is_span_with_learned_topk(engines, reference_pair,
+                                                              tmp_path) -> None:
+    """#23 item 5: a real router process over the two engine processes with the built-in
+    profiles (no `profiles`, no `default_profile`) and the engines' tokenizer set: `archroute`
+    is span routing with the gate trained for engines, learned-topk. The /v1/models card says
+    so, and each decision (x-archroute-profile, x-archroute-span's gate); the answer through
+    the openai SDK (chat, whole and streamed) is, greedy, token for token the engines' span
+    decoder's with that gate."""
+    from openai.types.chat import ChatCompletionMessageParam
+
+    from models.base import ChatMessage
+    from models.reference_pair import REFERENCE_DIR
+    from tests.router.servers import serve_config
+
+    t, h = engines
+    backends = {role: {"name": f"{role}-engine", "kind": "upstream", "base_url": srv.url + "/v1",
+                       "model": model, "call_tools": False}
+                for role, srv, model in (("transformer", t, "ref-t"), ("hybrid", h, "ref-h"))}
+    backends["transformer"]["tokenizer"] = str(REFERENCE_DIR / "transformer")
+    router = serve_config({"backends": backends, "decision_log": None}, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=router.url + "/v1", api_key="x")
+        cards = {m.id: m.model_extra or {} for m in client.models.list()}
+        assert (cards["archroute"]["alias_of"], cards["archroute"]["routing"],
+                cards["archroute"]["gate"]) == ("archroute-span", "span", "learned-topk")
+        assert cards["archroute-span"]["gate"] == "learned-topk"
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": CODE}]
+        raw = client.chat.completions.with_raw_response.create(
+            model="archroute", messages=messages, max_tokens=24, temperature=0)
+        r = raw.parse()
+        assert (raw.headers["x-archroute-profile"], raw.headers["x-archroute-policy"]) == (
+            "archroute-span", "span")
+        head = dict(kv.split("=", 1) for kv in raw.headers["x-archroute-span"].split("; "))
+        assert head["gate"] == "learned-topk"
+        assert r.model_extra is not None and r.usage is not None
+        span = r.model_extra["archroute"]["span"]
+        assert span["gate"] == "learned-topk" and span["requests"] == span["switches"] + 1
+        assert span["transformer"] + span["hybrid"] == r.usage.completion_tokens
+        local = remote(engines, reference_pair, "learned-topk").generate(
+            [ChatMessage("user", CODE)], GenerationParams(max_tokens=24, temperature=0.0))
+        assert r.choices[0].message.content == local.text
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="archroute", messages=messages, max_tokens=24, temperature=0, stream=True)
+            if c.choices)
+        assert streamed == local.text
+    finally:
+        router.stop()
+    assert ("model 'archroute' = profile archroute-span (span decoding, gate learned-topk"
+            in (tmp_path / "router.log").read_text())
 
 
 def test_a_dead_engine_opens_its_own_breaker_and_the_other_serves(engines, tmp_path) -> None:

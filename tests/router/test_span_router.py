@@ -326,3 +326,86 @@ def test_a_failing_engine_opens_its_own_breaker_once(tmp_path):
         r = client.post("/v1/completions", json={"model": "span-h", "prompt": "x",
                                                  "max_tokens": 4})
         assert r.status_code == 503 and engines["hybrid"].failures == 1  # not sent again
+
+
+# ---- `archroute` over two engines: the built-in span profile takes learned-topk -----------
+
+def _engine_backends(tokenizer: bool = True) -> dict:
+    """Two upstream backends whose ports refuse connections (nothing is sent at start), the
+    transformer's tokenizer the reference pair's when ``tokenizer``."""
+    from models.reference_pair import REFERENCE_DIR
+    from tests.router.servers import free_port
+
+    out = {role: {"name": f"{role}-engine", "kind": "upstream", "model": "m",
+                  "base_url": f"http://127.0.0.1:{free_port()}/v1"}
+           for role in ("transformer", "hybrid")}
+    if tokenizer:
+        out["transformer"]["tokenizer"] = str(REFERENCE_DIR / "transformer")
+    return out
+
+
+def test_the_built_in_span_profile_over_engines_uses_the_gate_trained_for_them(tmp_path):
+    """Over two engines the built-in archroute-span's gate is learned-topk (no drafting: the
+    engines decode the spans), so `archroute` is span routing there: /v1/models and the
+    decision say so and which gate. In-process the built-in keeps its gate; a profile a file
+    configures keeps the gate it names."""
+    from models.span.decoder import default_gate_name
+
+    assert load_settings(environ={}).profiles["archroute-span"].span_gate == default_gate_name()
+    settings = load_settings(overrides={"backends": _engine_backends(), "decision_log": ""},
+                             environ={})
+    prof = settings.profiles["archroute-span"]
+    assert (prof.span_gate, prof.span_draft[0]) == ("learned-topk", 0)
+    with TestClient(create_app(settings)) as client:
+        card = client.get("/v1/models/archroute").json()
+        assert (card["alias_of"], card["routing"], card["gate"]) == (
+            "archroute-span", "span", "learned-topk")
+        span_card = client.get("/v1/models/archroute-span").json()
+        assert (span_card["gate"], span_card["draft_k"]) == ("learned-topk", 0)
+        assert client.app.state.service.span.slot("learned-topk").name == \
+            "span-remote:learned-topk"
+        r = client.post("/v1/route", json={"model": "archroute", "messages": CODE})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-archroute-arch"] == "span"
+        assert (r.json()["profile"], r.json()["policy"]) == ("archroute-span", "span")
+    # configured (a file's profiles): the gate it names stays, learned-topk as well
+    (tmp_path / "r.yaml").write_text(json.dumps({"profiles": {
+        "archroute-span": {"policy": "span", "policy_args": {"gate": "copy-2"}}}}))
+    configured = load_settings(tmp_path / "r.yaml", overrides={"backends": _engine_backends()},
+                               environ={})
+    assert configured.profiles["archroute-span"].span_gate == "copy-2"
+
+
+@pytest.mark.parametrize("how", ["file", "flag"])
+def test_a_configured_learned_gate_over_engines_is_still_refused(how, tmp_path):
+    """`learned` named for engines is never replaced: the router does not start, one line
+    naming the profile, the setting and the gate that ships for engines."""
+    prof = {"archroute-span": {"policy": "span", "policy_args": {"gate": "learned"}}}
+    if how == "file":
+        (tmp_path / "r.yaml").write_text(json.dumps({"profiles": prof}))
+        settings = load_settings(tmp_path / "r.yaml", overrides={
+            "backends": _engine_backends(), "decision_log": ""}, environ={})
+    else:
+        settings = load_settings(overrides={"backends": _engine_backends(), "profiles": prof,
+                                            "decision_log": ""}, environ={})
+    assert settings.profiles["archroute-span"].span_gate == "learned"
+    with pytest.raises(SettingsError) as exc, TestClient(create_app(settings)):
+        pass
+    msg = str(exc.value)
+    assert msg.startswith("invalid settings: profiles.archroute-span: cannot span-decode on "
+                          "this pair (profiles.archroute-span.policy_args.gate): ")
+    assert "entropy" in msg and "learned-topk" in msg and "\n" not in msg
+
+
+def test_archroute_over_engines_without_a_tokenizer_routes_per_request(tmp_path):
+    """No tokenizer setting: the built-in span profile (learned-topk) is not served, and
+    `archroute` is the request classifier's profile, its card saying why."""
+    settings = load_settings(overrides={"backends": _engine_backends(tokenizer=False),
+                                        "decision_log": ""}, environ={})
+    assert settings.profiles["archroute-span"].span_gate == "learned-topk"
+    with TestClient(create_app(settings)) as client:
+        card = client.get("/v1/models/archroute").json()
+        assert (card["alias_of"], card["routing"]) == ("archroute-auto", "request")
+        assert "backends.transformer.tokenizer" in card["description"]
+        r = client.get("/v1/models/archroute-span")
+        assert r.status_code == 404 and "tokenizer" in r.json()["error"]["message"]
