@@ -41,6 +41,8 @@ profile names is never replaced.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 SPAN_ROLE = "span"  # the role of span slots (Route.order, BackendSlot.role)
 _UNCHECKED = object()
 PAIR = "backends.transformer, backends.hybrid"  # the setting a pair problem is in
+PROBE_TIMEOUT_S = 10.0  # the start-up question to each engine (SpanService._engine_problem)
 
 
 def span_header(span: Mapping[str, object]) -> str:
@@ -142,6 +145,10 @@ class SpanService:
         self.gates: dict[str, Gate] = dict(gates or {})  # gates loaded so far, by name
         self.slots: dict[tuple[str, Draft], BackendSlot] = {}
         self._why: object = _UNCHECKED  # why the pair cannot be span-decoded (None: it can)
+        # why the engines cannot take a span's request (None: they can, or were not asked
+        # yet, or did not answer: _check_engines)
+        self._engines_asked = False
+        self._engine_problem: tuple[str, str] | None = None  # (why, the backend setting)
 
     def _pair_problem(self) -> str | None:
         if self._why is _UNCHECKED:
@@ -196,6 +203,35 @@ class SpanService:
         self._engine_tokenizer = next(iter(toks.values()))
         return self._engine_tokenizer
 
+    def _check_engines(self, ids: list[int]) -> None:
+        """Ask each engine, once (the first span slot over engines, at start), for one token
+        from a token-id prompt, as a span does (``prompt: [ids]``,
+        ``return_tokens_as_token_ids``). One that refuses it (a 4xx) or streams no token ids
+        cannot span-decode (:class:`SpanUnavailableError` naming its backend); one that does
+        not answer now (unreachable, an error status, no answer within
+        :data:`PROBE_TIMEOUT_S`) is not judged: its own slot finds out at the first request,
+        as for any backend. Blocking (at start, or in :meth:`prepare`'s thread)."""
+        if not self._engines_asked:
+            self._engine_problem = self._ask_engines(ids)
+            self._engines_asked = True
+        if self._engine_problem is not None:
+            raise SpanUnavailableError(*self._engine_problem)
+
+    def _ask_engines(self, ids: list[int]) -> tuple[str, str] | None:
+        async def ask_all() -> list[str | None]:
+            try:
+                return await asyncio.gather(*(_token_id_problem(role, slot.backend, ids)
+                                              for role, slot in self.pair.items()))
+            finally:
+                for slot in self.pair.values():
+                    await slot.backend.aclose()  # this thread's loop's sessions
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # off any running loop
+            answers = pool.submit(asyncio.run, ask_all()).result()
+        return next(((why, f"backends.{role}") for role, why in zip(self.pair, answers,
+                                                                   strict=True)
+                     if why is not None), None)
+
     def _gate(self, name: str) -> Gate:
         gate = self.gates.get(name)
         if gate is None:
@@ -246,6 +282,7 @@ class SpanService:
                 admit=lambda role: self.pair[role].held())
         except RemoteSpanError as exc:
             raise SpanUnavailableError(str(exc), "policy_args.gate") from None
+        self._check_engines(backend.prompt_ids("Hello"))  # what a first span sends
         return EngineSpanSlot(backend, self.limits, self.pair)
 
     def _key(self, gate_name: str, draft: Draft) -> tuple[str, Draft]:
@@ -274,6 +311,37 @@ class SpanService:
         if key not in self.slots:
             self.slots[key] = self._build(*key)
         return self.slots[key]
+
+
+async def _token_id_problem(role: str, engine: Backend, ids: list[int]) -> str | None:
+    """Why ``engine`` cannot serve a span's request (a token-id prompt, token ids streamed
+    back); None when it can, or when it does not answer now (not judged: logged)."""
+    from models.base import BackendError, RequestError
+    from models.upstream import OpenAIUpstreamBackend
+
+    assert isinstance(engine, OpenAIUpstreamBackend)
+    body = {"model": engine.model, "prompt": ids, "max_tokens": 1, "temperature": 0,
+            "stream": True, "logprobs": 1, "return_tokens_as_token_ids": True}
+    what = f"the {role} engine {engine.name!r} ({engine.base_url})"
+    tokens: list[object] = []
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S), \
+                engine.sse_lines("/completions", body) as lines:
+            async for line in lines:
+                if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                    for choice in json.loads(line[5:]).get("choices") or []:
+                        tokens += (choice.get("logprobs") or {}).get("tokens") or []
+    except RequestError as exc:  # a 4xx: it refuses the request span decoding sends
+        return (f"{what} does not take token-id prompts (span decoding sends the token ids "
+                f"so far as `prompt`): {exc}")
+    except (BackendError, TimeoutError, ValueError) as exc:
+        log.warning("span: %s did not answer a token-id prompt at start (%s); not judged",
+                    what, exc)
+        return None
+    if not tokens or not all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+        return (f"{what} does not stream token ids (span decoding asks for "
+                "return_tokens_as_token_ids with logprobs; vLLM and serve-model return them)")
+    return None
 
 
 def check_span_profiles(settings: Settings, span: SpanService) -> dict[str, str]:

@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -409,3 +410,77 @@ def test_archroute_over_engines_without_a_tokenizer_routes_per_request(tmp_path)
         assert "backends.transformer.tokenizer" in card["description"]
         r = client.get("/v1/models/archroute-span")
         assert r.status_code == 404 and "tokenizer" in r.json()["error"]["message"]
+
+
+def _text_token_engine():
+    """An engine that takes a token-id prompt but streams its tokens as text (no
+    ``token_id:`` names), as an OpenAI-compatible server without vLLM's extension does."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def completions(request):
+        assert isinstance((await request.json())["prompt"], list)
+
+        async def events():
+            yield ('data: {"choices": [{"index": 0, "text": "hi", "logprobs": {"tokens": '
+                   '["hi"], "token_logprobs": [-0.1]}, "finish_reason": "length"}]}\n\n')
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+
+
+@contextmanager
+def _engines_without_token_ids(kind: str):
+    """The URL of engines that cannot serve a span's request: ``refuse`` a real
+    ``serve-model fake`` process (a token-id prompt is a 400), ``text`` a real uvicorn server
+    streaming text tokens."""
+    from tests.router.servers import Server
+    from tests.router.test_tools import thread_server
+
+    if kind == "text":
+        with thread_server(_text_token_engine()) as url:
+            yield url
+        return
+    srv = Server(["serve-model", "fake", "--name", "m"]).wait_ready()
+    try:
+        yield srv.url
+    finally:
+        srv.stop()
+
+
+NO_TOKEN_IDS = {"refuse": "does not take token-id prompts", "text": "does not stream token ids"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(NO_TOKEN_IDS))
+def test_engines_that_cannot_take_token_ids_leave_archroute_per_request(kind, tmp_path):
+    """Engines with the tokenizer set that refuse a token-id prompt, or stream no token ids,
+    asked once at start: the built-in span profile is not served and `archroute` is
+    archroute-auto, its card saying which engine and why; a span profile the configuration
+    names stops the router, one line naming the engine's backend."""
+    why = NO_TOKEN_IDS[kind]
+    with _engines_without_token_ids(kind) as url:
+        backends = _engine_backends()
+        for b in backends.values():
+            b["base_url"] = url + "/v1"
+        settings = load_settings(overrides={"backends": backends, "decision_log": ""},
+                                 environ={})
+        with TestClient(create_app(settings)) as client:
+            card = client.get("/v1/models/archroute").json()
+            assert (card["alias_of"], card["routing"]) == ("archroute-auto", "request")
+            assert "the transformer engine 'transformer-engine'" in card["description"]
+            assert why in card["description"]
+            r = client.post("/v1/chat/completions", json={"model": "archroute-span",
+                                                          "messages": CODE})
+            assert r.status_code == 404 and why in r.json()["error"]["message"]
+        settings = load_settings(overrides={"backends": backends, "decision_log": "",
+                                            "profiles": SPAN_PROFILE}, environ={})
+        with pytest.raises(SettingsError) as exc, TestClient(create_app(settings)):
+            pass
+    msg = str(exc.value)
+    assert msg.startswith("invalid settings: profiles.s: cannot span-decode on this pair "
+                          "(backends.transformer): the transformer engine")
+    assert why in msg and "\n" not in msg
