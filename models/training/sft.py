@@ -293,11 +293,44 @@ def export(run: Path, out: Path) -> None:
         tok.save_pretrained(dest)
         shutil.copy(run / arch / "metrics.jsonl", out / f"sft_metrics_{arch}.jsonl")
         shutil.copy(run / arch / "sft_config.json", out / "sft_config.json")
-    record = json.dumps(data_record(run), indent=1)
+    record = json.dumps(with_lineage(data_record(run), run), indent=1)
     (out / "sft_data.json").write_text(record)
     for arch in ARCHS:  # each model names the requests it was tuned on (tuned_request_ids)
         (out / arch / "sft_data.json").write_text(record)
     log.info("exported to %s", out)
+
+
+def lineage(run: Path) -> list[Path]:
+    """The runs whose weights ``run`` started from (``init`` in each run's transformer
+    config, ``RUN/ARCH/final``), oldest first, ``run`` last."""
+    chain = [run]
+    while True:
+        conf = json.loads((chain[-1] / "transformer" / "sft_config.json").read_text())
+        init = conf.get("init")
+        if not init or Path(init).name != "final":  # from a base model (the raw-text pair)
+            return chain[::-1]
+        parent = Path(init).parent.parent
+        if parent in chain or not (parent / "sft_data.json").is_file():
+            raise ValueError(f"{chain[-1]} starts from {init}, whose run has no sft_data.json: "
+                             "the requests it was tuned on cannot be listed")
+        chain.append(parent)
+
+
+def with_lineage(record: dict, run: Path) -> dict:
+    """``record`` with every earlier phase's request ids added to ``ids`` (the exclusion
+    list: a model tuned in phases was tuned on the union) and ``phases`` listing the runs."""
+    phases = []
+    for earlier in lineage(run):
+        old = json.loads((earlier / "sft_data.json").read_text())["requests"]["files"]
+        conf = json.loads((earlier / "transformer" / "sft_config.json").read_text())
+        phases.append({"run": str(earlier), "steps": conf["steps"], "seed": conf["seed"],
+                       "lr": conf["lr"], "request_ids": sum(len(v["ids"]) for v in old.values())})
+        for name, info in old.items():
+            mine = record["requests"]["files"].setdefault(name, {k: v for k, v in info.items()
+                                                                 if k != "ids"} | {"ids": []})
+            mine["ids"] = sorted(set(mine["ids"]) | set(info["ids"]))
+    record["phases"] = phases
+    return record
 
 
 def data_record(run: Path) -> dict:

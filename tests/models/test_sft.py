@@ -168,6 +168,24 @@ def test_two_step_tuning_of_both_models(tmp_path, corpus, requests_dir):
     assert b.tokenizer.chat_template == sft_data.CHAT_TEMPLATE
     assert b.render([ChatMessage("user", "hi")]) == "User: hi\n\nAssistant:"
 
+    # a second phase from the first one's weights, on fewer request ids: the exported model
+    # still names every id either phase was tuned on (the exclusion list is the union)
+    run2 = tmp_path / "run2"
+    assert sft.main(["data", "--run", str(run2), "--corpus", str(corpus), "--requests",
+                     str(requests_dir), "--steps", "2", "--batch-size", "8",
+                     "--real-share", "0.01", "--seed", "7"]) == 0
+    for arch in sft.ARCHS:
+        assert sft.main(["train", "--arch", arch, *common[:1], str(run2), *common[2:],
+                         "--init", str(run / arch / "final")]) == 0
+    sft.main(["export", "--run", str(run2), "--out", str(tmp_path / "out2")])
+    ids1 = set(record["requests"]["files"]["dolly.jsonl"]["ids"])
+    ids2 = set(json.loads((run2 / "sft_data.json").read_text())["requests"]["files"]
+               ["dolly.jsonl"]["ids"])
+    assert ids1 and ids2 < ids1
+    shipped = json.loads((tmp_path / "out2" / "hybrid" / "sft_data.json").read_text())
+    assert set(shipped["requests"]["files"]["dolly.jsonl"]["ids"]) == ids1 | ids2
+    assert [p["run"] for p in shipped["phases"]] == [str(run), str(run2)]
+
 
 def test_phase6_tasks_long_repeats_and_continuations_that_stop_at_a_sentence_end(tok):
     prose = ("The river rose in the night. " * 3 + "Boats drifted past the mill, and the "
