@@ -19,6 +19,8 @@ template (the router's path: ``HFBackend.generate``), at most 4x the reference's
 
     python -m evals.bench.chat --models runs/sft          # the tuned pair, staged
     python -m evals.bench.chat --models models/reference  # the shipped pair
+    python -m evals.bench.chat --models models/reference --span learned
+        # also the span decoder with the shipped gate, drafting 8: what `archroute` answers
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-probe", action="store_true", help="skip the copy probe")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", type=Path, help="also write every case and figure here")
+    p.add_argument("--span", metavar="GATE",
+                   help="also the span decoder over the pair with this gate (e.g. learned, "
+                        "the default `archroute` profile's), drafting --draft-k tokens")
+    p.add_argument("--draft-k", type=int, default=8, help="drafted copy tokens for --span")
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -146,6 +152,12 @@ def run(a: argparse.Namespace) -> int:
     pair = {arch: HFBackend(f"{arch}", a.models / arch, architecture=arch)
             for arch in ("transformer", "hybrid")}
     tok = pair["transformer"].tokenizer
+    systems: dict = dict(pair)
+    if a.span:
+        from models.span.decoder import SpanBackend
+
+        systems["span"] = SpanBackend(pair["transformer"], pair["hybrid"], a.span,
+                                      draft_k=a.draft_k)
 
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -154,7 +166,7 @@ def run(a: argparse.Namespace) -> int:
     print(f"models: {a.models}; chat template: {bool(getattr(tok, 'chat_template', None))}; "
           f"{len(cases)} cases from {len({c.doc for c in cases})} held-out documents of {a.corpus}")
     results: dict = {"models": str(a.models), "cases": {}, "summary": {}}
-    for arch, backend in pair.items():
+    for arch, backend in systems.items():
         t0 = time.time()
         rows = []
         for ex in cases:
@@ -171,22 +183,24 @@ def run(a: argparse.Namespace) -> int:
                                         for t, v in by.items() if v},
                 "seconds": time.time() - t0}
         results["summary"][arch] = summ
+    names = list(systems)
+    heads = {"transformer": "transformer", "hybrid": "hybrid",
+             "span": f"span ({a.span}, draft {a.draft_k})"}
+    summ = results["summary"]
     print("\n## Chat benchmark (greedy, held-out corpus documents; 95% Wilson CIs)\n")
-    print("| figure | transformer | hybrid |\n|---|---:|---:|")
+    print("| figure | " + " | ".join(heads[n] for n in names) + " |\n|---|"
+          + "---:|" * len(names))
     labels = [("repeat_exact", "Repeat exactly (20-60 tokens): exact"),
               ("fix_whole_function", "planted bug: whole function fixed, rest unchanged"),
               ("fix_kept_bug", "planted bug: returned unchanged (bug kept)"),
               ("eos_all", "ends with EOS before 4x the reference (all tasks)")]
     labels += [(f"eos_{t}", f"  EOS before 4x: {t}") for t in ("repeat", "fix_bug", *WRITE_TASKS)]
     for key, label in labels:
-        print(f"| {label} | {_fmt(results['summary']['transformer'][key])} | "
-              f"{_fmt(results['summary']['hybrid'][key])} |")
+        print(f"| {label} | " + " | ".join(_fmt(summ[n][key]) for n in names) + " |")
     for t in ("repeat", "fix_bug", *WRITE_TASKS):
-        rt = results["summary"]["transformer"]["length_ratio_median"].get(t, float("nan"))
-        rh = results["summary"]["hybrid"]["length_ratio_median"].get(t, float("nan"))
-        print(f"| answer / reference length, median: {t} | {rt:.2f} | {rh:.2f} |")
-    print(f"| seconds | {results['summary']['transformer']['seconds']:.0f} | "
-          f"{results['summary']['hybrid']['seconds']:.0f} |")
+        print(f"| answer / reference length, median: {t} | " + " | ".join(
+            f"{summ[n]['length_ratio_median'].get(t, float('nan')):.2f}" for n in names) + " |")
+    print("| seconds | " + " | ".join(f"{summ[n]['seconds']:.0f}" for n in names) + " |")
     if not a.no_probe:
         results["probe"] = copy_probe(pair, a.corpus, a.models)
     if a.json:
