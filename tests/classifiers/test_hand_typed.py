@@ -34,7 +34,8 @@ def test_the_hand_typed_requests_have_decisive_labels(measured):
     _, rows = measured
     labels = {r["id"]: r["label"] for r in rows}
     # both backends are represented, so routing everything one way cannot pass the next test
-    assert set(labels.values()) == {"transformer", "hybrid"}, labels
+    # (a request measured a tie, |gap| <= 0.05, is in neither test below)
+    assert {"transformer", "hybrid"} <= set(labels.values()), labels
 
 
 def _routed(measured):

@@ -346,9 +346,13 @@ def test_labels_flag_cut_references_and_reuse_the_cache(reference_pair, tmp_path
 
 def test_a_conversation_is_rendered_by_the_backend(reference_pair, monkeypatch):
     t, h = reference_pair
-    assert not getattr(t.tokenizer, "chat_template", None)  # the plain fallback applies
     turns = [("system", "Be brief."), ("user", "Name a river."), ("assistant", "The Nile."),
              ("user", "And another?")]
+    # the shipped pair's chat template renders exactly the plain fallback (models/reference/SFT.md)
+    from models.base import ChatMessage, plain_chat_prompt
+
+    msgs = [ChatMessage(r, c) for r, c in turns]  # type: ignore[arg-type]
+    assert t.render(msgs) == h.render(msgs) == plain_chat_prompt(msgs)
     req = _req("chat", turns, "The Amazon.")
     seen: dict[str, list] = {}
     for b in (t, h):

@@ -105,7 +105,8 @@ def test_catch_up_through_both_caches(reference_pair, k):
     position is read twice."""
     span = SpanBackend(*reference_pair, EveryK(k))
     tr = SpanTrace(keep_logits=True)
-    res = span.generate(PROSE, GenerationParams(max_tokens=24, temperature=0.0), trace=tr)
+    res = span.generate(PROSE, GenerationParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+                        trace=tr)  # ignore_eos: the chat-tuned pair may end a raw prompt early
     assert res.completion_tokens == 24 and res.finish_reason == "length"
     check_against_full_forwards(span, tr)
     n_prompt = len(tr.prompt_ids)
@@ -156,13 +157,14 @@ def test_seeds_and_sampling(reference_pair):
 
 def test_stop_sequences_and_max_tokens(reference_pair):
     span = SpanBackend(*reference_pair, "copy-2")
-    full = span.generate(CODE, GenerationParams(max_tokens=30, temperature=0.0))
+    full = span.generate(CODE, GenerationParams(max_tokens=30, temperature=0.0, ignore_eos=True))
     assert full.finish_reason == "length" and full.completion_tokens == 30 and len(full.text) > 6
     stop = full.text[4:6]
-    cut = span.generate(CODE, GenerationParams(max_tokens=30, temperature=0.0, stop=[stop]))
+    cut = span.generate(CODE, GenerationParams(max_tokens=30, temperature=0.0, stop=[stop],
+                                               ignore_eos=True))
     assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
     assert cut.span["transformer"] + cut.span["hybrid"] == cut.completion_tokens < 30
-    five = span.generate(CODE, GenerationParams(max_tokens=5, temperature=0.0))
+    five = span.generate(CODE, GenerationParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     assert five.completion_tokens == 5 and full.text.startswith(five.text)
 
 
