@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from models.span.decoder import default_gate_name
 from tests.router.servers import ROOT, free_port, reference_available
 
 pytest.importorskip("ray.serve", reason="the `ray` extra is not installed")
@@ -164,7 +165,7 @@ def test_openai_sdk_through_ray_serve(ray_router: RayRouter) -> None:
         whole = raw.parse()
         assert whole.choices[0].message.content
         assert raw.headers["x-archroute-replica"]
-        assert raw.headers["x-archroute-backend"] == "span:learned"  # the span deployment
+        assert raw.headers["x-archroute-backend"] == f"span:{default_gate_name()}"  # the span deployment
         assert "x-archroute-span" in raw.headers
         pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model=model, max_tokens=6, temperature=0, stream=True,
@@ -174,7 +175,7 @@ def test_openai_sdk_through_ray_serve(ray_router: RayRouter) -> None:
         model="archroute-auto", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     assert auto.headers["x-archroute-backend"] in ("reference-transformer", "reference-hybrid")
     ready = httpx.get(ray_router.url + "/ready").json()
-    assert ready["ready"] and "span:learned" in ready["backends"]
+    assert ready["ready"] and f"span:{default_gate_name()}" in ready["backends"]
     assert "archroute_requests" in httpx.get(ray_router.url + "/metrics").text
 
 

@@ -23,8 +23,9 @@ from router.app import create_app
 from router.settings import SettingsError, load_settings
 from tests.router.conftest import Fakes
 
-CODE = [{"role": "user", "content": "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n"
-                                    "print(add(1, 2))\nprint(add("}]
+# a chat request the chat-tuned pair answers by copying (copy-2 switches on it)
+CODE = [{"role": "user", "content": "Repeat exactly: def add(a, b):\n    return a + b\n\n"
+                                    "print(add(1, 2))\nprint(add(1, 2))"}]
 
 
 def parse_header(value: str) -> dict[str, str]:
@@ -72,16 +73,16 @@ def test_span_profile_reports_tokens_per_model(pair_app):
 def test_span_stream_matches_the_whole_response(pair_app):
     client, db = pair_app
     req = {"model": "archroute-span", "messages": CODE, "max_tokens": 24, "temperature": 0,
-           "archroute": {"gate": "copy-1"}}
+           "archroute": {"gate": "copy-2"}}
     whole = client.post("/v1/chat/completions", json=req).json()
     r = client.post("/v1/chat/completions", json={**req, "stream": True,
                                                  "stream_options": {"include_usage": True}})
-    assert r.status_code == 200 and r.headers["x-archroute-span"] == "gate=copy-1"
+    assert r.status_code == 200 and r.headers["x-archroute-span"] == "gate=copy-2"
     events = [json.loads(line[6:]) for line in r.text.splitlines()
               if line.startswith("data: {")]
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
     assert text == whole["choices"][0]["message"]["content"]
-    assert events[0]["archroute"]["span"] == {"gate": "copy-1"}
+    assert events[0]["archroute"]["span"] == {"gate": "copy-2"}
     pieces = [e for e in events[1:] if e["choices"] and e["choices"][0]["delta"].get("content")]
     assert pieces and all(e["archroute"]["span_model"] in ("transformer", "hybrid") for e in pieces)
     final = next(e for e in events if e["choices"] and e["choices"][0]["finish_reason"])
