@@ -114,10 +114,11 @@ def test_an_invalid_manifest_is_refused(tmp_path: Path) -> None:
 
 def test_without_a_manifest_a_crashing_file_kills_a_child_not_us(tmp_path: Path) -> None:
     """The issue's repro: the shipped artifact with its LightGBM file cut to 2,000 bytes
-    aborts LightGBM's parser (SIGABRT); loaded here, only the child dies."""
+    crashes LightGBM's parser (SIGABRT or SIGSEGV, depending on where the cut falls);
+    loaded here, only the child dies."""
     art = copy_without_manifest(artifact.DEFAULT_DIR, tmp_path / "cut")
     os.truncate(art / "classifier.txt", 2000)
-    with pytest.raises(artifact.ArtifactError, match="crashed the loader.*SIGABRT"):
+    with pytest.raises(artifact.ArtifactError, match="crashed the loader.*SIG(ABRT|SEGV)"):
         artifact.load(art, strict=True)
     with pytest.raises(artifact.ArtifactError, match="crashed the loader"):
         artifact.sign(art)  # never signed
