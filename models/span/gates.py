@@ -18,7 +18,9 @@ sequence (an induction match: the answer may be copying), the hybrid otherwise;
 else the hybrid; ``copy-k+brackets``: either rule; ``always-transformer`` and
 ``always-hybrid``; ``learned`` (and ``learned:PATH``): the learned gate
 (:mod:`models.span.learned`); ``learned-topk``: the learned gate trained on the top-5
-entropy proxy, for span decoding over two engines (``models/span/topk_gate``).
+entropy proxy, for span decoding over two engines (``models/span/topk_gate``);
+``learned+copy-k`` and ``learned-topk+copy-k``: those gates with a copy lock
+(:class:`CopyLockGate`: the transformer while an induction match of length >= k holds).
 """
 
 from __future__ import annotations
@@ -91,6 +93,32 @@ class BracketGate(Gate):
         return S(prompt_ids, token_text)
 
 
+class CopyLockGate(Gate):
+    """``inner``'s choice, except the transformer while the last ``k`` tokens occurred
+    earlier (an induction match of length >= k): a copy under way is never handed to the
+    model that cannot copy. Teacher-forced loss does not see why this matters (one wrong
+    token inside a copy costs its own loss there); in generation that token derails the
+    rest of the copy. ``inner`` is still asked at every step, so its own state moves on."""
+
+    def __init__(self, inner: Gate, k: int) -> None:
+        if not 1 <= k <= MAX_MATCH:
+            raise ValueError(f"+copy-k: k must be in 1..{MAX_MATCH}, got {k}")
+        self.inner, self.k = inner, k
+        self.needs_text = inner.needs_text
+        self.name = f"{inner.name}+copy-{k}"
+
+    def start(self, prompt_ids, token_text=None) -> GateState:
+        state = self.inner.start(prompt_ids, token_text)
+        inner_choose, k = state.choose, self.k
+
+        def choose() -> Role:
+            role = inner_choose()
+            return "transformer" if state.matcher.match_len >= k else role
+
+        state.choose = choose  # type: ignore[method-assign]
+        return state
+
+
 def _learned(path: str | None = None) -> Gate:
     from models.span.learned import load_learned_gate
 
@@ -107,6 +135,10 @@ def _copy(k: int, brackets: bool = False) -> Callable[[], Gate]:
     return lambda: CopyGate(k, brackets)
 
 
+def _locked(inner: Callable[[], Gate], k: int) -> Callable[[], Gate]:
+    return lambda: CopyLockGate(inner(), k)
+
+
 GATES: dict[str, Callable[[], Gate]] = {
     "always-transformer": lambda: _Fixed("transformer"),
     "always-hybrid": lambda: _Fixed("hybrid"),
@@ -115,6 +147,9 @@ GATES: dict[str, Callable[[], Gate]] = {
     **{f"copy-{k}+brackets": _copy(k, brackets=True) for k in range(1, MAX_MATCH + 1)},
     "learned": _learned,
     "learned-topk": _learned_topk,  # the learned gate for two engines (top-5 entropy proxy)
+    # the learned gates with a copy lock (CopyLockGate): the transformer while a copy is under way
+    **{f"learned+copy-{k}": _locked(_learned, k) for k in range(1, MAX_MATCH + 1)},
+    **{f"learned-topk+copy-{k}": _locked(_learned_topk, k) for k in range(1, MAX_MATCH + 1)},
 }
 
 

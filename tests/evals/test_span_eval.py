@@ -571,3 +571,30 @@ def test_function_completion_requests_come_from_the_train_splits_code(tmp_path: 
     (tmp_path / "val.jsonl").write_text(path.read_text())
     with pytest.raises(SpanEvalError, match="held-out"):
         train_function_suite(tmp_path / "val.jsonl", 4)
+
+
+def test_copy_lock_keeps_a_copy_on_the_transformer_and_asks_the_inner_gate_throughout() -> None:
+    # an inner gate that always says hybrid (and counts its calls); the lock overrides it
+    # exactly where copy-k would say transformer, and nowhere else
+    from models.span.gates import CopyLockGate
+
+    calls = []
+
+    class Hyb(Gate):
+        name = "hyb"
+
+        def start(self, prompt_ids, token_text=None) -> GateState:
+            class S(GateState):
+                def choose(self) -> str:
+                    calls.append(1)
+                    return "hybrid"
+
+            return S(prompt_ids, token_text)
+
+    s = seq([-1.0] * 5, [-2.0] * 5, prompt=(0, 1, 2, 3), answer=[1, 2, 3, 9, 8])
+    locked = rollout(CopyLockGate(Hyb(), 2), s).tolist()
+    assert locked == rollout(get_gate("copy-2"), s).tolist() == [False, False, True, True, False]
+    assert len(calls) == 5
+    assert get_gate("learned+copy-4").name == "learned+copy-4"
+    with pytest.raises(ValueError):
+        CopyLockGate(Hyb(), 0)
