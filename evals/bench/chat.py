@@ -21,6 +21,7 @@ template (the router's path: ``HFBackend.generate``), at most 4x the reference's
     python -m evals.bench.chat --models models/reference  # the shipped pair
     python -m evals.bench.chat --models models/reference --span learned
         # also the span decoder with the shipped gate, drafting 8: what `archroute` answers
+    python -m evals.bench.chat --models models/reference --span learned,learned+copy-2 --span-only
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-probe", action="store_true", help="skip the copy probe")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", type=Path, help="also write every case and figure here")
-    p.add_argument("--span", metavar="GATE",
-                   help="also the span decoder over the pair with this gate (e.g. learned, "
-                        "the default `archroute` profile's), drafting --draft-k tokens")
+    p.add_argument("--span", metavar="GATE[,GATE...]",
+                   help="also the span decoder over the pair with each of these gates (e.g. "
+                        "learned), drafting --draft-k tokens")
+    p.add_argument("--span-only", action="store_true",
+                   help="with --span: skip each model alone (and the copy probe)")
     p.add_argument("--draft-k", type=int, default=8, help="drafted copy tokens for --span")
 
 
@@ -152,12 +155,14 @@ def run(a: argparse.Namespace) -> int:
     pair = {arch: HFBackend(f"{arch}", a.models / arch, architecture=arch)
             for arch in ("transformer", "hybrid")}
     tok = pair["transformer"].tokenizer
-    systems: dict = dict(pair)
-    if a.span:
+    systems: dict = {} if a.span and a.span_only else dict(pair)
+    heads = {"transformer": "transformer", "hybrid": "hybrid"}
+    for gate in a.span.split(",") if a.span else []:
         from models.span.decoder import SpanBackend
 
-        systems["span"] = SpanBackend(pair["transformer"], pair["hybrid"], a.span,
-                                      draft_k=a.draft_k)
+        key = "span" if "span" not in systems else f"span:{gate}"
+        systems[key] = SpanBackend(pair["transformer"], pair["hybrid"], gate, draft_k=a.draft_k)
+        heads[key] = f"span ({gate}, draft {a.draft_k})"
 
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -184,8 +189,6 @@ def run(a: argparse.Namespace) -> int:
                 "seconds": time.time() - t0}
         results["summary"][arch] = summ
     names = list(systems)
-    heads = {"transformer": "transformer", "hybrid": "hybrid",
-             "span": f"span ({a.span}, draft {a.draft_k})"}
     summ = results["summary"]
     print("\n## Chat benchmark (greedy, held-out corpus documents; 95% Wilson CIs)\n")
     print("| figure | " + " | ".join(heads[n] for n in names) + " |\n|---|"
@@ -201,7 +204,7 @@ def run(a: argparse.Namespace) -> int:
         print(f"| answer / reference length, median: {t} | " + " | ".join(
             f"{summ[n]['length_ratio_median'].get(t, float('nan')):.2f}" for n in names) + " |")
     print("| seconds | " + " | ".join(f"{summ[n]['seconds']:.0f}" for n in names) + " |")
-    if not a.no_probe:
+    if not (a.no_probe or a.span_only):
         results["probe"] = copy_probe(pair, a.corpus, a.models)
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
