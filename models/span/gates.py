@@ -106,6 +106,9 @@ class CopyLockGate(Gate):
         self.inner, self.k = inner, k
         self.needs_text = inner.needs_text
         self.name = f"{inner.name}+copy-{k}"
+        # the inner gate's artifact: its training sources (span-eval's in-sample check) and
+        # its entropy kind (over engines: models.span.remote.entropy_topk)
+        self.meta = getattr(inner, "meta", None)
 
     def start(self, prompt_ids, token_text=None) -> GateState:
         state = self.inner.start(prompt_ids, token_text)

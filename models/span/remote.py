@@ -83,6 +83,9 @@ class RemoteSpanError(RequestError):
 
 
 def reads_entropy(gate: Gate) -> bool:
+    inner = getattr(gate, "inner", None)  # a wrapper (gates.CopyLockGate) reads what it wraps
+    if isinstance(inner, Gate):
+        return reads_entropy(inner)
     return bool(getattr(gate, "reads_entropy", gate.name.split(":")[0] in ENTROPY_GATES))
 
 

@@ -598,3 +598,13 @@ def test_copy_lock_keeps_a_copy_on_the_transformer_and_asks_the_inner_gate_throu
     assert get_gate("learned+copy-4").name == "learned+copy-4"
     with pytest.raises(ValueError):
         CopyLockGate(Hyb(), 0)
+
+
+def test_copy_lock_carries_the_inner_gates_artifact() -> None:
+    from models.span.remote import entropy_topk, reads_entropy
+
+    locked = get_gate("learned+copy-2")
+    assert locked.meta is get_gate("learned").meta or locked.meta == get_gate("learned").meta
+    assert reads_entropy(locked) and reads_entropy(get_gate("learned-topk+copy-4"))
+    assert entropy_topk(get_gate("learned-topk+copy-4")) == entropy_topk(get_gate("learned-topk"))
+    assert not reads_entropy(get_gate("copy-2"))
