@@ -16,7 +16,7 @@ from evals.from_log import run as run_from_log
 from router.decision_log import DecisionLog, DecisionRow, read_log
 from router.learning.retrain import run_train
 
-COPY_ASK = "Repeat this exactly: {}"
+COPY_ASK = "Repeat the following text exactly: {}"  # the classifier reads it as a copy (gap < 0)
 NEW_ASK = "Write a short poem about {}."
 WORDS = ["sea", "moon", "river", "stone", "forest", "winter", "garden", "bridge", "tower",
          "candle", "harbor", "meadow"]
