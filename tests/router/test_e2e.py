@@ -19,6 +19,15 @@ from tests.router.servers import Server, reference_available
 KEY = "test-key"
 COPY = [{"role": "user", "content": "Repeat this exactly: the cat sat on the mat."}]
 PROSE = [{"role": "user", "content": "Write a short poem about the sea at dusk."}]
+# a request the chat-tuned pair's classifier sends to the hybrid: code generation with listed
+# tests (MBPP mbpp-863, score 0.332 under the robust threshold 0.346; docs/classifier.md)
+CODE_GEN = [{"role": "user", "content": (
+    "Write a Python function for the following task.\n\nWrite a function to find the length "
+    "of the longest sub-sequence such that elements in the subsequences are consecutive "
+    "integers.\n\nIt should pass these assertions:\n```python\nassert find_longest_conseq_"
+    "subseq([1, 2, 2, 3], 4) == 3\nassert find_longest_conseq_subseq([1, 9, 3, 10, 4, 20, 2], "
+    "7) == 4\nassert find_longest_conseq_subseq([36, 41, 56, 35, 44, 33, 34, 92, 43, 32, 42], "
+    "11) == 5\n```")}]
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +79,7 @@ def test_sdk_sync(stack) -> None:
 def test_sdk_stream(stack) -> None:
     router, _ = stack
     c = client(router)
-    stream = c.chat.completions.create(model="archroute", messages=PROSE, stream=True,
+    stream = c.chat.completions.create(model="archroute", messages=CODE_GEN, stream=True,
                                        stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
