@@ -40,8 +40,11 @@ SENTENCES = (
 
 
 def requests(seed: int, n: int) -> dict[str, list[dict]]:
-    """Copy requests (the transformer's kind) and short stories (the hybrid's), in the
-    request-file format, two sources."""
+    """Copy requests (the transformer's kind) and story continuations (the hybrid's), in the
+    request-file format, two sources. On the chat-tuned pair "Write a short story that begins:
+    <sentence>" is no longer the hybrid's kind (of 16 labelled: 8 hybrid, 6 transformer, 2 ties;
+    the answer may restate the sentence); "Continue this story: <sentence>" is (16 of 16 hybrid,
+    gap >= 0.17 nats/token)."""
     rng = random.Random(seed)
     out: dict[str, list[dict]] = {"copy": [], "story": []}
     for i in range(n):
@@ -52,7 +55,7 @@ def requests(seed: int, n: int) -> dict[str, list[dict]]:
         c = rng.sample(SENTENCES, 3)
         out["story"].append({
             "id": f"story-{seed}-{i}", "source": "probe-test", "kind": "story",
-            "messages": [{"role": "user", "content": f"Write a short story that begins: {c[0]}"}],
+            "messages": [{"role": "user", "content": f"Continue this story: {c[0]}"}],
             "reference": f"{c[1]} {c[2]} Nobody in the town could remember a day like it."})
     return out
 
