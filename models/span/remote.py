@@ -200,6 +200,9 @@ class RemoteSpanBackend(Backend):
         self.admit = admit
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.prefix_id = prefix_id if prefix_id is not None else (bos if bos is not None else eos)
+        # vLLM streams the end-of-sequence token itself (serve-model does not): it ends the
+        # answer and is no token of it, as in the in-process decoder
+        self.eos_ids = {eos} if eos is not None else set()
         self._token_text = token_text_fn(tokenizer)
 
     def info(self) -> BackendInfo:
@@ -263,6 +266,9 @@ class RemoteSpanBackend(Backend):
                         if nxt != role:  # arrived after the switch point
                             span.wasted += 1
                             continue
+                        if tok in self.eos_ids and not params.ignore_eos:
+                            reason, done = "stop", True
+                            break
                         if span.kept == 0:
                             span.first_token_s = time.perf_counter() - s0
                         span.kept += 1

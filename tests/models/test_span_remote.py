@@ -46,10 +46,17 @@ def test_greedy_answer_is_the_in_process_decoders(engines, reference_pair, gate,
     assert remote_tr.roles == local_tr.roles
     assert got.text == local.text and got.finish_reason == local.finish_reason
     assert got.span is not None and got.span["switches"] == local_tr.switches
-    # one request per run of one model: a switch opens exactly one new request
-    assert len(remote_tr.spans) == remote_tr.switches + 1
-    assert [s.role for s in remote_tr.spans] == [r for i, r in enumerate(remote_tr.roles)
-                                                 if i == 0 or r != remote_tr.roles[i - 1]]
+    # one request per run of one model: a switch opens exactly one new request; the chat-
+    # tuned pair may end the answer right after a switch (the new span's engine says
+    # end-of-sequence at once): that last request keeps no token and ends the answer
+    spans = remote_tr.spans
+    if spans[-1].kept == 0:
+        assert got.finish_reason == "stop" and len(spans) > 1 and spans[-1].role != spans[-2].role
+        spans = spans[:-1]
+    assert all(s.kept > 0 for s in spans)
+    assert len(spans) == remote_tr.switches + 1
+    assert [s.role for s in spans] == [r for i, r in enumerate(remote_tr.roles)
+                                       if i == 0 or r != remote_tr.roles[i - 1]]
     assert sum(s.kept for s in remote_tr.spans) == len(remote_tr.token_ids)
     if prompt is CODE and gate == "copy-2":
         assert remote_tr.switches >= 2  # the copy gate does hand the code back and forth
@@ -135,7 +142,11 @@ def test_router_span_profile_over_two_engines(engines, reference_pair, tmp_path)
             model="span-copy", prompt=CODE, max_tokens=24, temperature=0)
         r = raw.parse()
         span = r.model_extra["archroute"]["span"]
-        assert span["gate"] == "copy-2" and span["requests"] == span["switches"] + 1
+        # one request per run of one model, and one more when the answer ended right after
+        # a switch (the new span's engine said end-of-sequence at once, keeping no token)
+        ended_at_switch = r.choices[0].finish_reason == "stop"
+        assert span["gate"] == "copy-2" and span["requests"] - span["switches"] - 1 in (
+            (0, 1) if ended_at_switch else (0,))
         assert span["transformer"] + span["hybrid"] == r.usage.completion_tokens
         assert raw.headers["x-archroute-span"] == "; ".join(
             f"{k}={span[k]}" for k in ("transformer", "hybrid", "switches", "requests", "wasted",
