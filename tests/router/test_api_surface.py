@@ -25,23 +25,13 @@ from router.decision_log import MIGRATIONS, DecisionLog, DecisionRow
 from router.settings import load_settings
 from router.side import is_side_request
 from tests.router.conftest import Fakes, assert_envelope
-from tests.router.servers import Server, free_port, serve_config
+from tests.router.servers import CODE_GEN, Server, free_port, serve_config
 
 COPY = [{"role": "user", "content": "Repeat this exactly: the cat sat on the mat."}]
 PROSE = [{"role": "user", "content": "Write a short poem about the sea at dusk."}]
 CODE_FIX = [{"role": "user", "content": "Fix the bug in this function:\n```python\n"
                                         "def add(a, b):\n    return a - b\n```"}]
 QUESTION = [{"role": "user", "content": "What is the capital of France, and why is it famous?"}]
-# the chat-tuned pair's classifier sends code generation with listed tests to the hybrid
-# (docs/classifier.md); this MBPP request (mbpp-863) scores 0.332, under the robust 0.346
-CODE_GEN = [{"role": "user", "content": (
-    "Write a Python function for the following task.\n\nWrite a function to find the length "
-    "of the longest sub-sequence such that elements in the subsequences are consecutive "
-    "integers.\n\nIt should pass these assertions:\n```python\nassert find_longest_conseq_"
-    "subseq([1, 2, 2, 3], 4) == 3\nassert find_longest_conseq_subseq([1, 9, 3, 10, 4, 20, 2], "
-    "7) == 4\nassert find_longest_conseq_subseq([36, 41, 56, 35, 44, 33, 34, 92, 43, 32, 42], "
-    "11) == 5\n```")}]
-
 # Open WebUI's title and tags task prompts (its default templates, chat history filled in);
 # the history holds a copy request, which the rules alone would send to the transformer
 HISTORY = ("### Chat History:\n<chat_history>\nUSER: Repeat this exactly: the cat sat on the "

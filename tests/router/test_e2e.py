@@ -14,21 +14,11 @@ import openai
 import pytest
 import yaml
 
-from tests.router.servers import Server, reference_available
+from tests.router.servers import CODE_GEN, Server, reference_available
 
 KEY = "test-key"
 COPY = [{"role": "user", "content": "Repeat this exactly: the cat sat on the mat."}]
 PROSE = [{"role": "user", "content": "Write a short poem about the sea at dusk."}]
-# a request the chat-tuned pair's classifier sends to the hybrid: code generation with listed
-# tests (MBPP mbpp-863, score 0.332 under the robust threshold 0.346; docs/classifier.md)
-CODE_GEN = [{"role": "user", "content": (
-    "Write a Python function for the following task.\n\nWrite a function to find the length "
-    "of the longest sub-sequence such that elements in the subsequences are consecutive "
-    "integers.\n\nIt should pass these assertions:\n```python\nassert find_longest_conseq_"
-    "subseq([1, 2, 2, 3], 4) == 3\nassert find_longest_conseq_subseq([1, 9, 3, 10, 4, 20, 2], "
-    "7) == 4\nassert find_longest_conseq_subseq([36, 41, 56, 35, 44, 33, 34, 92, 43, 32, 42], "
-    "11) == 5\n```")}]
-
 pytestmark = pytest.mark.slow
 
 
