@@ -3,7 +3,7 @@
     python -m evals.learning_loop --n 200
 
 Starts ``archroute serve`` on the in-process reference pair with the decision log, prompts
-logged and exploration (epsilon 0.2 on the default profile), replays ``--n`` real requests
+logged and exploration (epsilon 0.2 on ``archroute-auto``, the classifier profile), replays ``--n`` real requests
 from the label file (each answered with ``max_tokens`` 1: the answer is not what is
 measured), posts each request's reference answer to ``POST /v1/feedback``, and waits for the
 router to score them. Then it reports:
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         raise SystemExit(f"python -m evals.learning_loop: {exc}") from None
     rows = [r for r in labelled
-            if r["gap"] == r["gap"] and r["group"] not in EVAL_ONLY and not r.get("ref_cut")]
+            if r["gap"] == r["gap"] and r["group"] not in EVAL_ONLY and not r.get("ref_cut")
+            and not r.get("prompt_cut")]  # a cut prompt would be refused whole (400)
     rng = np.random.default_rng(a.seed)
     rows = [rows[i] for i in sorted(rng.choice(len(rows), min(a.n, len(rows)), replace=False))]
     tmp = Path(tempfile.mkdtemp(prefix="archroute-loop-"))
@@ -87,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with httpx.Client(base_url=url, timeout=120) as c:
             for r in rows:
-                body = c.post("/v1/chat/completions",
-                              json={"model": "archroute", "messages": r["messages"]}).json()
+                # the classifier profile (``archroute`` itself is span decoding, issue #23)
+                resp = c.post("/v1/chat/completions",
+                              json={"model": "archroute-auto", "messages": r["messages"]})
+                if resp.status_code != 200:
+                    raise SystemExit(f"chat: {resp.status_code} {resp.text}")
+                body = resp.json()
                 t = time.perf_counter()
                 res = c.post("/v1/feedback", json={"id": body["id"], "reference": r["reference"]})
                 fb_ms.append((time.perf_counter() - t) * 1000)

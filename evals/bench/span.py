@@ -98,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per prompt (median)")
     p.add_argument("--gates", default=None,
                    help="comma-separated gates (default: copy-2, learned if it loads, "
-                        "always-transformer)")
+                        "always-transformer); through the router, each as a span profile "
+                        "beside archroute")
     p.add_argument("--draft-k", default="8",
                    help="comma-separated draft lengths to measure beside no drafting "
                         "(default 8, the router's default)")
@@ -240,6 +241,10 @@ def run_router(a: argparse.Namespace, t: Any, h: Any) -> int:
     profiles = {name: p.model_dump(mode="json", exclude_defaults=True)
                 for name, p in defaults.profiles.items()}
     profiles["span-undrafted"] = {"policy": "span", "policy_args": {**span_args, "draft_k": 0}}
+    # --gates: each gate as its own span profile (the default's draft settings), beside it
+    extra_gates = [] if a.gates is None else [g.strip() for g in a.gates.split(",") if g.strip()]
+    for g in extra_gates:
+        profiles[f"span:{g}"] = {"policy": "span", "policy_args": {**span_args, "gate": g}}
     settings = load_settings(overrides={"profiles": profiles, "decision_log": "",
                                         "max_tokens_cap": max(2048, a.router_tokens)},
                              environ={})
@@ -266,7 +271,8 @@ def run_router(a: argparse.Namespace, t: Any, h: Any) -> int:
                   f"({card.get('routing')}; gate {card.get('gate')}, draft_k "
                   f"{card.get('draft_k')}); {a.router_tokens} tokens per answer, greedy, "
                   f"ignore_eos, median of {a.repeats}, interleaved")
-            models = ["archroute", "span-undrafted", t.name, h.name]
+            models = ["archroute", "span-undrafted", *[f"span:{g}" for g in extra_gates],
+                      t.name, h.name]
             bad = 0
             for group, prompts in GROUPS.items():
                 secs: dict[str, dict[str, list[float]]] = {m: {p: [] for p in prompts}
@@ -307,7 +313,8 @@ def run_router(a: argparse.Namespace, t: Any, h: Any) -> int:
                                  f"{100 * tot['switches'] / n:4.1f}, catch-up "
                                  f"{100 * tot['catchup'] / n:5.1f} /100")
                     print(f"  {m:24s} {tps[m]:7.1f} tok/s  x T {tps[m] / base:5.2f}{extra}")
-                for m in ("archroute", "span-undrafted", h.name):
+                for m in ("archroute", "span-undrafted", *[f"span:{g}" for g in extra_gates],
+                          h.name):
                     print(f"  {m} x T per prompt: " + ", ".join(
                         f"{p} {statistics.median(secs[t.name][p]) / statistics.median(secs[m][p]):.2f}"
                         for p in prompts))

@@ -98,14 +98,28 @@ class CopyLockGate(Gate):
     earlier (an induction match of length >= k): a copy under way is never handed to the
     model that cannot copy. Teacher-forced loss does not see why this matters (one wrong
     token inside a copy costs its own loss there); in generation that token derails the
-    rest of the copy. ``inner`` is still asked at every step, so its own state moves on."""
+    rest of the copy. ``inner`` is still asked at every step, so its own state moves on.
 
-    def __init__(self, inner: Gate, k: int) -> None:
+    ``hold`` (< k, optional): hysteresis. Once locked, the lock holds while the match is
+    at least ``hold`` tokens long (a copy that is under way resumes after a renamed or
+    changed token without waiting for ``k`` tokens again); it is released when the match
+    falls below ``hold``.
+
+    ``prompt`` (< k, optional): a shorter match suffices when its earlier occurrence is in
+    the prompt (the answer is copying the user's text: a fix, a rename, a quote), where a
+    repeat of the answer's own text needs ``k``."""
+
+    def __init__(self, inner: Gate, k: int, hold: int | None = None,
+                 prompt: int | None = None) -> None:
         if not 1 <= k <= MAX_MATCH:
             raise ValueError(f"+copy-k: k must be in 1..{MAX_MATCH}, got {k}")
-        self.inner, self.k = inner, k
+        for what, v in (("hold", hold), ("prompt", prompt)):
+            if v is not None and not 1 <= v < k:
+                raise ValueError(f"+copy-k-{what}-h: h must be in 1..{k - 1}, got {v}")
+        self.inner, self.k, self.hold, self.prompt = inner, k, hold, prompt
         self.needs_text = inner.needs_text
-        self.name = f"{inner.name}+copy-{k}"
+        self.name = (f"{inner.name}+copy-{k}" + (f"-hold-{hold}" if hold else "")
+                     + (f"-prompt-{prompt}" if prompt else ""))
         # the inner gate's artifact: its training sources (span-eval's in-sample check) and
         # its entropy kind (over engines: models.span.remote.entropy_topk)
         self.meta = getattr(inner, "meta", None)
@@ -113,10 +127,18 @@ class CopyLockGate(Gate):
     def start(self, prompt_ids, token_text=None) -> GateState:
         state = self.inner.start(prompt_ids, token_text)
         inner_choose, k = state.choose, self.k
+        hold, pk = self.hold or k, self.prompt or k
+        locked = False
 
         def choose() -> Role:
+            nonlocal locked
             role = inner_choose()
-            return "transformer" if state.matcher.match_len >= k else role
+            m = state.matcher.match_len
+            # the earlier occurrence is in the prompt when it lies further back than the
+            # answer so far
+            need = pk if state.matcher.match_dist > state.step else k
+            locked = m >= need or (locked and m >= hold)
+            return "transformer" if locked else role
 
         state.choose = choose  # type: ignore[method-assign]
         return state
@@ -138,8 +160,9 @@ def _copy(k: int, brackets: bool = False) -> Callable[[], Gate]:
     return lambda: CopyGate(k, brackets)
 
 
-def _locked(inner: Callable[[], Gate], k: int) -> Callable[[], Gate]:
-    return lambda: CopyLockGate(inner(), k)
+def _locked(inner: Callable[[], Gate], k: int, hold: int | None = None,
+            prompt: int | None = None) -> Callable[[], Gate]:
+    return lambda: CopyLockGate(inner(), k, hold, prompt)
 
 
 GATES: dict[str, Callable[[], Gate]] = {
@@ -153,6 +176,9 @@ GATES: dict[str, Callable[[], Gate]] = {
     # the learned gates with a copy lock (CopyLockGate): the transformer while a copy is under way
     # (a few k: every registered gate is rolled out by span-eval by default)
     **{f"learned+copy-{k}": _locked(_learned, k) for k in (2, 4, 8)},
+    **{f"learned+copy-{k}-hold-2": _locked(_learned, k, 2) for k in (4, 8)},
+    **{f"learned+copy-{k}-prompt-2": _locked(_learned, k, None, 2) for k in (4, 8)},
+    "learned+copy-8-hold-2-prompt-2": _locked(_learned, 8, 2, 2),
     "learned-topk+copy-4": _locked(_learned_topk, 4),
 }
 

@@ -600,6 +600,35 @@ def test_copy_lock_keeps_a_copy_on_the_transformer_and_asks_the_inner_gate_throu
         CopyLockGate(Hyb(), 0)
 
 
+def test_copy_lock_with_hold_stays_on_while_the_match_is_at_least_hold() -> None:
+    # locked at a 4-token match; the copy goes on through a 2-gram seen elsewhere (the match
+    # drops to 2, then 3): the hold keeps the transformer, plain copy-4 lets go; a match
+    # below 2 releases both
+    from models.span.gates import CopyLockGate
+
+    class Hyb(Gate):
+        name = "hyb"
+
+        def start(self, prompt_ids, token_text=None) -> GateState:
+            class S(GateState):
+                def choose(self) -> str:
+                    return "hybrid"
+
+            return S(prompt_ids, token_text)
+
+    answer = [10, 11, 12, 13, 20, 40, 99, 7]
+    s = seq([-1.0] * 8, [-2.0] * 8, prompt=(10, 11, 12, 13, 30, 13, 20, 40), answer=answer)
+    plain = [False, False, False, False, True, False, False, False]
+    assert rollout(CopyLockGate(Hyb(), 4), s).tolist() == plain
+    assert rollout(CopyLockGate(Hyb(), 4, hold=2), s).tolist() == [
+        False, False, False, False, True, True, True, False]
+    g = get_gate("learned+copy-4-hold-2")
+    assert g.name == "learned+copy-4-hold-2" and (g.k, g.hold) == (4, 2)
+    for bad in (0, 4, 5):
+        with pytest.raises(ValueError):
+            CopyLockGate(Hyb(), 4, hold=bad)
+
+
 def test_copy_lock_carries_the_inner_gates_artifact() -> None:
     from models.span.remote import entropy_topk, reads_entropy
 
