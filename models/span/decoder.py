@@ -134,13 +134,17 @@ def pair_mismatch(transformer: Backend, hybrid: Backend) -> str | None:
 
 
 # the built-in span profile's gate in-process: the shipped learned gate with a copy lock
-# (gates.CopyLockGate, k = 8: the transformer while an 8-token induction match holds). Chosen
-# on data we may tune on, never on the HumanEval suite: of k = 2, 4, 8, the strongest lock
-# (smallest k) whose teacher-forced cost stays within 0.005 nats/token of `learned` on the
-# real requests' training sources and the reference corpus's held-out documents (k = 8: 0.002
-# and 0.000; k = 4: 0.002 and 0.020; k = 2: 0.004 and 0.082), and on those documents in chat it
-# keeps more copies whole ("Repeat exactly": 70.0% vs 64.2%; fixes 30.4% vs 23.5%; docs/span.md)
-DEFAULT_LEARNED_GATE = "learned+copy-8"
+# (gates.CopyLockGate: the transformer while an 8-token induction match holds, or a 2-token
+# one whose tokens occur in the prompt: the answer is copying the user's text). Chosen on
+# speed and chat faithfulness at a teacher-forced price measured on data we may tune on
+# (docs/span.md "Choosing the copy lock"): of the locks measured (k = 2, 4, 8; a hysteresis;
+# a 2-token lock into the prompt), the only ones whose every copy prompt decodes >= 1.5x the
+# transformer alone through the router are k = 2 and this one (2.60x and 2.58x; k = 8 1.61x,
+# its rename 1.00x); both keep the transformer's exact repeats (72.5%) and 40.9% of fixes
+# (k = 8: 70.0% and 30.4%); this one costs 0.002 nats/token teacher-forced on the real
+# requests' training sources and 0.077 on the corpus's held-out documents (k = 2: 0.004 and
+# 0.082)
+DEFAULT_LEARNED_GATE = "learned+copy-8-prompt-2"
 
 
 @functools.cache

@@ -20,7 +20,9 @@ else the hybrid; ``copy-k+brackets``: either rule; ``always-transformer`` and
 (:mod:`models.span.learned`); ``learned-topk``: the learned gate trained on the top-5
 entropy proxy, for span decoding over two engines (``models/span/topk_gate``);
 ``learned+copy-k`` (k = 2, 4, 8) and ``learned-topk+copy-4``: those gates with a copy lock
-(:class:`CopyLockGate`: the transformer while an induction match of length >= k holds).
+(:class:`CopyLockGate`: the transformer while an induction match of length >= k holds);
+``learned+copy-8-prompt-2``: the lock at 8 tokens, or at 2 where the last two tokens occur
+in the prompt (``archroute``'s gate in-process).
 """
 
 from __future__ import annotations
@@ -100,26 +102,19 @@ class CopyLockGate(Gate):
     token inside a copy costs its own loss there); in generation that token derails the
     rest of the copy. ``inner`` is still asked at every step, so its own state moves on.
 
-    ``hold`` (< k, optional): hysteresis. Once locked, the lock holds while the match is
-    at least ``hold`` tokens long (a copy that is under way resumes after a renamed or
-    changed token without waiting for ``k`` tokens again); it is released when the match
-    falls below ``hold``.
+    ``prompt`` (< k, optional): a shorter match suffices when the last ``prompt`` tokens
+    occur in the prompt followed by a prompt token (the answer is copying the user's text:
+    a fix, a rename, a quote), whether or not the answer repeated them since; a repeat of the
+    answer's own text alone needs ``k``."""
 
-    ``prompt`` (< k, optional): a shorter match suffices when its earlier occurrence is in
-    the prompt (the answer is copying the user's text: a fix, a rename, a quote), where a
-    repeat of the answer's own text needs ``k``."""
-
-    def __init__(self, inner: Gate, k: int, hold: int | None = None,
-                 prompt: int | None = None) -> None:
+    def __init__(self, inner: Gate, k: int, prompt: int | None = None) -> None:
         if not 1 <= k <= MAX_MATCH:
             raise ValueError(f"+copy-k: k must be in 1..{MAX_MATCH}, got {k}")
-        for what, v in (("hold", hold), ("prompt", prompt)):
-            if v is not None and not 1 <= v < k:
-                raise ValueError(f"+copy-k-{what}-h: h must be in 1..{k - 1}, got {v}")
-        self.inner, self.k, self.hold, self.prompt = inner, k, hold, prompt
+        if prompt is not None and not 1 <= prompt < k:
+            raise ValueError(f"+copy-k-prompt-p: p must be in 1..{k - 1}, got {prompt}")
+        self.inner, self.k, self.prompt = inner, k, prompt
         self.needs_text = inner.needs_text
-        self.name = (f"{inner.name}+copy-{k}" + (f"-hold-{hold}" if hold else "")
-                     + (f"-prompt-{prompt}" if prompt else ""))
+        self.name = f"{inner.name}+copy-{k}" + (f"-prompt-{prompt}" if prompt else "")
         # the inner gate's artifact: its training sources (span-eval's in-sample check) and
         # its entropy kind (over engines: models.span.remote.entropy_topk)
         self.meta = getattr(inner, "meta", None)
@@ -127,18 +122,18 @@ class CopyLockGate(Gate):
     def start(self, prompt_ids, token_text=None) -> GateState:
         state = self.inner.start(prompt_ids, token_text)
         inner_choose, k = state.choose, self.k
-        hold, pk = self.hold or k, self.prompt or k
-        locked = False
+        pk = self.prompt
+        ids = list(prompt_ids)
+        # the prompt's pk-grams that a prompt token follows (not the prompt's own last one)
+        grams = {tuple(ids[i:i + pk]) for i in range(len(ids) - pk)} if pk else set()
 
         def choose() -> Role:
-            nonlocal locked
             role = inner_choose()
             m = state.matcher.match_len
-            # the earlier occurrence is in the prompt when it lies further back than the
-            # answer so far
-            need = pk if state.matcher.match_dist > state.step else k
-            locked = m >= need or (locked and m >= hold)
-            return "transformer" if locked else role
+            if m >= k or (pk is not None and m >= pk
+                          and tuple(state.matcher.ids[-pk:]) in grams):
+                return "transformer"
+            return role
 
         state.choose = choose  # type: ignore[method-assign]
         return state
@@ -160,9 +155,9 @@ def _copy(k: int, brackets: bool = False) -> Callable[[], Gate]:
     return lambda: CopyGate(k, brackets)
 
 
-def _locked(inner: Callable[[], Gate], k: int, hold: int | None = None,
+def _locked(inner: Callable[[], Gate], k: int,
             prompt: int | None = None) -> Callable[[], Gate]:
-    return lambda: CopyLockGate(inner(), k, hold, prompt)
+    return lambda: CopyLockGate(inner(), k, prompt)
 
 
 GATES: dict[str, Callable[[], Gate]] = {
@@ -176,9 +171,8 @@ GATES: dict[str, Callable[[], Gate]] = {
     # the learned gates with a copy lock (CopyLockGate): the transformer while a copy is under way
     # (a few k: every registered gate is rolled out by span-eval by default)
     **{f"learned+copy-{k}": _locked(_learned, k) for k in (2, 4, 8)},
-    **{f"learned+copy-{k}-hold-2": _locked(_learned, k, 2) for k in (4, 8)},
-    **{f"learned+copy-{k}-prompt-2": _locked(_learned, k, None, 2) for k in (4, 8)},
-    "learned+copy-8-hold-2-prompt-2": _locked(_learned, 8, 2, 2),
+    # archroute's gate in-process: a 2-token match copying the prompt, 8 otherwise
+    "learned+copy-8-prompt-2": _locked(_learned, 8, 2),
     "learned-topk+copy-4": _locked(_learned_topk, 4),
 }
 

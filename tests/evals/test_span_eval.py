@@ -600,10 +600,9 @@ def test_copy_lock_keeps_a_copy_on_the_transformer_and_asks_the_inner_gate_throu
         CopyLockGate(Hyb(), 0)
 
 
-def test_copy_lock_with_hold_stays_on_while_the_match_is_at_least_hold() -> None:
-    # locked at a 4-token match; the copy goes on through a 2-gram seen elsewhere (the match
-    # drops to 2, then 3): the hold keeps the transformer, plain copy-4 lets go; a match
-    # below 2 releases both
+def test_copy_lock_with_prompt_takes_a_short_match_only_into_the_prompt() -> None:
+    # "2 3" is a bigram of the prompt: locked at 2 tokens; "60 70" repeats the answer's own
+    # text: that needs k = 8; the prompt's own last bigram is no copy signal
     from models.span.gates import CopyLockGate
 
     class Hyb(Gate):
@@ -616,17 +615,17 @@ def test_copy_lock_with_hold_stays_on_while_the_match_is_at_least_hold() -> None
 
             return S(prompt_ids, token_text)
 
-    answer = [10, 11, 12, 13, 20, 40, 99, 7]
-    s = seq([-1.0] * 8, [-2.0] * 8, prompt=(10, 11, 12, 13, 30, 13, 20, 40), answer=answer)
-    plain = [False, False, False, False, True, False, False, False]
-    assert rollout(CopyLockGate(Hyb(), 4), s).tolist() == plain
-    assert rollout(CopyLockGate(Hyb(), 4, hold=2), s).tolist() == [
-        False, False, False, False, True, True, True, False]
-    g = get_gate("learned+copy-4-hold-2")
-    assert g.name == "learned+copy-4-hold-2" and (g.k, g.hold) == (4, 2)
-    for bad in (0, 4, 5):
+    answer = [50, 2, 3, 60, 70, 60, 70, 5]
+    s = seq([-1.0] * 8, [-2.0] * 8, prompt=(1, 2, 3, 4, 5, 6, 7, 8, 9, 40, 41), answer=answer)
+    assert rollout(CopyLockGate(Hyb(), 8, prompt=2), s).tolist() == [
+        False, False, False, True, False, False, False, False]
+    assert not rollout(CopyLockGate(Hyb(), 8), s).any()
+    assert rollout(CopyLockGate(Hyb(), 2), s).tolist()[-1]  # plain copy-2 takes the repeat
+    g = get_gate("learned+copy-8-prompt-2")
+    assert (g.name, g.k, g.prompt) == ("learned+copy-8-prompt-2", 8, 2)
+    for bad in (0, 8, 9):
         with pytest.raises(ValueError):
-            CopyLockGate(Hyb(), 4, hold=bad)
+            CopyLockGate(Hyb(), 8, prompt=bad)
 
 
 def test_copy_lock_carries_the_inner_gates_artifact() -> None:
