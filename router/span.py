@@ -63,10 +63,12 @@ PROBE_TIMEOUT_S = 10.0  # the start-up question to each engine (SpanService._eng
 
 def span_header(span: Mapping[str, object]) -> str:
     """``x-archroute-span``: ``transformer=12; hybrid=30; switches=5; catchup=17; gate=copy-2``
-    (with drafted copy spans ``drafted=40; accepted=31`` after ``catchup``; over two engines ``requests=6; wasted=0`` in place of ``catchup``; only ``gate=...``
+    (with drafted copy spans ``drafted=40; accepted=31`` after ``catchup``; with a mixing
+    gate ``mixed=9``, the tokens both models predicted; over two engines ``requests=6;
+    wasted=0`` in place of ``catchup``; only ``gate=...``
     before the answer is known, i.e. on a stream)."""
-    keys = ("transformer", "hybrid", "switches", "catchup", "drafted", "accepted", "requests",
-            "wasted", "gate")
+    keys = ("transformer", "hybrid", "switches", "catchup", "drafted", "accepted", "mixed",
+            "requests", "wasted", "gate")
     return "; ".join(f"{k}={span[k]}" for k in keys if k in span)
 
 

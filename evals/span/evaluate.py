@@ -43,11 +43,21 @@ REF = "request-oracle"  # the gain is measured against it
 
 def rollout(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None = None) -> np.ndarray:
     """The roles ``gate`` picks along ``seq``: bool (n,), True = the transformer."""
+    return rollout_mixed(gate, seq, token_text)[0]
+
+
+def rollout_mixed(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The roles ``gate`` picks along ``seq`` (bool (n,), True = the transformer) and where
+    it asks for both models' mixture instead (bool (n,); a MixGate's ``state.mix``). The
+    gate is pushed the chosen model's entropy either way, as the decoder does."""
     state = gate.start(seq.prompt_ids.tolist(), token_text)
     ent_t, ent_h = seq.ent[0].tolist(), seq.ent[1].tolist()
     out = np.empty(len(seq), bool)
+    mixed = np.zeros(len(seq), bool)
     for i, tok in enumerate(seq.answer_ids.tolist()):
         role = state.choose()
+        mixed[i] = state.mix
         if role == "transformer":
             out[i] = True
             state.push(tok, role, ent_t[i])
@@ -56,7 +66,7 @@ def rollout(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None = None
             state.push(tok, role, ent_h[i])
         else:
             raise ValueError(f"gate {gate.name!r} chose {role!r}; expected transformer or hybrid")
-    return out
+    return out, mixed
 
 
 @dataclass
@@ -94,15 +104,21 @@ class CostModels:
 
 
 def role_stats(roles: np.ndarray, lp: np.ndarray, n_prompt: int,
-               costs: CostModels | None = None) -> tuple[float, ...]:
+               costs: CostModels | None = None, mixed: np.ndarray | None = None
+               ) -> tuple[float, ...]:
     """(nll, n, n_t, switches, catch-up tokens, flops, flops_7b) of one request; ``roles``
-    bool (n,) True = transformer, ``lp`` (2, n)."""
+    bool (n,) True = transformer, ``lp`` (2, n); ``mixed`` (optional, bool (n,)): tokens
+    predicted by both models' 50/50 mixture (both read them; n_t counts the chosen role)."""
     n = len(roles)
     nll = -float(np.where(roles, lp[0], lp[1]).sum())
+    if mixed is not None and mixed.any():
+        mix = np.logaddexp(lp[0], lp[1]) - np.log(2.0)
+        nll = -float(np.where(mixed, mix, np.where(roles, lp[0], lp[1])).sum())
     switches = int((roles[1:] != roles[:-1]).sum()) if n > 1 else 0
     catchup = 0
     processed = []  # tokens each model processes (0: not used)
-    for mine in (roles, ~roles):
+    both = mixed if mixed is not None else np.zeros(n, bool)
+    for mine in (roles | both, ~roles | both):
         where = np.flatnonzero(mine)
         if not len(where):
             processed.append(0)
@@ -167,9 +183,9 @@ def gate_stats(gates: Mapping[str, GateSpec], seqs: Sequence[ScoredSeq],
                       dynamic_ncols=True):
             gate = g(s) if callable(g) and not hasattr(g, "start") else g
             t0 = time.perf_counter()
-            roles = rollout(gate, s, token_text)
+            roles, mixed = rollout_mixed(gate, s, token_text)
             spent += time.perf_counter() - t0
-            rows.append(role_stats(roles, s.lp, len(s.prompt_ids), costs))
+            rows.append(role_stats(roles, s.lp, len(s.prompt_ids), costs, mixed))
         out[name] = _stack(rows)
         if us_per_token is not None:
             us_per_token[name] = spent / max(1, sum(len(s) for s in seqs)) * 1e6

@@ -91,17 +91,35 @@ def default_gates() -> list[str]:
     return [g for g in GATES if g not in FIXED] + [*PSEUDO]
 
 
+def pseudo_base(name: str) -> tuple[str, str] | None:
+    """(pseudo gate, wrappers) when ``name`` is a run-time gate (:data:`PSEUDO`), possibly
+    with wrappers after it (``learned-loso+copy-8-prompt-2+mix-0.5``); else None."""
+    for p in PSEUDO:
+        if name == p or name.startswith(p + "+"):
+            return p, name[len(p):]
+    return None
+
+
 def check_gates(names: Sequence[str]) -> list[str]:
     """The names, validated (an unknown name raises :class:`SpanEvalError` listing the
     known ones; ``learned:PATH`` must load)."""
-    from models.span.gates import GATES, UnknownGateError, get_gate
+    from models.span.gates import GATES, UnknownGateError, get_gate, wrap
 
     for n in names:
-        if n in PSEUDO:
+        pb = pseudo_base(n)
+        if pb is not None:
+            try:
+                wrap(get_gate("copy-1"), pb[1])
+            except ValueError as exc:
+                raise SpanEvalError(f"gate {n}: {exc}") from exc
             continue
         if n not in GATES and not n.startswith("learned:"):
-            raise SpanEvalError(f"unknown gate {n!r}; known: {', '.join(GATES)}, "
-                                f"{', '.join(PSEUDO)} (and learned:PATH)")
+            try:
+                get_gate(n)  # a registered gate with wrappers
+            except (OSError, ValueError, UnknownGateError):
+                raise SpanEvalError(f"unknown gate {n!r}; known: {', '.join(GATES)}, "
+                                    f"{', '.join(PSEUDO)} (and learned:PATH; any of them "
+                                    "followed by +copy-K, +copy-K-prompt-P or +mix-M)") from None
         if n == "learned" or n.startswith("learned:"):
             try:
                 get_gate(n)
@@ -258,35 +276,47 @@ def gate_objects(names: Sequence[str], train: list[ScoredSeq] | None, token_text
     """{name: Gate or per-sequence gate picker} and the LOSO gates' descriptions. A LOSO
     picker routes a real-suite request with the gate fitted without its source, anything
     else (other suites, evaluation-only files) with the one fitted on every source."""
-    from evals.span.train import loso_gates, train_gate
-    from models.span.gates import get_gate
+    from models.span.gates import get_gate, wrap
 
     out: dict[str, object] = {}
     info: dict = {}
+    pickers: dict[str, object] = {}
     for n in names:
-        if n not in PSEUDO:
+        pb = pseudo_base(n)
+        if pb is None:
             out[n] = get_gate(n)
             continue
-        assert train is not None
-        folds: dict[str, Gate]
-        full: Gate
-        if n == LOSO:
-            real = sorted({s.source for s in train if s.suite == "real"})  # the folds the
-            # real suite is judged by; the corpus-train requests are in every fold's training
-            lfolds = loso_gates(train, token_text, sources=real, progress=progress)
-            lfull = train_gate(train, token_text, meta={"held_out": None})
-            info[n] = {"folds": {k: {"threshold": g.threshold} for k, g in lfolds.items()},
-                       "all_sources": {"threshold": lfull.threshold}}
-            folds, full = dict(lfolds), lfull
-        else:
-            folds, full = copy_k_folds(train, token_text)
-            info[n] = {"folds": {k: g.name for k, g in folds.items()}, "all_sources": full.name}
-
-        def pick(seq: ScoredSeq, folds=folds, full=full):
-            return folds.get(seq.source, full) if seq.suite == "real" else full
-
-        out[n] = pick
+        base, tail = pb
+        if base not in pickers:
+            pickers[base] = _pseudo_picker(base, train, token_text, progress, info)
+        pick = pickers[base]
+        out[n] = pick if not tail else (lambda seq, pick=pick, tail=tail: wrap(pick(seq), tail))
     return out, info
+
+
+def _pseudo_picker(n: str, train: list[ScoredSeq] | None, token_text, progress: bool,
+                   info: dict):
+    from evals.span.train import loso_gates, train_gate
+
+    assert train is not None
+    folds: dict[str, Gate]
+    full: Gate
+    if n == LOSO:
+        real = sorted({s.source for s in train if s.suite == "real"})  # the folds the
+        # real suite is judged by; the corpus-train requests are in every fold's training
+        lfolds = loso_gates(train, token_text, sources=real, progress=progress)
+        lfull = train_gate(train, token_text, meta={"held_out": None})
+        info[n] = {"folds": {k: {"threshold": g.threshold} for k, g in lfolds.items()},
+                   "all_sources": {"threshold": lfull.threshold}}
+        folds, full = dict(lfolds), lfull
+    else:
+        folds, full = copy_k_folds(train, token_text)
+        info[n] = {"folds": {k: g.name for k, g in folds.items()}, "all_sources": full.name}
+
+    def pick(seq: ScoredSeq, folds=folds, full=full):
+        return folds.get(seq.source, full) if seq.suite == "real" else full
+
+    return pick
 
 
 def copy_k_folds(train: list[ScoredSeq], token_text) -> tuple[dict[str, Gate], Gate]:
@@ -391,7 +421,7 @@ def run_span_eval(cfg: SpanConfig, progress: bool = True, argv: list[str] | None
         timings[f"score {suite.name}"] = time.perf_counter() - t0
     train: list[ScoredSeq] | None = None
     files: list[dict] = []
-    if set(PSEUDO) & set(names):
+    if any(pseudo_base(n) for n in names):
         t0 = time.perf_counter()
         try:
             train, files = training_seqs(cfg, pair, progress, scored)
@@ -399,7 +429,7 @@ def run_span_eval(cfg: SpanConfig, progress: bool = True, argv: list[str] | None
             if cfg.gates:  # asked for by name: an error
                 raise
             log.warning("%s; leaving out %s", exc, ", ".join(PSEUDO))
-            names = [n for n in names if n not in PSEUDO]
+            names = [n for n in names if pseudo_base(n) is None]
         timings["score training"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     gates, loso_info = gate_objects(names, train, token_text, progress)

@@ -218,7 +218,9 @@ class SpanTrace:
     ``token_ids``/``roles``/``entropies`` cover the answer tokens (an end-of-sequence token
     ends the answer and is not one of them). With ``keep_logits``, ``logits[i]`` are the
     float32 next-token logits the chosen model gave at step i (a final end-of-sequence
-    step included) and ``logit_roles[i]`` that model. ``forwards`` has one entry per model
+    step included; on a mixed step, the log-probabilities of both models' 50/50 mixture)
+    and ``logit_roles[i]`` that model. ``mixed[i]``: token i was predicted by the mixture
+    (a :class:`~models.span.gates.MixGate` was unsure; ``roles[i]`` is still its choice). ``forwards`` has one entry per model
     forward: one per step without drafting; with drafting a verify forward serves several
     steps.
     """
@@ -234,6 +236,7 @@ class SpanTrace:
     logit_roles: list[Role] = field(default_factory=list)
     draft_k: int = 0  # the decoder's draft setting (0: no drafting)
     seconds: float = 0.0  # the whole generation, prompt encoding included
+    mixed: list[bool] = field(default_factory=list)  # per answer token: both models' mixture
 
     @property
     def switches(self) -> int:
@@ -261,6 +264,8 @@ class SpanTrace:
             "switches": self.switches, "catchup": self.catchup}
         if self.draft_k:
             out.update(drafted=self.drafted, accepted=self.accepted)
+        if any(self.mixed):
+            out["mixed"] = sum(self.mixed)
         return out
 
 
@@ -301,6 +306,16 @@ class _Cursor:
         if n < self.seen:
             crop_cache(self.past, self.seen - n)
             self.seen = n
+
+
+def mixture_logits(a: Any, b: Any) -> Any:
+    """Log-probabilities of the 50/50 mixture of two next-token distributions given by their
+    logits (float32 tensors of one shape): ``log(p_a / 2 + p_b / 2)``."""
+    import math
+
+    import torch
+
+    return torch.logaddexp(torch.log_softmax(a, -1), torch.log_softmax(b, -1)) - math.log(2.0)
 
 
 def crop_cache(cache: Any, tokens_to_remove: int) -> None:
@@ -455,6 +470,7 @@ class SpanBackend(Backend):
         pending: list[Role] = []  # roles of tokens not yet decoded into whole characters
         reason = "length"
         role: Role | None = None  # the gate's choice for the next token, once asked
+        mix = False  # and whether it asked for both models' mixture there
         done = False
         # both locks for the whole answer, always in this order (no deadlock between spans)
         with self.transformer.forward_lock, self.hybrid.forward_lock, torch.no_grad():
@@ -462,12 +478,13 @@ class SpanBackend(Backend):
                 while not done and len(tr.token_ids) < max_new:
                     if role is None:
                         role = state.choose()
+                        mix = state.mix
                     cursor = cursors.get(role)
                     if cursor is None:
                         raise BackendError(f"{self.name}: gate {self.gate.name!r} chose "
                                            f"{role!r}, not one of {ROLES}")
                     draft: list[int] = []
-                    if role == "transformer" and self.draft_k and matcher is not None:
+                    if role == "transformer" and self.draft_k and matcher is not None and not mix:
                         # a verify forward gives one more token than it drafts: no draft
                         # beyond the budget
                         draft = induction_draft(matcher, min(self.draft_k,
@@ -477,13 +494,22 @@ class SpanBackend(Backend):
                     logits_all, fwd = cursor.advance(seq, len(ids), tr.roles, draft)
                     tr.forwards.append(fwd)
                     ents = entropies_nats(logits_all) if draft else None
+                    if mix:
+                        # the gate is unsure: both models predict this token, their
+                        # distributions averaged (the other one catches up first)
+                        other = cursors["hybrid" if role == "transformer" else "transformer"]
+                        other_logits, ofwd = other.advance(seq, len(ids), tr.roles)
+                        tr.forwards.append(ofwd)
+                        ents = entropies_nats(logits_all)  # the chosen model's, for the gate
+                        logits_all = mixture_logits(logits_all[0], other_logits[0])[None]
                     accepted = 0
                     for j in range(len(draft) + 1):
                         if j > 0:
                             # the model read draft[j - 1], which became the last answer
                             # token: the gate decides the next position as without drafting
                             role = state.choose()
-                            if role != cursor.role:
+                            mix = state.mix
+                            if role != cursor.role or mix:
                                 break
                         logits = logits_all[j]
                         if tr.keep_logits:
@@ -503,6 +529,7 @@ class SpanBackend(Backend):
                         seq.append(nxt)
                         tr.token_ids.append(nxt)
                         tr.roles.append(cursor.role)
+                        tr.mixed.append(mix)
                         tr.entropies.append(ent)
                         pending.append(cursor.role)
                         n_text, was = len(out.text), out.emitted
@@ -525,7 +552,12 @@ class SpanBackend(Backend):
                             break
                     if draft:
                         fwd.accepted = accepted
-                        cursor.keep(n_before + accepted)  # roll back the rejected drafts
+                        # roll back the rejected drafts; when the gate asks for the mixture
+                        # right after an accepted draft token, that token is read again by
+                        # the mixed step (its forward gives the logits after it)
+                        reread = int(mix and role == cursor.role and accepted > 0
+                                     and len(seq) == n_before + accepted)
+                        cursor.keep(n_before + accepted - reread)
             except (RequestError, BackendError):
                 raise
             except Exception as exc:  # noqa: BLE001 - surfaced as a backend failure

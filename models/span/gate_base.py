@@ -5,6 +5,7 @@ their registry are :mod:`models.span.gates`; the learned gate is :mod:`models.sp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -71,6 +72,12 @@ class GateState:
         self.last_entropy: float | None = None
         self.last_token: int | None = prompt_ids[-1] if len(prompt_ids) else None
         self._text = token_text
+        # how sure the last choose() was: the distance of a scoring gate's score from its
+        # decision boundary (nats); infinite for rule gates and for a copy lock's forced choice
+        self.margin = math.inf
+        # set by choose() when the next token is to be predicted by both models' 50/50
+        # mixture instead of the chosen one (MixGate); read by the decoder and by rollout
+        self.mix = False
 
     def push(self, token_id: int, role: Role, entropy: float | None = None) -> None:
         self.matcher.push(token_id)

@@ -22,11 +22,15 @@ entropy proxy, for span decoding over two engines (``models/span/topk_gate``);
 ``learned+copy-k`` (k = 2, 4, 8) and ``learned-topk+copy-4``: those gates with a copy lock
 (:class:`CopyLockGate`: the transformer while an induction match of length >= k holds);
 ``learned+copy-8-prompt-2``: the lock at 8 tokens, or at 2 where the last two tokens occur
-in the prompt (``archroute``'s gate in-process).
+in the prompt (``archroute``'s gate in-process). Any registered gate may be followed by
+wrappers in its name: ``+copy-K[-prompt-P]`` (a copy lock) and ``+mix-M`` (:class:`MixGate`:
+the 50/50 mixture of both models where the gate's score is within M nats of its boundary),
+e.g. ``learned+copy-8-prompt-2+mix-0.5``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from models.span.gate_base import (  # noqa: F401 - re-exported: the gates' API
@@ -132,11 +136,63 @@ class CopyLockGate(Gate):
             m = state.matcher.match_len
             if m >= k or (pk is not None and m >= pk
                           and tuple(state.matcher.ids[-pk:]) in grams):
+                state.margin = math.inf  # a copy under way: sure
                 return "transformer"
             return role
 
         state.choose = choose  # type: ignore[method-assign]
         return state
+
+
+class MixGate(Gate):
+    """``inner``'s choice, but a token whose choice was unsure (the inner gate's score within
+    ``margin`` nats of its decision boundary) is predicted by the 50/50 mixture of both models
+    (``state.mix``): both decode it, their distributions averaged. A choice of one model per
+    token cannot hedge where the two disagree and neither is sure; the mixture does
+    (docs/span.md, "Why a choice of one model per token falls short of the mixture"). Rule
+    gates and a copy lock's forced choices are always sure, so they never mix. In-process
+    only: over engines the full distributions are not available."""
+
+    def __init__(self, inner: Gate, margin: float) -> None:
+        if not (isinstance(margin, (int, float)) and 0.0 < margin <= MAX_MIX_MARGIN):
+            raise ValueError(f"+mix-m: m must be a number in (0, {MAX_MIX_MARGIN}], got {margin!r}")
+        self.inner, self.mix_margin = inner, float(margin)
+        self.needs_text = inner.needs_text
+        self.name = f"{inner.name}+mix-{margin:g}"
+        self.meta = getattr(inner, "meta", None)
+
+    def start(self, prompt_ids, token_text=None) -> GateState:
+        state = self.inner.start(prompt_ids, token_text)
+        inner_choose, m = state.choose, self.mix_margin
+
+        def choose() -> Role:
+            state.margin = math.inf
+            role = inner_choose()
+            state.mix = state.margin < m
+            return role
+
+        state.choose = choose  # type: ignore[method-assign]
+        return state
+
+
+MAX_MIX_MARGIN = 10.0  # nats
+
+
+def wrap(gate: Gate, wrappers: str) -> Gate:
+    """``gate`` with the wrappers a name's tail spells, in order: ``+copy-K``,
+    ``+copy-K-prompt-P`` (:class:`CopyLockGate`) and ``+mix-M`` (:class:`MixGate`);
+    a ValueError naming the part it cannot read."""
+    import re
+
+    for part in filter(None, wrappers.split("+")):
+        if (m := re.fullmatch(r"copy-(\d+)(?:-prompt-(\d+))?", part)):
+            gate = CopyLockGate(gate, int(m[1]), int(m[2]) if m[2] else None)
+        elif (m := re.fullmatch(r"mix-(\d+(?:\.\d+)?)", part)):
+            gate = MixGate(gate, float(m[1]))
+        else:
+            raise ValueError(f"unknown gate wrapper {part!r} (known: +copy-K, "
+                             "+copy-K-prompt-P, +mix-M)")
+    return gate
 
 
 def _learned(path: str | None = None) -> Gate:
@@ -183,6 +239,15 @@ def get_gate(name: str) -> Gate:
         return _learned(name.split(":", 1)[1])
     factory = GATES.get(name)
     if factory is None:
+        # a registered gate with wrappers after it: "learned+copy-8-prompt-2+mix-0.5"
+        base = next((b for b in sorted(GATES, key=len, reverse=True)
+                     if name.startswith(b + "+")), None)
+        if base is not None:
+            try:
+                return wrap(GATES[base](), name[len(base):])
+            except ValueError as exc:
+                raise UnknownGateError(f"gate {name!r}: {exc}") from None
         raise UnknownGateError(f"unknown gate {name!r}; known: {', '.join(GATES)} "
-                               "(and learned:PATH)")
+                               "(and learned:PATH; a gate followed by +copy-K, "
+                               "+copy-K-prompt-P or +mix-M)")
     return factory()

@@ -230,7 +230,9 @@ class LearnedState(GateState):
         thr, cost = self.gate.threshold, self.gate.switch_cost
         if cost and self.last_role is not None:  # a switch must gain its cost (hysteresis)
             thr += cost if self.last_role == "hybrid" else -cost
-        return "transformer" if self.score() > thr else "hybrid"
+        score = self.score()
+        self.margin = abs(score - thr)
+        return "transformer" if score > thr else "hybrid"
 
 
 Tree = tuple[list, list, list, list, list]  # (feature or None at a leaf, threshold, left, right, value)

@@ -89,6 +89,16 @@ def reads_entropy(gate: Gate) -> bool:
     return bool(getattr(gate, "reads_entropy", gate.name.split(":")[0] in ENTROPY_GATES))
 
 
+def _mixes(gate: Gate) -> bool:
+    """Whether ``gate`` or a gate it wraps is a :class:`~models.span.gates.MixGate`."""
+    g: Gate | None = gate
+    while g is not None:
+        if getattr(g, "mix_margin", None):
+            return True
+        g = getattr(g, "inner", None)
+    return False
+
+
 def entropy_topk(gate: Gate) -> int | None:
     """k when ``gate`` was trained on the top-k entropy proxy (its artifact's
     ``meta.entropy`` is ``"topk:K"``), else None."""
@@ -183,6 +193,11 @@ class RemoteSpanBackend(Backend):
                                       f"upstreams; {b.name} is not one")
         self.gate: Gate = get_gate(gate) if isinstance(gate, str) else gate
         self.topk = entropy_topk(self.gate)
+        if _mixes(self.gate):
+            raise RemoteSpanError(
+                f"gate {self.gate.name!r} mixes both models' full next-token distributions "
+                "where it is unsure (+mix-M), which the completions API does not return; "
+                "over engines use the gate without +mix-M")
         if reads_entropy(self.gate) and self.topk is None:
             raise RemoteSpanError(
                 f"gate {self.gate.name!r} reads each model's entropy, which the completions "

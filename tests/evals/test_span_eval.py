@@ -636,3 +636,34 @@ def test_copy_lock_carries_the_inner_gates_artifact() -> None:
     assert reads_entropy(locked) and reads_entropy(get_gate("learned-topk+copy-4"))
     assert entropy_topk(get_gate("learned-topk+copy-4")) == entropy_topk(get_gate("learned-topk"))
     assert not reads_entropy(get_gate("copy-2"))
+
+
+def test_a_mixing_gate_is_scored_by_the_mixture_where_it_mixes() -> None:
+    # an inner gate that always says transformer, unsure on every other token: those tokens
+    # are scored by -log(p_T / 2 + p_H / 2), the rest by the transformer; both models read
+    # every token up to the last mixed one
+    from evals.span.evaluate import gate_stats, rollout_mixed
+    from models.span.gates import MixGate
+
+    class Alt(Gate):
+        name = "alt"
+
+        def start(self, prompt_ids, token_text=None) -> GateState:
+            class S(GateState):
+                def choose(self) -> str:
+                    self.margin = 0.1 if self.step % 2 else 5.0
+                    return "transformer"
+
+            return S(prompt_ids, token_text)
+
+    lt, lh = [-1.0, -3.0, -1.0, -3.0], [-2.0, -0.5, -2.0, -0.5]
+    s = seq(lt, lh)
+    roles, mixed = rollout_mixed(MixGate(Alt(), 1.0), s)
+    assert roles.all() and mixed.tolist() == [False, True, False, True]
+    st = gate_stats({"m": MixGate(Alt(), 1.0)}, [s])["m"]
+    mix = float(np.logaddexp(-3.0, -0.5) - np.log(2))
+    assert st.nll[0] == pytest.approx(1.0 + 1.0 - 2 * mix, abs=1e-5)
+    # the hybrid joins for tokens 1 and 3: it catches up on the transformer's 0 and 2
+    assert st.n_t[0] == 4 and st.catchup[0] == 2 and st.switches[0] == 0
+    plain = gate_stats({"a": Alt()}, [s])["a"]
+    assert st.nll[0] < plain.nll[0]  # hedging where the transformer is worse pays here

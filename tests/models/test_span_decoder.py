@@ -22,6 +22,7 @@ from models.span.decoder import (
     entropy_nats,
     gate_prompt_ids,
     induction_draft,
+    mixture_logits,
     token_text_fn,
 )
 from models.span.gates import Gate, GateState, InductionMatcher, get_gate
@@ -63,18 +64,26 @@ def check_against_full_forwards(span: SpanBackend, tr: SpanTrace) -> None:
     roles = tr.logit_roles
     assert roles[:len(tr.roles)] == tr.roles and len(tr.logits) == len(roles)
     assert len(roles) - len(tr.roles) in (0, 1)  # a final end-of-sequence step
-    if not tr.draft_k:  # one forward per step
+    if not tr.draft_k and not any(tr.mixed):  # one forward per step
         assert len(tr.forwards) == len(roles)
         assert [f.role for f in tr.forwards] == roles
+    elif not tr.draft_k:  # and one more on each mixed step: the other model's
+        assert len(tr.forwards) == len(roles) + sum(tr.mixed)
     for i, (role, got) in enumerate(zip(roles, tr.logits, strict=True)):
         ref = full_logits(by_role[role], tr.prompt_ids + tr.token_ids[:i])
+        ent = entropy_nats(ref)  # the chosen model's, also on a mixed step (the gate reads it)
+        if i < len(tr.mixed) and tr.mixed[i]:  # both models' 50/50 mixture
+            other = span.hybrid if role == "transformer" else span.transformer
+            ref = mixture_logits(ref, full_logits(other, tr.prompt_ids + tr.token_ids[:i]))
         assert float((got - ref).abs().max()) < 1e-4, (i, role)
         if i < len(tr.token_ids):
             assert tr.token_ids[i] == int(ref.argmax())
-            assert tr.entropies[i] == pytest.approx(entropy_nats(ref), abs=1e-4)
+            assert tr.entropies[i] == pytest.approx(ent, abs=1e-4)
     state = span.gate.start(tr.prompt_ids, token_text_fn(span.transformer.tokenizer))
-    for tok, role, ent in zip(tr.token_ids, tr.roles, tr.entropies, strict=True):
+    mixed = tr.mixed or [False] * len(tr.token_ids)
+    for tok, role, ent, mix in zip(tr.token_ids, tr.roles, tr.entropies, mixed, strict=True):
         assert state.choose() == role
+        assert state.mix == mix
         state.push(tok, role, ent)
 
 
@@ -401,3 +410,58 @@ def test_accepting_a_point_mass_draft_keeps_the_distribution():
 def test_draft_settings_out_of_range_are_refused(reference_pair, kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         SpanBackend(*reference_pair, "copy-2", **kw)
+
+
+@pytest.mark.parametrize("draft_k", [0, 8])
+@pytest.mark.parametrize("prompt", [CODE, PROSE], ids=["code", "prose"])
+def test_mixed_tokens_are_both_models_mixture_and_drafting_keeps_them(reference_pair, prompt,
+                                                                     draft_k):
+    """A mixing gate (+mix-M): where the gate is unsure, the token is the argmax of both
+    models' 50/50 mixture, each model's logits equal to a fresh forward; elsewhere the
+    chosen model's; the gate replays to the same choices and mixes; drafting changes no
+    token, role or mix; the totals count the mixed tokens."""
+    g = _gate_or_skip("learned+copy-8-prompt-2+mix-1")
+    span = SpanBackend(*reference_pair, g, draft_k=draft_k)
+    tr = SpanTrace(keep_logits=True)
+    p = GenerationParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    res = span.generate(prompt, p, trace=tr)
+    assert len(tr.mixed) == len(tr.token_ids) == 40
+    assert any(tr.mixed) and not all(tr.mixed)
+    check_against_full_forwards(span, tr)
+    assert res.span["mixed"] == sum(tr.mixed)
+    plain = SpanTrace()
+    SpanBackend(*reference_pair, g).generate(prompt, p, trace=plain)
+    assert (tr.token_ids, tr.roles, tr.mixed) == (plain.token_ids, plain.roles, plain.mixed)
+
+
+def test_mix_gate_mixes_only_unsure_choices_and_never_a_locked_copy():
+    class Scored(Gate):
+        name = "scored"
+
+        def start(self, prompt_ids, token_text=None) -> GateState:
+            class S(GateState):
+                def choose(self):
+                    self.margin = [0.1, 2.0, 0.3][self.step % 3]
+                    return "hybrid"
+
+            return S(prompt_ids, token_text)
+
+    from models.span.gates import CopyLockGate, MixGate
+
+    state = MixGate(Scored(), 0.5).start([1, 2, 3])
+    got = []
+    for tok in (7, 8, 9):
+        state.choose()
+        got.append(state.mix)
+        state.push(tok, "hybrid", 1.0)
+    assert got == [True, False, True]
+    # a copy under way (the prompt's "1 2" repeated) is locked: sure, never mixed
+    locked = MixGate(CopyLockGate(Scored(), 8, prompt=2), 0.5).start([1, 2, 3, 4])
+    for tok in (1, 2):
+        locked.choose()
+        locked.push(tok, "hybrid", 1.0)
+    assert locked.choose() == "transformer" and not locked.mix
+    assert get_gate("copy-2+mix-1").start([1, 2]).choose() in ("transformer", "hybrid")
+    for bad in (0, -1, 11, "x"):
+        with pytest.raises(ValueError):
+            MixGate(Scored(), bad)
