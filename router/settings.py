@@ -38,7 +38,7 @@ from models.span.decoder import (
     check_draft,
     default_gate_name,
 )
-from models.span.gates import GATES, get_gate
+from models.span.gates import GATES, get_gate, known_gate
 from router.learning.guard import MIN_ROWS as GUARD_MIN_ROWS
 from router.policies import EVAL_ONLY, list_policies
 
@@ -266,13 +266,14 @@ class ProfileSettings(_Strict):
             except ValueError as exc:
                 raise ValueError(f"span profile: policy_args.{exc}") from None
             gate = self.policy_args.get("gate", DEFAULT_GATE)
-            if not isinstance(gate, str) or not (gate in GATES or gate.startswith("learned:")):
+            if not isinstance(gate, str) or not (known_gate(gate) or gate.startswith("learned:")):
                 import difflib
 
                 close = difflib.get_close_matches(str(gate), list(GATES), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"span profile: unknown gate {gate!r}{hint}; known: "
-                                 f"{', '.join(GATES)} (and learned:PATH)")
+                                 f"{', '.join(GATES)} (and learned:PATH; a gate followed by "
+                                 "+copy-K, +copy-K-prompt-P or +mix-M)")
             if self.threshold is not None:
                 raise ValueError("span profile: 'threshold' does not apply (the gate decides "
                                  "per token)")

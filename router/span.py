@@ -48,7 +48,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from models.base import Backend
-from models.span.gates import GATES, Gate, UnknownGateError, get_gate
+from models.span.gates import GATES, Gate, UnknownGateError, get_gate, known_gate
 from router.errors import InvalidRequestError, UnavailableError
 from router.pool import BackendSlot, SlotLimits
 from router.settings import ProfileSettings, Settings, SettingsError
@@ -162,7 +162,7 @@ class SpanService:
     def check_gate(self, name: str, configured: str) -> None:
         """A 400 unless ``name`` is the profile's gate or a gate of the registry (a request
         cannot make the router load a file: ``learned:PATH`` only from the config)."""
-        if name != configured and name not in GATES:
+        if name != configured and not known_gate(name):
             raise InvalidRequestError(
                 f"archroute.gate: unknown gate {name!r}; known gates: {', '.join(GATES)}",
                 param="archroute.gate")

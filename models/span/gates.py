@@ -233,6 +233,28 @@ GATES: dict[str, Callable[[], Gate]] = {
 }
 
 
+def _split(name: str) -> tuple[str, str] | None:
+    """(registered gate, wrappers) for a registered name with wrappers after it."""
+    base = next((b for b in sorted(GATES, key=len, reverse=True) if name.startswith(b + "+")),
+                None)
+    return None if base is None else (base, name[len(base):])
+
+
+def known_gate(name: str) -> bool:
+    """Whether ``name`` is a registered gate, or one followed by wrappers that parse
+    (``+copy-K``, ``+copy-K-prompt-P``, ``+mix-M``); loads no artifact."""
+    if name in GATES:
+        return True
+    parts = _split(name)
+    if parts is None:
+        return False
+    try:
+        wrap(CopyGate(1), parts[1])
+    except ValueError:
+        return False
+    return True
+
+
 def get_gate(name: str) -> Gate:
     """The gate called ``name`` (``learned:PATH`` loads a learned gate from PATH)."""
     if name.startswith("learned:"):
@@ -240,11 +262,10 @@ def get_gate(name: str) -> Gate:
     factory = GATES.get(name)
     if factory is None:
         # a registered gate with wrappers after it: "learned+copy-8-prompt-2+mix-0.5"
-        base = next((b for b in sorted(GATES, key=len, reverse=True)
-                     if name.startswith(b + "+")), None)
-        if base is not None:
+        parts = _split(name)
+        if parts is not None:
             try:
-                return wrap(GATES[base](), name[len(base):])
+                return wrap(GATES[parts[0]](), parts[1])
             except ValueError as exc:
                 raise UnknownGateError(f"gate {name!r}: {exc}") from None
         raise UnknownGateError(f"unknown gate {name!r}; known: {', '.join(GATES)} "

@@ -108,6 +108,15 @@ def test_gate_per_request_and_its_errors(pair_app, monkeypatch):
     err = bad.json()["error"]
     assert bad.status_code == 400 and err["param"] == "archroute.gate"
     assert "unknown gate 'copy-3x'" in err["message"] and "copy-3" in err["message"]
+    # a gate with wrappers, mixing where unsure: the totals count the mixed tokens
+    r = client.post("/v1/completions", json={"model": "archroute-span", "prompt": "a b a b",
+                                             "max_tokens": 6,
+                                             "archroute": {"gate": "copy-2+mix-1"}})
+    assert r.status_code == 200 and r.json()["archroute"]["span"]["gate"] == "copy-2+mix-1"
+    for bad_gate in ("copy-2+mix-0", "copy-2+mix-x", "copy-2+foo"):
+        r = client.post("/v1/completions", json={"model": "archroute-span", "prompt": "a",
+                                                 "archroute": {"gate": bad_gate}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "archroute.gate", bad_gate
     # a request cannot make the router load a file
     r = client.post("/v1/chat/completions", json={"model": "archroute-span", "messages": CODE,
                                                   "archroute": {"gate": "learned:/etc"}})
@@ -485,3 +494,14 @@ def test_engines_that_cannot_take_token_ids_leave_archroute_per_request(kind, tm
     assert msg.startswith("invalid settings: profiles.s: cannot span-decode on this pair "
                           "(backends.transformer): the transformer engine")
     assert why in msg and "\n" not in msg
+
+
+def test_span_profile_gate_with_wrappers_is_checked_at_start():
+    ok = load_settings(overrides={"profiles": {"mixing": {
+        "policy": "span", "policy_args": {"gate": "copy-2+copy-8-prompt-2+mix-0.5"}}}},
+        environ={})
+    assert ok.profiles["mixing"].span_gate == "copy-2+copy-8-prompt-2+mix-0.5"
+    for bad in ("copy-2+mix-0", "copy-2+mix-11", "copy-2+copy-9", "nope+mix-1"):
+        with pytest.raises(SettingsError, match="unknown gate"):
+            load_settings(overrides={"profiles": {"mixing": {
+                "policy": "span", "policy_args": {"gate": bad}}}}, environ={})
