@@ -73,6 +73,8 @@ def rollout_mixed(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None 
 class PolicyStats:
     """Per-request figures of one policy, arrays of shape (R,): ``nll`` summed loss (nats),
     ``n`` answer tokens, ``n_t`` tokens to the transformer (NaN for the mixture: both),
+    ``mixed`` tokens predicted by both models' 50/50 mixture (a mixing gate; the mixture
+    baseline: all),
     ``switches``, ``catchup`` tokens, ``flops`` (the pair's cost models) and ``flops_7b``
     (the same token counts priced with the 7B pair's cost models)."""
 
@@ -83,9 +85,13 @@ class PolicyStats:
     catchup: np.ndarray
     flops: np.ndarray
     flops_7b: np.ndarray
+    mixed: np.ndarray | None = None  # tokens both models' mixture predicted (None: none)
 
     def take(self, idx: np.ndarray) -> PolicyStats:
-        return PolicyStats(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        from dataclasses import replace
+
+        return replace(self, **{f: getattr(self, f)[idx] for f in self.__dataclass_fields__
+                                if getattr(self, f) is not None})
 
 
 @dataclass
@@ -159,7 +165,9 @@ def baseline_stats(seqs: Sequence[ScoredSeq], costs: CostModels | None = None) -
         mix = -float(np.logaddexp(s.lp[0], s.lp[1]).sum() - n * np.log(2.0))
         both = _flops([p + n - 1, p + n - 1], costs)
         rows["mixture-50/50"].append((mix, n, np.nan, 0, 0, *both))
-    return {k: _stack(v) for k, v in rows.items()}
+    out = {k: _stack(v) for k, v in rows.items()}
+    out["mixture-50/50"].mixed = out["mixture-50/50"].n.copy()
+    return out
 
 
 GateSpec = object  # a Gate, or a callable ScoredSeq -> Gate (per-request gates, e.g. LOSO folds)
@@ -178,7 +186,7 @@ def gate_stats(gates: Mapping[str, GateSpec], seqs: Sequence[ScoredSeq],
 
     out = {}
     for name, g in gates.items():
-        rows, spent = [], 0.0
+        rows, spent, n_mixed = [], 0.0, []
         for s in tqdm(seqs, desc=f"gate {name}", unit="req", leave=False, disable=not progress,
                       dynamic_ncols=True):
             gate = g(s) if callable(g) and not hasattr(g, "start") else g
@@ -186,7 +194,9 @@ def gate_stats(gates: Mapping[str, GateSpec], seqs: Sequence[ScoredSeq],
             roles, mixed = rollout_mixed(gate, s, token_text)
             spent += time.perf_counter() - t0
             rows.append(role_stats(roles, s.lp, len(s.prompt_ids), costs, mixed))
+            n_mixed.append(int(mixed.sum()))
         out[name] = _stack(rows)
+        out[name].mixed = np.asarray(n_mixed, dtype=np.float64)
         if us_per_token is not None:
             us_per_token[name] = spent / max(1, sum(len(s) for s in seqs)) * 1e6
     return out
@@ -230,6 +240,7 @@ def summarize(stats: Mapping[str, PolicyStats], n_boot: int = 1000, seed: int = 
             row["share_t"] = float(s.n_t.sum() / tokens)
         row["switches_per_100"] = float(100 * s.switches.sum() / tokens)
         row["catchup_per_100"] = float(100 * s.catchup.sum() / tokens)
+        row["mixed_per_100"] = float(100 * s.mixed.sum() / tokens) if s.mixed is not None else 0.0
         if base is not None:
             row["flops_rel"] = float(s.flops.sum() / base.flops.sum())
             row["flops_7b_rel"] = float(s.flops_7b.sum() / base.flops_7b.sum())

@@ -10,7 +10,7 @@ from evals.span.evaluate import BASELINES
 
 _COLUMNS = ("loss (pooled) [95% CI]", "loss (request mean) [95% CI]",
             "gain vs request oracle [95% CI]", "share T", "switches /100", "catch-up /100",
-            "FLOPs vs T (pair)", "FLOPs vs T (7B)", "gate µs/token")
+            "mixed /100", "FLOPs vs T (pair)", "FLOPs vs T (7B)", "gate µs/token")
 
 
 def _f(v, digits: int = 3, sign: bool = False) -> str:
@@ -39,7 +39,8 @@ def policy_table(policies: dict, us: dict | None = None) -> list[str]:
         p = policies[k]
         lines.append(f"| {k} | {_ci(p['loss'])} | {_ci(p['loss_req'])} | {_ci(p.get('gain'), True)} | "
                      f"{_f(p['share_t'], 2)} | {_f(p['switches_per_100'], 1)} | "
-                     f"{_f(p['catchup_per_100'], 1)} | {_f(p.get('flops_rel'), 2)} | "
+                     f"{_f(p['catchup_per_100'], 1)} | {_f(p.get('mixed_per_100', 0.0), 1)} | "
+                     f"{_f(p.get('flops_rel'), 2)} | "
                      f"{_f(p.get('flops_7b_rel'), 2)} | {_f((us or {}).get(k), 1)} |")
     return lines
 

@@ -667,3 +667,8 @@ def test_a_mixing_gate_is_scored_by_the_mixture_where_it_mixes() -> None:
     assert st.n_t[0] == 4 and st.catchup[0] == 2 and st.switches[0] == 0
     plain = gate_stats({"a": Alt()}, [s])["a"]
     assert st.nll[0] < plain.nll[0]  # hedging where the transformer is worse pays here
+    from evals.span.evaluate import summarize
+
+    summ = summarize({"m": st, "a": plain}, n_boot=0)
+    assert summ["m"]["mixed_per_100"] == 50.0 and summ["a"]["mixed_per_100"] == 0.0
+    assert st.take(np.array([0])).mixed.tolist() == [2.0]
