@@ -287,6 +287,10 @@ class _Cursor:
         import torch
 
         drafted = list(draft or ())
+        if self.seen >= len(seq) and not drafted:
+            # the cache already holds the last token (an accepted draft, the gate then asking
+            # for both models' mixture): read it again for the logits after it
+            self.keep(len(seq) - 1)
         new = seq[self.seen:] + drafted
         t0 = time.perf_counter()
         res = self.b.model(input_ids=torch.tensor([new], device=self.b.device), use_cache=True,
@@ -552,12 +556,7 @@ class SpanBackend(Backend):
                             break
                     if draft:
                         fwd.accepted = accepted
-                        # roll back the rejected drafts; when the gate asks for the mixture
-                        # right after an accepted draft token, that token is read again by
-                        # the mixed step (its forward gives the logits after it)
-                        reread = int(mix and role == cursor.role and accepted > 0
-                                     and len(seq) == n_before + accepted)
-                        cursor.keep(n_before + accepted - reread)
+                        cursor.keep(n_before + accepted)  # roll back the rejected drafts
             except (RequestError, BackendError):
                 raise
             except Exception as exc:  # noqa: BLE001 - surfaced as a backend failure

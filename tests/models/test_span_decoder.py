@@ -412,21 +412,25 @@ def test_draft_settings_out_of_range_are_refused(reference_pair, kw):
         SpanBackend(*reference_pair, "copy-2", **kw)
 
 
+@pytest.mark.parametrize("gate", ["learned+copy-8-prompt-2+mix-1", "learned+mix-2"])
 @pytest.mark.parametrize("draft_k", [0, 8])
-@pytest.mark.parametrize("prompt", [CODE, PROSE], ids=["code", "prose"])
+@pytest.mark.parametrize("prompt", [CODE, COPY, PROSE], ids=["code", "copy", "prose"])
 def test_mixed_tokens_are_both_models_mixture_and_drafting_keeps_them(reference_pair, prompt,
-                                                                     draft_k):
+                                                                     draft_k, gate):
     """A mixing gate (+mix-M): where the gate is unsure, the token is the argmax of both
     models' 50/50 mixture, each model's logits equal to a fresh forward; elsewhere the
     chosen model's; the gate replays to the same choices and mixes; drafting changes no
-    token, role or mix; the totals count the mixed tokens."""
-    g = _gate_or_skip("learned+copy-8-prompt-2+mix-1")
+    token, role or mix (a mixed step right after accepted drafts re-reads the last one);
+    the totals count the mixed tokens."""
+    g = _gate_or_skip(gate)
     span = SpanBackend(*reference_pair, g, draft_k=draft_k)
     tr = SpanTrace(keep_logits=True)
     p = GenerationParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     res = span.generate(prompt, p, trace=tr)
     assert len(tr.mixed) == len(tr.token_ids) == 40
-    assert any(tr.mixed) and not all(tr.mixed)
+    assert any(tr.mixed)
+    if gate.endswith("mix-1") and prompt is not PROSE:  # locked copies are never mixed
+        assert not all(tr.mixed)
     check_against_full_forwards(span, tr)
     assert res.span["mixed"] == sum(tr.mixed)
     plain = SpanTrace()
