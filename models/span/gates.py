@@ -23,8 +23,9 @@ entropy proxy, for span decoding over two engines (``models/span/topk_gate``);
 (:class:`CopyLockGate`: the transformer while an induction match of length >= k holds);
 ``learned+copy-8-prompt-2``: the lock at 8 tokens, or at 2 where the last two tokens occur
 in the prompt (``archroute``'s gate in-process). Any registered gate may be followed by
-wrappers in its name: ``+copy-K[-prompt-P]`` (a copy lock) and ``+mix-M`` (:class:`MixGate`:
-the 50/50 mixture of both models where the gate's score is within M nats of its boundary),
+wrappers in its name: ``+copy-K[-prompt-P]`` (a copy lock) and ``+mix-M[-prompt-P]``
+(:class:`MixGate`: the 50/50 mixture of both models where the gate's score is within M nats
+of its boundary; with ``-prompt-P`` not where the last P tokens repeat the prompt),
 e.g. ``learned+copy-8-prompt-2+mix-0.5``.
 """
 
@@ -153,22 +154,28 @@ class MixGate(Gate):
     gates and a copy lock's forced choices are always sure, so they never mix. In-process
     only: over engines the full distributions are not available."""
 
-    def __init__(self, inner: Gate, margin: float) -> None:
+    def __init__(self, inner: Gate, margin: float, prompt: int | None = None) -> None:
         if not (isinstance(margin, (int, float)) and 0.0 < margin <= MAX_MIX_MARGIN):
             raise ValueError(f"+mix-m: m must be a number in (0, {MAX_MIX_MARGIN}], got {margin!r}")
-        self.inner, self.mix_margin = inner, float(margin)
+        if prompt is not None and not 1 <= prompt <= MAX_MATCH:
+            raise ValueError(f"+mix-m-prompt-p: p must be in 1..{MAX_MATCH}, got {prompt!r}")
+        self.inner, self.mix_margin, self.prompt = inner, float(margin), prompt
         self.needs_text = inner.needs_text
-        self.name = f"{inner.name}+mix-{margin:g}"
+        self.name = f"{inner.name}+mix-{margin:g}" + (f"-prompt-{prompt}" if prompt else "")
         self.meta = getattr(inner, "meta", None)
 
     def start(self, prompt_ids, token_text=None) -> GateState:
         state = self.inner.start(prompt_ids, token_text)
-        inner_choose, m = state.choose, self.mix_margin
+        inner_choose, m, pk = state.choose, self.mix_margin, self.prompt
 
         def choose() -> Role:
             state.margin = math.inf
             role = inner_choose()
-            state.mix = state.margin < m
+            mt = state.matcher
+            # prompt=P: never mix where the last P tokens repeat the prompt (a copy may be
+            # starting: the mixture could pick another token than the copy's)
+            starting = pk is not None and mt.match_len >= pk and mt.match_dist > state.step
+            state.mix = state.margin < m and not starting
             return role
 
         state.choose = choose  # type: ignore[method-assign]
@@ -187,11 +194,11 @@ def wrap(gate: Gate, wrappers: str) -> Gate:
     for part in filter(None, wrappers.split("+")):
         if (m := re.fullmatch(r"copy-(\d+)(?:-prompt-(\d+))?", part)):
             gate = CopyLockGate(gate, int(m[1]), int(m[2]) if m[2] else None)
-        elif (m := re.fullmatch(r"mix-(\d+(?:\.\d+)?)", part)):
-            gate = MixGate(gate, float(m[1]))
+        elif (m := re.fullmatch(r"mix-(\d+(?:\.\d+)?)(?:-prompt-(\d+))?", part)):
+            gate = MixGate(gate, float(m[1]), int(m[2]) if m[2] else None)
         else:
             raise ValueError(f"unknown gate wrapper {part!r} (known: +copy-K, "
-                             "+copy-K-prompt-P, +mix-M)")
+                             "+copy-K-prompt-P, +mix-M, +mix-M-prompt-P)")
     return gate
 
 

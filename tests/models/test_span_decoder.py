@@ -465,7 +465,19 @@ def test_mix_gate_mixes_only_unsure_choices_and_never_a_locked_copy():
         locked.choose()
         locked.push(tok, "hybrid", 1.0)
     assert locked.choose() == "transformer" and not locked.mix
+    # prompt=1: no mixing where the last token repeats the prompt (a copy may be starting)
+    for pk, want in ((1, [True, False, True, False]), (None, [True, False, True, True])):
+        quiet = MixGate(Scored(), 0.5, prompt=pk).start([1, 2, 3])
+        got = []
+        for tok in (9, 9, 2, 5):  # the last choice follows 2, a prompt token
+            quiet.choose()
+            got.append(quiet.mix)
+            quiet.push(tok, "hybrid", 1.0)
+        assert got == want, pk
+    assert get_gate("copy-2+mix-1-prompt-1").name == "copy-2+mix-1-prompt-1"
     assert get_gate("copy-2+mix-1").start([1, 2]).choose() in ("transformer", "hybrid")
     for bad in (0, -1, 11, "x"):
         with pytest.raises(ValueError):
             MixGate(Scored(), bad)
+    with pytest.raises(ValueError):
+        MixGate(Scored(), 1.0, prompt=0)
