@@ -605,15 +605,8 @@ def test_copy_lock_with_prompt_takes_a_short_match_only_into_the_prompt() -> Non
     # text: that needs k = 8; the prompt's own last bigram is no copy signal
     from models.span.gates import CopyLockGate
 
-    class Hyb(Gate):
-        name = "hyb"
-
-        def start(self, prompt_ids, token_text=None) -> GateState:
-            class S(GateState):
-                def choose(self) -> str:
-                    return "hybrid"
-
-            return S(prompt_ids, token_text)
+    def Hyb() -> Gate:  # noqa: N802 - the inner gate: always the hybrid
+        return get_gate("always-hybrid")
 
     answer = [50, 2, 3, 60, 70, 60, 70, 5]
     s = seq([-1.0] * 8, [-2.0] * 8, prompt=(1, 2, 3, 4, 5, 6, 7, 8, 9, 40, 41), answer=answer)
