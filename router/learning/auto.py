@@ -368,10 +368,11 @@ class AutoLearner:
                             ci_high=_num(ci[1]))
             if kind in ("promoted", "refused"):
                 row.update(candidate=ev.get("candidate"), path=ev.get("path"))
-            if kind == "rolled_back" and loop.live is not None:
-                path = getattr(loop.live.clf, "path", None)
-                row.update(candidate=loop.live.name, path=str(path) if path else None)
-                out = (row["path"], "rolled back: " + str(ev.get("reason")), loop.live.name)
+            if kind == "rolled_back":
+                # the artifact restored (the event names it: a promotion later in the same
+                # step changes loop.live again)
+                row.update(candidate=ev.get("to"), path=ev.get("to_path"))
+                out = (row["path"], "rolled back: " + str(ev.get("reason")), row["candidate"])
                 self.promotion = None
             if kind == "promoted":
                 out = (row["path"], "promoted: " + str(ev.get("reason")), row["candidate"])

@@ -136,7 +136,11 @@ class LearningLoop:
         if res.n_disagree and res.ci[1] < 0:
             bad = self.live.name
             self.live, self.previous = self.previous, None
-            return self._event("rolled_back", from_=bad, gate=res.to_dict(), reason=(
+            path = getattr(self.live.clf, "path", None)
+            # what was restored, named in the event: the same step may promote a candidate
+            # after it, so the live policy at the step's end is not necessarily this one
+            return self._event("rolled_back", from_=bad, to=self.live.name,
+                               to_path=str(path) if path else None, gate=res.to_dict(), reason=(
                 f"the live artifact did worse than the one it replaced on {res.n} held-back "
                 f"requests since: {res.difference:+.4f} nats/token, CI [{res.ci[0]:+.4f}, "
                 f"{res.ci[1]:+.4f}]"))

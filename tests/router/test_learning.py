@@ -558,3 +558,27 @@ def test_without_keys_reload_is_for_loopback_clients_only(tmp_path: Path) -> Non
         r = client.post("/admin/reload")  # the shipped default artifact
         assert r.status_code == 200, r.text
         assert r.json()["artifact"]["name"] == "default"  # no server path (#21 N10)
+
+
+def test_a_rollback_event_names_the_artifact_it_restored(tmp_path: Path) -> None:
+    """The rolled_back event says what serves again (the router records that row after the
+    whole step, when a promotion later in the same step may have changed the live policy)."""
+    from router.learning import gate as Gt
+    from router.learning.loop import Labelled, LearningLoop, Served
+
+    class Clf:
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+    old, new = Served("old-artifact", Clf(tmp_path / "old"), None, 0.5), \
+        Served("new-artifact", Clf(tmp_path / "new"), None, 0.5)
+    loop = LearningLoop(base=object(), workdir=tmp_path, live=new, previous=old)
+    ids = [f"r{i}" for i in range(400)]
+    loop.rows = [Labelled(i, None, 1, 1.0, 1.0, 1.0) for i in ids]  # type: ignore[arg-type]
+    assert sum(r.held for r in loop.rows) >= Gt.MIN_HELD_BACK
+    worse = Gt.GateResult(False, "worse", 40, 40, -1.0, -1.2, -0.2, (-0.3, -0.1))
+    loop._compare = lambda serving, candidate, rows: worse  # type: ignore[method-assign]
+    ev = loop.check_rollback()
+    assert ev is not None and ev["event"] == "rolled_back" and ev["from_"] == "new-artifact"
+    assert (ev["to"], ev["to_path"]) == ("old-artifact", str(tmp_path / "old"))
+    assert loop.live is old and loop.previous is None
