@@ -49,15 +49,25 @@ def rollout(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None = None
 def rollout_mixed(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The roles ``gate`` picks along ``seq`` (bool (n,), True = the transformer) and where
-    it asks for both models' mixture instead (bool (n,); a MixGate's ``state.mix``). The
-    gate is pushed the chosen model's entropy either way, as the decoder does."""
+    it asks for both models' mixture instead (bool (n,); a MixGate's ``state.mix``)."""
+    return rollout_weights(gate, seq, token_text)[:2]
+
+
+def rollout_weights(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`rollout_mixed` and, per token, the transformer's weight in the mixture as
+    log-odds (float (n,); 0 = 50/50; a MixGate's ``state.mix_lo``). The gate is pushed the
+    chosen model's entropy either way, as the decoder does."""
     state = gate.start(seq.prompt_ids.tolist(), token_text)
     ent_t, ent_h = seq.ent[0].tolist(), seq.ent[1].tolist()
     out = np.empty(len(seq), bool)
     mixed = np.zeros(len(seq), bool)
+    lo = np.zeros(len(seq))
     for i, tok in enumerate(seq.answer_ids.tolist()):
         role = state.choose()
         mixed[i] = state.mix
+        if state.mix:
+            lo[i] = getattr(state, "mix_lo", 0.0)
         if role == "transformer":
             out[i] = True
             state.push(tok, role, ent_t[i])
@@ -66,7 +76,7 @@ def rollout_mixed(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None 
             state.push(tok, role, ent_h[i])
         else:
             raise ValueError(f"gate {gate.name!r} chose {role!r}; expected transformer or hybrid")
-    return out, mixed
+    return out, mixed, lo
 
 
 @dataclass
@@ -109,16 +119,24 @@ class CostModels:
                    (CostModel.olmo3_7b(), CostModel.olmo_hybrid_7b()))
 
 
+def mixture_lp(lp: np.ndarray, lo: np.ndarray | float = 0.0) -> np.ndarray:
+    """log p of each token under the mixture of both models with the transformer's weight
+    ``sigmoid(lo)`` (``lp`` (2, n); ``lo`` log-odds, 0 = 50/50)."""
+    lo = np.asarray(lo, dtype=np.float64)
+    return np.logaddexp(lp[0] - np.logaddexp(0.0, -lo), lp[1] - np.logaddexp(0.0, lo))
+
+
 def role_stats(roles: np.ndarray, lp: np.ndarray, n_prompt: int,
-               costs: CostModels | None = None, mixed: np.ndarray | None = None
-               ) -> tuple[float, ...]:
+               costs: CostModels | None = None, mixed: np.ndarray | None = None,
+               mix_lo: np.ndarray | None = None) -> tuple[float, ...]:
     """(nll, n, n_t, switches, catch-up tokens, flops, flops_7b) of one request; ``roles``
     bool (n,) True = transformer, ``lp`` (2, n); ``mixed`` (optional, bool (n,)): tokens
-    predicted by both models' 50/50 mixture (both read them; n_t counts the chosen role)."""
+    predicted by both models' mixture (both read them; n_t counts the chosen role), the
+    transformer's weight there ``sigmoid(mix_lo)`` (log-odds (n,); None = 50/50)."""
     n = len(roles)
     nll = -float(np.where(roles, lp[0], lp[1]).sum())
     if mixed is not None and mixed.any():
-        mix = np.logaddexp(lp[0], lp[1]) - np.log(2.0)
+        mix = mixture_lp(lp, 0.0 if mix_lo is None else mix_lo)
         nll = -float(np.where(mixed, mix, np.where(roles, lp[0], lp[1])).sum())
     switches = int((roles[1:] != roles[:-1]).sum()) if n > 1 else 0
     catchup = 0
@@ -191,9 +209,9 @@ def gate_stats(gates: Mapping[str, GateSpec], seqs: Sequence[ScoredSeq],
                       dynamic_ncols=True):
             gate = g(s) if callable(g) and not hasattr(g, "start") else g
             t0 = time.perf_counter()
-            roles, mixed = rollout_mixed(gate, s, token_text)
+            roles, mixed, lo = rollout_weights(gate, s, token_text)
             spent += time.perf_counter() - t0
-            rows.append(role_stats(roles, s.lp, len(s.prompt_ids), costs, mixed))
+            rows.append(role_stats(roles, s.lp, len(s.prompt_ids), costs, mixed, lo))
             n_mixed.append(int(mixed.sum()))
         out[name] = _stack(rows)
         out[name].mixed = np.asarray(n_mixed, dtype=np.float64)

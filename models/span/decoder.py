@@ -218,7 +218,7 @@ class SpanTrace:
     ``token_ids``/``roles``/``entropies`` cover the answer tokens (an end-of-sequence token
     ends the answer and is not one of them). With ``keep_logits``, ``logits[i]`` are the
     float32 next-token logits the chosen model gave at step i (a final end-of-sequence
-    step included; on a mixed step, the log-probabilities of both models' 50/50 mixture)
+    step included; on a mixed step, the log-probabilities of both models' mixture)
     and ``logit_roles[i]`` that model. ``mixed[i]``: token i was predicted by the mixture
     (a :class:`~models.span.gates.MixGate` was unsure; ``roles[i]`` is still its choice). ``forwards`` has one entry per model
     forward: one per step without drafting; with drafting a verify forward serves several
@@ -312,14 +312,17 @@ class _Cursor:
             self.seen = n
 
 
-def mixture_logits(a: Any, b: Any) -> Any:
-    """Log-probabilities of the 50/50 mixture of two next-token distributions given by their
-    logits (float32 tensors of one shape): ``log(p_a / 2 + p_b / 2)``."""
+def mixture_logits(a: Any, b: Any, lo: float = 0.0) -> Any:
+    """Log-probabilities of the mixture of two next-token distributions given by their
+    logits (float32 tensors of one shape) with ``a``'s weight ``w = sigmoid(lo)``:
+    ``log(w p_a + (1 - w) p_b)`` (``lo`` = 0: the 50/50 mixture)."""
     import math
 
     import torch
 
-    return torch.logaddexp(torch.log_softmax(a, -1), torch.log_softmax(b, -1)) - math.log(2.0)
+    wa = -math.log1p(math.exp(-lo)) if lo > -30 else lo  # log sigmoid(lo), stable
+    wb = -math.log1p(math.exp(lo)) if lo < 30 else -lo
+    return torch.logaddexp(torch.log_softmax(a, -1) + wa, torch.log_softmax(b, -1) + wb)
 
 
 def crop_cache(cache: Any, tokens_to_remove: int) -> None:
@@ -505,7 +508,11 @@ class SpanBackend(Backend):
                         other_logits, ofwd = other.advance(seq, len(ids), tr.roles)
                         tr.forwards.append(ofwd)
                         ents = entropies_nats(logits_all)  # the chosen model's, for the gate
-                        logits_all = mixture_logits(logits_all[0], other_logits[0])[None]
+                        # the gate's weight for the transformer (log-odds), seen from the
+                        # chosen model's side
+                        lo = getattr(state, "mix_lo", 0.0)
+                        lo = lo if cursor.role == "transformer" else -lo
+                        logits_all = mixture_logits(logits_all[0], other_logits[0], lo)[None]
                     accepted = 0
                     for j in range(len(draft) + 1):
                         if j > 0:

@@ -78,6 +78,9 @@ class GateState:
         # set by choose() when the next token is to be predicted by both models' 50/50
         # mixture instead of the chosen one (MixGate); read by the decoder and by rollout
         self.mix = False
+        # and the transformer's weight in that mixture, as log-odds (0: 50/50; MixGate's
+        # ``tilt`` leans it toward the side the gate's score is on)
+        self.mix_lo = 0.0
 
     def push(self, token_id: int, role: Role, entropy: float | None = None) -> None:
         self.matcher.push(token_id)

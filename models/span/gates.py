@@ -23,10 +23,11 @@ entropy proxy, for span decoding over two engines (``models/span/topk_gate``);
 (:class:`CopyLockGate`: the transformer while an induction match of length >= k holds);
 ``learned+copy-8-prompt-2``: the lock at 8 tokens, or at 2 where the last two tokens occur
 in the prompt (``archroute``'s gate in-process). Any registered gate may be followed by
-wrappers in its name: ``+copy-K[-prompt-P]`` (a copy lock) and ``+mix-M[-prompt-P]``
-(:class:`MixGate`: the 50/50 mixture of both models where the gate's score is within M nats
-of its boundary; with ``-prompt-P`` not where the last P tokens repeat the prompt),
-e.g. ``learned+copy-8-prompt-2+mix-0.5``.
+wrappers in its name: ``+copy-K[-prompt-P]`` (a copy lock) and ``+mix-M[-prompt-P][-tilt-B]``
+(:class:`MixGate`: a mixture of both models where the gate's score is within M nats
+of its boundary, 50/50 or, with ``-tilt-B``, leaning toward the gate's side; with
+``-prompt-P`` not where the last P tokens repeat the prompt),
+e.g. ``learned+copy-8-prompt-2+mix-2-tilt-1.5``.
 """
 
 from __future__ import annotations
@@ -147,26 +148,37 @@ class CopyLockGate(Gate):
 
 class MixGate(Gate):
     """``inner``'s choice, but a token whose choice was unsure (the inner gate's score within
-    ``margin`` nats of its decision boundary) is predicted by the 50/50 mixture of both models
+    ``margin`` nats of its decision boundary) is predicted by a mixture of both models
     (``state.mix``): both decode it, their distributions averaged. A choice of one model per
     token cannot hedge where the two disagree and neither is sure; the mixture does
     (docs/span.md, "Why a choice of one model per token falls short of the mixture"). Rule
     gates and a copy lock's forced choices are always sure, so they never mix. In-process
-    only: over engines the full distributions are not available."""
+    only: over engines the full distributions are not available.
 
-    def __init__(self, inner: Gate, margin: float, prompt: int | None = None) -> None:
+    ``tilt`` (B >= 0; 0 = the 50/50 mixture): the transformer's weight in the mixture is
+    ``sigmoid(B * s)``, ``s`` the gate's score minus its boundary (nats, positive on the
+    transformer's side; ``state.mix_lo = B * s``): the mixture leans toward the model the
+    gate prefers, as far as its score says."""
+
+    def __init__(self, inner: Gate, margin: float, prompt: int | None = None,
+                 tilt: float = 0.0) -> None:
         if not (isinstance(margin, (int, float)) and 0.0 < margin <= MAX_MIX_MARGIN):
             raise ValueError(f"+mix-m: m must be a number in (0, {MAX_MIX_MARGIN}], got {margin!r}")
         if prompt is not None and not 1 <= prompt <= MAX_MATCH:
             raise ValueError(f"+mix-m-prompt-p: p must be in 1..{MAX_MATCH}, got {prompt!r}")
+        if not (isinstance(tilt, (int, float)) and 0.0 <= tilt <= MAX_MIX_TILT):
+            raise ValueError(f"+mix-m-tilt-b: b must be a number in [0, {MAX_MIX_TILT}], "
+                             f"got {tilt!r}")
         self.inner, self.mix_margin, self.prompt = inner, float(margin), prompt
+        self.tilt = float(tilt)
         self.needs_text = inner.needs_text
-        self.name = f"{inner.name}+mix-{margin:g}" + (f"-prompt-{prompt}" if prompt else "")
+        self.name = (f"{inner.name}+mix-{margin:g}" + (f"-prompt-{prompt}" if prompt else "")
+                     + (f"-tilt-{tilt:g}" if tilt else ""))
         self.meta = getattr(inner, "meta", None)
 
     def start(self, prompt_ids, token_text=None) -> GateState:
         state = self.inner.start(prompt_ids, token_text)
-        inner_choose, m, pk = state.choose, self.mix_margin, self.prompt
+        inner_choose, m, pk, tilt = state.choose, self.mix_margin, self.prompt, self.tilt
 
         def choose() -> Role:
             state.margin = math.inf
@@ -176,6 +188,8 @@ class MixGate(Gate):
             # starting: the mixture could pick another token than the copy's)
             starting = pk is not None and mt.match_len >= pk and mt.match_dist > state.step
             state.mix = state.margin < m and not starting
+            state.mix_lo = (tilt * (state.margin if role == "transformer" else -state.margin)
+                            if state.mix else 0.0)
             return role
 
         state.choose = choose  # type: ignore[method-assign]
@@ -183,22 +197,26 @@ class MixGate(Gate):
 
 
 MAX_MIX_MARGIN = 10.0  # nats
+MAX_MIX_TILT = 10.0  # per nat
 
 
 def wrap(gate: Gate, wrappers: str) -> Gate:
     """``gate`` with the wrappers a name's tail spells, in order: ``+copy-K``,
-    ``+copy-K-prompt-P`` (:class:`CopyLockGate`) and ``+mix-M`` (:class:`MixGate`);
+    ``+copy-K-prompt-P`` (:class:`CopyLockGate`) and ``+mix-M[-prompt-P][-tilt-B]``
+    (:class:`MixGate`);
     a ValueError naming the part it cannot read."""
     import re
 
     for part in filter(None, wrappers.split("+")):
         if (m := re.fullmatch(r"copy-(\d+)(?:-prompt-(\d+))?", part)):
             gate = CopyLockGate(gate, int(m[1]), int(m[2]) if m[2] else None)
-        elif (m := re.fullmatch(r"mix-(\d+(?:\.\d+)?)(?:-prompt-(\d+))?", part)):
-            gate = MixGate(gate, float(m[1]), int(m[2]) if m[2] else None)
+        elif (m := re.fullmatch(r"mix-(\d+(?:\.\d+)?)(?:-prompt-(\d+))?"
+                                r"(?:-tilt-(\d+(?:\.\d+)?))?", part)):
+            gate = MixGate(gate, float(m[1]), int(m[2]) if m[2] else None,
+                           float(m[3]) if m[3] else 0.0)
         else:
             raise ValueError(f"unknown gate wrapper {part!r} (known: +copy-K, "
-                             "+copy-K-prompt-P, +mix-M, +mix-M-prompt-P)")
+                             "+copy-K-prompt-P, +mix-M[-prompt-P][-tilt-B])")
     return gate
 
 

@@ -665,3 +665,10 @@ def test_a_mixing_gate_is_scored_by_the_mixture_where_it_mixes() -> None:
     summ = summarize({"m": st, "a": plain}, n_boot=0)
     assert summ["m"]["mixed_per_100"] == 50.0 and summ["a"]["mixed_per_100"] == 0.0
     assert st.take(np.array([0])).mixed.tolist() == [2.0]
+    # tilted (+mix-M-tilt-B): the unsure tokens' mixture leans toward the transformer, the
+    # side the gate is on, with weight sigmoid(B * 0.1)
+    tilted = gate_stats({"t": MixGate(Alt(), 1.0, tilt=2.0)}, [s])["t"]
+    w = 1 / (1 + np.exp(-0.2))
+    tmix = float(np.log(w * np.exp(-3.0) + (1 - w) * np.exp(-0.5)))
+    assert tilted.nll[0] == pytest.approx(1.0 + 1.0 - 2 * tmix, abs=1e-5)
+    assert tilted.nll[0] > st.nll[0]  # here the hybrid was the better one on those tokens

@@ -69,22 +69,27 @@ def check_against_full_forwards(span: SpanBackend, tr: SpanTrace) -> None:
         assert [f.role for f in tr.forwards] == roles
     elif not tr.draft_k:  # and one more on each mixed step: the other model's
         assert len(tr.forwards) == len(roles) + sum(tr.mixed)
+    # the gate replayed over the final sequence makes the same choices and mixes; its
+    # mixture weights (log-odds for the transformer) are the ones each mixed step must use
+    state = span.gate.start(tr.prompt_ids, token_text_fn(span.transformer.tokenizer))
+    mixed = tr.mixed or [False] * len(tr.token_ids)
+    weights = []
+    for tok, role, ent, mix in zip(tr.token_ids, tr.roles, tr.entropies, mixed, strict=True):
+        assert state.choose() == role
+        assert state.mix == mix
+        weights.append(state.mix_lo)
+        state.push(tok, role, ent)
     for i, (role, got) in enumerate(zip(roles, tr.logits, strict=True)):
         ref = full_logits(by_role[role], tr.prompt_ids + tr.token_ids[:i])
         ent = entropy_nats(ref)  # the chosen model's, also on a mixed step (the gate reads it)
-        if i < len(tr.mixed) and tr.mixed[i]:  # both models' 50/50 mixture
+        if i < len(tr.mixed) and tr.mixed[i]:  # both models' mixture, weighted by the gate
             other = span.hybrid if role == "transformer" else span.transformer
-            ref = mixture_logits(ref, full_logits(other, tr.prompt_ids + tr.token_ids[:i]))
+            lo = weights[i] if role == "transformer" else -weights[i]
+            ref = mixture_logits(ref, full_logits(other, tr.prompt_ids + tr.token_ids[:i]), lo)
         assert float((got - ref).abs().max()) < 1e-4, (i, role)
         if i < len(tr.token_ids):
             assert tr.token_ids[i] == int(ref.argmax())
             assert tr.entropies[i] == pytest.approx(ent, abs=1e-4)
-    state = span.gate.start(tr.prompt_ids, token_text_fn(span.transformer.tokenizer))
-    mixed = tr.mixed or [False] * len(tr.token_ids)
-    for tok, role, ent, mix in zip(tr.token_ids, tr.roles, tr.entropies, mixed, strict=True):
-        assert state.choose() == role
-        assert state.mix == mix
-        state.push(tok, role, ent)
 
 
 @pytest.mark.parametrize("gate", ["copy-2", "copy-1+brackets", "learned"])
@@ -413,7 +418,8 @@ def test_draft_settings_out_of_range_are_refused(reference_pair, kw):
         SpanBackend(*reference_pair, "copy-2", **kw)
 
 
-@pytest.mark.parametrize("gate", ["learned+copy-8-prompt-2+mix-1", "learned+mix-2"])
+@pytest.mark.parametrize("gate", ["learned+copy-8-prompt-2+mix-1", "learned+mix-2",
+                                  "learned+copy-8-prompt-2+mix-2-tilt-1.5"])
 @pytest.mark.parametrize("draft_k", [0, 8])
 @pytest.mark.parametrize("prompt", [CODE, COPY, PROSE], ids=["code", "copy", "prose"])
 def test_mixed_tokens_are_both_models_mixture_and_drafting_keeps_them(reference_pair, prompt,
@@ -482,3 +488,21 @@ def test_mix_gate_mixes_only_unsure_choices_and_never_a_locked_copy():
             MixGate(Scored(), bad)
     with pytest.raises(ValueError):
         MixGate(Scored(), 1.0, prompt=0)
+    # tilt B: the transformer's weight in the mixture is sigmoid(B * s), s the score's signed
+    # distance from the boundary (the hybrid chosen here: s = -margin); 0 where not mixed
+    tilted = MixGate(Scored(), 0.5, tilt=1.5).start([1, 2, 3])
+    got = []
+    for tok in (7, 8, 9):
+        tilted.choose()
+        got.append(tilted.mix_lo)
+        tilted.push(tok, "hybrid", 1.0)
+    assert got == pytest.approx([-0.15, 0.0, -0.45])
+    assert MixGate(Scored(), 0.5).start([1]).mix_lo == 0.0
+    g = get_gate("copy-2+mix-1-prompt-1-tilt-1.5")
+    assert isinstance(g, MixGate) and (g.prompt, g.tilt) == (1, 1.5)
+    assert g.name == "copy-2+mix-1-prompt-1-tilt-1.5"
+    for bad in (-0.5, 10.5, "x"):
+        with pytest.raises(ValueError):
+            MixGate(Scored(), 1.0, tilt=bad)
+    with pytest.raises(ValueError, match="tilt"):
+        get_gate("copy-2+mix-1-tilt-11")
