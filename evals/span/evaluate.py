@@ -237,11 +237,13 @@ def _ci(point: float, boot: np.ndarray | None) -> list[float | None]:
 def summarize(stats: Mapping[str, PolicyStats], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
     """Per policy: ``loss`` (tokens pooled) and ``loss_req`` (mean of per-request means) as
     [value, lo, hi]; ``gain`` over the request oracle (pooled, > 0 = better) with its
-    paired CI; ``share_t``, ``switches_per_100``, ``catchup_per_100`` (per 100 answer
+    paired CI; ``gain_t`` and ``gain_mixture``: the same over always-transformer and over
+    the 50/50 mixture (issue #23's bars); ``share_t``, ``switches_per_100``, ``catchup_per_100`` (per 100 answer
     tokens); ``flops_rel`` and ``flops_7b_rel`` (total FLOPs relative to always-transformer);
     ``requests``, ``tokens``."""
     W = _boot(stats, n_boot, seed)
     ref, base = stats.get(REF), stats.get("always-transformer")
+    refs = {"gain": ref, "gain_t": base, "gain_mixture": stats.get("mixture-50/50")}
     out = {}
     for name, s in stats.items():
         tokens = float(s.n.sum())
@@ -251,9 +253,10 @@ def summarize(stats: Mapping[str, PolicyStats], n_boot: int = 1000, seed: int = 
                            None if W is None else (W @ s.nll) / (W @ s.n)),
                "loss_req": _ci(float(per_req.mean()),
                                None if W is None else (W @ per_req) / W.sum(1))}
-        if ref is not None:
-            row["gain"] = _ci(float((ref.nll.sum() - s.nll.sum()) / tokens),
-                              None if W is None else (W @ (ref.nll - s.nll)) / (W @ s.n))
+        for key, r in refs.items():  # paired: the same resampled requests for both
+            if r is not None:
+                row[key] = _ci(float((r.nll.sum() - s.nll.sum()) / tokens),
+                               None if W is None else (W @ (r.nll - s.nll)) / (W @ s.n))
         with np.errstate(invalid="ignore"):
             row["share_t"] = float(s.n_t.sum() / tokens)
         row["switches_per_100"] = float(100 * s.switches.sum() / tokens)

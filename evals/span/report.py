@@ -8,6 +8,8 @@ from pathlib import Path
 
 from evals.span.evaluate import BASELINES
 
+NOT_GATE_ROWS = (*BASELINES, "always-hybrid")  # rows that are no gate (#23's bars table)
+
 _COLUMNS = ("loss (pooled) [95% CI]", "loss (request mean) [95% CI]",
             "gain vs request oracle [95% CI]", "share T", "switches /100", "catch-up /100",
             "mixed /100", "FLOPs vs T (pair)", "FLOPs vs T (7B)", "gate µs/token")
@@ -78,6 +80,22 @@ def source_table(res: dict) -> list[str]:
     return lines
 
 
+def mixture_bars(results: dict) -> list[str]:
+    """Issue #23's bars as a table: each gate's gain over always-transformer and over the
+    50/50 mixture, per suite, with paired CIs."""
+    lines = ["## Issue #23's bars: each gate against always-transformer and the 50/50 mixture",
+             "", "Nats/token, > 0 = the gate is better, paired 95% CI (the same resampled "
+             "requests).", "", "| suite | gate | over always-transformer | over the mixture |",
+             "|---|---|---|---|"]
+    for name, res in results["suites"].items():
+        for gate, row in res["policies"].items():
+            if gate in NOT_GATE_ROWS or "gain_mixture" not in row:
+                continue
+            lines.append(f"| {name} | {gate} | {_ci(row.get('gain_t'), True)} | "
+                         f"{_ci(row['gain_mixture'], True)} |")
+    return lines
+
+
 def render_markdown(results: dict, plots: list[str] | None = None) -> str:
     pv = results["provenance"]
     cfg = pv["config"]
@@ -106,6 +124,7 @@ def render_markdown(results: dict, plots: list[str] | None = None) -> str:
     for name, res in results["suites"].items():
         lines.append(f"- **{name}**: {bar_line(res['bar'])}")
     lines.append("")
+    lines += mixture_bars(results) + [""]
     for name, res in results["suites"].items():
         lines += [f"## {name}: {res['requests']} requests, {res['tokens']} answer tokens "
                   f"(references cut to fit: {res['ref_cut']}; prompts cut: {res['prompt_cut']})", ""]

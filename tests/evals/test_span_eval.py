@@ -672,3 +672,25 @@ def test_a_mixing_gate_is_scored_by_the_mixture_where_it_mixes() -> None:
     tmix = float(np.log(w * np.exp(-3.0) + (1 - w) * np.exp(-0.5)))
     assert tilted.nll[0] == pytest.approx(1.0 + 1.0 - 2 * tmix, abs=1e-5)
     assert tilted.nll[0] > st.nll[0]  # here the hybrid was the better one on those tokens
+
+
+def test_every_policy_is_compared_with_always_transformer_and_the_mixture() -> None:
+    """Issue #23's bars: each policy's gain over always-transformer and over the 50/50
+    mixture, paired (the same resampled requests), in the summary and the report."""
+    from evals.span.evaluate import baseline_stats, gate_stats, summarize
+    from evals.span.report import mixture_bars
+    from models.span.gates import get_gate
+
+    seqs = [seq([-1.0, -3.0, -1.0], [-2.0, -0.5, -2.0], sid=f"r{i}") for i in range(6)]
+    stats = {**baseline_stats(seqs), **gate_stats({"copy-1": get_gate("copy-1")}, seqs)}
+    summ = summarize(stats, n_boot=50)
+    loss = {k: v["loss"][0] for k, v in summ.items()}
+    for k, row in summ.items():
+        assert row["gain_t"][0] == pytest.approx(loss["always-transformer"] - loss[k], abs=1e-6)
+        assert row["gain_mixture"][0] == pytest.approx(loss["mixture-50/50"] - loss[k], abs=1e-6)
+    assert summ["mixture-50/50"]["gain_mixture"][0] == 0.0
+    lo, hi = summ["always-hybrid"]["gain_t"][1:]
+    assert lo <= summ["always-hybrid"]["gain_t"][0] <= hi
+    text = "\n".join(mixture_bars({"suites": {"t": {"policies": summ}}}))
+    assert "Issue #23's bars" in text and "| t | copy-1 |" in text
+    assert "| t | mixture-50/50 |" not in text
