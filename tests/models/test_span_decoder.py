@@ -506,3 +506,18 @@ def test_mix_gate_mixes_only_unsure_choices_and_never_a_locked_copy():
             MixGate(Scored(), 1.0, tilt=bad)
     with pytest.raises(ValueError, match="tilt"):
         get_gate("copy-2+mix-1-tilt-11")
+    # repeat=K: no mixing where the last K tokens occurred before, in the prompt or the answer
+    for rk, want in ((2, [True, True, True, False]), (None, [True, True, True, True])):
+        rep = MixGate(Scored(), 5.0, repeat=rk).start([1, 2, 3])
+        got = []
+        for tok in (7, 1, 2, 5):  # the last choice follows "1 2", the prompt's first tokens
+            rep.choose()
+            got.append(rep.mix)
+            rep.push(tok, "hybrid", 1.0)
+        assert got == want, rk
+    g = get_gate("copy-2+mix-2-repeat-4-tilt-1.5")
+    assert isinstance(g, MixGate) and (g.repeat, g.tilt, g.prompt) == (4, 1.5, None)
+    assert g.name == "copy-2+mix-2-repeat-4-tilt-1.5"
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="repeat"):
+            MixGate(Scored(), 1.0, repeat=bad)
