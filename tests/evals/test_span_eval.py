@@ -694,3 +694,17 @@ def test_every_policy_is_compared_with_always_transformer_and_the_mixture() -> N
     text = "\n".join(mixture_bars({"suites": {"t": {"policies": summ}}}))
     assert "Issue #23's bars" in text and "| t | copy-1 |" in text
     assert "| t | mixture-50/50 |" not in text
+
+
+def test_a_mixing_gates_settings_are_chosen_on_the_other_sources() -> None:
+    from evals.span.tilt import nested_choice
+
+    nll = {"a": {(1.0, 0.0): 10.0, (1.0, 1.5): 9.0},
+           "b": {(1.0, 0.0): 5.0, (1.0, 1.5): 6.0},
+           "c": {(1.0, 0.0): 5.0, (1.0, 1.5): 4.5},
+           "eval-only": {(1.0, 0.0): 1.0, (1.0, 1.5): 9.0}}
+    picks = nested_choice(nll, held=["a", "b", "c"])
+    # a: b + c = 10.0 vs 10.5 -> B 0; b: a + c = 15 vs 13.5 -> 1.5; c: a + b = 15 vs 15 -> tie,
+    # the smaller; the evaluation-only source's own figures are never looked at
+    assert picks == {"a": (1.0, 0.0), "b": (1.0, 1.5), "c": (1.0, 0.0),
+                     "eval-only": (1.0, 1.5)}
