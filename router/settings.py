@@ -273,7 +273,7 @@ class ProfileSettings(_Strict):
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"span profile: unknown gate {gate!r}{hint}; known: "
                                  f"{', '.join(GATES)} (and learned:PATH; a gate followed by "
-                                 "+copy-K, +copy-K-prompt-P or +mix-M[-prompt-P][-repeat-K][-tilt-B])")
+                                 "+copy-K, +copy-K-prompt-P or +mix-M[-prompt-P][-repeat-K][-tilt-B][-lock-L])")
             if self.threshold is not None:
                 raise ValueError("span profile: 'threshold' does not apply (the gate decides "
                                  "per token)")

@@ -119,7 +119,7 @@ def check_gates(names: Sequence[str]) -> list[str]:
             except (OSError, ValueError, UnknownGateError):
                 raise SpanEvalError(f"unknown gate {n!r}; known: {', '.join(GATES)}, "
                                     f"{', '.join(PSEUDO)} (and learned:PATH; any of them "
-                                    "followed by +copy-K, +copy-K-prompt-P or +mix-M[-prompt-P][-repeat-K][-tilt-B])") from None
+                                    "followed by +copy-K, +copy-K-prompt-P or +mix-M[-prompt-P][-repeat-K][-tilt-B][-lock-L])") from None
         if n == "learned" or n.startswith("learned:"):
             try:
                 get_gate(n)

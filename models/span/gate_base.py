@@ -81,6 +81,8 @@ class GateState:
         # and the transformer's weight in that mixture, as log-odds (0: 50/50; MixGate's
         # ``tilt`` leans it toward the side the gate's score is on)
         self.mix_lo = 0.0
+        # set by choose() when a copy lock forced the choice (CopyLockGate)
+        self.locked = False
 
     def push(self, token_id: int, role: Role, entropy: float | None = None) -> None:
         self.matcher.push(token_id)

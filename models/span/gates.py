@@ -23,7 +23,7 @@ entropy proxy, for span decoding over two engines (``models/span/topk_gate``);
 (:class:`CopyLockGate`: the transformer while an induction match of length >= k holds);
 ``learned+copy-8-prompt-2``: the lock at 8 tokens, or at 2 where the last two tokens occur
 in the prompt (``archroute``'s gate in-process). Any registered gate may be followed by
-wrappers in its name: ``+copy-K[-prompt-P]`` (a copy lock) and ``+mix-M[-prompt-P][-repeat-K][-tilt-B]``
+wrappers in its name: ``+copy-K[-prompt-P]`` (a copy lock) and ``+mix-M[-prompt-P][-repeat-K][-tilt-B][-lock-L]``
 (:class:`MixGate`: a mixture of both models where the gate's score is within M nats
 of its boundary, 50/50 or, with ``-tilt-B``, leaning toward the gate's side; with
 ``-prompt-P`` not where the last P tokens repeat the prompt),
@@ -136,9 +136,11 @@ class CopyLockGate(Gate):
         def choose() -> Role:
             role = inner_choose()
             m = state.matcher.match_len
+            state.locked = False
             if m >= k or (pk is not None and m >= pk
                           and tuple(state.matcher.ids[-pk:]) in grams):
                 state.margin = math.inf  # a copy under way: sure
+                state.locked = True
                 return "transformer"
             return role
 
@@ -161,7 +163,8 @@ class MixGate(Gate):
     gate prefers, as far as its score says."""
 
     def __init__(self, inner: Gate, margin: float, prompt: int | None = None,
-                 tilt: float = 0.0, repeat: int | None = None) -> None:
+                 tilt: float = 0.0, repeat: int | None = None,
+                 lock: float | None = None) -> None:
         if not (isinstance(margin, (int, float)) and 0.0 < margin <= MAX_MIX_MARGIN):
             raise ValueError(f"+mix-m: m must be a number in (0, {MAX_MIX_MARGIN}], got {margin!r}")
         if prompt is not None and not 1 <= prompt <= MAX_MATCH:
@@ -172,17 +175,22 @@ class MixGate(Gate):
         if repeat is not None and not 1 <= repeat <= MAX_MATCH:
             raise ValueError(f"+mix-m-repeat-k: k must be in 1..{MAX_MATCH}, got {repeat!r}")
         self.inner, self.mix_margin, self.prompt = inner, float(margin), prompt
-        self.tilt, self.repeat = float(tilt), repeat
+        if lock is not None and not (isinstance(lock, (int, float))
+                                     and 0.0 < lock <= MAX_MIX_TILT):
+            raise ValueError(f"+mix-m-lock-l: l must be a number in (0, {MAX_MIX_TILT}], "
+                             f"got {lock!r}")
+        self.tilt, self.repeat, self.lock = float(tilt), repeat, lock
         self.needs_text = inner.needs_text
         self.name = (f"{inner.name}+mix-{margin:g}" + (f"-prompt-{prompt}" if prompt else "")
                      + (f"-repeat-{repeat}" if repeat else "")
-                     + (f"-tilt-{tilt:g}" if tilt else ""))
+                     + (f"-tilt-{tilt:g}" if tilt else "")
+                     + (f"-lock-{lock:g}" if lock else ""))
         self.meta = getattr(inner, "meta", None)
 
     def start(self, prompt_ids, token_text=None) -> GateState:
         state = self.inner.start(prompt_ids, token_text)
         inner_choose, m, pk, tilt = state.choose, self.mix_margin, self.prompt, self.tilt
-        rk = self.repeat
+        rk, lock = self.repeat, self.lock
 
         def choose() -> Role:
             state.margin = math.inf
@@ -197,6 +205,10 @@ class MixGate(Gate):
             state.mix = state.margin < m and not starting
             state.mix_lo = (tilt * (state.margin if role == "transformer" else -state.margin)
                             if state.mix else 0.0)
+            if lock is not None and getattr(state, "locked", False):
+                # lock=L: a locked copy's token too, by the mixture with the transformer's
+                # log-odds L (it leans on the copy; the hybrid can still save a wrong one)
+                state.mix, state.mix_lo = True, lock
             return role
 
         state.choose = choose  # type: ignore[method-assign]
@@ -209,7 +221,7 @@ MAX_MIX_TILT = 10.0  # per nat
 
 def wrap(gate: Gate, wrappers: str) -> Gate:
     """``gate`` with the wrappers a name's tail spells, in order: ``+copy-K``,
-    ``+copy-K-prompt-P`` (:class:`CopyLockGate`) and ``+mix-M[-prompt-P][-repeat-K][-tilt-B]``
+    ``+copy-K-prompt-P`` (:class:`CopyLockGate`) and ``+mix-M[-prompt-P][-repeat-K][-tilt-B][-lock-L]``
     (:class:`MixGate`);
     a ValueError naming the part it cannot read."""
     import re
@@ -218,12 +230,14 @@ def wrap(gate: Gate, wrappers: str) -> Gate:
         if (m := re.fullmatch(r"copy-(\d+)(?:-prompt-(\d+))?", part)):
             gate = CopyLockGate(gate, int(m[1]), int(m[2]) if m[2] else None)
         elif (m := re.fullmatch(r"mix-(\d+(?:\.\d+)?)(?:-prompt-(\d+))?(?:-repeat-(\d+))?"
-                                r"(?:-tilt-(\d+(?:\.\d+)?))?", part)):
+                                r"(?:-tilt-(\d+(?:\.\d+)?))?(?:-lock-(\d+(?:\.\d+)?))?",
+                                part)):
             gate = MixGate(gate, float(m[1]), int(m[2]) if m[2] else None,
-                           float(m[4]) if m[4] else 0.0, int(m[3]) if m[3] else None)
+                           float(m[4]) if m[4] else 0.0, int(m[3]) if m[3] else None,
+                           float(m[5]) if m[5] else None)
         else:
             raise ValueError(f"unknown gate wrapper {part!r} (known: +copy-K, "
-                             "+copy-K-prompt-P, +mix-M[-prompt-P][-repeat-K][-tilt-B])")
+                             "+copy-K-prompt-P, +mix-M[-prompt-P][-repeat-K][-tilt-B][-lock-L])")
     return gate
 
 
@@ -274,7 +288,7 @@ def _split(name: str) -> tuple[str, str] | None:
 
 def known_gate(name: str) -> bool:
     """Whether ``name`` is a registered gate, or one followed by wrappers that parse
-    (``+copy-K``, ``+copy-K-prompt-P``, ``+mix-M[-prompt-P][-repeat-K][-tilt-B]``); loads no artifact."""
+    (``+copy-K``, ``+copy-K-prompt-P``, ``+mix-M[-prompt-P][-repeat-K][-tilt-B][-lock-L]``); loads no artifact."""
     if name in GATES:
         return True
     parts = _split(name)
@@ -302,5 +316,5 @@ def get_gate(name: str) -> Gate:
                 raise UnknownGateError(f"gate {name!r}: {exc}") from None
         raise UnknownGateError(f"unknown gate {name!r}; known: {', '.join(GATES)} "
                                "(and learned:PATH; a gate followed by +copy-K, "
-                               "+copy-K-prompt-P or +mix-M[-prompt-P][-repeat-K][-tilt-B])")
+                               "+copy-K-prompt-P or +mix-M[-prompt-P][-repeat-K][-tilt-B][-lock-L])")
     return factory()

@@ -521,3 +521,16 @@ def test_mix_gate_mixes_only_unsure_choices_and_never_a_locked_copy():
     for bad in (0, 9):
         with pytest.raises(ValueError, match="repeat"):
             MixGate(Scored(), 1.0, repeat=bad)
+    # lock=L: a locked copy's token is mixed too, leaning on the transformer by log-odds L
+    for lk, want in ((2.0, (True, 2.0)), (None, (False, 0.0))):
+        lm = MixGate(CopyLockGate(Scored(), 8, prompt=2), 0.5, lock=lk).start([1, 2, 3, 4])
+        for tok in (1, 2):
+            lm.choose()
+            lm.push(tok, "hybrid", 1.0)
+        assert lm.choose() == "transformer" and lm.locked and (lm.mix, lm.mix_lo) == want
+    g = get_gate("copy-2+mix-2-tilt-1.5-lock-2")
+    assert isinstance(g, MixGate) and (g.tilt, g.lock) == (1.5, 2.0)
+    assert g.name == "copy-2+mix-2-tilt-1.5-lock-2"
+    for bad in (0, -1, 11):
+        with pytest.raises(ValueError, match="lock"):
+            MixGate(Scored(), 1.0, lock=bad)
