@@ -238,6 +238,9 @@ class SpanTrace:
     draft_k: int = 0  # the decoder's draft setting (0: no drafting)
     seconds: float = 0.0  # the whole generation, prompt encoding included
     mixed: list[bool] = field(default_factory=list)  # per answer token: both models' mixture
+    # per step (as ``logits``): a mixed token the transformer's distribution alone settled
+    # (greedy, a mixture leaning on it: lean_token), the hybrid not asked
+    settled: list[bool] = field(default_factory=list)
 
     @property
     def switches(self) -> int:
@@ -288,9 +291,10 @@ class _Cursor:
         import torch
 
         drafted = list(draft or ())
-        if self.seen >= len(seq) and not drafted:
+        if self.seen >= len(seq):
             # the cache already holds the last token (an accepted draft, the gate then asking
-            # for both models' mixture): read it again for the logits after it
+            # for both models' mixture, or the hybrid's mixture deciding the drafted token):
+            # read it again for the logits after it
             self.keep(len(seq) - 1)
         new = seq[self.seen:] + drafted
         t0 = time.perf_counter()
@@ -311,6 +315,29 @@ class _Cursor:
         if n < self.seen:
             crop_cache(self.past, self.seen - n)
             self.seen = n
+
+
+def _leans(state: Any) -> bool:
+    """The gate's mixture gives the transformer more than half the weight (log-odds > 0)."""
+    return getattr(state, "mix_lo", 0.0) > 0.0
+
+
+def lean_token(t_logits: Any, lo: float) -> int | None:
+    """The greedy token of the mixture ``w p_T + (1 - w) p_H`` (``w = sigmoid(lo)``) when the
+    transformer's logits alone settle it, else None. If the transformer's top token x has
+    ``p_T(x) > 1 / (2w)``, then ``m(x) >= w p_T(x) > 1 - w p_T(x) >= m(y)`` for every other
+    token y (``m(y) <= w p_T(y) + 1 - w``, ``p_T(y) <= 1 - p_T(x)``): x is the mixture's argmax
+    whatever the hybrid predicts. A small margin keeps float rounding from deciding."""
+    import math
+
+    import torch
+
+    w = 1.0 / (1.0 + math.exp(-lo))
+    if w <= 0.5:
+        return None
+    p = torch.softmax(t_logits.float(), -1)
+    top = int(torch.argmax(p))
+    return top if float(p[top]) > 1.0 / (2.0 * w) + 1e-4 else None
 
 
 def mixture_logits(a: Any, b: Any, lo: float = 0.0) -> Any:
@@ -460,6 +487,7 @@ class SpanBackend(Backend):
         max_new = room if params.max_tokens is None else min(params.max_tokens, room)
         gen = torch.Generator(device="cpu")
         gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
+        greedy = params.temperature == 0.0
         tr = trace if trace is not None else SpanTrace()
         tr.gate, tr.prompt_ids, tr.draft_k = self.gate.name, list(ids), self.draft_k
         seq = list(ids)
@@ -491,8 +519,12 @@ class SpanBackend(Backend):
                     if cursor is None:
                         raise BackendError(f"{self.name}: gate {self.gate.name!r} chose "
                                            f"{role!r}, not one of {ROLES}")
+                    # a mixture leaning on the transformer, decoded greedily: the transformer
+                    # alone can settle its argmax (lean_token), drafts included
+                    lean = mix and greedy and role == "transformer" and _leans(state)
                     draft: list[int] = []
-                    if role == "transformer" and self.draft_k and matcher is not None and not mix:
+                    if (role == "transformer" and self.draft_k and matcher is not None
+                            and (not mix or lean)):
                         # a verify forward gives one more token than it drafts: no draft
                         # beyond the budget
                         draft = induction_draft(matcher, min(self.draft_k,
@@ -501,8 +533,8 @@ class SpanBackend(Backend):
                     n_before = len(seq)
                     logits_all, fwd = cursor.advance(seq, len(ids), tr.roles, draft)
                     tr.forwards.append(fwd)
-                    ents = entropies_nats(logits_all) if draft else None
-                    if mix:
+                    ents = entropies_nats(logits_all) if draft or lean else None
+                    if mix and not lean:
                         # the gate is unsure: both models predict this token, their
                         # distributions averaged (the other one catches up first)
                         other = cursors["hybrid" if role == "transformer" else "transformer"]
@@ -521,15 +553,29 @@ class SpanBackend(Backend):
                             # token: the gate decides the next position as without drafting
                             role = state.choose()
                             mix = state.mix
-                            if role != cursor.role or mix:
+                            lean = mix and greedy and role == "transformer" and _leans(state)
+                            if role != cursor.role or (mix and not lean):
                                 break
                         logits = logits_all[j]
+                        sure = False
+                        if lean:
+                            nxt_sure = lean_token(logits, state.mix_lo)
+                            sure = nxt_sure is not None
+                            if not sure:
+                                # the transformer alone cannot settle it: the hybrid catches
+                                # up and both models' mixture decides this token
+                                other = cursors["hybrid"]
+                                other_logits, ofwd = other.advance(seq, len(ids), tr.roles)
+                                tr.forwards.append(ofwd)
+                                logits = mixture_logits(logits, other_logits[0], state.mix_lo)
                         if tr.keep_logits:
                             tr.logits.append(logits)
                             tr.logit_roles.append(cursor.role)
+                        tr.settled.append(sure)
                         # greedy: argmax equality; sampling: the speculative rule for a
                         # point-mass draft (module docstring), one draw per token either way
-                        nxt = sample_next(logits, params.temperature, params.top_p, gen)
+                        nxt = (nxt_sure if sure else  # type: ignore[assignment]
+                               sample_next(logits, params.temperature, params.top_p, gen))
                         if nxt in self.eos_ids and not params.ignore_eos:
                             reason, done = "stop", True
                             break
@@ -560,7 +606,8 @@ class SpanBackend(Backend):
                         # reading stops the decoding within one step
                         yield StreamChunk(piece, span_roles=_roles_in(
                             char_roles, was, out.emitted, ()) if piece else None)
-                        if len(tr.token_ids) >= max_new or j >= len(draft) or nxt != draft[j]:
+                        if (len(tr.token_ids) >= max_new or j >= len(draft) or nxt != draft[j]
+                                or (lean and not sure)):
                             break
                     if draft:
                         fwd.accepted = accepted

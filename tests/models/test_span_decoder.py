@@ -67,8 +67,10 @@ def check_against_full_forwards(span: SpanBackend, tr: SpanTrace) -> None:
     if not tr.draft_k and not any(tr.mixed):  # one forward per step
         assert len(tr.forwards) == len(roles)
         assert [f.role for f in tr.forwards] == roles
-    elif not tr.draft_k:  # and one more on each mixed step: the other model's
-        assert len(tr.forwards) == len(roles) + sum(tr.mixed)
+    elif not tr.draft_k:  # and one more on each mixed step: the other model's (not where
+        # the transformer alone settled the mixture's greedy token)
+        settled = sum(tr.settled[:len(tr.mixed)])
+        assert len(tr.forwards) == len(roles) + sum(tr.mixed) - settled
     # the gate replayed over the final sequence makes the same choices and mixes; its
     # mixture weights (log-odds for the transformer) are the ones each mixed step must use
     state = span.gate.start(tr.prompt_ids, token_text_fn(span.transformer.tokenizer))
@@ -82,10 +84,18 @@ def check_against_full_forwards(span: SpanBackend, tr: SpanTrace) -> None:
     for i, (role, got) in enumerate(zip(roles, tr.logits, strict=True)):
         ref = full_logits(by_role[role], tr.prompt_ids + tr.token_ids[:i])
         ent = entropy_nats(ref)  # the chosen model's, also on a mixed step (the gate reads it)
+        settled = bool(tr.settled and tr.settled[i])
         if i < len(tr.mixed) and tr.mixed[i]:  # both models' mixture, weighted by the gate
             other = span.hybrid if role == "transformer" else span.transformer
             lo = weights[i] if role == "transformer" else -weights[i]
+            own = ref
             ref = mixture_logits(ref, full_logits(other, tr.prompt_ids + tr.token_ids[:i]), lo)
+            if settled:  # the transformer's logits alone settled the mixture's argmax
+                assert role == "transformer" and lo > 0
+                assert float((got - own).abs().max()) < 1e-4, (i, role)
+                got = ref
+        else:
+            assert not settled
         assert float((got - ref).abs().max()) < 1e-4, (i, role)
         if i < len(tr.token_ids):
             assert tr.token_ids[i] == int(ref.argmax())
@@ -419,7 +429,8 @@ def test_draft_settings_out_of_range_are_refused(reference_pair, kw):
 
 
 @pytest.mark.parametrize("gate", ["learned+copy-8-prompt-2+mix-1", "learned+mix-2",
-                                  "learned+copy-8-prompt-2+mix-2-tilt-1.5"])
+                                  "learned+copy-8-prompt-2+mix-2-tilt-1.5",
+                                  "learned+copy-8-prompt-2+mix-2-tilt-1.5-lock-2"])
 @pytest.mark.parametrize("draft_k", [0, 8])
 @pytest.mark.parametrize("prompt", [CODE, COPY, PROSE], ids=["code", "copy", "prose"])
 def test_mixed_tokens_are_both_models_mixture_and_drafting_keeps_them(reference_pair, prompt,
@@ -440,6 +451,9 @@ def test_mixed_tokens_are_both_models_mixture_and_drafting_keeps_them(reference_
         assert not all(tr.mixed)
     check_against_full_forwards(span, tr)
     assert res.span["mixed"] == sum(tr.mixed)
+    if gate.endswith("lock-2") and prompt is COPY:  # a locked copy: the hybrid rarely asked
+        assert sum(tr.settled) > 10
+        assert sum(f.role == "hybrid" for f in tr.forwards) < sum(tr.mixed) - 10
     plain = SpanTrace()
     SpanBackend(*reference_pair, g).generate(prompt, p, trace=plain)
     assert (tr.token_ids, tr.roles, tr.mixed) == (plain.token_ids, plain.roles, plain.mixed)
@@ -534,3 +548,27 @@ def test_mix_gate_mixes_only_unsure_choices_and_never_a_locked_copy():
     for bad in (0, -1, 11):
         with pytest.raises(ValueError, match="lock"):
             MixGate(Scored(), 1.0, lock=bad)
+
+
+def test_the_transformer_alone_settles_a_leaning_mixtures_greedy_token_only_when_it_must():
+    """lean_token's bound: whenever it names a token, that token is the mixture's argmax for
+    any hybrid distribution (random and adversarial ones: all the hybrid's mass on the
+    transformer's runner-up); it names none for a mixture not leaning on the transformer."""
+    from models.span.decoder import lean_token
+
+    g = torch.Generator().manual_seed(0)
+    named = 0
+    for trial in range(300):
+        t = torch.randn(50, generator=g) * (1 + trial % 7)
+        lo = float(torch.rand(1, generator=g)) * 4 - 1
+        x = lean_token(t, lo)
+        if lo <= 0:
+            assert x is None
+        if x is None:
+            continue
+        named += 1
+        second = int(torch.topk(t, 2).indices[1])
+        for h in (torch.randn(50, generator=g) * 5, torch.full((50,), -1e4).index_fill_(
+                0, torch.tensor([second]), 0.0)):
+            assert int(mixture_logits(t, h, lo).argmax()) == x
+    assert named > 30
