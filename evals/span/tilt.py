@@ -1,21 +1,23 @@
-"""Choosing a mixing gate's margin and tilt without looking at the source it is judged on.
+"""Choosing a mixing gate's margin, tilt and lock without looking at the source it is judged on.
 
     python -m evals.span.tilt --per-source 100 --train-functions 200 --loso-dir runs/span-tilt/loso
 
 A mixing gate (``learned+copy-8-prompt-2+mix-M-tilt-B``, :class:`models.span.gates.MixGate`)
 has two settings: the margin M (mix where the gate's score is within M nats of its boundary)
-and the tilt B (the transformer's weight there is ``sigmoid(B * s)``, ``s`` the score's
-signed distance from the boundary; 0 = the 50/50 mixture). This picks them the way
+the tilt B (the transformer's weight there is ``sigmoid(B * s)``, ``s`` the score's
+signed distance from the boundary; 0 = the 50/50 mixture) and the lock L (``-lock-L``: a
+locked copy's token is the mixture with the transformer's log-odds L; 0 = the transformer
+alone, no ``-lock``). This picks them the way
 span-eval's ``learned-loso`` picks the gate: for each source of the real suite, the gate
 trained without it (the same folds, :func:`evals.span.train.loso_gates`; saved to and
-reused from ``--loso-dir``), wrapped with each (M, B), rolled out on that source's requests
+reused from ``--loso-dir``), wrapped with each (M, B, L), rolled out on that source's requests
 (teacher-forced, span-eval's cached per-token scores). The **nested** choice for a source is
-the (M, B) of least pooled loss on the *other* sources; its loss on the source itself is the
+the (M, B, L) of least pooled loss on the *other* sources; its loss on the source itself is the
 held-out figure. Requests of evaluation-only files are judged by the gate trained on every
-source, with the (M, B) of least loss on all training sources.
+source, with the (M, B, L) of least loss on all training sources.
 
-Printed: the grid (every (M, B) pooled over the real suite: held out by source for the gate,
-in hindsight for M and B), the nested picks per source, and the nested policy's pooled loss
+Printed: the grid (every (M, B, L) pooled over the real suite: held out by source for the
+gate, in hindsight for M, B and L), the nested picks per source, and the nested policy's pooled loss
 against always-transformer and the 50/50 mixture (paired 95% bootstrap CIs over requests).
 Figures, not a test.
 """
@@ -30,8 +32,9 @@ import numpy as np
 
 MARGINS = (1.0, 2.0)
 TILTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+LOCKS = (0.0, 1.0, 2.0, 3.0)  # 0: a locked copy's token is the transformer's alone
 
-Setting = tuple[float, float]  # (margin M, tilt B)
+Setting = tuple[float, ...]  # (margin M, tilt B, lock L)
 
 
 def nested_choice(nll: Mapping[str, Mapping[Setting, float]], held: Sequence[str]
@@ -47,6 +50,22 @@ def nested_choice(nll: Mapping[str, Mapping[Setting, float]], held: Sequence[str
     return out
 
 
+def rollout_locked(gate, seq, token_text) -> tuple[np.ndarray, ...]:
+    """Per token of ``seq``: the role (True = the transformer), whether the gate mixes, the
+    mixture's log-odds for the transformer (0 where not mixed), and whether a copy lock
+    forced the choice (``state.locked``); pushed as span-eval's roll-out does."""
+    state = gate.start(seq.prompt_ids.tolist(), token_text)
+    n = len(seq)
+    roles, mixed, locked, lo = (np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
+                                np.zeros(n))
+    for i, tok in enumerate(seq.answer_ids.tolist()):
+        role = state.choose()
+        roles[i], locked[i], mixed[i] = role == "transformer", state.locked, state.mix
+        lo[i] = state.mix_lo if state.mix else 0.0
+        state.push(tok, role, float(seq.ent[0 if roles[i] else 1][i]))
+    return roles, mixed, lo, locked
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evals.span.tilt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="wrappers between the learned gate and +mix (default +copy-8-prompt-2)")
     p.add_argument("--margins", default=",".join(f"{m:g}" for m in MARGINS))
     p.add_argument("--tilts", default=",".join(f"{b:g}" for b in TILTS))
+    p.add_argument("--locks", default=",".join(f"{x:g}" for x in LOCKS))
     p.add_argument("--loso-dir", type=Path, default=Path("runs/span-tilt/loso"),
                    help="the leave-one-source-out gates: loaded when all are there, else "
                         "trained (about 10 minutes) and saved")
@@ -64,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from evals.analysis.stats import cluster_weights
-    from evals.span.evaluate import _ci, role_stats, rollout_weights
+    from evals.span.evaluate import _ci, role_stats
     from evals.span.run import SpanConfig, load_pair, load_suites, training_seqs
     from evals.span.score import score_suite, token_texts
     from evals.span.train import loso_gates, train_gate
@@ -73,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     margins = [float(x) for x in a.margins.split(",")]
     tilts = [float(x) for x in a.tilts.split(",")]
+    locks = [float(x) for x in a.locks.split(",")]
     cfg = SpanConfig(suites=["real"], per_source=a.per_source, train_functions=a.train_functions)
     pair = load_pair(cfg)
     tt = token_texts(pair[0])
@@ -88,23 +109,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     folds = {s: load_learned_gate(d / f"{s}.json") for s in held}
     full = load_learned_gate(d / "_all.json")
 
-    # one roll-out per margin: the mixing decisions do not depend on the tilt, and at tilt 1
-    # the weight's log-odds are the score's signed distance, which any tilt scales
+    # one roll-out per margin: the mixing decisions do not depend on the tilt or the lock,
+    # and at tilt 1 the weight's log-odds are the score's signed distance, which any tilt
+    # scales; a locked token's are L
     nll: dict[str, dict[Setting, float]] = {}
     per_req: dict[Setting, np.ndarray] = {}
     for m in margins:
         rows = []
         for s in real:
             gate = wrap(folds.get(s.source, full), f"{a.base}+mix-{m:g}-tilt-1")
-            roles, mixed, lo = rollout_weights(gate, s, tt)
-            rows.append((s, roles, mixed, lo))
+            rows.append((s, *rollout_locked(gate, s, tt)))
         for b in tilts:
-            v = np.array([role_stats(r, s.lp, len(s.prompt_ids), None, mx, b * lo)[0]
-                          for s, r, mx, lo in rows])
-            per_req[m, b] = v
-            for s, x in zip(real, v, strict=True):
-                nll.setdefault(s.source, {}).setdefault((m, b), 0.0)
-                nll[s.source][m, b] += float(x)
+            for lk in locks:
+                v = np.array([role_stats(r, s.lp, len(s.prompt_ids), None,
+                                         mx | (locked & (lk > 0)),
+                                         np.where(locked, lk, b * lo))[0]
+                              for s, r, mx, lo, locked in rows])
+                per_req[m, b, lk] = v
+                for s, x in zip(real, v, strict=True):
+                    nll.setdefault(s.source, {}).setdefault((m, b, lk), 0.0)
+                    nll[s.source][m, b, lk] += float(x)
     picks = nested_choice(nll, held)
     n = np.array([len(s) for s in real], dtype=np.float64)
     nested = np.array([per_req[picks[s.source]][i] for i, s in enumerate(real)])
@@ -112,15 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     mix = np.array([-float((np.logaddexp(s.lp[0], s.lp[1]) - np.log(2.0)).sum()) for s in real])
 
     print(f"\nreal suite: {len(real)} requests, {int(n.sum())} answer tokens; gate "
-          f"learned-loso{a.base}+mix-M-tilt-B; pooled nats/token")
-    print("| M \\ B | " + " | ".join(f"{b:g}" for b in tilts) + " |")
+          f"learned-loso{a.base}+mix-M-tilt-B-lock-L; pooled nats/token")
+    print("| M, L \\ B | " + " | ".join(f"{b:g}" for b in tilts) + " |")
     print("|---|" + "---|" * len(tilts))
     for m in margins:
-        print(f"| {m:g} | " + " | ".join(f"{per_req[m, b].sum() / n.sum():.4f}" for b in tilts)
-              + " |")
-    print("\nnested picks (M, B) per source (chosen on the other sources):")
+        for lk in locks:
+            print(f"| {m:g}, {lk:g} | " + " | ".join(
+                f"{per_req[m, b, lk].sum() / n.sum():.4f}" for b in tilts) + " |")
+    print("\nnested picks (M, B, L) per source (chosen on the other sources):")
     for src in sorted(picks):
-        print(f"  {src}: M {picks[src][0]:g}, B {picks[src][1]:g}")
+        print(f"  {src}: M {picks[src][0]:g}, B {picks[src][1]:g}, L {picks[src][2]:g}")
     W = cluster_weights(len(real), a.bootstrap, 0) if a.bootstrap else None  # requests
 
     def gain(ref: np.ndarray) -> str:
