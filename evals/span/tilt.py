@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,10 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     nll: dict[str, dict[Setting, float]] = {}
     per_req: dict[Setting, np.ndarray] = {}
     for m in margins:
-        rows = []
+        rows: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         for s in real:
             gate = wrap(folds.get(s.source, full), f"{a.base}+mix-{m:g}-tilt-1")
-            rows.append((s, *rollout_locked(gate, s, tt)))
+            roles, mixed, lo, locked = rollout_locked(gate, s, tt)
+            rows.append((s, roles, mixed, lo, locked))
         for b in tilts:
             for lk in locks:
                 v = np.array([role_stats(r, s.lp, len(s.prompt_ids), None,

@@ -560,6 +560,7 @@ class SpanBackend(Backend):
                                 break
                         logits = logits_all[j]
                         sure = False
+                        nxt_sure: int | None = None
                         if lean:
                             nxt_sure = lean_token(logits, state.mix_lo)
                             sure = nxt_sure is not None
@@ -576,8 +577,10 @@ class SpanBackend(Backend):
                         tr.settled.append(sure)
                         # greedy: argmax equality; sampling: the speculative rule for a
                         # point-mass draft (module docstring), one draw per token either way
-                        nxt = (nxt_sure if sure else  # type: ignore[assignment]
-                               sample_next(logits, params.temperature, params.top_p, gen))
+                        if nxt_sure is not None:
+                            nxt = nxt_sure
+                        else:
+                            nxt = sample_next(logits, params.temperature, params.top_p, gen)
                         if nxt in self.eos_ids and not params.ignore_eos:
                             reason, done = "stop", True
                             break
