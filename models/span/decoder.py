@@ -143,7 +143,7 @@ def pair_mismatch(transformer: Backend, hybrid: Backend) -> str | None:
 # training sources (python -m evals.span.tilt: (2, 1.5) for every source). Held out by
 # source it is 0.216 nats/token better than always-transformer and 0.007 [-0.004, +0.018]
 # better than the 50/50 mixture (issue #23's bars); through the router it decodes copy
-# prompts 1.57-1.65x and general ones 1.37-1.61x the transformer alone (three runs; the
+# prompts 1.57-1.74x and general ones 1.37-1.61x the transformer alone (four runs; the
 # rename prompt 0.81-1.08x; docs/span.md, "Leaning the mixture toward the gate"). Mixing
 # inside locked copies too (-lock-2) is 0.06 better than the mixture but too slow to be
 # the default (docs/span.md, "Mixing inside locked copies too")
