@@ -54,18 +54,20 @@ def rollout_mixed(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None 
 
 
 def rollout_weights(gate, seq: ScoredSeq, token_text: Callable[[int], str] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`rollout_mixed` and, per token, the transformer's weight in the mixture as
-    log-odds (float (n,); 0 = 50/50; a MixGate's ``state.mix_lo``). The gate is pushed the
-    chosen model's entropy either way, as the decoder does."""
+    log-odds (float (n,); 0 = 50/50; a MixGate's ``state.mix_lo``) and whether a copy lock
+    forced the choice (bool (n,); ``state.locked``). The gate is pushed the chosen model's
+    entropy either way, as the decoder does."""
     state = gate.start(seq.prompt_ids.tolist(), token_text)
     ent_t, ent_h = seq.ent[0].tolist(), seq.ent[1].tolist()
     out = np.empty(len(seq), bool)
     mixed = np.zeros(len(seq), bool)
     lo = np.zeros(len(seq))
+    locked = np.zeros(len(seq), bool)
     for i, tok in enumerate(seq.answer_ids.tolist()):
         role = state.choose()
-        mixed[i] = state.mix
+        mixed[i], locked[i] = state.mix, getattr(state, "locked", False)
         if state.mix:
             lo[i] = getattr(state, "mix_lo", 0.0)
         if role == "transformer":
@@ -76,7 +78,7 @@ def rollout_weights(gate, seq: ScoredSeq, token_text: Callable[[int], str] | Non
             state.push(tok, role, ent_h[i])
         else:
             raise ValueError(f"gate {gate.name!r} chose {role!r}; expected transformer or hybrid")
-    return out, mixed, lo
+    return out, mixed, lo, locked
 
 
 @dataclass
@@ -209,7 +211,7 @@ def gate_stats(gates: Mapping[str, GateSpec], seqs: Sequence[ScoredSeq],
                       dynamic_ncols=True):
             gate = g(s) if callable(g) and not hasattr(g, "start") else g
             t0 = time.perf_counter()
-            roles, mixed, lo = rollout_weights(gate, s, token_text)
+            roles, mixed, lo, _ = rollout_weights(gate, s, token_text)
             spent += time.perf_counter() - t0
             rows.append(role_stats(roles, s.lp, len(s.prompt_ids), costs, mixed, lo))
             n_mixed.append(int(mixed.sum()))

@@ -51,22 +51,6 @@ def nested_choice(nll: Mapping[str, Mapping[Setting, float]], held: Sequence[str
     return out
 
 
-def rollout_locked(gate, seq, token_text) -> tuple[np.ndarray, ...]:
-    """Per token of ``seq``: the role (True = the transformer), whether the gate mixes, the
-    mixture's log-odds for the transformer (0 where not mixed), and whether a copy lock
-    forced the choice (``state.locked``); pushed as span-eval's roll-out does."""
-    state = gate.start(seq.prompt_ids.tolist(), token_text)
-    n = len(seq)
-    roles, mixed, locked, lo = (np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
-                                np.zeros(n))
-    for i, tok in enumerate(seq.answer_ids.tolist()):
-        role = state.choose()
-        roles[i], locked[i], mixed[i] = role == "transformer", state.locked, state.mix
-        lo[i] = state.mix_lo if state.mix else 0.0
-        state.push(tok, role, float(seq.ent[0 if roles[i] else 1][i]))
-    return roles, mixed, lo, locked
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evals.span.tilt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from evals.analysis.stats import cluster_weights
-    from evals.span.evaluate import _ci, role_stats
+    from evals.span.evaluate import _ci, mixture_lp, role_stats, rollout_weights
+    from evals.span.report import _ci as fmt
     from evals.span.run import SpanConfig, load_pair, load_suites, training_seqs
     from evals.span.score import score_suite, token_texts
     from evals.span.train import loso_gates, train_gate
@@ -119,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         for s in real:
             gate = wrap(folds.get(s.source, full), f"{a.base}+mix-{m:g}-tilt-1")
-            roles, mixed, lo, locked = rollout_locked(gate, s, tt)
+            roles, mixed, lo, locked = rollout_weights(gate, s, tt)
             rows.append((s, roles, mixed, lo, locked))
         for b in tilts:
             for lk in locks:
@@ -135,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = np.array([len(s) for s in real], dtype=np.float64)
     nested = np.array([per_req[picks[s.source]][i] for i, s in enumerate(real)])
     lt = np.array([-float(s.lp[0].sum()) for s in real])
-    mix = np.array([-float((np.logaddexp(s.lp[0], s.lp[1]) - np.log(2.0)).sum()) for s in real])
+    mix = np.array([-float(mixture_lp(s.lp).sum()) for s in real])
 
     print(f"\nreal suite: {len(real)} requests, {int(n.sum())} answer tokens; gate "
           f"learned-loso{a.base}+mix-M-tilt-B-lock-L; pooled nats/token")
@@ -152,18 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def gain(ref: np.ndarray) -> str:
         point = float((ref.sum() - nested.sum()) / n.sum())
-        return _fmt(_ci(point, None if W is None else (W @ (ref - nested)) / (W @ n)))
+        return fmt(_ci(point, None if W is None else (W @ (ref - nested)) / (W @ n)), True)
 
     print(f"\nnested policy: {nested.sum() / n.sum():.4f} nats/token; always-transformer "
           f"{lt.sum() / n.sum():.4f}, the 50/50 mixture {mix.sum() / n.sum():.4f}")
     print(f"gain over always-transformer {gain(lt)}; over the mixture {gain(mix)} "
           "(> 0: better; paired 95% CI)")
     return 0
-
-
-def _fmt(ci: list) -> str:
-    v, lo, hi = ci
-    return f"{v:+.4f}" + (f" [{lo:+.4f}, {hi:+.4f}]" if lo is not None else "")
 
 
 if __name__ == "__main__":

@@ -319,9 +319,10 @@ class _Cursor:
             self.seen = n
 
 
-def _leans(state: Any) -> bool:
-    """The gate's mixture gives the transformer more than half the weight (log-odds > 0)."""
-    return getattr(state, "mix_lo", 0.0) > 0.0
+def _leans(state: Any, role: Role, greedy: bool) -> bool:
+    """A greedy step the gate mixes, leaning on the transformer it chose (log-odds > 0): the
+    transformer alone may settle its token (:func:`lean_token`)."""
+    return greedy and state.mix and role == "transformer" and getattr(state, "mix_lo", 0.0) > 0
 
 
 def lean_token(t_logits: Any, lo: float) -> int | None:
@@ -523,7 +524,7 @@ class SpanBackend(Backend):
                                            f"{role!r}, not one of {ROLES}")
                     # a mixture leaning on the transformer, decoded greedily: the transformer
                     # alone can settle its argmax (lean_token), drafts included
-                    lean = mix and greedy and role == "transformer" and _leans(state)
+                    lean = _leans(state, role, greedy)
                     draft: list[int] = []
                     if (role == "transformer" and self.draft_k and matcher is not None
                             and (not mix or lean)):
@@ -555,7 +556,7 @@ class SpanBackend(Backend):
                             # token: the gate decides the next position as without drafting
                             role = state.choose()
                             mix = state.mix
-                            lean = mix and greedy and role == "transformer" and _leans(state)
+                            lean = _leans(state, role, greedy)
                             if role != cursor.role or (mix and not lean):
                                 break
                         logits = logits_all[j]

@@ -160,7 +160,9 @@ class MixGate(Gate):
     ``tilt`` (B >= 0; 0 = the 50/50 mixture): the transformer's weight in the mixture is
     ``sigmoid(B * s)``, ``s`` the gate's score minus its boundary (nats, positive on the
     transformer's side; ``state.mix_lo = B * s``): the mixture leans toward the model the
-    gate prefers, as far as its score says."""
+    gate prefers, as far as its score says. ``repeat`` (K): no mixing where the last K tokens
+    occurred before. ``lock`` (L > 0): a copy lock's forced token is mixed too, with the
+    transformer's log-odds L."""
 
     def __init__(self, inner: Gate, margin: float, prompt: int | None = None,
                  tilt: float = 0.0, repeat: int | None = None,
@@ -174,11 +176,11 @@ class MixGate(Gate):
                              f"got {tilt!r}")
         if repeat is not None and not 1 <= repeat <= MAX_MATCH:
             raise ValueError(f"+mix-m-repeat-k: k must be in 1..{MAX_MATCH}, got {repeat!r}")
-        self.inner, self.mix_margin, self.prompt = inner, float(margin), prompt
         if lock is not None and not (isinstance(lock, (int, float))
                                      and 0.0 < lock <= MAX_MIX_TILT):
             raise ValueError(f"+mix-m-lock-l: l must be a number in (0, {MAX_MIX_TILT}], "
                              f"got {lock!r}")
+        self.inner, self.mix_margin, self.prompt = inner, float(margin), prompt
         self.tilt, self.repeat, self.lock = float(tilt), repeat, lock
         self.needs_text = inner.needs_text
         self.name = (f"{inner.name}+mix-{margin:g}" + (f"-prompt-{prompt}" if prompt else "")
