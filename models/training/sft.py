@@ -93,6 +93,14 @@ def encode_example(tok, ex: sft_data.Example) -> tuple[list[int], int]:
     return prompt + answer, len(prompt)
 
 
+def vocabulary_pieces(tok) -> list[str]:
+    """Every ordinary token of the vocabulary, decoded (special tokens and the byte pieces
+    that are no whole character on their own left out)."""
+    special = set(tok.all_special_ids)
+    pieces = (tok.decode([i]) for i in range(len(tok)) if i not in special)
+    return [p for p in pieces if p and "\ufffd" not in p]
+
+
 def task_group(task: str) -> str:
     """'copy', 'write' or 'real': the groups the loss is logged by."""
     if task.startswith("real:"):
@@ -121,7 +129,7 @@ def build_data(run: Path, cfg: SFTConfig, corpus: Path, requests_dir: Path,
         record = json.loads((replay / "sft_data.json").read_text())["requests"]
     docs = sft_data.load_corpus(corpus, "train")
     builder = sft_data.SyntheticBuilder(docs, lambda s: len(tok(s, add_special_tokens=False)["input_ids"]),
-                                        seed=cfg.seed)
+                                        seed=cfg.seed, pieces=vocabulary_pieces(tok))
     n_syn = max(0, cfg.steps * cfg.batch_size - len(real) - len(old))
     synthetic = [ex for ex in builder.build(sft_data.task_counts(n_syn, shares or sft_data.TASK_SHARES))
                  if fits(ex)]
@@ -318,19 +326,35 @@ def lineage(run: Path) -> list[Path]:
 
 def with_lineage(record: dict, run: Path) -> dict:
     """``record`` with every earlier phase's request ids added to ``ids`` (the exclusion
-    list: a model tuned in phases was tuned on the union) and ``phases`` listing the runs."""
-    phases = []
-    for earlier in lineage(run):
+    list: a model tuned in phases was tuned on the union) and ``phases`` listing the runs.
+    A first run that starts from an exported tuned model (a directory with the
+    ``sft_data.json`` that ``export`` writes, e.g. the shipped pair) inherits that model's
+    phases and ids."""
+    phases: list[dict] = []
+    chain = lineage(run)
+    base = json.loads((chain[0] / "transformer" / "sft_config.json").read_text()).get("init")
+    exported = Path(base) / "sft_data.json" if base else None
+    if exported is not None and exported.is_file():  # a tuned model `export` wrote: its phases
+        old_record = json.loads(exported.read_text())
+        mine = {str(r) for r in chain}  # re-exported after the swap: its own phases once
+        phases.extend(ph for ph in old_record.get("phases", []) if ph["run"] not in mine)
+        _add_ids(record, old_record["requests"]["files"])
+    for earlier in chain:
         old = json.loads((earlier / "sft_data.json").read_text())["requests"]["files"]
         conf = json.loads((earlier / "transformer" / "sft_config.json").read_text())
         phases.append({"run": str(earlier), "steps": conf["steps"], "seed": conf["seed"],
                        "lr": conf["lr"], "request_ids": sum(len(v["ids"]) for v in old.values())})
-        for name, info in old.items():
-            mine = record["requests"]["files"].setdefault(name, {k: v for k, v in info.items()
-                                                                 if k != "ids"} | {"ids": []})
-            mine["ids"] = sorted(set(mine["ids"]) | set(info["ids"]))
+        _add_ids(record, old)
     record["phases"] = phases
     return record
+
+
+def _add_ids(record: dict, files: dict) -> None:
+    """Add ``files``' request ids (an earlier phase's, per request file) to ``record``'s."""
+    for name, info in files.items():
+        mine = record["requests"]["files"].setdefault(name, {k: v for k, v in info.items()
+                                                             if k != "ids"} | {"ids": []})
+        mine["ids"] = sorted(set(mine["ids"]) | set(info["ids"]))
 
 
 def data_record(run: Path) -> dict:

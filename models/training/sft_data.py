@@ -30,6 +30,7 @@ import random
 import re
 import textwrap
 import tokenize
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,12 +58,20 @@ TASK_SHARES: dict[str, float] = {
     "repeat": 0.32, "fix_bug": 0.30, "rename": 0.06, "extract_lines": 0.05, "reindent": 0.04,
     "continue": 0.09, "define": 0.07, "summarise": 0.07,
 }
-COPY_TASKS = frozenset({"repeat", "repeat_long", "fix_bug", "rename", "extract_lines",
-                        "reindent"})
+COPY_TASKS = frozenset({"repeat", "repeat_long", "repeat_rare", "repeat_tokens", "fix_bug",
+                        "rename", "extract_lines", "reindent"})
 # Training-only variants (phase 6): "repeat_long" repeats 60-160-token passages (the length of
 # the functions a fix returns); "continue_sentence" continues a text to the end of the
 # sentence or line under way, so a continuation has a place to stop. The benchmark keeps
 # "repeat" and "continue" as they were.
+# Phase 7 (session 10): a held-out repeat fails where it meets a rare token (the expected
+# token's probability is near 0 at the first wrong token; median train-corpus count of that
+# token 79 against 650 for a fix's). "repeat_rare" repeats the passage with the most rare words
+# of several drawn; "repeat_tokens" repeats a string of random vocabulary pieces, so every
+# piece is a copy target, not only the ones the corpus's passages happen to hold.
+RARE_WORD_COUNT = 20  # a word is rare below this many occurrences in the train split
+RARE_CANDIDATES = 8
+WORD = re.compile(r"\w+")
 SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s)|\n")
 
 REPEAT_PROMPTS = ("Repeat exactly: {p}", "Repeat exactly: {p}", "Repeat exactly:\n{p}",
@@ -287,8 +296,10 @@ class SyntheticBuilder:
     with the pair's tokenizer; ``rng`` makes every choice (same seed, same examples)."""
 
     def __init__(self, docs: list[dict], count_tokens: Callable[[str], int], seed: int,
-                 max_function_tokens: int = 160) -> None:
+                 max_function_tokens: int = 160, pieces: list[str] | None = None) -> None:
         self.rng = random.Random(seed)
+        self.pieces = pieces or []  # the tokenizer's pieces, decoded (for repeat_tokens)
+        self._words: Counter[str] | None = None
         self.count = count_tokens
         self.docs = [d for d in docs if len(d["text"]) >= 400]
         self.functions = [f for f in python_functions(docs)
@@ -385,6 +396,31 @@ class SyntheticBuilder:
         return self._example("continue", f"Continue this text:\n{head}", tail, got[0],
                              tokens=self.count(tail))
 
+    def rare_words(self, text: str) -> int:
+        """How many words of ``text`` occur fewer than RARE_WORD_COUNT times in the split."""
+        if self._words is None:
+            self._words = Counter(w for d in self.docs for w in WORD.findall(d["text"]))
+        return sum(self._words[w] < RARE_WORD_COUNT for w in WORD.findall(text))
+
+    def repeat_rare(self) -> Example | None:
+        got = [p for p in (self.passage(20, 60) for _ in range(RARE_CANDIDATES)) if p]
+        if not got:
+            return None
+        doc, text = max(got, key=lambda p: self.rare_words(p[1]))
+        form = self.rng.choice(REPEAT_PROMPTS)
+        return self._example("repeat_rare", form.format(p=text), text, doc,
+                             tokens=self.count(text))
+
+    def repeat_tokens(self, lo: int = 20, hi: int = 60) -> Example | None:
+        if not self.pieces:
+            return None
+        text = "".join(self.rng.choice(self.pieces) for _ in range(self.rng.randint(lo, hi))).strip()
+        if "\ufffd" in text or not lo <= self.count(text) <= hi:
+            return None
+        form = self.rng.choice(REPEAT_PROMPTS)
+        return self._example("repeat_tokens", form.format(p=text), text, "vocabulary",
+                             tokens=self.count(text))
+
     def repeat_long(self) -> Example | None:
         ex = self.repeat(60, 160)
         if ex:
@@ -425,7 +461,8 @@ class SyntheticBuilder:
         method: dict[str, Callable[[], Example | None]] = {"repeat": self.repeat, "fix_bug": self.fix_bug, "rename": self.rename,
                   "reindent": self.reindent, "extract_lines": self.extract_lines,
                   "continue": self.continue_, "define": self.define,
-                  "repeat_long": self.repeat_long,
+                  "repeat_long": self.repeat_long, "repeat_rare": self.repeat_rare,
+                  "repeat_tokens": self.repeat_tokens,
                   "continue_sentence": self.continue_sentence,
                   "summarise": self.summarise}
         return method[task]()

@@ -186,6 +186,20 @@ def test_two_step_tuning_of_both_models(tmp_path, corpus, requests_dir):
     assert set(shipped["requests"]["files"]["dolly.jsonl"]["ids"]) == ids1 | ids2
     assert [p["run"] for p in shipped["phases"]] == [str(run), str(run2)]
 
+    # a further phase started from the EXPORTED model (as phase 7 started from the shipped
+    # pair) inherits its phases and every id they were tuned on
+    run3 = tmp_path / "run3"
+    assert sft.main(["data", "--run", str(run3), "--corpus", str(corpus), "--requests",
+                     str(requests_dir), "--steps", "2", "--batch-size", "8",
+                     "--real-share", "0.005", "--seed", "9"]) == 0
+    for arch in sft.ARCHS:
+        assert sft.main(["train", "--arch", arch, *common[:1], str(run3), *common[2:],
+                         "--init", str(tmp_path / "out2" / arch)]) == 0
+    sft.main(["export", "--run", str(run3), "--out", str(tmp_path / "out3")])
+    third = json.loads((tmp_path / "out3" / "transformer" / "sft_data.json").read_text())
+    assert [p["run"] for p in third["phases"]] == [str(run), str(run2), str(run3)]
+    assert set(third["requests"]["files"]["dolly.jsonl"]["ids"]) == ids1 | ids2
+
 
 def test_phase6_tasks_long_repeats_and_continuations_that_stop_at_a_sentence_end(tok):
     prose = ("The river rose in the night. " * 3 + "Boats drifted past the mill, and the "
@@ -202,3 +216,33 @@ def test_phase6_tasks_long_repeats_and_continuations_that_stop_at_a_sentence_end
                          for e in conts)
     assert all(e.meta["tokens"] >= 10 for e in conts)
     assert "repeat_long" in sft_data.COPY_TASKS and "continue_sentence" not in sft_data.COPY_TASKS
+
+
+def test_rare_repeats_pick_the_passage_with_the_most_rare_words(tok):
+    common = "the cat sat on the mat and the dog sat on the log " * 40
+    rare = "zyxomorph quillantine brevoxial"
+    docs = [{"id": f"train/c{i}.txt", "domain": "prose", "source": "p", "text": common}
+            for i in range(6)]
+    docs.append({"id": "train/r.txt", "domain": "prose", "source": "p",
+                 "text": (common[:300] + rare + " ") * 3})
+    b = sft_data.SyntheticBuilder(docs, _count(tok), seed=5)
+    assert b.rare_words(rare + " the cat") == 3 and b.rare_words("the cat sat") == 0
+    picked = [e for e in (b.repeat_rare() for _ in range(40)) if e]
+    plain = [e for e in (b.repeat() for _ in range(40)) if e]
+    share = lambda exs: sum(b.rare_words(e.answer) > 0 for e in exs) / len(exs)  # noqa: E731
+    assert picked and plain and share(picked) > share(plain)
+    assert all(e.task == "repeat_rare" and e.messages[-1]["content"].endswith(e.answer)
+               for e in picked)
+    assert "repeat_rare" in sft_data.COPY_TASKS
+
+
+def test_token_repeats_draw_vocabulary_pieces_and_fit_the_length(tok):
+    pieces = sft.vocabulary_pieces(tok)
+    assert pieces and all("\ufffd" not in p for p in pieces)
+    assert tok.eos_token not in pieces and len(pieces) > 0.9 * (len(tok) - 4)
+    b = sft_data.SyntheticBuilder([], _count(tok), seed=1, pieces=pieces)
+    exs = [e for e in (b.repeat_tokens() for _ in range(30)) if e]
+    assert len(exs) >= 20  # most draws fit 20-60 tokens
+    assert all(20 <= e.meta["tokens"] <= 60 and e.doc == "vocabulary" for e in exs)
+    assert sft_data.SyntheticBuilder([], _count(tok), seed=1).repeat_tokens() is None
+    assert "repeat_tokens" in sft_data.COPY_TASKS
