@@ -100,7 +100,7 @@ def run(a: argparse.Namespace) -> int:
                for k in ("p_ref", "p_got", "ref_count")}
         print(f"| {task} | {len(mine) - len(bad)}/{len(mine)} | {med['p_ref']} | {med['p_got']} "
               f"| {med['ref_count']} |")
-    for task in TASKS:
+    for task in TASKS if a.show > 0 else ():
         print(f"\n{task}: the first {a.show} first wrong tokens (before | reference -> chosen)")
         for r in [r for r in rows if r["task"] == task and r["wrong"]][:a.show]:
             print(f"  {r['before']!r} | {r['ref']!r} (p {r['p_ref']:.2f}, count {r['ref_count']}) "
