@@ -182,9 +182,14 @@ def test_two_step_tuning_of_both_models(tmp_path, corpus, requests_dir):
     ids2 = set(json.loads((run2 / "sft_data.json").read_text())["requests"]["files"]
                ["dolly.jsonl"]["ids"])
     assert ids1 and ids2 < ids1
+    # the first run started from the default init, the shipped pair, itself a tuned model:
+    # its phases and request ids are inherited too
+    base = json.loads((sft.REFERENCE / "transformer" / "sft_data.json").read_text())
+    inherited = set(base["requests"]["files"]["dolly.jsonl"]["ids"])
+    base_runs = [p["run"] for p in base["phases"]]
     shipped = json.loads((tmp_path / "out2" / "hybrid" / "sft_data.json").read_text())
-    assert set(shipped["requests"]["files"]["dolly.jsonl"]["ids"]) == ids1 | ids2
-    assert [p["run"] for p in shipped["phases"]] == [str(run), str(run2)]
+    assert set(shipped["requests"]["files"]["dolly.jsonl"]["ids"]) == ids1 | ids2 | inherited
+    assert [p["run"] for p in shipped["phases"]] == [*base_runs, str(run), str(run2)]
 
     # a further phase started from the EXPORTED model (as phase 7 started from the shipped
     # pair) inherits its phases and every id they were tuned on
@@ -197,8 +202,8 @@ def test_two_step_tuning_of_both_models(tmp_path, corpus, requests_dir):
                          "--init", str(tmp_path / "out2" / arch)]) == 0
     sft.main(["export", "--run", str(run3), "--out", str(tmp_path / "out3")])
     third = json.loads((tmp_path / "out3" / "transformer" / "sft_data.json").read_text())
-    assert [p["run"] for p in third["phases"]] == [str(run), str(run2), str(run3)]
-    assert set(third["requests"]["files"]["dolly.jsonl"]["ids"]) == ids1 | ids2
+    assert [p["run"] for p in third["phases"]] == [*base_runs, str(run), str(run2), str(run3)]
+    assert set(third["requests"]["files"]["dolly.jsonl"]["ids"]) == ids1 | ids2 | inherited
 
 
 def test_phase6_tasks_long_repeats_and_continuations_that_stop_at_a_sentence_end(tok):
