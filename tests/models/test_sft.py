@@ -4,6 +4,7 @@ benchmark's case builder (evals/bench/chat.py)."""
 import json
 import random
 import tokenize
+from pathlib import Path
 
 import pytest
 
@@ -170,14 +171,19 @@ def test_two_step_tuning_of_both_models(tmp_path, corpus, requests_dir):
 
     # a second phase from the first one's weights, on fewer request ids: the exported model
     # still names every id either phase was tuned on (the exclusion list is the union)
-    run2 = tmp_path / "run2"
-    assert sft.main(["data", "--run", str(run2), "--corpus", str(corpus), "--requests",
-                     str(requests_dir), "--steps", "2", "--batch-size", "8",
-                     "--real-share", "0.01", "--seed", "7"]) == 0
-    for arch in sft.ARCHS:
-        assert sft.main(["train", "--arch", arch, *common[:1], str(run2), *common[2:],
-                         "--init", str(run / arch / "final")]) == 0
-    sft.main(["export", "--run", str(run2), "--out", str(tmp_path / "out2")])
+    def phase(name: str, share: str, seed: str, init) -> Path:
+        """Data, training of both models from ``init(arch)``, export to ``tmp_path/out-NAME``."""
+        new = tmp_path / name
+        assert sft.main(["data", "--run", str(new), "--corpus", str(corpus), "--requests",
+                         str(requests_dir), "--steps", "2", "--batch-size", "8",
+                         "--real-share", share, "--seed", seed]) == 0
+        for arch in sft.ARCHS:
+            assert sft.main(["train", "--arch", arch, *common[:1], str(new), *common[2:],
+                             "--init", str(init(arch))]) == 0
+        sft.main(["export", "--run", str(new), "--out", str(tmp_path / f"out-{name}")])
+        return new
+
+    run2 = phase("run2", "0.01", "7", lambda arch: run / arch / "final")
     ids1 = set(record["requests"]["files"]["dolly.jsonl"]["ids"])
     ids2 = set(json.loads((run2 / "sft_data.json").read_text())["requests"]["files"]
                ["dolly.jsonl"]["ids"])
@@ -187,21 +193,14 @@ def test_two_step_tuning_of_both_models(tmp_path, corpus, requests_dir):
     base = json.loads((sft.REFERENCE / "transformer" / "sft_data.json").read_text())
     inherited = set(base["requests"]["files"]["dolly.jsonl"]["ids"])
     base_runs = [p["run"] for p in base["phases"]]
-    shipped = json.loads((tmp_path / "out2" / "hybrid" / "sft_data.json").read_text())
+    shipped = json.loads((tmp_path / "out-run2" / "hybrid" / "sft_data.json").read_text())
     assert set(shipped["requests"]["files"]["dolly.jsonl"]["ids"]) == ids1 | ids2 | inherited
     assert [p["run"] for p in shipped["phases"]] == [*base_runs, str(run), str(run2)]
 
     # a further phase started from the EXPORTED model (as phase 7 started from the shipped
     # pair) inherits its phases and every id they were tuned on
-    run3 = tmp_path / "run3"
-    assert sft.main(["data", "--run", str(run3), "--corpus", str(corpus), "--requests",
-                     str(requests_dir), "--steps", "2", "--batch-size", "8",
-                     "--real-share", "0.005", "--seed", "9"]) == 0
-    for arch in sft.ARCHS:
-        assert sft.main(["train", "--arch", arch, *common[:1], str(run3), *common[2:],
-                         "--init", str(tmp_path / "out2" / arch)]) == 0
-    sft.main(["export", "--run", str(run3), "--out", str(tmp_path / "out3")])
-    third = json.loads((tmp_path / "out3" / "transformer" / "sft_data.json").read_text())
+    run3 = phase("run3", "0.005", "9", lambda arch: tmp_path / "out-run2" / arch)
+    third = json.loads((tmp_path / "out-run3" / "transformer" / "sft_data.json").read_text())
     assert [p["run"] for p in third["phases"]] == [*base_runs, str(run), str(run2), str(run3)]
     assert set(third["requests"]["files"]["dolly.jsonl"]["ids"]) == ids1 | ids2 | inherited
 
