@@ -2,8 +2,8 @@ r"""Instruction-tune the reference pair with one recipe (issue #22).
 
 Both models start from the same checkpoints (``--init``; by default the shipped pair,
 models/reference/{transformer,hybrid}, itself already tuned: its phases and request ids are
-inherited by the export) and see the same examples in the same order, with the same steps, hyper-parameters and seed:
-only the architecture differs. Examples are chat-formatted with the pair's chat template
+inherited by the export) and see the same examples in the same order, with the same steps,
+hyper-parameters and seed: only the architecture differs. Examples are chat-formatted with the pair's chat template
 (models.training.sft_data.CHAT_TEMPLATE, rendered by models.hf.render_prompt), the loss is
 on the answer tokens only, and every answer ends with end-of-sequence. The data
 (models/training/sft_data.py): a fixed hash-based part of the shared real requests and
